@@ -1,0 +1,38 @@
+"""pbrf_fast: exact Gauss-Newton influence functions and the proximal Bregman
+response function (PBRF) they actually approximate.
+
+The public API lives here and nowhere else; submodules are implementation.
+"""
+import torch  # noqa: F401  -- torch's OpenMP runtime must load before our extension
+
+from .backends import backends
+from .curvature import CurvatureOperator, GaussNewton, Hessian, make_curvature
+from .errors import DivergenceError, NonConvexLossError, PBRFError
+from .influence import Influence
+from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss, get_loss
+from .problem import Problem
+from .solvers import SolveResult, solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutogradLoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "CurvatureOperator",
+    "DivergenceError",
+    "GaussNewton",
+    "Hessian",
+    "Influence",
+    "Loss",
+    "MSELoss",
+    "NonConvexLossError",
+    "PBRFError",
+    "Problem",
+    "SolveResult",
+    "backends",
+    "get_loss",
+    "make_curvature",
+    "solve",
+    "__version__",
+]

@@ -1,0 +1,213 @@
+"""Curvature of J as damped linear operators: the Gauss-Newton Hessian and the Hessian.
+
+Both operators act on a block of vectors ``V`` of shape ``(d,)`` or ``(d, m)``
+and compute, over the whole training set or over a batch of indices,
+
+    (C + weight_decay * I + damping * I) V,   C = 1/|B| sum_{i in B} C_i
+
+with ``C_i = J_i^T H_i J_i`` (GNH) or the per-example loss Hessian. The m
+columns are pushed through the network together (torch.func.vmap over the
+tangents), and no Jacobian is ever formed: the GNH product is
+jvp -> output-Hessian product -> vjp.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .problem import Problem, as_index
+
+__all__ = ["CurvatureOperator", "GaussNewton", "Hessian", "make_curvature"]
+
+
+class CurvatureOperator:
+    """A symmetric ``d x d`` linear operator built from a :class:`Problem`.
+
+    Subclasses implement ``_batch_sum(V, x, t) = sum_{i in batch} C_i V``.
+    Operators made by :meth:`with_damping` share one cache (dense matrix,
+    eigendecomposition), so a sweep over damping values factorises once.
+    """
+
+    kind = "curvature"
+
+    def __init__(self, problem: Problem, damping: float = 0.0, *, batch_size: int | None = None,
+                 _cache: dict | None = None):
+        damping = float(damping)
+        if not math.isfinite(damping) or damping < 0:
+            raise ValueError(f"damping must be finite and >= 0, got {damping}")
+        self.problem = problem
+        self.damping = damping
+        self.batch_size = batch_size or problem.batch_size
+        self._cache = {} if _cache is None else _cache
+
+    # ------------------------------------------------------------ properties
+    @property
+    def dim(self) -> int:
+        return self.problem.dim
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.problem.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.problem.device
+
+    @property
+    def shift(self) -> float:
+        """The multiple of the identity added to the data term: weight decay + damping."""
+        return self.problem.weight_decay + self.damping
+
+    def with_damping(self, damping: float) -> "CurvatureOperator":
+        return type(self)(self.problem, damping, batch_size=self.batch_size, _cache=self._cache)
+
+    # --------------------------------------------------------------- products
+    def _batch_sum(self, V: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_vectors(self, V: torch.Tensor) -> torch.Tensor:
+        """Validate a (d,) or (d, m) block and return it as (d, m)."""
+        if not isinstance(V, torch.Tensor):
+            raise TypeError(f"vectors must be a torch.Tensor, got {type(V).__name__}")
+        if V.dim() not in (1, 2) or V.shape[0] != self.dim:
+            raise ValueError(f"vectors must have shape ({self.dim},) or ({self.dim}, m); got {tuple(V.shape)}")
+        if V.dtype != self.dtype or V.device != self.device:
+            raise ValueError(
+                f"vectors must be {self.dtype} on {self.device} like the parameters; "
+                f"got {V.dtype} on {V.device}"
+            )
+        return V.unsqueeze(1) if V.dim() == 1 else V
+
+    def data_matvec(self, V: torch.Tensor, idx=None) -> torch.Tensor:
+        """Mean over the data (or over ``idx``) of C_i V, without weight decay or damping."""
+        V2 = self.check_vectors(V)
+        idx = as_index(idx, self.problem.n)
+        if len(idx) == 0:
+            raise ValueError("empty index batch")
+        total = torch.zeros_like(V2)
+        with torch.no_grad():
+            for chunk in self.problem.batches(idx, self.batch_size):
+                total += self._batch_sum(V2, *self.problem.batch(chunk))
+        total /= len(idx)
+        return total.reshape(V.shape)
+
+    def undamped_matvec(self, V: torch.Tensor, idx=None) -> torch.Tensor:
+        """(C + weight_decay I) V: the curvature of J itself, no damping."""
+        return self.data_matvec(V, idx) + self.problem.weight_decay * V
+
+    def matvec(self, V: torch.Tensor, idx=None) -> torch.Tensor:
+        """(C + (weight_decay + damping) I) V over all data, or the mini-batch ``idx``."""
+        return self.data_matvec(V, idx) + self.shift * V
+
+    matmat = matvec
+
+    def __matmul__(self, V):
+        return self.matvec(V)
+
+    # ------------------------------------------------------------ dense forms
+    def _cached(self, key, build):
+        entry = self._cache.get(key)
+        if entry is None or entry[0] != self.problem.version:
+            entry = (self.problem.version, build())
+            self._cache[key] = entry
+        return entry[1]
+
+    def dense_data(self) -> torch.Tensor:
+        """The data term C as a dense symmetric matrix (d x d; small d only), cached."""
+
+        def build():
+            d = self.dim
+            step = max(1, min(d, (1 << 24) // max(d, 1)))
+            cols = []
+            for start in range(0, d, step):
+                eye = torch.zeros(d, min(step, d - start), dtype=self.dtype, device=self.device)
+                eye[start : start + eye.shape[1]].fill_diagonal_(1.0)
+                cols.append(self.data_matvec(eye))
+            C = torch.cat(cols, 1)
+            return 0.5 * (C + C.T)
+
+        return self._cached("dense", build)
+
+    def dense(self) -> torch.Tensor:
+        """The damped operator as a dense matrix (d x d)."""
+        C = self.dense_data()
+        return C + self.shift * torch.eye(self.dim, dtype=C.dtype, device=C.device)
+
+    def eigh_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenpairs of C in float64, cached: shifting by any damping is then free."""
+        return self._cached("eigh", lambda: torch.linalg.eigh(self.dense_data().double()))
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` view (float64 numpy in and out)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(v):
+            V = torch.as_tensor(v, dtype=self.dtype, device=self.device)
+            return self.matvec(V.reshape(self.dim, -1)).reshape(v.shape).double().cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, matmat=mv, rmatvec=mv, dtype="float64")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(d={self.dim}, damping={self.damping}, weight_decay={self.problem.weight_decay})"
+
+
+class GaussNewton(CurvatureOperator):
+    """Damped Gauss-Newton Hessian: 1/N sum J_i^T H_i J_i + (weight_decay + damping) I.
+
+    Needs a loss convex in the outputs (H_i PSD); otherwise it refuses.
+    """
+
+    kind = "gnh"
+
+    def __init__(self, problem, damping=0.0, **kwargs):
+        problem.loss.require_convex()
+        super().__init__(problem, damping, **kwargs)
+
+    def _batch_sum(self, V, x, t):
+        theta = self.problem.theta
+
+        def outputs(th):
+            return self.problem.forward(th, x)
+
+        def tangent(v):
+            return torch.func.jvp(outputs, (theta,), (v,))[1]
+
+        with torch.enable_grad():
+            y, pullback = torch.func.vjp(outputs, theta)
+            JV = torch.func.vmap(tangent)(V.T)                         # (m, b, C)
+            HJV = self.problem.loss.hvp(y.detach(), t, JV.detach())    # (m, b, C)
+            (JtHJV,) = torch.func.vmap(pullback)(HJV)                   # (m, d)
+        return JtHJV.detach().T
+
+
+class Hessian(CurvatureOperator):
+    """Damped Hessian of J (forward-over-reverse products); may be indefinite."""
+
+    kind = "hessian"
+
+    def _batch_sum(self, V, x, t):
+        theta = self.problem.theta
+
+        def total_loss(th):
+            return self.problem.example_losses(th, x, t).sum()
+
+        gradient = torch.func.grad(total_loss)
+
+        def hvp(v):
+            return torch.func.jvp(gradient, (theta,), (v,))[1]
+
+        with torch.enable_grad():
+            return torch.func.vmap(hvp)(V.T).detach().T
+
+
+def make_curvature(problem: Problem, curvature: str = "gnh", damping: float = 0.0, **kwargs) -> CurvatureOperator:
+    """``"gnh"`` -> :class:`GaussNewton`, ``"hessian"`` -> :class:`Hessian`."""
+    kinds = {"gnh": GaussNewton, "gauss_newton": GaussNewton, "hessian": Hessian}
+    if curvature not in kinds:
+        raise ValueError(f"unknown curvature {curvature!r}; choose 'gnh' or 'hessian'")
+    return kinds[curvature](problem, damping, **kwargs)

@@ -1,0 +1,17 @@
+"""Exceptions raised by pbrf_fast, so callers can catch each failure by kind."""
+
+
+class PBRFError(Exception):
+    """Base class of every error pbrf_fast raises on purpose."""
+
+
+class DivergenceError(PBRFError, RuntimeError):
+    """An iterative solver (LiSSA) blew up: its iterate went non-finite or grew
+    past what a convergent recursion can reach. The message names the column
+    and the option to change."""
+
+
+class NonConvexLossError(PBRFError, ValueError):
+    """The Gauss-Newton Hessian needs a loss that is convex in the network
+    outputs; otherwise G is not positive semi-definite and the damped solve is
+    meaningless."""

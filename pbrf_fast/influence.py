@@ -1,0 +1,142 @@
+"""Influence functions on top of a damped curvature operator.
+
+Sign convention (Eq. 23 of the paper). Removing training example z is
+downweighting it by epsilon = 1/N, which moves the parameters by
+
+    delta_theta(z) = epsilon (C + (weight_decay + damping) I)^{-1} grad L(z)
+
+and the loss of a test point by
+
+    score(z, test) = epsilon grad L_test^T (C + (weight_decay + damping) I)^{-1} grad L(z).
+
+A **positive score means removing z is predicted to increase the test loss**
+(z helps that test point, a "proponent"); a negative score means removing z
+helps it (an "opponent"). Self-influence is the score of z on its own loss,
+which is >= 0 for the Gauss-Newton curvature.
+
+The s_test trick: one solve per *test* point, s_test = A^{-1} grad L_test, done
+for all m test points together as one (d, m) block; scores are then a single
+matrix product with per-example training gradients.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .curvature import make_curvature
+from .problem import Problem, as_index
+from .solvers import SolveResult, solve
+
+__all__ = ["Influence"]
+
+
+class Influence:
+    """Influence of training examples on parameters and on test losses.
+
+    Parameters
+    ----------
+    problem:
+        The training problem at the parameters to analyse (theta^s).
+    damping:
+        lambda added to the curvature (weight decay is added on top, as part of J).
+    curvature:
+        ``"gnh"`` (Gauss-Newton Hessian, the default) or ``"hessian"``.
+    solver:
+        ``"auto"``, ``"direct"``, ``"cg"`` or ``"lissa"``; ``solver_options`` go to it.
+    """
+
+    def __init__(self, problem: Problem, damping: float = 1e-3, curvature: str = "gnh",
+                 solver: str = "auto", solver_options: dict | None = None):
+        self.problem = problem
+        self.operator = make_curvature(problem, curvature, damping)
+        self.solver = solver
+        self.solver_options = dict(solver_options or {})
+        self.last_solve: SolveResult | None = None
+
+    @property
+    def damping(self) -> float:
+        return self.operator.damping
+
+    def _solve(self, B: torch.Tensor) -> torch.Tensor:
+        self.last_solve = solve(self.operator, B, self.solver, **self.solver_options)
+        return self.last_solve.solution
+
+    # -------------------------------------------------------------- gradients
+    def test_gradients(self, x_test, t_test) -> torch.Tensor:
+        """Gradients of each test loss, as columns (d, m)."""
+        x, t = self.problem.check_data(x_test, t_test)
+        chunks = [self.problem.per_example_gradients(x[b], t[b]).T
+                  for b in self.problem.batches(range(len(x)), self.problem.gradient_chunk_size())]
+        return torch.cat(chunks, 1)
+
+    def s_test(self, x_test, t_test) -> torch.Tensor:
+        """(C + shift I)^{-1} grad L_test for all m test points in one block solve: (d, m)."""
+        return self._solve(self.test_gradients(x_test, t_test))
+
+    # ----------------------------------------------------------------- scores
+    def scores(self, x_test, t_test, train_idx=None, s_test: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted change of each test loss when each training example is removed.
+
+        Returns ``(n_train, m)``: row i is training example ``train_idx[i]``,
+        column j test point j. Positive: removal increases the test loss (see
+        the module docstring). Pass ``s_test`` to reuse an earlier solve.
+        """
+        S = self.s_test(x_test, t_test) if s_test is None else self.operator.check_vectors(s_test)
+        return self.scores_from_s_test(S, train_idx)
+
+    def scores_from_s_test(self, S: torch.Tensor, train_idx=None) -> torch.Tensor:
+        epsilon = 1.0 / self.problem.n
+        rows = [grads @ S for _, grads in self.problem.training_gradients(train_idx)]
+        return torch.cat(rows) * epsilon
+
+    # ------------------------------------------------------ parameter changes
+    def param_change(self, train_idx, epsilon: float | None = None) -> torch.Tensor:
+        """Predicted parameter change from removing training examples.
+
+        ``train_idx``: an int (returns (d,)), a sequence of ints (one column
+        per example removed on its own, (d, k)), or a sequence of sequences
+        (one column per *group* removed together, (d, g)). ``epsilon``
+        defaults to 1/N per removed example.
+        """
+        epsilon = 1.0 / self.problem.n if epsilon is None else float(epsilon)
+        if isinstance(train_idx, int):
+            return self.param_change([train_idx], epsilon)[:, 0]
+        groups = _as_groups(train_idx)
+        grads = self._group_gradients(groups)
+        return self._solve(grads) * epsilon
+
+    def _group_gradients(self, groups: list[list[int]]) -> torch.Tensor:
+        flat = torch.tensor([i for g in groups for i in g], dtype=torch.long)
+        owner = torch.tensor([k for k, g in enumerate(groups) for _ in g], dtype=torch.long)
+        G = torch.zeros(self.problem.dim, len(groups), dtype=self.problem.dtype, device=self.problem.device)
+        start = 0
+        for chunk, grads in self.problem.training_gradients(flat):
+            rows = owner[start : start + len(chunk)].to(G.device)
+            G.index_add_(1, rows, grads.T)
+            start += len(chunk)
+        return G
+
+    def self_influence(self, train_idx=None, chunk_size: int = 256) -> torch.Tensor:
+        """Predicted increase of each training example's own loss on its removal: (k,)."""
+        idx = as_index(train_idx, self.problem.n)
+        epsilon = 1.0 / self.problem.n
+        out = []
+        for chunk, grads in self.problem.training_gradients(idx, chunk_size):
+            S = self._solve(grads.T)
+            out.append((grads.T * S).sum(0) * epsilon)
+        return torch.cat(out)
+
+    def __repr__(self) -> str:
+        return f"Influence({self.problem!r}, operator={self.operator!r}, solver={self.solver!r})"
+
+
+def _as_groups(train_idx) -> list[list[int]]:
+    if isinstance(train_idx, torch.Tensor):
+        train_idx = train_idx.tolist()
+    if not isinstance(train_idx, Sequence) or len(train_idx) == 0:
+        raise ValueError("train_idx must be a non-empty sequence of indices or of index groups")
+    groups = [list(g) if isinstance(g, (Sequence, torch.Tensor)) else [int(g)] for g in train_idx]
+    if any(len(g) == 0 for g in groups):
+        raise ValueError("a removal group is empty")
+    return [[int(i) for i in g] for g in groups]

@@ -1,0 +1,259 @@
+"""Loss specifications in output space.
+
+Every quantity the influence engine needs from a loss is a function of the
+network outputs ``y`` (shape ``(b, C)``) and targets ``t`` only:
+
+* ``value(y, t)``    per-example loss, shape ``(b,)``
+* ``grad(y, t)``     dL/dy, shape ``(b, C)``
+* ``hvp(y, t, u)``   output Hessian times ``u`` where ``u`` is ``(..., b, C)``
+                     (extra leading dims are independent vectors)
+* ``bregman(y, y_ref, t)``  Bregman divergence of L between two outputs
+                     (Eq. 9 of the paper), shape ``(b,)``
+
+Keeping them in output space is what makes the Gauss-Newton product cheap
+(jvp -> output Hessian -> vjp) and lets compiled kernels replace ``hvp`` and
+``bregman`` without touching the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import NonConvexLossError
+
+__all__ = [
+    "Loss",
+    "MSELoss",
+    "CrossEntropyLoss",
+    "BCEWithLogitsLoss",
+    "AutogradLoss",
+    "get_loss",
+]
+
+
+class Loss:
+    """Base class: a per-example loss of network outputs.
+
+    Subclasses set ``name`` and ``convex_in_outputs``. ``kernel_kind`` names the
+    compiled output-Hessian / Bregman kernels that implement this loss (None:
+    autograd fallback).
+    """
+
+    name: str = "loss"
+    convex_in_outputs: bool = True
+    kernel_kind: str | None = None
+
+    def prepare_targets(self, targets: torch.Tensor, num_outputs: int) -> torch.Tensor:
+        """Bring targets to the layout the other methods expect (validated)."""
+        return targets
+
+    def value(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grad(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def hvp(self, y: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bregman(self, y: torch.Tensor, y_ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """L(y) - L(y_ref) - dL/dy(y_ref)^T (y - y_ref), per example."""
+        diff = (y - y_ref).reshape(y.shape[0], -1)
+        linear = (self.grad(y_ref, t).reshape(y.shape[0], -1) * diff).sum(-1)
+        return self.value(y, t) - self.value(y_ref, t) - linear
+
+    def require_convex(self, purpose: str = "the Gauss-Newton Hessian") -> None:
+        if not self.convex_in_outputs:
+            raise NonConvexLossError(
+                f"loss {self.name!r} is not convex in the network outputs, so {purpose} "
+                "is not positive semi-definite; use curvature='hessian' with enough damping, "
+                "or a convex loss (mse, cross_entropy, bce)"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _output_hessian_product(kind: str, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    # Imported lazily: the kernels package pulls in the compiled backends.
+    from .kernels import output_hessian_product
+
+    return output_hessian_product(kind, y, u)
+
+
+def _as_float_targets(targets: torch.Tensor, num_outputs: int, name: str) -> torch.Tensor:
+    if not torch.is_floating_point(targets):
+        targets = targets.to(torch.get_default_dtype())
+    if targets.dim() == 1 and num_outputs == 1:
+        targets = targets.unsqueeze(-1)
+    if targets.dim() != 2 or targets.shape[-1] != num_outputs:
+        raise ValueError(
+            f"{name} targets must have shape (n, {num_outputs}) to match the model outputs "
+            f"(or (n,) for one output); got {tuple(targets.shape)}"
+        )
+    return targets
+
+
+class MSELoss(Loss):
+    """Half squared error, summed over outputs: L = 1/2 ||y - t||^2.
+
+    The 1/2 makes the output Hessian the identity (DESIGN.md).
+    """
+
+    name = "mse"
+    kernel_kind = "mse"
+
+    def prepare_targets(self, targets, num_outputs):
+        return _as_float_targets(targets, num_outputs, "mse")
+
+    def value(self, y, t):
+        return 0.5 * (y - t.to(y.dtype)).pow(2).sum(-1)
+
+    def grad(self, y, t):
+        return y - t.to(y.dtype)
+
+    def hvp(self, y, t, u):
+        return u.clone()
+
+    def bregman(self, y, y_ref, t):
+        return 0.5 * (y - y_ref).pow(2).sum(-1)
+
+
+class CrossEntropyLoss(Loss):
+    """Softmax cross-entropy on logits, with integer class or soft targets.
+
+    Output Hessian diag(p) - p p^T, applied without forming it.
+    """
+
+    name = "cross_entropy"
+    kernel_kind = "cross_entropy"
+
+    def prepare_targets(self, targets, num_outputs):
+        if torch.is_floating_point(targets):
+            if targets.dim() != 2 or targets.shape[-1] != num_outputs:
+                raise ValueError(
+                    f"cross_entropy soft targets must have shape (n, {num_outputs}); "
+                    f"got {tuple(targets.shape)}"
+                )
+            return targets
+        if targets.dim() != 1:
+            raise ValueError(
+                f"cross_entropy class targets must have shape (n,); got {tuple(targets.shape)}"
+            )
+        if targets.numel() and (targets.min() < 0 or targets.max() >= num_outputs):
+            raise ValueError(
+                f"cross_entropy class targets must lie in [0, {num_outputs}); "
+                f"got range [{int(targets.min())}, {int(targets.max())}]"
+            )
+        return targets.long()
+
+    def _soft(self, y, t):
+        if torch.is_floating_point(t):
+            return t.to(y.dtype)
+        # scatter rather than one_hot: one_hot checks the class range, which
+        # torch.func.vmap cannot trace.
+        return torch.zeros_like(y).scatter(-1, t.unsqueeze(-1), 1.0)
+
+    def value(self, y, t):
+        if torch.is_floating_point(t):
+            return torch.logsumexp(y, -1) - (t.to(y.dtype) * y).sum(-1)
+        return torch.logsumexp(y, -1) - y.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+
+    def grad(self, y, t):
+        return torch.softmax(y, -1) - self._soft(y, t)
+
+    def hvp(self, y, t, u):
+        return _output_hessian_product(self.kernel_kind, y, u)
+
+    def bregman(self, y, y_ref, t):
+        # Targets cancel: the loss is log-sum-exp minus a term linear in y.
+        p_ref = torch.softmax(y_ref, -1)
+        return torch.logsumexp(y, -1) - torch.logsumexp(y_ref, -1) - (p_ref * (y - y_ref)).sum(-1)
+
+
+class BCEWithLogitsLoss(Loss):
+    """Sigmoid binary cross-entropy on logits, summed over outputs.
+
+    Output Hessian diag(p (1 - p)).
+    """
+
+    name = "bce"
+    kernel_kind = "bce"
+
+    def prepare_targets(self, targets, num_outputs):
+        targets = _as_float_targets(targets, num_outputs, "bce")
+        if targets.numel() and (targets.min() < 0 or targets.max() > 1):
+            raise ValueError("bce targets must lie in [0, 1]")
+        return targets
+
+    def value(self, y, t):
+        return (F.softplus(y) - t.to(y.dtype) * y).sum(-1)
+
+    def grad(self, y, t):
+        return torch.sigmoid(y) - t.to(y.dtype)
+
+    def hvp(self, y, t, u):
+        return _output_hessian_product(self.kernel_kind, y, u)
+
+    def bregman(self, y, y_ref, t):
+        p_ref = torch.sigmoid(y_ref)
+        return (F.softplus(y) - F.softplus(y_ref) - p_ref * (y - y_ref)).sum(-1)
+
+
+class AutogradLoss(Loss):
+    """Any per-example loss ``fn(y, t) -> (b,)``; derivatives by torch.func.
+
+    ``convex_in_outputs`` is the caller's promise: the Gauss-Newton operator
+    refuses a loss that says it is not convex.
+    """
+
+    kernel_kind = None
+
+    def __init__(self, fn, *, name: str = "custom", convex_in_outputs: bool = True):
+        self.fn = fn
+        self.name = name
+        self.convex_in_outputs = convex_in_outputs
+
+    def _single(self, y_row, t_row):
+        return self.fn(y_row.unsqueeze(0), t_row.unsqueeze(0)).reshape(())
+
+    def value(self, y, t):
+        return self.fn(y, t).reshape(y.shape[0])
+
+    def grad(self, y, t):
+        return torch.func.vmap(torch.func.grad(self._single))(y, t)
+
+    def hvp(self, y, t, u):
+        lead = u.shape[:-2]
+        flat = u.reshape(-1, *y.shape)
+
+        def one_vector(v):
+            def row(y_row, t_row, v_row):
+                g = torch.func.grad(self._single)
+                return torch.func.jvp(lambda yy: g(yy, t_row), (y_row,), (v_row,))[1]
+
+            return torch.func.vmap(row)(y, t, v)
+
+        return torch.stack([one_vector(v) for v in flat]).reshape(*lead, *y.shape)
+
+    def __repr__(self) -> str:
+        return f"AutogradLoss(name={self.name!r}, convex_in_outputs={self.convex_in_outputs})"
+
+
+_LOSSES = {
+    "mse": MSELoss,
+    "cross_entropy": CrossEntropyLoss,
+    "ce": CrossEntropyLoss,
+    "bce": BCEWithLogitsLoss,
+    "bce_with_logits": BCEWithLogitsLoss,
+}
+
+
+def get_loss(name: str | Loss) -> Loss:
+    """A loss by name (``mse``, ``cross_entropy``/``ce``, ``bce``); a Loss passes through."""
+    if isinstance(name, Loss):
+        return name
+    key = str(name).lower()
+    if key not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(_LOSSES)}")
+    return _LOSSES[key]()

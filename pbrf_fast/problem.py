@@ -1,0 +1,271 @@
+"""A training problem as functions of one flat parameter vector.
+
+``Problem`` binds a model, a loss and a data set, and exposes
+
+    J(theta) = 1/N sum_i L(f(theta, x_i), t_i) + weight_decay/2 ||theta||^2
+
+together with outputs, per-example losses and per-example gradients, all as
+pure functions of a flat ``theta`` of shape ``(d,)``. Curvature operators,
+solvers and influence are written against this interface only, so they never
+care how the model stores its parameters.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .losses import Loss, get_loss
+
+__all__ = ["Problem", "as_index"]
+
+# Per-example gradient chunks are sized so one chunk holds at most this many
+# numbers (~512 MiB in float32): large enough to keep matmuls efficient, small
+# enough for 784-1024-1024-10 sized models on a 24 GiB machine.
+_MAX_CHUNK_ELEMENTS = 1 << 27
+
+
+def as_index(idx, n: int, device=None) -> torch.Tensor:
+    """Normalise an index (None, int, slice, sequence, tensor) to a 1-D long tensor."""
+    if idx is None:
+        out = torch.arange(n)
+    elif isinstance(idx, slice):
+        out = torch.arange(n)[idx]
+    elif isinstance(idx, int):
+        out = torch.tensor([idx])
+    else:
+        out = torch.as_tensor(idx).reshape(-1).long()
+    if out.numel() and (out.min() < -n or out.max() >= n):
+        raise IndexError(f"index out of range for {n} training examples")
+    out = torch.where(out < 0, out + n, out)
+    return out.to(device) if device is not None else out
+
+
+class Problem:
+    """Model + loss + training data, as functions of a flat parameter vector.
+
+    Parameters
+    ----------
+    model:
+        An ``nn.Module`` mapping a batch of inputs to outputs ``(b, C)`` (or
+        ``(b,)`` for one output). It is evaluated in eval mode: the curvature
+        of a network whose batch-norm statistics move with the batch is not a
+        fixed linear operator.
+    loss:
+        A :class:`~pbrf_fast.losses.Loss` or its name.
+    inputs, targets:
+        Training data with the example index first.
+    weight_decay:
+        L2 strength folded into J (its Hessian is ``weight_decay * I``).
+    batch_size:
+        Examples per chunk when an operation runs over the whole set.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Loss | str,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        weight_decay: float = 0.0,
+        batch_size: int = 512,
+    ):
+        self.model = model.eval()
+        self.loss = get_loss(loss)
+        self.weight_decay = float(weight_decay)
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size = int(batch_size)
+
+        named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model has no trainable parameters")
+        self.param_names = [k for k, _ in named]
+        self.param_shapes = [p.shape for _, p in named]
+        self.param_sizes = [p.numel() for _, p in named]
+        dtypes = {p.dtype for _, p in named}
+        devices = {p.device for _, p in named}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(f"all parameters must share one dtype and device; got {dtypes}, {devices}")
+        self.dtype = dtypes.pop()
+        self.device = devices.pop()
+        self.buffers = {k: b for k, b in model.named_buffers()}
+        self._theta = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
+        if not torch.isfinite(self._theta).all():
+            raise ValueError("model parameters contain NaN or Inf")
+        self.version = 0  # bumped when theta changes, so cached curvature is dropped
+
+        self.inputs = self._check_inputs(inputs, "inputs")
+        with torch.no_grad():
+            num_outputs = self.forward(self._theta, self.inputs[:1]).shape[-1]
+        self.num_outputs = num_outputs
+        self.targets = self._check_targets(targets, len(self.inputs))
+
+    # ----------------------------------------------------------------- set-up
+    @classmethod
+    def from_dataset(cls, model, loss, dataset, **kwargs) -> "Problem":
+        """Build from a map-style ``Dataset`` of ``(input, target)`` pairs."""
+        items = [dataset[i] for i in range(len(dataset))]
+        if not items:
+            raise ValueError("dataset is empty")
+        inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
+        targets = torch.stack([torch.as_tensor(t) for _, t in items])
+        return cls(model, loss, inputs, targets, **kwargs)
+
+    def _check_inputs(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        if x.dim() < 1 or len(x) == 0:
+            raise ValueError(f"{what} must have a leading example dimension and at least one example")
+        if torch.is_floating_point(x):
+            x = x.to(device=self.device, dtype=self.dtype)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{what} contain NaN or Inf")
+        else:
+            x = x.to(self.device)
+        return x
+
+    def _check_targets(self, t: torch.Tensor, n: int, what: str = "targets") -> torch.Tensor:
+        t = torch.as_tensor(t).to(self.device)
+        if len(t) != n:
+            raise ValueError(f"{what} have {len(t)} rows but inputs have {n}")
+        if torch.is_floating_point(t):
+            t = t.to(self.dtype)
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{what} contain NaN or Inf")
+        return self.loss.prepare_targets(t, self.num_outputs)
+
+    def check_data(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate held-out data (e.g. test points) against the training layout."""
+        x = self._check_inputs(inputs, "test inputs")
+        if x.shape[1:] != self.inputs.shape[1:]:
+            raise ValueError(
+                f"test inputs have per-example shape {tuple(x.shape[1:])}, "
+                f"training inputs {tuple(self.inputs.shape[1:])}"
+            )
+        return x, self._check_targets(targets, len(x), "test targets")
+
+    # ------------------------------------------------------------- parameters
+    @property
+    def n(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def dim(self) -> int:
+        return self._theta.numel()
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """The current flat parameters (a copy is not made: do not modify in place)."""
+        return self._theta
+
+    def set_theta(self, theta: torch.Tensor) -> None:
+        """Replace the parameters (also written back into the model)."""
+        theta = self._check_theta(theta).detach().clone()
+        self._theta = theta
+        self.version += 1
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for name, value in self.unflatten(theta).items():
+                params[name].copy_(value)
+
+    def _check_theta(self, theta: torch.Tensor) -> torch.Tensor:
+        if theta.shape != (self.dim,):
+            raise ValueError(f"theta must have shape ({self.dim},), got {tuple(theta.shape)}")
+        if theta.dtype != self.dtype or theta.device != self.device:
+            raise ValueError(
+                f"theta must be {self.dtype} on {self.device}, got {theta.dtype} on {theta.device}"
+            )
+        return theta
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a flat vector (or of its last dim) shaped like the parameters."""
+        chunks = torch.split(theta, self.param_sizes, dim=-1)
+        lead = theta.shape[:-1]
+        return {
+            name: c.reshape(*lead, *shape)
+            for name, c, shape in zip(self.param_names, chunks, self.param_shapes)
+        }
+
+    def flatten(self, tensors: Sequence[torch.Tensor] | dict) -> torch.Tensor:
+        if isinstance(tensors, dict):
+            tensors = [tensors[k] for k in self.param_names]
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    # -------------------------------------------------------------- functions
+    def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Network outputs f(theta, x), always shaped (b, C)."""
+        out = torch.func.functional_call(self.model, (self.unflatten(theta), self.buffers), (x,))
+        return out.reshape(out.shape[0], -1)
+
+    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = as_index(idx, self.n, self.device)
+        return self.inputs[idx], self.targets[idx]
+
+    def batches(self, idx=None, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+        """Index chunks covering ``idx`` (default: every training example)."""
+        idx = as_index(idx, self.n)
+        step = batch_size or self.batch_size
+        for start in range(0, len(idx), step):
+            yield idx[start : start + step]
+
+    def outputs(self, theta=None, idx=None) -> torch.Tensor:
+        theta = self._theta if theta is None else theta
+        with torch.no_grad():
+            return torch.cat([self.forward(theta, self.batch(b)[0]) for b in self.batches(idx)])
+
+    def example_losses(self, theta, x, t) -> torch.Tensor:
+        """Per-example losses of a batch, differentiable in theta."""
+        return self.loss.value(self.forward(theta, x), t)
+
+    def losses(self, theta=None, idx=None) -> torch.Tensor:
+        theta = self._theta if theta is None else theta
+        with torch.no_grad():
+            return torch.cat([self.example_losses(theta, *self.batch(b)) for b in self.batches(idx)])
+
+    def objective(self, theta=None) -> torch.Tensor:
+        """J(theta): mean training loss plus weight_decay/2 ||theta||^2."""
+        theta = self._theta if theta is None else theta
+        return self.losses(theta).mean() + 0.5 * self.weight_decay * theta.pow(2).sum()
+
+    def gradient(self, theta=None) -> torch.Tensor:
+        """dJ/dtheta over the whole training set (chunked)."""
+        theta = self._theta if theta is None else theta
+        total = torch.zeros_like(theta)
+        for b in self.batches():
+            x, t = self.batch(b)
+            total += torch.func.grad(lambda th: self.example_losses(th, x, t).sum())(theta)
+        return total / self.n + self.weight_decay * theta
+
+    def per_example_gradients(self, x, t, theta=None) -> torch.Tensor:
+        """Rows dL(f(theta, x_i), t_i)/dtheta for a batch, shape (b, d).
+
+        No weight decay: it belongs to J, not to any one example's loss.
+        """
+        theta = self._theta if theta is None else theta
+
+        def one(x_row, t_row):
+            return torch.func.grad(
+                lambda th: self.example_losses(th, x_row.unsqueeze(0), t_row.unsqueeze(0)).sum()
+            )(theta)
+
+        return torch.func.vmap(one)(x, t)
+
+    def gradient_chunk_size(self, requested: int | None = None) -> int:
+        """Rows per per-example-gradient chunk that fit the memory cap."""
+        cap = max(1, _MAX_CHUNK_ELEMENTS // max(self.dim, 1))
+        return max(1, min(requested or self.batch_size, cap))
+
+    def training_gradients(self, idx=None, chunk_size: int | None = None):
+        """Yield ``(index_chunk, gradients (k, d))`` over training examples."""
+        for b in self.batches(idx, self.gradient_chunk_size(chunk_size)):
+            yield b, self.per_example_gradients(*self.batch(b))
+
+    def __repr__(self) -> str:
+        return (
+            f"Problem(n={self.n}, d={self.dim}, outputs={self.num_outputs}, loss={self.loss.name}, "
+            f"weight_decay={self.weight_decay}, dtype={self.dtype}, device={self.device})"
+        )

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs pbrf_fast into it with its test extras.
+# torch is pinned first: an unpinned torch would pull a multi-GB CUDA build,
+# while torch==2.13.0 resolves to the CPU wheel this kind of machine carries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+# Triton runs its kernels on CPU tensors under TRITON_INTERPRET=1 (the tests do).
+.venv/bin/python -m pip install -q --disable-pip-version-check "triton==3.8.0" \
+  || echo "install.sh: triton not installed; its backend will report unavailable"
+.venv/bin/python -m pip install -q --disable-pip-version-check ".[test]"
+.venv/bin/python -c "import pbrf_fast, json; print(json.dumps(pbrf_fast.backends()))"

@@ -20,13 +20,14 @@ matrix product with per-example training gradients.
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
 
 from .curvature import make_curvature
 from .problem import Problem, as_index
-from .solvers import SolveResult, solve
+from .solvers import SolveResult, choose_method, solve
 
 __all__ = ["Influence"]
 
@@ -58,6 +59,11 @@ class Influence:
     def damping(self) -> float:
         return self.operator.damping
 
+    @property
+    def method(self) -> str:
+        """The solver that runs (``"auto"`` resolved by problem size)."""
+        return choose_method(self.operator)[0] if self.solver == "auto" else self.solver
+
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
         self.last_solve = solve(self.operator, B, self.solver, **self.solver_options)
         return self.last_solve.solution
@@ -82,8 +88,21 @@ class Influence:
         column j test point j. Positive: removal increases the test loss (see
         the module docstring). Pass ``s_test`` to reuse an earlier solve.
         """
+        if s_test is None and self.method == "kernel":
+            return self._output_space_scores(self.test_gradients(x_test, t_test), train_idx)
         S = self.s_test(x_test, t_test) if s_test is None else self.operator.check_vectors(s_test)
         return self.scores_from_s_test(S, train_idx)
+
+    def _output_space_scores(self, V: torch.Tensor, train_idx) -> torch.Tensor:
+        # Exact scores for every training example straight from output space:
+        # no s_test in parameter space, no per-example gradients.
+        from .output_space import OutputSpaceSolver
+
+        start = time.perf_counter()
+        scores = OutputSpaceSolver(self.operator).training_scores(V)
+        self.last_solve = SolveResult(torch.empty(0), "kernel", 0, None, None, time.perf_counter() - start,
+                                      {"path": "training scores in output space (s_test not formed)"})
+        return scores if train_idx is None else scores[as_index(train_idx, self.problem.n, scores.device)]
 
     def scores_from_s_test(self, S: torch.Tensor, train_idx=None) -> torch.Tensor:
         epsilon = 1.0 / self.problem.n

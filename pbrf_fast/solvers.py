@@ -15,6 +15,7 @@ All return a :class:`SolveResult` with the solution and diagnostics.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 
@@ -23,11 +24,16 @@ import torch
 from .curvature import CurvatureOperator
 from .errors import DivergenceError
 
-__all__ = ["SolveResult", "solve", "direct", "conjugate_gradient", "lissa",
-           "estimate_largest_eigenvalue", "DIRECT_MAX_DIM", "SOLVERS"]
+__all__ = ["SolveResult", "solve", "direct", "conjugate_gradient", "lissa", "kernel",
+           "estimate_largest_eigenvalue", "choose_method", "DIRECT_MAX_DIM", "KERNEL_MEMORY_BYTES",
+           "SOLVERS"]
+
+logger = logging.getLogger(__name__)
 
 # Above this many parameters a dense d x d factorisation stops being cheap.
-DIRECT_MAX_DIM = 3000
+DIRECT_MAX_DIM = 6000
+# The output-space solver keeps about three (N*C)^2 float64 matrices.
+KERNEL_MEMORY_BYTES = 4 << 30
 
 
 @dataclasses.dataclass
@@ -99,6 +105,19 @@ def direct(op: CurvatureOperator, B: torch.Tensor, *, compute_residual: bool = T
     X2 = (evecs @ (coeff / shifted.unsqueeze(1))).to(B2.dtype)
     info = {"smallest_eigenvalue": smallest, "largest_eigenvalue": float(shifted.max())}
     return _finish(op, X2, B, B2, "direct", 0, start, compute_residual, tol, info)
+
+
+# ---------------------------------------------------------------------- kernel
+def kernel(op: CurvatureOperator, B: torch.Tensor, *, compute_residual: bool = True,
+           tol: float = 1e-6) -> SolveResult:
+    """Exact GNH solve in output space (Woodbury); see :mod:`pbrf_fast.output_space`."""
+    from .output_space import OutputSpaceSolver
+
+    start = time.perf_counter()
+    B2 = _columns(op, B)
+    X2 = OutputSpaceSolver(op).solve(B2)
+    info = {"outputs": op.problem.n * op.problem.num_outputs}
+    return _finish(op, X2, B, B2, "kernel", 0, start, compute_residual, tol, info)
 
 
 # -------------------------------------------------------------------------- cg
@@ -285,21 +304,41 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, leave=False)
 
 
-SOLVERS = {"direct": direct, "cg": conjugate_gradient, "lissa": lissa}
+SOLVERS = {"direct": direct, "cg": conjugate_gradient, "lissa": lissa, "kernel": kernel}
 
 
-def default_method(op: CurvatureOperator) -> str:
-    return "direct" if op.dim <= DIRECT_MAX_DIM else "cg"
+def choose_method(op: CurvatureOperator) -> tuple[str, str]:
+    """The exact solver that is cheapest by size, or CG when neither fits; with the reason.
+
+    ``direct`` factorises d x d, ``kernel`` N*C x N*C (GNH only): take the smaller.
+    """
+    d, outputs = op.dim, op.problem.n * op.problem.num_outputs
+    kernel_ok = (op.kind == "gnh" and op.shift > 0 and op.problem.loss.name in ("mse", "bce", "cross_entropy")
+                 and 3 * 8 * outputs ** 2 <= KERNEL_MEMORY_BYTES)
+    direct_ok = d <= DIRECT_MAX_DIM
+    if kernel_ok and (not direct_ok or outputs < d):
+        return "kernel", f"N*C = {outputs} training outputs < d = {d} parameters: exact output-space solve"
+    if direct_ok:
+        return "direct", f"d = {d} <= {DIRECT_MAX_DIM}: dense eigendecomposition"
+    reason = (f"d = {d} is too large for a dense solve and N*C = {outputs} outputs "
+              f"{'do not fit the output-space memory budget' if op.kind == 'gnh' else 'need the GNH'}: using CG")
+    logger.info(reason)
+    return "cg", reason
 
 
 def solve(op: CurvatureOperator, B: torch.Tensor, method: str = "auto", **options) -> SolveResult:
     """Solve ``op X = B`` for B of shape (d,) or (d, m).
 
-    ``method``: ``"auto"`` (direct for d <= DIRECT_MAX_DIM, else cg),
-    ``"direct"``, ``"cg"`` or ``"lissa"``; ``options`` go to that solver.
+    ``method``: ``"auto"`` (see :func:`choose_method`: the cheaper exact
+    solver of ``direct`` and ``kernel`` by size, else ``cg``), ``"direct"``,
+    ``"kernel"``, ``"cg"`` or ``"lissa"``; ``options`` go to that solver.
     """
+    reason = None
     if method == "auto":
-        method = default_method(op)
+        method, reason = choose_method(op)
     if method not in SOLVERS:
         raise ValueError(f"unknown solver {method!r}; choose one of {sorted(SOLVERS)} or 'auto'")
-    return SOLVERS[method](op, B, **options)
+    result = SOLVERS[method](op, B, **options)
+    if reason:
+        result.info["dispatch"] = reason
+    return result

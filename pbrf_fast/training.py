@@ -12,7 +12,7 @@ import torch
 
 from .problem import Problem
 
-__all__ = ["weighted_objective", "fit_lbfgs"]
+__all__ = ["weighted_objective", "fit_lbfgs", "train_sgd"]
 
 
 def weighted_objective(problem: Problem, theta: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,3 +49,24 @@ def fit_lbfgs(problem: Problem, theta0: torch.Tensor | None = None, weights: tor
     if not torch.isfinite(result).all():
         raise FloatingPointError("L-BFGS produced non-finite parameters")
     return result
+
+
+def train_sgd(problem: Problem, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.0,
+              seed: int = 0) -> torch.Tensor:
+    """Mini-batch SGD on J (weight decay included) from the problem's current parameters.
+
+    The batch order comes from ``seed`` alone, so the run can be replayed.
+    Writes the result into the problem and returns it.
+    """
+    theta = problem.theta.clone().requires_grad_(True)
+    optimiser = torch.optim.SGD([theta], lr=lr, momentum=momentum)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(problem.n, generator=generator).split(batch_size):
+            loss = problem.example_losses(theta, *problem.batch(batch)).mean()
+            loss = loss + 0.5 * problem.weight_decay * theta.pow(2).sum()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    problem.set_theta(theta.detach())
+    return problem.theta

@@ -81,3 +81,13 @@ def dense_gradients(problem, x, t):
 
 def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def shared_data_dir():
+    """The offline data sets beside the checkout (../shared/data), or $PBRF_DATA."""
+    import os
+    from pathlib import Path
+
+    env = os.environ.get("PBRF_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None

@@ -1,4 +1,7 @@
-"""Data sets. Built-in ones come from scikit-learn's bundled copies (no download)."""
+"""Data sets: built-in ones from scikit-learn's bundled copies (no download), and
+loaders for the standard file formats in a data directory (``$PBRF_DATA``)."""
 from .builtin import load_breast_cancer, load_digits, standardise
+from .uci import load_concrete, load_diabetes_pima, load_energy, resolve_data_dir
 
-__all__ = ["load_breast_cancer", "load_digits", "standardise"]
+__all__ = ["load_breast_cancer", "load_concrete", "load_diabetes_pima", "load_digits", "load_energy",
+           "resolve_data_dir", "standardise"]

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# GPU check for pbrf_fast's kernels (one H200-class machine, no internet,
+# Python with torch + triton preinstalled). Builds and installs the package
+# (both _C and _C_cuda; needs nvcc, cmake, scikit-build-core and pybind11 on
+# the machine), runs the gpu-marked tests, then the kernel benchmarks on CUDA
+# tensors, and prints a short table. Budget: well under 8 minutes.
+set -uo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python}"
+WORK="$(mktemp -d)"
+status=0
+step() { printf '\n=== %s ===\n' "$*"; }
+
+step "environment"
+"$PY" - <<'PYEOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())
+if torch.cuda.is_available():
+    print("device 0:", torch.cuda.get_device_name(0))
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as exc:
+    print("triton unavailable:", exc)
+for name in ("scikit_build_core", "pybind11"):
+    try:
+        __import__(name); print(name, "ok")
+    except Exception:
+        print(name, "MISSING: the --no-build-isolation build below will fail")
+PYEOF
+command -v nvcc >/dev/null && nvcc --version | tail -1 || echo "nvcc not found: _C_cuda will not be built"
+
+step "build + install (pip install --no-build-isolation --no-deps .)"
+if ! timeout 300 "$PY" -m pip install --no-build-isolation --no-deps "$REPO" > "$WORK/build.log" 2>&1; then
+    tail -40 "$WORK/build.log"; echo "BUILD FAILED"; exit 1
+fi
+tail -2 "$WORK/build.log"
+
+# Run from an empty directory so the installed package, not the source tree
+# (which has no compiled modules), is the one imported.
+cd "$WORK"
+step "backends"
+"$PY" -c "import json, pbrf_fast.backends as b; print(json.dumps(b.backends(), indent=1))"
+
+step "pytest -m gpu tests"
+timeout 240 "$PY" -m pytest "$REPO/tests/test_kernels.py" -m gpu -q -p no:cacheprovider \
+    --rootdir="$REPO" 2>&1 | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "kernel benchmarks on CUDA tensors"
+timeout 150 "$PY" "$REPO/bench/bench_kernels.py" --cuda 2>&1 | tail -15
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+rm -rf "$WORK"
+step "done (status $status)"
+exit $status

@@ -1,0 +1,73 @@
+// pybind11 module pbrf_fast._C_cuda: CUDA launchers. Compiled by the host C++
+// compiler (no CUDA headers here); tensors cross as data_ptr() integers and
+// the current stream as an integer, so no libtorch is linked. Importing never
+// touches a GPU: device_count()/status() report what is there.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common/cuda_ops.h"
+
+namespace py = pybind11;
+using pbrf::cuda::Precision;
+
+namespace {
+
+Precision precision_from_name(const std::string& dtype) {
+  if (dtype == "float32") return Precision::kFloat32;
+  if (dtype == "float64") return Precision::kFloat64;
+  throw std::invalid_argument("pbrf_fast._C_cuda supports float32 and float64, got " + dtype);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "pbrf_fast CUDA kernels (tensors passed as data_ptr integers, stream as integer)";
+  m.def("device_count", &pbrf::cuda::device_count,
+        "Number of CUDA devices visible to this module's runtime (0 without driver or GPU).");
+  m.def("status", &pbrf::cuda::status, "Human-readable device status; never raises.");
+
+  m.def(
+      "output_hessian_product",
+      [](int loss_kind, const std::string& dtype, uintptr_t logits, uintptr_t vectors,
+         uintptr_t out, int64_t batch, int64_t classes, int64_t num_vectors, int device,
+         uintptr_t stream) {
+        const Precision precision = precision_from_name(dtype);
+        py::gil_scoped_release release;
+        pbrf::cuda::output_hessian_product(loss_kind, precision, logits, vectors, out, batch,
+                                           classes, num_vectors, device, stream);
+      },
+      py::arg("loss_kind"), py::arg("dtype"), py::arg("logits"), py::arg("vectors"),
+      py::arg("out"), py::arg("batch"), py::arg("classes"), py::arg("num_vectors"),
+      py::arg("device"), py::arg("stream"));
+
+  m.def(
+      "bregman_divergence",
+      [](int loss_kind, const std::string& dtype, uintptr_t outputs, uintptr_t ref_outputs,
+         uintptr_t values, uintptr_t grad, int64_t batch, int64_t classes, int device,
+         uintptr_t stream) {
+        const Precision precision = precision_from_name(dtype);
+        py::gil_scoped_release release;
+        pbrf::cuda::bregman_divergence(loss_kind, precision, outputs, ref_outputs, values, grad,
+                                       batch, classes, device, stream);
+      },
+      py::arg("loss_kind"), py::arg("dtype"), py::arg("outputs"), py::arg("ref_outputs"),
+      py::arg("values"), py::arg("grad"), py::arg("batch"), py::arg("classes"),
+      py::arg("device"), py::arg("stream"));
+
+  m.def(
+      "lissa_update",
+      [](const std::string& dtype, uintptr_t h, uintptr_t v, uintptr_t gh, double damping,
+         double scale, int64_t rows, int64_t cols, uintptr_t norms_squared,
+         uintptr_t nonfinite_flag, int device, uintptr_t stream) {
+        const Precision precision = precision_from_name(dtype);
+        py::gil_scoped_release release;
+        pbrf::cuda::lissa_update(precision, h, v, gh, damping, scale, rows, cols, norms_squared,
+                                 nonfinite_flag, device, stream);
+      },
+      py::arg("dtype"), py::arg("h"), py::arg("v"), py::arg("gh"), py::arg("damping"),
+      py::arg("scale"), py::arg("rows"), py::arg("cols"), py::arg("norms_squared"),
+      py::arg("nonfinite_flag"), py::arg("device"), py::arg("stream"),
+      "norms_squared (float64, cols) and nonfinite_flag (int32, 1) must be zeroed by the caller.");
+}

@@ -1,0 +1,202 @@
+"""Which backend runs a kernel, and the checks every compiled backend needs.
+
+Backends: "torch" (the pure-torch reference, always there), "cpu" (the OpenMP
+extension ``pbrf_fast._C``), "cuda" (``pbrf_fast._C_cuda``) and "triton".
+Compiled modules and triton are optional: import failures are recorded here
+with their reason and reported by :func:`pbrf_fast.backends.backends`, never
+raised at import.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch  # before the extensions: they then share torch's OpenMP runtime
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+# Must match enum LossKind in csrc/common/host_device.h.
+LOSS_KIND_CODES = {"mse": 0, "cross_entropy": 1, "bce": 2}
+COMPILED_DTYPES = (torch.float32, torch.float64)
+# Triton kernels load half types and compute in float32.
+TRITON_DTYPES = COMPILED_DTYPES + (torch.float16, torch.bfloat16)
+
+
+class BackendUnavailable(ValueError):
+    """An explicitly requested backend cannot serve these tensors (the message says why)."""
+
+
+def _optional_import(name: str):
+    try:
+        return importlib.import_module(name), ""
+    except Exception as exc:  # any failure just means "backend unavailable"
+        return None, f"import {name} failed: {type(exc).__name__}: {exc}"
+
+
+cpu_extension, _cpu_import_error = _optional_import("pbrf_fast._C")
+cuda_extension, _cuda_import_error = _optional_import("pbrf_fast._C_cuda")
+triton, _triton_import_error = _optional_import("triton")
+
+# triton decides at kernel-definition time (our import) whether a kernel is
+# interpreted; later changes to the variable do not affect kernels defined now.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_implementations: dict[tuple[str, str], Callable] = {}
+
+
+def register(op_name: str, backend: str, implementation: Callable) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _implementations[(op_name, backend)] = implementation
+
+
+def implementation(op_name: str, backend: str) -> Callable:
+    return _implementations[(op_name, backend)]
+
+
+def cuda_device_count() -> int:
+    if cuda_extension is None:
+        return 0
+    try:
+        return int(cuda_extension.device_count())
+    except Exception:
+        return 0
+
+
+def backend_status(backend: str) -> tuple[bool, str]:
+    """Whether a backend can run at all on this machine, and why (not)."""
+    if backend == "torch":
+        return True, f"pure-torch reference (torch {torch.__version__})"
+    if backend == "cpu":
+        if cpu_extension is None:
+            return False, _cpu_import_error
+        return True, "OpenMP kernels in pbrf_fast._C"
+    if backend == "cuda":
+        if cuda_extension is None:
+            return False, _cuda_import_error or "pbrf_fast._C_cuda not built"
+        if cuda_device_count() == 0:
+            return False, f"pbrf_fast._C_cuda built, but {cuda_extension.status()}"
+        return True, cuda_extension.status()
+    if backend == "triton":
+        if triton is None:
+            return False, _triton_import_error
+        if TRITON_INTERPRET:
+            return True, f"triton {triton.__version__} (TRITON_INTERPRET=1: CPU tensors, interpreted)"
+        if not torch.cuda.is_available():
+            return False, (f"triton {triton.__version__} imported, but no CUDA device for torch; "
+                           "set TRITON_INTERPRET=1 before import to run it on CPU tensors")
+        return True, f"triton {triton.__version__} on CUDA tensors"
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _why_not(op_name: str, backend: str, tensor: torch.Tensor) -> str:
+    """Empty string if `backend` can run `op_name` on `tensor`, else the reason."""
+    if (op_name, backend) not in _implementations:
+        return f"{op_name} has no {backend} implementation"
+    device = tensor.device.type
+    if backend == "torch":
+        return ""
+    if backend == "cpu":
+        if device != "cpu":
+            return f"the cpu backend needs CPU tensors, got a {device} tensor"
+        if cpu_extension is None:
+            return _cpu_import_error
+    elif backend == "cuda":
+        if device != "cuda":
+            return f"the cuda backend needs CUDA tensors, got a {device} tensor"
+        ok, reason = backend_status("cuda")
+        if not ok:
+            return reason
+    elif backend == "triton":
+        if triton is None:
+            return _triton_import_error
+        if device == "cpu" and not TRITON_INTERPRET:
+            return "triton on CPU tensors needs TRITON_INTERPRET=1 set before import"
+        if device not in ("cpu", "cuda"):
+            return f"triton runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}"
+    dtypes = TRITON_DTYPES if backend == "triton" else COMPILED_DTYPES
+    if tensor.dtype not in dtypes:
+        return f"the {backend} backend supports dtypes {[str(d) for d in dtypes]}, got {tensor.dtype}"
+    return ""
+
+
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """True if autograd would track this call: "auto" then keeps the
+    differentiable torch reference, since compiled backends are forward-only."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def resolve(op_name: str, tensor: torch.Tensor, backend: str = "auto") -> str:
+    """Pick the backend for `op_name` on `tensor`'s device and dtype.
+
+    "auto": CUDA tensors -> cuda, else triton, else torch; CPU tensors -> cpu,
+    else torch. An explicit backend that cannot serve the tensor raises
+    BackendUnavailable naming the reason.
+    """
+    if backend == "auto":
+        preference = ("cuda", "triton") if tensor.device.type == "cuda" else ("cpu",)
+        for candidate in preference:
+            if not _why_not(op_name, candidate, tensor):
+                return candidate
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    reason = _why_not(op_name, backend, tensor)
+    if reason:
+        raise BackendUnavailable(f"{op_name}: backend {backend!r} unavailable: {reason}")
+    return backend
+
+
+# ---- argument checks shared by the op wrappers -------------------------------------------------
+
+def loss_kind_code(loss_kind: str) -> int:
+    try:
+        return LOSS_KIND_CODES[loss_kind]
+    except KeyError:
+        raise ValueError(f"unknown loss_kind {loss_kind!r}; expected one of "
+                         f"{sorted(LOSS_KIND_CODES)}") from None
+
+
+def check_same_dtype_and_device(op_name: str, **tensors: torch.Tensor) -> None:
+    """All tensors floating point, one dtype, one device; ValueError naming the culprit."""
+    items = list(tensors.items())
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op_name}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{op_name}: {name} must be floating point, got dtype {t.dtype}")
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise ValueError(f"{op_name}: dtype mismatch: {first_name} is {first.dtype} "
+                             f"but {name} is {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{op_name}: device mismatch: {first_name} is on {first.device} "
+                             f"but {name} is on {t.device}")
+
+
+def check_output_buffer(op_name: str, name: str, out: torch.Tensor, like: torch.Tensor,
+                        shape: tuple[int, ...]) -> None:
+    """A caller-provided output must match exactly: kernels write through its data_ptr."""
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{op_name}: {name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"{op_name}: {name} must be {like.dtype} on {like.device}, "
+                         f"got {out.dtype} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{op_name}: {name} must be contiguous (kernels write it in place)")
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def cuda_launch_args(t: torch.Tensor) -> tuple[int, int]:
+    """(device ordinal, current stream handle) for launching on `t`'s device."""
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def triton_compute_dtype(t: torch.Tensor):
+    """float64 stays float64; everything else computes in float32."""
+    return triton.language.float64 if t.dtype == torch.float64 else triton.language.float32

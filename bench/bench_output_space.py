@@ -19,7 +19,7 @@ import torch
 import pbrf_fast
 from pbrf_fast.data import load_concrete
 from pbrf_fast.models import mlp
-from pbrf_fast.training import train_sgd
+from pbrf_fast.training import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from factories import shared_data_dir  # noqa: E402
@@ -35,7 +35,7 @@ def concrete():
         pytest.skip("Concrete data not found (set PBRF_DATA)")
     x, y, x_test, y_test = load_concrete(data_dir)
     problem = pbrf_fast.Problem(mlp(8, (128, 128), 1, seed=0), "mse", x, y, batch_size=1024)
-    train_sgd(problem, epochs=200, lr=0.03, batch_size=128)
+    train(problem, TrainConfig(epochs=200, lr=0.03, batch_size=128))
     problem64 = pbrf_fast.Problem(mlp(8, (128, 128), 1, dtype=torch.float64), "mse", x.double(), y.double(),
                                   batch_size=1024)
     problem64.set_theta(problem.theta.double())

@@ -164,12 +164,48 @@ class GaussNewton(CurvatureOperator):
 
     kind = "gnh"
 
-    def __init__(self, problem, damping=0.0, **kwargs):
+    def __init__(self, problem, damping=0.0, *, backend: str = "auto", **kwargs):
         problem.loss.require_convex()
         super().__init__(problem, damping, **kwargs)
+        # "auto": the fused MLP kernel (pbrf_fast.kernels.mlp_gnh) where the model is a
+        # supported MLP and a compiled backend serves the tensors, else torch.func;
+        # "torch": always torch.func; "cpu"/"cuda": the fused kernel or an error.
+        self.backend = backend
+
+    def with_damping(self, damping: float) -> "GaussNewton":
+        return type(self)(self.problem, damping, batch_size=self.batch_size, _cache=self._cache,
+                          backend=self.backend)
+
+    def _fused_backend(self, x):
+        """The compiled backend for the fused MLP product, or None (then torch.func)."""
+        if self.backend == "torch":
+            return None
+        from .kernels import mlp_gnh, registry
+
+        if getattr(self, "_mlp_spec", None) is None:  # the model's structure never changes
+            model = self.problem.model
+            self._mlp_spec = (mlp_gnh.parse_mlp(model), mlp_gnh.mlp_unsupported_reason(model))
+        spec, reason = self._mlp_spec
+        kind = self.problem.loss.kernel_kind
+        if spec is not None and kind not in registry.LOSS_KIND_CODES:
+            spec, reason = None, f"loss {self.problem.loss.name!r} has no compiled output-Hessian"
+        if spec is not None and (x.dim() < 2 or x[0].numel() != spec.dims[0] or x.dtype != self.dtype):
+            spec, reason = None, f"inputs of shape {tuple(x.shape)} do not fit the MLP"
+        if spec is None:
+            if self.backend != "auto":
+                raise registry.BackendUnavailable(f"fused MLP product: {reason}")
+            return None
+        chosen = registry.resolve(mlp_gnh.OP_NAME, self.problem.theta, self.backend)
+        return None if chosen == "torch" else chosen
 
     def _batch_sum(self, V, x, t):
         theta = self.problem.theta
+        fused = self._fused_backend(x)
+        if fused is not None:
+            from .kernels.mlp_gnh import mlp_gnh_product
+
+            spec = self._mlp_spec[0]
+            return mlp_gnh_product(spec, self.problem.loss.kernel_kind, theta, x, V, backend=fused)
 
         def outputs(th):
             return self.problem.forward(th, x)

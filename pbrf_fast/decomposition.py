@@ -1,0 +1,102 @@
+"""Measurements of the paper: the five-term decomposition, test-loss correlations,
+and mislabel detection.
+
+Decomposition (Table 5): for each removed point, five distances between
+consecutive responses, each the mean over training inputs of the L2 distance
+between the two networks' outputs:
+
+    warm-start gap        cold_start      vs warm_start
+    proximity gap         warm_start      vs proximal
+    non-convergence gap   proximal        vs pbrf
+    linearization error   pbrf            vs linearized_pbrf
+    solver error          linearized_pbrf vs influence
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .problem import Problem
+
+__all__ = ["GAPS", "output_distance", "decomposition_gaps", "test_loss_changes", "predicted_test_loss_changes",
+           "correlation", "detection_curve", "summarise"]
+
+GAPS = (
+    ("warm_start_gap", "cold_start", "warm_start"),
+    ("proximity_gap", "warm_start", "proximal"),
+    ("non_convergence_gap", "proximal", "pbrf"),
+    ("linearization_error", "pbrf", "linearized_pbrf"),
+    ("solver_error", "linearized_pbrf", "influence"),
+)
+
+
+@torch.no_grad()
+def output_distance(problem: Problem, theta_a: torch.Tensor, theta_b: torch.Tensor) -> torch.Tensor:
+    """Mean over training inputs of ||f(theta_a, x) - f(theta_b, x)||_2, for stacks (P, d) -> (P,)."""
+    total = torch.zeros(len(theta_a), dtype=torch.float64)
+    forward = torch.func.vmap(problem.forward, in_dims=(0, None))
+    for chunk in problem.batches():
+        x, _ = problem.batch(chunk)
+        diff = forward(theta_a, x) - forward(theta_b, x)          # (P, b, C)
+        total += diff.double().norm(dim=-1).sum(-1).cpu()
+    return total / problem.n
+
+
+def decomposition_gaps(problem: Problem, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The five gaps per removed point from each response's parameters (P, d)."""
+    return {name: output_distance(problem, params[a], params[b]) for name, a, b in GAPS}
+
+
+@torch.no_grad()
+def test_loss_changes(problem: Problem, params: torch.Tensor, x_test, t_test) -> torch.Tensor:
+    """L_test(theta_p) - L_test(theta^s) for each parameter row and test point: (P, T)."""
+    x, t = problem.check_data(x_test, t_test)
+    losses = torch.func.vmap(lambda th: problem.example_losses(th, x, t))(params)
+    return (losses - problem.example_losses(problem.theta, x, t)).double().cpu()
+
+
+def predicted_test_loss_changes(problem: Problem, influence_params: torch.Tensor, x_test, t_test) -> torch.Tensor:
+    """Eq. 23: grad L_test^T (theta_IF - theta^s) for each removed point and test point: (P, T)."""
+    x, t = problem.check_data(x_test, t_test)
+    grads = problem.per_example_gradients(x, t)                    # (T, d)
+    return ((influence_params - problem.theta) @ grads.T).double().cpu()
+
+
+def _rank(a: np.ndarray) -> np.ndarray:
+    order = a.argsort(kind="stable")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(len(a))
+    for value in np.unique(a):  # average ranks over ties
+        tied = a == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def correlation(predicted: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
+    """Pearson and Spearman across removed points, per test point, then mean and std over test points."""
+    pearson, spearman = [], []
+    for j in range(predicted.shape[1]):
+        a, b = predicted[:, j].numpy(), actual[:, j].numpy()
+        if a.std() == 0 or b.std() == 0:
+            continue
+        pearson.append(float(np.corrcoef(a, b)[0, 1]))
+        spearman.append(float(np.corrcoef(_rank(a), _rank(b))[0, 1]))
+    if not pearson:
+        return {"pearson": float("nan"), "pearson_std": float("nan"), "spearman": float("nan"),
+                "spearman_std": float("nan")}
+    return {"pearson": float(np.mean(pearson)), "pearson_std": float(np.std(pearson)),
+            "spearman": float(np.mean(spearman)), "spearman_std": float(np.std(spearman))}
+
+
+def detection_curve(scores: torch.Tensor, is_corrupted: torch.Tensor, fractions) -> list[float]:
+    """Share of corrupted examples found when inspecting the top fraction by score."""
+    order = torch.argsort(scores, descending=True)
+    total = max(int(is_corrupted.sum()), 1)
+    return [float(is_corrupted[order[: int(round(f * len(scores)))]].sum()) / total for f in fractions]
+
+
+def summarise(values: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Mean and std over removed points of each named per-point quantity."""
+    return {k: {"mean": float(v.double().mean()), "std": float(v.double().std(unbiased=False))}
+            for k, v in values.items()}

@@ -1,0 +1,118 @@
+"""The paper's experiments as presets: which data, model, training and influence settings.
+
+``build(dataset, preset, seed, data_dir)`` returns an :class:`Experiment` with
+the problem (at theta^0), the test points and every hyperparameter. Presets:
+``quick`` (minutes on a laptop CPU) and ``paper`` (Appendix E.3 settings).
+
+LiSSA settings. The paper tunes LiSSA's scale in {10, ..., 500}; a truncated
+LiSSA and the K/2 epochs of PBRF training both stop short in low-curvature
+directions, and they agree best when truncated alike: depth / scale close to
+(PBRF steps) x (PBRF learning rate). The presets pick the scale that way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .data import (corrupt_labels, load_breast_cancer, load_concrete, load_diabetes_pima, load_digits,
+                   load_energy, load_fashion_mnist, load_mnist, subset)
+from .models import mlp
+from .problem import Problem
+from .responses import ResponseSettings
+from .training import TrainConfig
+
+__all__ = ["Experiment", "build", "DATASETS", "PRESETS", "matched_lissa_scale"]
+
+DATASETS = ("cancer", "diabetes", "concrete", "energy", "digits", "mnist", "fashion_mnist")
+PRESETS = ("quick", "paper")
+
+
+@dataclasses.dataclass
+class Experiment:
+    name: str
+    problem: Problem
+    x_test: torch.Tensor
+    t_test: torch.Tensor
+    train: TrainConfig
+    responses: ResponseSettings
+    n_removed: int
+    n_test_points: int
+    corrupted: torch.Tensor | None = None   # mislabel experiments: which labels were flipped
+
+    def describe(self) -> dict:
+        return {"name": self.name, "n_train": self.problem.n, "dim": self.problem.dim,
+                "loss": self.problem.loss.name, "weight_decay": self.problem.weight_decay,
+                "train": dataclasses.asdict(self.train), "responses": dataclasses.asdict(self.responses),
+                "n_removed": self.n_removed, "n_test_points": self.n_test_points}
+
+
+def matched_lissa_scale(train: TrainConfig, n: int, response_epochs: int, depth: int,
+                        bregman_lr_factor: float = 0.1) -> float:
+    """The LiSSA scale whose truncation matches K/2 epochs of PBRF training: depth/scale = steps x lr."""
+    steps = response_epochs * math.ceil(n / train.batch_size)
+    return depth / (steps * train.lr_at(train.epochs) * bregman_lr_factor)
+
+
+def _logistic(name, data, weight_decay, preset, seed, n_removed):
+    x, y, x_test, y_test = data
+    torch.manual_seed(seed)
+    problem = Problem(torch.nn.Linear(x.shape[1], 1).double(), "bce", x.double(), y.double(), weight_decay=weight_decay)
+    train = TrainConfig(optimizer="lbfgs", epochs=0, seed=seed)
+    settings = ResponseSettings(damping=1e-3, influence_solver="direct", linearized="exact")
+    return Experiment(name, problem, x_test.double(), y_test.double(), train, settings, n_removed, 20)
+
+
+def _mlp_experiment(name, data, loss, width, depth, outputs, epochs, lr, preset, seed, n_removed,
+                    lissa_depth, weight_decay=0.0, n_test_points=20):
+    x, y, x_test, y_test = data
+    model = mlp(x.shape[1], (width,) * depth, outputs, activation="relu", seed=seed)
+    problem = Problem(model, loss, x, y, weight_decay=weight_decay, batch_size=2048)
+    train = TrainConfig(epochs=epochs, lr=lr, batch_size=128, optimizer="sgd", seed=seed)
+    response_epochs = max(1, epochs // 2)
+    scale = matched_lissa_scale(train, problem.n, response_epochs, lissa_depth)
+    settings = ResponseSettings(damping=1e-3, influence_solver="lissa", linearized="train",
+                                influence_options={"depth": lissa_depth, "scale": scale, "batch_size": 128,
+                                                   "repeats": 1 if preset == "quick" else 5, "seed": seed})
+    return Experiment(name, problem, x_test, y_test, train, settings, n_removed, n_test_points)
+
+
+def build(dataset: str, preset: str = "quick", seed: int = 0, data_dir=None, corrupt_fraction: float = 0.0,
+          width: int | None = None, depth: int | None = None, epochs: int | None = None,
+          weight_decay: float | None = None) -> Experiment:
+    """An experiment by data set and preset; keyword overrides feed the sweeps."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
+    quick = preset == "quick"
+    n_removed = 10 if quick else 20
+    if dataset == "cancer":
+        exp = _logistic("LR / Cancer", load_breast_cancer(seed=seed), 0.01 if weight_decay is None else weight_decay,
+                        preset, seed, n_removed)
+    elif dataset == "diabetes":
+        data = load_diabetes_pima(data_dir, seed=seed)
+        exp = _logistic("LR / Diabetes", data, 0.01 if weight_decay is None else weight_decay, preset, seed, n_removed)
+    elif dataset in ("concrete", "energy"):
+        loader = load_concrete if dataset == "concrete" else load_energy
+        exp = _mlp_experiment(f"MLP / {dataset.title()}", loader(data_dir, seed=seed), "mse", width or 128,
+                              depth or 2, 1, epochs or (200 if quick else 1000), 0.03, preset, seed, n_removed,
+                              1000 if quick else 5000, weight_decay or 0.0)
+    elif dataset == "digits":
+        x, y, xt, yt = load_digits(seed=seed)
+        exp = _mlp_experiment("MLP / Digits", (x, y, xt, yt), "cross_entropy", width or 64, depth or 2, 10,
+                              epochs or (30 if quick else 200), 0.1, preset, seed, n_removed,
+                              500 if quick else 5000, weight_decay or 0.0)
+    else:
+        load = load_mnist if dataset == "mnist" else load_fashion_mnist
+        x, y, xt, yt = load(data_dir)
+        x, y = subset(x, y, 0.02 if quick else 0.1, seed)
+        exp = _mlp_experiment(f"MLP / {dataset}", (x, y, xt[:1000], yt[:1000]), "cross_entropy",
+                              width or (256 if quick else 1024), depth or 2, 10, epochs or (20 if quick else 1000),
+                              0.1, preset, seed, n_removed, 1000 if quick else 10000, weight_decay or 0.0)
+    if corrupt_fraction > 0:
+        labels, mask = corrupt_labels(exp.problem.targets.cpu(), corrupt_fraction, exp.problem.num_outputs, seed)
+        exp.problem.targets = labels.to(exp.problem.device)
+        exp.corrupted = mask
+    return exp

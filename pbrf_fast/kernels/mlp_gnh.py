@@ -1,0 +1,281 @@
+"""Fused Gauss-Newton-vector product of an MLP: sum_i J_i^T H_i J_i V in one call.
+
+An MLP here is an ``nn.Sequential`` of ``nn.Linear`` layers (bias optional)
+with ReLU / Tanh / Sigmoid (or nothing) between them, the last module a
+Linear; a leading ``nn.Flatten`` and ``nn.Identity`` / eval-mode ``nn.Dropout``
+anywhere are accepted. :func:`parse_mlp` recognises such a model and returns
+its :class:`MlpSpec`; :func:`mlp_unsupported_reason` says why another is not.
+
+The product for a batch x (B, ...) and a block V (d, m), parameters flattened
+in the Problem's order (per Linear: weight (out, in) row-major, then bias):
+
+    forward   z_l = a_{l-1} W_l^T + b_l,  a_l = act(z_l),  y = z_L
+    tangent   t_l = (act'(z_{l-1}) * t_{l-1}) W_l^T + a_{l-1} dW_l^T + db_l   (t_0 = 0)
+    output    u = H_y t_L              (loss kinds of output_hessian.py)
+    backward  dW_l = g_l^T a_{l-1},  db_l = sum_b g_l,  g_{l-1} = (g_l W_l) * act'(z_{l-1}),  g_L = u
+
+for all m columns at once, summed (not averaged) over the batch.
+:func:`mlp_gnh_product_reference` is that recipe in plain torch matmuls (the
+spec); the cpu backend runs it in ``pbrf_fast._C`` (its own blocked GEMM, one
+OpenMP team, no Python per layer), the cuda backend in ``pbrf_fast._C_cuda``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import registry
+from .output_hessian import output_hessian_product_reference
+
+OP_NAME = "mlp_gnh_product"
+# Must match enum ActivationKind in csrc/common/mlp_gnh.h.
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+
+
+@dataclass(frozen=True)
+class MlpSpec:
+    """Widths (L + 1), activation names between layers (L - 1), bias flags (L)."""
+
+    dims: tuple[int, ...]
+    activations: tuple[str, ...]
+    has_bias: tuple[bool, ...]
+
+    @property
+    def layers(self) -> int:
+        return len(self.dims) - 1
+
+    def offsets(self) -> list[tuple[int, int | None]]:
+        """(weight offset, bias offset or None) of each layer in the flat parameters."""
+        out, offset = [], 0
+        for l in range(self.layers):
+            w = offset
+            offset += self.dims[l] * self.dims[l + 1]
+            b = offset if self.has_bias[l] else None
+            offset += self.dims[l + 1] if self.has_bias[l] else 0
+            out.append((w, b))
+        return out
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.dims[l] * self.dims[l + 1] + (self.dims[l + 1] if self.has_bias[l] else 0)
+                   for l in range(self.layers))
+
+    def kernel_args(self) -> tuple[list[int], list[int], list[int]]:
+        return (list(self.dims), [ACTIVATION_CODES[a] for a in self.activations],
+                [int(b) for b in self.has_bias])
+
+
+def _flatten_sequential(module: nn.Module, out: list) -> None:
+    for child in module.children():
+        if type(child) is nn.Sequential:
+            _flatten_sequential(child, out)
+        else:
+            out.append(child)
+
+
+def _parse(model: nn.Module) -> tuple[MlpSpec | None, str]:
+    if not isinstance(model, nn.Sequential):
+        return None, f"the model is a {type(model).__name__}, not an nn.Sequential"
+    modules: list[nn.Module] = []
+    _flatten_sequential(model, modules)
+    for m in [model, *model.modules()]:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None, f"{type(m).__name__} has forward hooks"
+    dims: list[int] = []
+    activations: list[str] = []
+    has_bias: list[bool] = []
+    pending: str | None = None  # activation seen since the last Linear
+    for position, m in enumerate(modules):
+        kind = type(m)
+        if kind is nn.Identity:
+            continue
+        if kind is nn.Dropout:
+            if m.training:
+                return None, "nn.Dropout in training mode is random"
+            continue
+        if kind is nn.Flatten:
+            if dims or m.start_dim != 1 or m.end_dim != -1:
+                return None, "nn.Flatten is supported only before the first Linear, as Flatten(1, -1)"
+            continue
+        if kind is nn.Linear:
+            if dims and dims[-1] != m.in_features:
+                return None, f"Linear {position} expects {m.in_features} inputs, gets {dims[-1]}"
+            if dims:
+                activations.append(pending or "identity")
+            elif pending is not None:
+                return None, "an activation before the first Linear is not supported"
+            pending = None
+            if not dims:
+                dims.append(m.in_features)
+            dims.append(m.out_features)
+            has_bias.append(m.bias is not None)
+            for name, p in m.named_parameters():
+                if not p.requires_grad:
+                    return None, f"Linear {position} has a frozen {name}"
+            continue
+        if kind in _ACTIVATION_MODULES:
+            if not dims:
+                return None, "an activation before the first Linear is not supported"
+            if pending is not None:
+                return None, "two activations in a row are not supported"
+            pending = _ACTIVATION_MODULES[kind]
+            continue
+        return None, (f"{kind.__name__} (module {position}) is not supported: only Linear, "
+                      f"ReLU, Tanh, Sigmoid, Identity, eval-mode Dropout and a leading Flatten")
+    if not dims:
+        return None, "the model has no Linear layer"
+    if pending is not None:
+        return None, "the last module must be a Linear (an output activation belongs in the loss)"
+    return MlpSpec(tuple(dims), tuple(activations), tuple(has_bias)), ""
+
+
+def parse_mlp(model: nn.Module) -> MlpSpec | None:
+    """The model's :class:`MlpSpec`, or None if it is not a supported MLP
+    (:func:`mlp_unsupported_reason` says why)."""
+    return _parse(model)[0]
+
+
+def mlp_unsupported_reason(model: nn.Module) -> str:
+    """Why :func:`parse_mlp` refuses the model ('' if it accepts it)."""
+    return _parse(model)[1]
+
+
+# ---- the reference (spec) ------------------------------------------------------------------------
+
+def _activation(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if name == "relu":
+        return torch.relu(z), (z > 0).to(z.dtype)
+    if name == "tanh":
+        a = torch.tanh(z)
+        return a, 1 - a * a
+    if name == "sigmoid":
+        a = torch.sigmoid(z)
+        return a, a * (1 - a)
+    return z, torch.ones_like(z)
+
+
+def _layer_params(spec: MlpSpec, flat: torch.Tensor):
+    """Views (weight (..., out, in), bias (..., out) or None) of a flat (..., d) tensor."""
+    lead = flat.shape[:-1]
+    for l, (w, b) in enumerate(spec.offsets()):
+        n_in, n_out = spec.dims[l], spec.dims[l + 1]
+        weight = flat[..., w : w + n_out * n_in].reshape(*lead, n_out, n_in)
+        bias = flat[..., b : b + n_out] if b is not None else None
+        yield weight, bias
+
+
+def mlp_forward_reference(spec: MlpSpec, theta: torch.Tensor, x: torch.Tensor):
+    """(layer inputs a_0..a_{L-1}, slopes act'(z_1..z_{L-1}), outputs y)."""
+    a = x.reshape(len(x), -1)
+    inputs, slopes = [], []
+    params = list(_layer_params(spec, theta))
+    for l, (W, b) in enumerate(params):
+        inputs.append(a)
+        z = a @ W.T
+        if b is not None:
+            z = z + b
+        if l + 1 < spec.layers:
+            a, slope = _activation(spec.activations[l], z)
+            slopes.append(slope)
+        else:
+            a = z
+    return inputs, slopes, a
+
+
+def mlp_gnh_product_reference(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch.Tensor,
+                              V: torch.Tensor) -> torch.Tensor:
+    """sum over the batch of J_i^T H_i J_i V, V of shape (d,) or (d, m): explicit matmuls."""
+    V2 = V.unsqueeze(1) if V.dim() == 1 else V
+    inputs, slopes, y = mlp_forward_reference(spec, theta, x)
+    params = list(_layer_params(spec, theta))
+    tangents = list(_layer_params(spec, V2.T))  # (m, out, in), (m, out)
+    t = None
+    for l, ((W, _), (dW, db)) in enumerate(zip(params, tangents)):
+        term = inputs[l] @ dW.transpose(-1, -2)                      # (m, B, out)
+        if t is not None:
+            term = term + (t * slopes[l - 1]) @ W.T
+        t = term + db.unsqueeze(1) if db is not None else term
+    g = output_hessian_product_reference(loss_kind, y, t)
+    grads = [None] * spec.layers
+    for l in range(spec.layers - 1, -1, -1):
+        W = params[l][0]
+        dW = g.transpose(-1, -2) @ inputs[l]                          # (m, out, in)
+        db = g.sum(1) if spec.has_bias[l] else None
+        grads[l] = torch.cat([dW.flatten(1)] + ([db] if db is not None else []), 1)
+        if l > 0:
+            g = (g @ W) * slopes[l - 1]
+    out = torch.cat(grads, 1).T                                       # (d, m)
+    return out.reshape(V.shape)
+
+
+# ---- wrappers ------------------------------------------------------------------------------------
+
+def _check_arguments(spec: MlpSpec, loss_kind: str, theta, x, V) -> None:
+    registry.loss_kind_code(loss_kind)
+    registry.check_same_dtype_and_device(OP_NAME, theta=theta, x=x, V=V)
+    if theta.shape != (spec.num_params,):
+        raise ValueError(f"{OP_NAME}: theta must have shape ({spec.num_params},), got {tuple(theta.shape)}")
+    if V.dim() not in (1, 2) or V.shape[0] != spec.num_params:
+        raise ValueError(f"{OP_NAME}: V must have shape ({spec.num_params},) or "
+                         f"({spec.num_params}, m), got {tuple(V.shape)}")
+    if x.dim() < 2 or x[0].numel() != spec.dims[0] or len(x) == 0:
+        raise ValueError(f"{OP_NAME}: x must have shape (B, ...) with {spec.dims[0]} features "
+                         f"per example, got {tuple(x.shape)}")
+
+
+def mlp_gnh_product(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch.Tensor,
+                    V: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """sum over the batch x of J_i^T H_i J_i V, same shape as V ((d,) or (d, m)).
+
+    """
+    _check_arguments(spec, loss_kind, theta, x, V)
+    if backend == "auto" and registry.needs_autograd(theta, x, V):
+        backend = "torch"
+    chosen = registry.resolve(OP_NAME, theta, backend)
+    if chosen == "torch":
+        return mlp_gnh_product_reference(spec, loss_kind, theta, x, V)
+    vectors = V.contiguous()
+    x2 = x.reshape(len(x), -1).contiguous()
+    out = torch.empty_like(vectors)
+    registry.implementation(OP_NAME, chosen)(spec, registry.loss_kind_code(loss_kind),
+                                             theta.contiguous(), x2, vectors, out)
+    return out
+
+
+def _columns(vectors: torch.Tensor) -> int:
+    return 1 if vectors.dim() == 1 else vectors.shape[1]
+
+
+def _run_cpu(spec, code, theta, x, vectors, out):
+    dims, acts, bias = spec.kernel_args()
+    registry.cpu_extension.mlp_gnh_product(
+        registry.dtype_name(theta), dims, acts, bias, code, x.data_ptr(), theta.data_ptr(),
+        vectors.data_ptr(), out.data_ptr(), len(x), _columns(vectors), torch.get_num_threads())
+
+
+def cuda_workspace_elements(spec: MlpSpec, batch: int, num_vectors: int) -> int:
+    """Scratch the CUDA product needs (must match workspace_elements in mlp_gnh_cuda.cu)."""
+    hidden = sum(spec.dims[1:-1])
+    return batch * (2 * hidden + spec.dims[-1]) + 2 * batch * num_vectors * max(spec.dims)
+
+
+def _run_cuda(spec, code, theta, x, vectors, out):
+    dims, acts, bias = spec.kernel_args()
+    m = _columns(vectors)
+    workspace = torch.empty(cuda_workspace_elements(spec, len(x), m), dtype=theta.dtype,
+                            device=theta.device)
+    device, stream = registry.cuda_launch_args(theta)
+    registry.cuda_extension.mlp_gnh_product(
+        registry.dtype_name(theta), dims, acts, bias, code, x.data_ptr(), theta.data_ptr(),
+        vectors.data_ptr(), out.data_ptr(), len(x), m, workspace.data_ptr(), workspace.numel(),
+        device, stream)
+
+
+registry.register(OP_NAME, "torch", mlp_gnh_product_reference)
+if registry.cpu_extension is not None and hasattr(registry.cpu_extension, "mlp_gnh_product"):
+    registry.register(OP_NAME, "cpu", _run_cpu)
+if registry.cuda_extension is not None and hasattr(registry.cuda_extension, "mlp_gnh_product"):
+    registry.register(OP_NAME, "cuda", _run_cuda)

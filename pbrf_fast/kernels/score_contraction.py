@@ -1,0 +1,245 @@
+"""Influence-score contraction for one layer, without per-example gradients.
+
+For a layer ``y = W a`` (Linear: one token per example; Conv2d: the unfolded
+patches are the tokens) the gradient of example b's loss is
+``G_b = sum_t delta_{b,t} a_{b,t}^T`` (o x i), so its inner product with a
+preconditioned test vector S_q (o x i) is
+
+    scores[b, q] = <G_b, S_q> = sum_t delta_{b,t}^T S_q a_{b,t}.
+
+Shapes: ``a`` (b, t, i) or (b, i); ``delta`` (b, t, o) or (b, o); ``S``
+(m, o, i). Two contraction orders, chosen by flop count:
+
+- *gradient tile*: 2 b t o i + 2 b o i m -- build G_b one tile at a time and
+  contract each tile with every S_q at once (the compiled kernels; the torch
+  path does it in example chunks, so G never exists for the whole batch);
+- *projection*: 2 b t o i m + 2 b t m min(o, i) -- push each token through
+  S_q (one GEMM) and dot with the other side; cheaper only for t = 1.
+
+Low-rank test vectors ``S_q = L_q R_q^T`` (L: m x o x r, R: m x i x r) add a
+third order, 2 b t m r (o + i + 1): project both sides to rank r.
+``conv2d_score_contraction`` unfolds Conv2d inputs into tokens.
+
+The reference :func:`score_contraction_reference` is the spec; the cpu, cuda
+and triton backends must match it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import registry
+
+OP_NAME = "score_contraction"
+# Elements of a transient per-chunk gradient block on the torch path (64 MiB in float32).
+_TORCH_CHUNK_ELEMENTS = 1 << 24
+
+__all__ = ["score_contraction", "score_contraction_reference", "score_contraction_lowrank",
+           "conv2d_score_contraction", "contraction_flops", "choose_order"]
+
+
+# ------------------------------------------------------------------------------------ cost model
+def contraction_flops(batch: int, tokens: int, out_features: int, in_features: int, queries: int,
+                      rank: int | None = None) -> dict[str, float]:
+    """Flops of each contraction order (the keys are the order names)."""
+    b, t, o, i, m = map(float, (batch, tokens, out_features, in_features, queries))
+    costs = {"gradient": 2 * b * o * i * (t + m), "projection": 2 * b * t * m * (o * i + min(o, i))}
+    if rank is not None:
+        r = float(rank)
+        costs = {k + "+dense": v + 2 * m * o * i * r for k, v in costs.items()}
+        costs["lowrank"] = 2 * b * t * m * r * (o + i + 1)
+    return costs
+
+
+def choose_order(batch, tokens, out_features, in_features, queries, rank=None) -> str:
+    costs = contraction_flops(batch, tokens, out_features, in_features, queries, rank)
+    return min(costs, key=costs.get)
+
+
+# ------------------------------------------------------------------------------------ reference
+def _as_tokens(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    if x.dim() != 3:
+        raise ValueError(f"{OP_NAME}: {name} must be (b, i) / (b, o) or (b, t, features), got {tuple(x.shape)}")
+    return x
+
+
+def score_contraction_reference(a: torch.Tensor, delta: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """scores[b, q] = sum_t delta[b, t]^T S[q] a[b, t], in the cheaper order, in bounded memory."""
+    a, delta = _as_tokens(a, "a"), _as_tokens(delta, "delta")
+    b, t, i = a.shape
+    o, m = delta.shape[2], S.shape[0]
+    if choose_order(b, t, o, i, m) == "projection":
+        if i <= o:  # (delta S_q) . a: the GEMM output has m * i columns
+            projected = delta.reshape(b * t, o) @ S.permute(1, 0, 2).reshape(o, m * i)
+            other = a
+        else:       # (S_q a) . delta
+            projected = a.reshape(b * t, i) @ S.reshape(m * o, i).T
+            other = delta
+        width = other.shape[2]
+        prod = projected.reshape(b, t, m, width) * other.reshape(b, t, 1, width)
+        return prod.sum((1, 3))
+    rows = max(1, _TORCH_CHUNK_ELEMENTS // max(o * i, 1))
+    flat_s = S.reshape(m, o * i)
+    out = [torch.bmm(delta[k:k + rows].transpose(1, 2), a[k:k + rows]).reshape(-1, o * i) @ flat_s.T
+           for k in range(0, b, rows)]
+    return torch.cat(out) if out else a.new_zeros(0, m)
+
+
+# --------------------------------------------------------------------------------------- wrapper
+def _check_arguments(a, delta, S):
+    registry.check_same_dtype_and_device(OP_NAME, a=a, delta=delta, S=S)
+    if a.dim() != delta.dim() or a.dim() not in (2, 3):
+        raise ValueError(f"{OP_NAME}: a and delta must both be 2-D (b, features) or 3-D (b, t, features); "
+                         f"got {tuple(a.shape)} and {tuple(delta.shape)}")
+    if a.shape[:-1] != delta.shape[:-1]:
+        raise ValueError(f"{OP_NAME}: a {tuple(a.shape)} and delta {tuple(delta.shape)} disagree on (b, t)")
+    if S.dim() != 3 or S.shape[1] != delta.shape[-1] or S.shape[2] != a.shape[-1]:
+        raise ValueError(f"{OP_NAME}: S must have shape (m, o, i) = (m, {delta.shape[-1]}, {a.shape[-1]}), "
+                         f"got {tuple(S.shape)}")
+
+
+def score_contraction(a: torch.Tensor, delta: torch.Tensor, S: torch.Tensor, *, backend: str = "auto",
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """scores (b, m) with scores[b, q] = sum_t delta[b, t]^T S[q] a[b, t].
+
+    backend: "auto", "torch", "cpu", "cuda" or "triton". Compiled backends are
+    forward-only, so "auto" keeps torch when an input requires grad.
+    ``out``: optional contiguous (b, m) buffer, fully overwritten.
+    """
+    _check_arguments(a, delta, S)
+    if backend == "auto" and (registry.needs_autograd(a, delta, S) or a.device.type == "cpu"):
+        # On CPU the torch path's chunked MKL GEMMs beat the OpenMP kernel
+        # (bench/bench_scale.py measures both against the matmul floor), so
+        # "auto" keeps torch there; backend="cpu" still runs the native kernel.
+        backend = "torch"
+    chosen = registry.resolve(OP_NAME, a, backend)
+    shape = (a.shape[0], S.shape[0])
+    if out is not None:
+        registry.check_output_buffer(OP_NAME, "out", out, a, shape)
+    if chosen == "torch":
+        result = score_contraction_reference(a, delta, S)
+        return result if out is None else out.copy_(result)
+    if out is None:
+        out = torch.empty(shape, dtype=a.dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    # The kernels index rows directly: non-contiguous inputs are copied once.
+    a3, d3 = _as_tokens(a, "a").contiguous(), _as_tokens(delta, "delta").contiguous()
+    registry.implementation(OP_NAME, chosen)(a3, d3, S.contiguous(), out)
+    return out
+
+
+def _sizes(a, delta, S):
+    return dict(batch=a.shape[0], tokens=a.shape[1], out_features=delta.shape[2], in_features=a.shape[2],
+                queries=S.shape[0])
+
+
+def _run_cpu(a, delta, S, out) -> None:
+    registry.cpu_extension.score_contraction(
+        registry.dtype_name(a), a.data_ptr(), delta.data_ptr(), S.data_ptr(), out.data_ptr(),
+        num_threads=torch.get_num_threads(), **_sizes(a, delta, S))
+
+
+def _run_cuda(a, delta, S, out) -> None:
+    device, stream = registry.cuda_launch_args(a)
+    registry.cuda_extension.score_contraction(
+        registry.dtype_name(a), a.data_ptr(), delta.data_ptr(), S.data_ptr(), out.data_ptr(),
+        device=device, stream=stream, **_sizes(a, delta, S))
+
+
+registry.register(OP_NAME, "torch", score_contraction_reference)
+if registry.cpu_extension is not None and hasattr(registry.cpu_extension, OP_NAME):
+    registry.register(OP_NAME, "cpu", _run_cpu)
+if registry.cuda_extension is not None and hasattr(registry.cuda_extension, OP_NAME):
+    registry.register(OP_NAME, "cuda", _run_cuda)
+
+
+# ------------------------------------------------------------------------------ low rank, conv
+def score_contraction_lowrank(a: torch.Tensor, delta: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *,
+                              backend: str = "auto") -> torch.Tensor:
+    """Scores for S_q = L_q R_q^T (L: m x o x r, R: m x i x r), in the cheapest order."""
+    a3, d3 = _as_tokens(a, "a"), _as_tokens(delta, "delta")
+    registry.check_same_dtype_and_device(OP_NAME, a=a3, delta=d3, L=L, R=R)
+    if L.dim() != 3 or R.dim() != 3 or L.shape[0] != R.shape[0] or L.shape[2] != R.shape[2]:
+        raise ValueError(f"{OP_NAME}: L (m, o, r) and R (m, i, r) disagree: {tuple(L.shape)}, {tuple(R.shape)}")
+    b, t, i = a3.shape
+    o, m, r = d3.shape[2], L.shape[0], L.shape[2]
+    if choose_order(b, t, o, i, m, rank=r) != "lowrank":
+        return score_contraction(a, delta, L @ R.transpose(1, 2), backend=backend)
+    # Rank-r projections of both sides, in example chunks of bounded size.
+    rows = max(1, _TORCH_CHUNK_ELEMENTS // max(t * m * r, 1))
+    flat_l = L.permute(1, 0, 2).reshape(o, m * r)
+    flat_r = R.permute(1, 0, 2).reshape(i, m * r)
+    out = []
+    for k in range(0, b, rows):
+        pd = d3[k:k + rows].reshape(-1, o) @ flat_l
+        pa = a3[k:k + rows].reshape(-1, i) @ flat_r
+        out.append((pd * pa).reshape(-1, t, m, r).sum((1, 3)))
+    return torch.cat(out) if out else a3.new_zeros(0, m)
+
+
+def unfold_conv_input(inputs: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """Conv2d input (b, C, H, W) -> tokens (b, H'W', C k k) in the layout of weight.flatten(1)."""
+    cols = F.unfold(inputs, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2)
+
+
+def conv2d_score_contraction(inputs: torch.Tensor, grad_outputs: torch.Tensor, S: torch.Tensor, *,
+                             kernel_size, stride=1, padding=0, dilation=1, backend: str = "auto"):
+    """Scores of a Conv2d (groups = 1, zero padding) through its unfolded view.
+
+    inputs (b, C_in, H, W); grad_outputs (b, C_out, H', W'); S (m, C_out, C_in, kh, kw)
+    or (m, C_out, C_in kh kw). Bias is not included (its gradient is sum_t delta_t).
+    """
+    a = unfold_conv_input(inputs, kernel_size, stride, padding, dilation)
+    delta = grad_outputs.flatten(2).transpose(1, 2)
+    if a.shape[1] != delta.shape[1]:
+        raise ValueError(f"{OP_NAME}: conv input gives {a.shape[1]} patches but grad_outputs has "
+                         f"{delta.shape[1]} positions; check kernel_size/stride/padding/dilation")
+    return score_contraction(a, delta, S.reshape(S.shape[0], S.shape[1], -1), backend=backend)
+
+
+# ------------------------------------------------------------------------------------- triton
+if registry.triton is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _score_contraction_kernel(a_ptr, d_ptr, s_ptr, out_ptr, T, O, I, M,
+                                  BT: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BQ: tl.constexpr,
+                                  USE_DOT: tl.constexpr, COMPUTE: tl.constexpr):
+        b = tl.program_id(0)
+        qs = tl.program_id(1) * BQ + tl.arange(0, BQ)
+        ts, os_, is_ = tl.arange(0, BT), tl.arange(0, BO), tl.arange(0, BI)
+        acc = tl.zeros([BQ], dtype=COMPUTE)
+        for o0 in range(0, O, BO):
+            for i0 in range(0, I, BI):
+                tile = tl.zeros([BO, BI], dtype=COMPUTE)
+                for t0 in range(0, T, BT):
+                    tm = t0 + ts < T
+                    d = tl.load(d_ptr + (b * T + t0 + ts[:, None]) * O + o0 + os_[None, :],
+                                mask=tm[:, None] & (o0 + os_[None, :] < O), other=0.0).to(COMPUTE)
+                    x = tl.load(a_ptr + (b * T + t0 + ts[:, None]) * I + i0 + is_[None, :],
+                                mask=tm[:, None] & (i0 + is_[None, :] < I), other=0.0).to(COMPUTE)
+                    if USE_DOT:
+                        tile += tl.dot(tl.trans(d), x, input_precision="ieee")
+                    else:
+                        tile += tl.sum(d[:, :, None] * x[:, None, :], axis=0)
+                offs = (qs[:, None, None] * O + o0 + os_[None, :, None]) * I + i0 + is_[None, None, :]
+                mask = (qs[:, None, None] < M) & (o0 + os_[None, :, None] < O) & (i0 + is_[None, None, :] < I)
+                s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+                acc += tl.sum(tl.sum(s * tile[None, :, :], axis=2), axis=1)
+        tl.store(out_ptr + b * M + qs, acc.to(out_ptr.dtype.element_ty), mask=qs < M)
+
+    def _run_triton(a, delta, S, out) -> None:
+        b, t, i = a.shape
+        o, m = delta.shape[2], S.shape[0]
+        block_q = min(16, triton.next_power_of_2(m))
+        use_dot = a.dtype != torch.float64
+        _score_contraction_kernel[(b, triton.cdiv(m, block_q))](
+            a, delta, S, out, t, o, i, m, BT=16, BO=16, BI=16, BQ=block_q, USE_DOT=use_dot,
+            COMPUTE=registry.triton_compute_dtype(a))
+
+    registry.register(OP_NAME, "triton", _run_triton)

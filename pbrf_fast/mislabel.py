@@ -1,0 +1,80 @@
+"""Mislabel detection (Appendix F.3): rank training points by self-influence from the
+influence estimate and from the PBRF, and count the corrupted labels found."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .decomposition import detection_curve
+from .io import atomic_write_json, atomic_write_text
+from .report import figure_detection, markdown_table
+from .responses import ResponseSolver
+from .runner import RunFolder, train_base
+
+__all__ = ["self_influence_by_response", "run_mislabel", "FRACTIONS"]
+
+FRACTIONS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
+
+
+def self_influence_by_response(solver: ResponseSolver, points: list[int]) -> dict[str, torch.Tensor]:
+    """Each point's own-loss change on its removal: IF (Eq. 23, linear) and PBRF (actual)."""
+    p = solver.problem
+    x, t = p.batch(points)
+    grads = p.per_example_gradients(x, t)                                  # (P, d)
+    delta_if = solver.influence(points) - solver.theta_s
+    theta_pbrf = solver.pbrf(points)
+    own = torch.func.vmap(lambda th, xi, ti: p.example_losses(th, xi[None], ti[None])[0])
+    base_losses = p.example_losses(solver.theta_s, x, t)
+    return {"influence": (grads * delta_if).sum(1).detach().double().cpu(),
+            "pbrf": (own(theta_pbrf, x, t) - base_losses).detach().double().cpu()}
+
+
+def run_mislabel(args, exp) -> dict:
+    if exp.corrupted is None or exp.problem.loss.name != "cross_entropy":
+        raise SystemExit("mislabel needs a classification data set with --corrupt > 0 (digits, mnist, fashion_mnist)")
+    out = Path(args.out)
+    arguments = {k: v for k, v in vars(args).items() if k not in ("func", "resume", "overwrite", "threads", "out")}
+    folder = RunFolder(out, arguments | {"experiment": exp.describe()}, resume=args.resume, overwrite=args.overwrite)
+    base = train_base(exp, folder)
+    solver = ResponseSolver(exp.problem, base, exp.responses)
+    n = exp.problem.n
+    count = args.candidates or (n if args.preset == "paper" else min(n, 300))
+    candidates = sorted(np.random.default_rng(args.seed + 41).choice(n, size=count, replace=False).tolist())
+    scores = _scores_with_resume(solver, candidates, folder, args.chunk)
+    corrupted = exp.corrupted[candidates]
+    curves = {name: detection_curve(torch.tensor([scores[i][name] for i in candidates]), corrupted, FRACTIONS)
+              for name in ("influence", "pbrf")}
+    rows = [[f"{int(100 * f)}%"] + [f"{100 * curves[k][j]:.1f}%" for k in curves] + [f"{100 * f:.0f}%"]
+            for j, f in enumerate(FRACTIONS)]
+    md = (f"**Mislabel detection, {exp.name}** ({int(corrupted.sum())} corrupted among {len(candidates)} scored)\n\n"
+          + markdown_table(["inspected", "influence", "PBRF", "random"], rows))
+    atomic_write_text(out / "table.md", md)
+    atomic_write_json(out / "results.json", {"arguments": folder.arguments, "fractions": FRACTIONS, "curves": curves,
+                                             "candidates": candidates, "corrupted": corrupted.tolist()})
+    figure_detection(out / "mislabel.png", FRACTIONS, curves, exp.name)
+    print(md)
+    return curves
+
+
+def _scores_with_resume(solver, candidates, folder, chunk) -> dict[int, dict]:
+    done, todo = {}, []
+    for i in candidates:
+        path = folder.point_file("self_influence", i)
+        if path.exists():
+            done[i] = json.loads(path.read_text())
+        else:
+            todo.append(i)
+    bar = tqdm(total=len(candidates), initial=len(done), desc="self-influence", leave=False)
+    for start in range(0, len(todo), chunk):
+        points = todo[start : start + chunk]
+        values = self_influence_by_response(solver, points)
+        for k, i in enumerate(points):
+            done[i] = {name: float(v[k]) for name, v in values.items()}
+            atomic_write_json(folder.point_file("self_influence", i), done[i])
+        bar.update(len(points))
+    bar.close()
+    return done

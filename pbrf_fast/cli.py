@@ -67,14 +67,14 @@ def _arguments(args, exp) -> dict:
 
 def run_decomposition(args, exp=None, out=None, quiet=False) -> dict:
     from .report import correlation_table, figure_gap_bars, figure_scatter, gap_table, write_tables
-    from .runner import RunFolder, removed_points, run_points, test_points, train_base
+    from .runner import RunFolder, choose_removed_points, choose_test_points, run_points, train_base
 
     exp = exp or _experiment(args)
     out = Path(out or args.out)
     folder = RunFolder(out, _arguments(args, exp), resume=args.resume, overwrite=args.overwrite)
     base = train_base(exp, folder, progress=not quiet)
-    removed = removed_points(exp.problem.n, exp.n_removed, args.seed)
-    tests = test_points(len(exp.x_test), exp.n_test_points, args.seed)
+    removed = choose_removed_points(exp.problem.n, exp.n_removed, args.seed)
+    tests = choose_test_points(len(exp.x_test), exp.n_test_points, args.seed)
     records = run_points(exp, base, removed, tests, folder, chunk=args.chunk, progress=not quiet)
     gaps, corr = gap_table(records), correlation_table(records)
     payload = {"arguments": folder.arguments, "removed": removed, "test_points": tests,

@@ -25,7 +25,7 @@ from .io import atomic_write_json
 from .responses import RESPONSES, ResponseSolver
 from .training import TrainConfig, TrainResult, train
 
-__all__ = ["RunFolder", "train_base", "run_points", "removed_points", "test_points"]
+__all__ = ["RunFolder", "train_base", "run_points", "choose_removed_points", "choose_test_points"]
 
 
 class RunFolder:
@@ -87,12 +87,12 @@ def train_base(exp: Experiment, folder: RunFolder | None = None, progress: bool 
     return result
 
 
-def removed_points(n: int, count: int, seed: int) -> list[int]:
+def choose_removed_points(n: int, count: int, seed: int) -> list[int]:
     """The seeded random training points an experiment removes."""
     return sorted(np.random.default_rng(seed + 17).choice(n, size=min(count, n), replace=False).tolist())
 
 
-def test_points(n_test: int, count: int, seed: int) -> list[int]:
+def choose_test_points(n_test: int, count: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed + 29).choice(n_test, size=min(count, n_test), replace=False).tolist())
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from .io import atomic_write_json, atomic_write_text
 from .report import figure_sweep, gap_table, markdown_table
-from .runner import RunFolder, run_points, test_points, train_base
+from .runner import RunFolder, choose_test_points, run_points, train_base
 
 __all__ = ["run_sweep"]
 
@@ -40,7 +40,7 @@ def run_sweep(args) -> list[dict]:
                            overwrite=args.overwrite)
         base = train_base(exp, folder)
         removed = _removal_sets(exp, args.parameter, value, args.seed)
-        tests = test_points(len(exp.x_test), exp.n_test_points, args.seed)
+        tests = choose_test_points(len(exp.x_test), exp.n_test_points, args.seed)
         records = run_points(exp, base, removed, tests, folder, chunk=args.chunk)
         tables.append(gap_table(records))
     header = [args.parameter] + [g for g in tables[0]]

@@ -16,8 +16,9 @@ def _common(parser: argparse.ArgumentParser, dataset_default: str = "concrete") 
     from .experiments import DATASETS, PRESETS
 
     parser.add_argument("--dataset", choices=DATASETS, default=dataset_default)
-    parser.add_argument("--model", choices=["auto", "logreg", "mlp"], default="auto",
-                        help="auto: logistic regression for cancer/diabetes, an MLP otherwise")
+    parser.add_argument("--model", choices=["auto", "logreg", "mlp", "autoencoder", "lenet", "alexnet", "vgg13",
+                                            "resnet20"], default="auto",
+                        help="auto: logistic regression for cancer/diabetes, ResNet-20 for cifar10, an MLP otherwise")
     parser.add_argument("--preset", choices=PRESETS, default="quick")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="pbrf-fast-out", help="results folder")
@@ -44,7 +45,7 @@ def _experiment(args, **overrides):
         raise SystemExit("--model logreg is available for cancer and diabetes")
     if args.model == "mlp" and args.dataset in ("cancer", "diabetes"):
         raise SystemExit("--model mlp is not set up for cancer/diabetes; use logreg")
-    exp = build(args.dataset, args.preset, args.seed, args.data_dir, **overrides)
+    exp = build(args.dataset, args.preset, args.seed, args.data_dir, model=args.model, **overrides)
     if getattr(args, "damping", None) is not None:
         exp.responses.damping = args.damping
     if getattr(args, "curvature", None):

@@ -18,14 +18,14 @@ import torch
 
 from .data import (corrupt_labels, load_breast_cancer, load_concrete, load_diabetes_pima, load_digits,
                    load_energy, load_fashion_mnist, load_mnist, subset)
-from .models import mlp
+from .models import build_model, mlp
 from .problem import Problem
 from .responses import ResponseSettings
 from .training import TrainConfig
 
 __all__ = ["Experiment", "build", "DATASETS", "PRESETS", "matched_lissa_scale"]
 
-DATASETS = ("cancer", "diabetes", "concrete", "energy", "digits", "mnist", "fashion_mnist")
+DATASETS = ("cancer", "diabetes", "concrete", "energy", "digits", "mnist", "fashion_mnist", "cifar10")
 PRESETS = ("quick", "paper")
 
 
@@ -50,9 +50,15 @@ class Experiment:
 
 def matched_lissa_scale(train: TrainConfig, n: int, response_epochs: int, depth: int,
                         bregman_lr_factor: float = 0.1) -> float:
-    """The LiSSA scale whose truncation matches K/2 epochs of PBRF training: depth/scale = steps x lr."""
+    """The LiSSA scale whose truncation matches K/2 epochs of PBRF training: depth/scale = steps x lr.
+
+    With momentum the effective step is lr / (1 - momentum).
+    """
     steps = response_epochs * math.ceil(n / train.batch_size)
-    return depth / (steps * train.lr_at(train.epochs) * bregman_lr_factor)
+    lr = train.lr_at(train.epochs) * bregman_lr_factor
+    if train.optimizer == "momentum":
+        lr /= 1 - train.momentum
+    return depth / (steps * lr)
 
 
 def _logistic(name, data, weight_decay, preset, seed, n_removed):
@@ -65,11 +71,11 @@ def _logistic(name, data, weight_decay, preset, seed, n_removed):
 
 
 def _mlp_experiment(name, data, loss, width, depth, outputs, epochs, lr, preset, seed, n_removed,
-                    lissa_depth, weight_decay=0.0, n_test_points=20):
+                    lissa_depth, weight_decay=0.0, n_test_points=20, model=None, optimizer="sgd"):
     x, y, x_test, y_test = data
-    model = mlp(x.shape[1], (width,) * depth, outputs, activation="relu", seed=seed)
-    problem = Problem(model, loss, x, y, weight_decay=weight_decay, batch_size=2048)
-    train = TrainConfig(epochs=epochs, lr=lr, batch_size=128, optimizer="sgd", seed=seed)
+    model = model or mlp(x.shape[1], (width,) * depth, outputs, activation="relu", seed=seed)
+    problem = Problem(model, loss, x, y, weight_decay=weight_decay, batch_size=2048 if x.dim() == 2 else 256)
+    train = TrainConfig(epochs=epochs, lr=lr, batch_size=128, optimizer=optimizer, seed=seed)
     response_epochs = max(1, epochs // 2)
     scale = matched_lissa_scale(train, problem.n, response_epochs, lissa_depth)
     settings = ResponseSettings(damping=1e-3, influence_solver="lissa", linearized="train",
@@ -80,8 +86,13 @@ def _mlp_experiment(name, data, loss, width, depth, outputs, epochs, lr, preset,
 
 def build(dataset: str, preset: str = "quick", seed: int = 0, data_dir=None, corrupt_fraction: float = 0.0,
           width: int | None = None, depth: int | None = None, epochs: int | None = None,
-          weight_decay: float | None = None) -> Experiment:
-    """An experiment by data set and preset; keyword overrides feed the sweeps."""
+          weight_decay: float | None = None, model: str = "auto") -> Experiment:
+    """An experiment by data set and preset; keyword overrides feed the sweeps.
+
+    ``model``: ``auto`` (logistic regression on cancer/diabetes, else an MLP),
+    or for the image sets ``mlp``, ``autoencoder`` (MNIST-like), ``lenet``,
+    ``alexnet``, ``vgg13``, ``resnet20`` (CIFAR-10).
+    """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
     if preset not in PRESETS:
@@ -104,15 +115,46 @@ def build(dataset: str, preset: str = "quick", seed: int = 0, data_dir=None, cor
         exp = _mlp_experiment("MLP / Digits", (x, y, xt, yt), "cross_entropy", width or 64, depth or 2, 10,
                               epochs or (30 if quick else 200), 0.1, preset, seed, n_removed,
                               500 if quick else 5000, weight_decay or 0.0)
-    else:
+    elif model in ("auto", "mlp") and dataset != "cifar10":
         load = load_mnist if dataset == "mnist" else load_fashion_mnist
         x, y, xt, yt = load(data_dir)
         x, y = subset(x, y, 0.02 if quick else 0.1, seed)
         exp = _mlp_experiment(f"MLP / {dataset}", (x, y, xt[:1000], yt[:1000]), "cross_entropy",
                               width or (256 if quick else 1024), depth or 2, 10, epochs or (20 if quick else 1000),
                               0.1, preset, seed, n_removed, 1000 if quick else 10000, weight_decay or 0.0)
+    else:
+        exp = _image_experiment(dataset, "resnet20" if model == "auto" else model, quick, preset, seed, data_dir,
+                                n_removed, epochs, weight_decay)
+    if model not in ("auto", "mlp", "logreg") and dataset not in ("mnist", "fashion_mnist", "cifar10"):
+        raise ValueError(f"model {model!r} needs an image data set (mnist, fashion_mnist, cifar10)")
     if corrupt_fraction > 0:
         labels, mask = corrupt_labels(exp.problem.targets.cpu(), corrupt_fraction, exp.problem.num_outputs, seed)
         exp.problem.targets = labels.to(exp.problem.device)
         exp.corrupted = mask
     return exp
+
+
+def _image_experiment(dataset, model_name, quick, preset, seed, data_dir, n_removed, epochs, weight_decay):
+    """Convolutional nets and the autoencoder (Appendix E.3): SGD with momentum, batch 128."""
+    from .data.cifar import load_cifar10
+
+    if dataset == "cifar10":
+        x, y, xt, yt = load_cifar10(data_dir)
+        x, y = subset(x, y, 0.04 if quick else 1.0, seed)
+    else:
+        load = load_mnist if dataset == "mnist" else load_fashion_mnist
+        x, y, xt, yt = load(data_dir, flatten=model_name == "autoencoder")
+        x, y = subset(x, y, 0.02 if quick else 0.1, seed)
+    xt, yt = xt[:1000], yt[:1000]
+    if model_name == "autoencoder":
+        if dataset == "cifar10":
+            raise ValueError("the autoencoder is set up for 28x28 images")
+        model = build_model("autoencoder", x.shape[1:], 784, seed=seed)
+        return _mlp_experiment(f"Autoencoder / {dataset}", (x, x, xt, xt), "bce", 0, 0, 784,
+                               epochs or (5 if quick else 1000), 0.01, preset, seed, n_removed,
+                               500 if quick else 10000, 5e-5 if weight_decay is None else weight_decay,
+                               model=model, optimizer="momentum")
+    model = build_model(model_name, x.shape[1:], 10, seed=seed)
+    return _mlp_experiment(f"{model_name} / {dataset}", (x, y, xt, yt), "cross_entropy", 0, 0, 10,
+                           epochs or (4 if quick else 200), 0.01, preset, seed, n_removed, 500 if quick else 10000,
+                           5e-4 if weight_decay is None else weight_decay, model=model, optimizer="momentum")

@@ -1,0 +1,42 @@
+"""Model builders: shapes for both image sizes, and exact curvature through convolutions."""
+import pytest
+import torch
+
+import pbrf_fast
+from pbrf_fast.models import MODELS, build_model
+
+from factories import dense_gnh, rel_err
+
+
+@pytest.mark.parametrize("name", ["lenet", "alexnet", "vgg13"])
+@pytest.mark.parametrize("in_shape", [(1, 28, 28), (3, 32, 32)])
+def test_conv_models_accept_both_image_sizes(name, in_shape):
+    model = build_model(name, in_shape, 10, seed=0)
+    assert model(torch.randn(2, *in_shape)).shape == (2, 10)
+
+
+def test_resnet20_and_autoencoder_shapes():
+    resnet = build_model("resnet20", (3, 32, 32), 10, seed=0)
+    assert resnet(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert 0.26e6 < sum(p.numel() for p in resnet.parameters()) < 0.28e6
+    auto = build_model("autoencoder", (784,), 784, seed=0)
+    assert auto(torch.rand(2, 784)).shape == (2, 784)
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("transformer-xl", (8,), 1)
+    assert "lenet" in MODELS
+
+
+def test_gnh_through_a_small_convnet_matches_explicit_jacobians():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(2 * 3 * 3, 3)).double()
+    x = torch.randn(6, 1, 5, 5, dtype=torch.float64)
+    problem = pbrf_fast.Problem(model, "cross_entropy", x, torch.randint(3, (6,)), weight_decay=0.01)
+    op = pbrf_fast.GaussNewton(problem, 0.1)
+    V = torch.randn(problem.dim, 3, dtype=torch.float64)
+    assert rel_err(op.matvec(V), dense_gnh(problem, 0.1) @ V) < 1e-10
+    B = torch.randn(problem.dim, 2, dtype=torch.float64)
+    assert rel_err(pbrf_fast.solve(op, B, method="kernel").solution, torch.linalg.solve(dense_gnh(problem, 0.1), B)) < 1e-8

@@ -50,6 +50,31 @@ step "kernel benchmarks on CUDA tensors"
 timeout 150 "$PY" "$REPO/bench/bench_kernels.py" --cuda 2>&1 | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "fused MLP GNH product: gpu tests + benchmark (tests/test_mlp_kernels.py, bench/bench_mlp_kernels.py)"
+timeout 90 "$PY" -m pytest "$REPO/tests/test_mlp_kernels.py" -m gpu -q -p no:cacheprovider \
+    --rootdir="$REPO" 2>&1 | tail -15
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 90 "$PY" "$REPO/bench/bench_mlp_kernels.py" --cuda 2>&1 | tail -8
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "score contraction: gpu tests, benchmark, full-scale CIFAR-10 scores (time-capped)"
+timeout 60 "$PY" -m pytest "$REPO/tests/test_score_contraction.py" -m gpu -q -p no:cacheprovider \
+    --rootdir="$REPO" 2>&1 | tail -5
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 45 "$PY" "$REPO/bench/bench_scale.py" --cuda 2>&1 | tail -22
+# 50,000 train x 1,000 test, ResNet-20: capped at 150 s so the script stays under
+# 8 minutes; on a cap the progress lines still give the throughput of each stage.
+CIFAR_DIR="${PBRF_DATA:-$REPO/../shared/data}"
+if [ -e "$CIFAR_DIR/cifar10-jpeg.tar.gz" ] || [ -d "$CIFAR_DIR/cifar-10-batches-py" ]; then
+    timeout 150 "$PY" -m pbrf_fast.scale.cli scores --device cuda --model resnet20 --dataset cifar10 \
+        --data-dir "$CIFAR_DIR" --cache-dir "$WORK/cache" --test-points 1000 --train-epochs 0.2 \
+        --solver lowrank --rank 32 --curvature-samples 2000 --curvature-batch-size 256 --batch-size 1000 \
+        --memory-gb 60 --out "$WORK/scores" 2>&1 | tr '\r' '\n' | grep -v '^$' | tail -25
+    echo "full-scale scores exit ${PIPESTATUS[0]} (124 = hit the 150 s cap)"
+else
+    echo "CIFAR-10 not found in $CIFAR_DIR: full-scale case skipped"
+fi
+
 rm -rf "$WORK"
 step "done (status $status)"
 exit $status

@@ -8,6 +8,9 @@
 #include <string>
 
 #include "common/cpu_ops.h"
+#include "cpu/mlp_cpu.h"
+#include <pybind11/stl.h>
+#include "common/score_contraction_ops.h"
 
 namespace py = pybind11;
 using pbrf::cpu::Precision;
@@ -64,4 +67,56 @@ PYBIND11_MODULE(_C, m) {
       py::arg("scale"), py::arg("rows"), py::arg("cols"), py::arg("norms_squared"),
       py::arg("num_threads"),
       "Returns True if any updated element is NaN or Inf.");
+  m.def(
+      "score_contraction",
+      [](const std::string& dtype, uintptr_t a, uintptr_t delta, uintptr_t s, uintptr_t out,
+         int64_t batch, int64_t tokens, int64_t out_features, int64_t in_features, int64_t queries,
+         int num_threads) {
+        const Precision precision = precision_from_name(dtype);
+        py::gil_scoped_release release;
+        pbrf::cpu::score_contraction(precision, a, delta, s, out, batch, tokens, out_features,
+                                     in_features, queries, num_threads);
+      },
+      py::arg("dtype"), py::arg("a"), py::arg("delta"), py::arg("s"), py::arg("out"),
+      py::arg("batch"), py::arg("tokens"), py::arg("out_features"), py::arg("in_features"),
+      py::arg("queries"), py::arg("num_threads"));
+
+  // ---- fused MLP Gauss-Newton product and native LiSSA (mlp_gnh_cpu.cpp, lissa_engine_cpu.cpp)
+  m.def("gemm_isa", &pbrf::cpu::gemm::gemm_isa, "Micro-kernel instruction set in use.");
+  m.def(
+      "mlp_gnh_product",
+      [](const std::string& dtype, const std::vector<int64_t>& dims,
+         const std::vector<int>& activations, const std::vector<int>& has_bias, int loss_kind,
+         uintptr_t inputs, uintptr_t theta, uintptr_t vectors, uintptr_t out, int64_t batch,
+         int64_t num_vectors, int num_threads) {
+        const bool f64 = precision_from_name(dtype) == Precision::kFloat64;
+        py::gil_scoped_release release;
+        pbrf::cpu::mlp_gnh_product(f64, dims, activations, has_bias, loss_kind, inputs, theta,
+                                   vectors, out, batch, num_vectors, num_threads);
+      },
+      py::arg("dtype"), py::arg("dims"), py::arg("activations"), py::arg("has_bias"),
+      py::arg("loss_kind"), py::arg("inputs"), py::arg("theta"), py::arg("vectors"),
+      py::arg("out"), py::arg("batch"), py::arg("num_vectors"), py::arg("num_threads"));
+  m.def(
+      "mlp_lissa",
+      [](const std::string& dtype, const std::vector<int64_t>& dims,
+         const std::vector<int>& activations, const std::vector<int>& has_bias, int loss_kind,
+         uintptr_t inputs, int64_t num_examples, uintptr_t theta, uintptr_t v,
+         int64_t num_vectors, uintptr_t schedule, int64_t repeats, int64_t depth, int64_t batch,
+         double weight_decay, double damping, double scale, uintptr_t limits, double ceiling,
+         int64_t check_every, uintptr_t total, uintptr_t failure_norms,
+         int64_t cache_budget_bytes, int num_threads) {
+        const bool f64 = precision_from_name(dtype) == Precision::kFloat64;
+        pbrf::cpu::LissaOutcome o;
+        {
+          py::gil_scoped_release release;
+          o = pbrf::cpu::mlp_lissa(f64, dims, activations, has_bias, loss_kind, inputs,
+                                   num_examples, theta, v, num_vectors, schedule, repeats, depth,
+                                   batch, weight_decay, damping, scale, limits, ceiling,
+                                   check_every, total, failure_norms, cache_budget_bytes,
+                                   num_threads);
+        }
+        return py::make_tuple(o.diverged, o.nonfinite, o.repeat, o.step);
+      },
+      "Returns (diverged, nonfinite, repeat, step).");
 }

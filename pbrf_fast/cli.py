@@ -17,7 +17,7 @@ def _common(parser: argparse.ArgumentParser, dataset_default: str = "concrete") 
 
     parser.add_argument("--dataset", choices=DATASETS, default=dataset_default)
     parser.add_argument("--model", choices=["auto", "logreg", "mlp", "autoencoder", "lenet", "alexnet", "vgg13",
-                                            "resnet20"], default="auto",
+                                            "resnet20", "transformer"], default="auto",
                         help="auto: logistic regression for cancer/diabetes, ResNet-20 for cifar10, an MLP otherwise")
     parser.add_argument("--preset", choices=PRESETS, default="quick")
     parser.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,7 @@ from .training import TrainConfig
 
 __all__ = ["Experiment", "build", "DATASETS", "PRESETS", "matched_lissa_scale"]
 
-DATASETS = ("cancer", "diabetes", "concrete", "energy", "digits", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("cancer", "diabetes", "concrete", "energy", "digits", "mnist", "fashion_mnist", "cifar10", "ptb")
 PRESETS = ("quick", "paper")
 
 
@@ -115,6 +115,8 @@ def build(dataset: str, preset: str = "quick", seed: int = 0, data_dir=None, cor
         exp = _mlp_experiment("MLP / Digits", (x, y, xt, yt), "cross_entropy", width or 64, depth or 2, 10,
                               epochs or (30 if quick else 200), 0.1, preset, seed, n_removed,
                               500 if quick else 5000, weight_decay or 0.0)
+    elif dataset == "ptb":
+        exp = _text_experiment(quick, preset, seed, data_dir, n_removed, epochs, width)
     elif model in ("auto", "mlp") and dataset != "cifar10":
         load = load_mnist if dataset == "mnist" else load_fashion_mnist
         x, y, xt, yt = load(data_dir)
@@ -125,8 +127,10 @@ def build(dataset: str, preset: str = "quick", seed: int = 0, data_dir=None, cor
     else:
         exp = _image_experiment(dataset, "resnet20" if model == "auto" else model, quick, preset, seed, data_dir,
                                 n_removed, epochs, weight_decay)
-    if model not in ("auto", "mlp", "logreg") and dataset not in ("mnist", "fashion_mnist", "cifar10"):
+    if model not in ("auto", "mlp", "logreg", "transformer") and dataset not in ("mnist", "fashion_mnist", "cifar10"):
         raise ValueError(f"model {model!r} needs an image data set (mnist, fashion_mnist, cifar10)")
+    if (model == "transformer") != (dataset == "ptb") and model != "auto":
+        raise ValueError("the transformer language model goes with the ptb data set")
     if corrupt_fraction > 0:
         labels, mask = corrupt_labels(exp.problem.targets.cpu(), corrupt_fraction, exp.problem.num_outputs, seed)
         exp.problem.targets = labels.to(exp.problem.device)
@@ -158,3 +162,27 @@ def _image_experiment(dataset, model_name, quick, preset, seed, data_dir, n_remo
     return _mlp_experiment(f"{model_name} / {dataset}", (x, y, xt, yt), "cross_entropy", 0, 0, 10,
                            epochs or (4 if quick else 200), 0.01, preset, seed, n_removed, 500 if quick else 10000,
                            5e-4 if weight_decay is None else weight_decay, model=model, optimizer="momentum")
+
+
+def _text_experiment(quick, preset, seed, data_dir, n_removed, epochs, width):
+    """2-layer Transformer language model on PTB (Appendix E.3): Adam, batch 20, damping 0.01."""
+    from .data.ptb import load_ptb
+    from .losses import SequenceCrossEntropyLoss
+    from .models import transformer_lm
+
+    seq_len = 20 if quick else 35
+    x, y, xt, yt, vocabulary = load_ptb(data_dir, seq_len)
+    if quick:
+        x, y = subset(x, y, 200 / len(x), seed)
+    model = transformer_lm(len(vocabulary), width or (64 if quick else 256), heads=2, layers=2, max_len=seq_len,
+                           seed=seed)
+    problem = Problem(model, SequenceCrossEntropyLoss(len(vocabulary)), x, y, batch_size=64)
+    train = TrainConfig(epochs=epochs or (4 if quick else 10), lr=1e-3, batch_size=20, optimizer="adam", seed=seed)
+    depth = 200 if quick else 5000
+    settings = ResponseSettings(damping=0.01, influence_solver="lissa", linearized="train",
+                                influence_options={"depth": depth, "batch_size": 20, "repeats": 1 if quick else 5,
+                                                   "scale": matched_lissa_scale(train, problem.n,
+                                                                                max(1, train.epochs // 2), depth),
+                                                   "seed": seed})
+    return Experiment("Transformer / PTB", problem, xt[:200], yt[:200], train, settings,
+                      4 if quick else 20, 10 if quick else 20)

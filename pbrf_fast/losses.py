@@ -27,6 +27,7 @@ __all__ = [
     "CrossEntropyLoss",
     "BCEWithLogitsLoss",
     "AutogradLoss",
+    "SequenceCrossEntropyLoss",
     "get_loss",
 ]
 
@@ -198,6 +199,56 @@ class BCEWithLogitsLoss(Loss):
     def bregman(self, y, y_ref, t):
         p_ref = torch.sigmoid(y_ref)
         return (F.softplus(y) - F.softplus(y_ref) - p_ref * (y - y_ref)).sum(-1)
+
+
+class SequenceCrossEntropyLoss(Loss):
+    """Next-token cross-entropy, averaged over the positions of each sequence.
+
+    Outputs arrive flattened as (b, T * vocab); targets are token ids (b, T).
+    The output Hessian is block diagonal: (diag(p_t) - p_t p_t^T) / T per position.
+    """
+
+    name = "sequence_cross_entropy"
+    kernel_kind = None
+
+    def __init__(self, vocab: int):
+        self.vocab = int(vocab)
+        self.token = CrossEntropyLoss()
+
+    def prepare_targets(self, targets, num_outputs):
+        if torch.is_floating_point(targets) or targets.dim() != 2 or targets.shape[1] * self.vocab != num_outputs:
+            raise ValueError(f"sequence_cross_entropy targets must be token ids of shape (n, T) with "
+                             f"T * {self.vocab} = {num_outputs} outputs; got {tuple(targets.shape)}")
+        if targets.numel() and (targets.min() < 0 or targets.max() >= self.vocab):
+            raise ValueError(f"token ids must lie in [0, {self.vocab})")
+        return targets.long()
+
+    def _tokens(self, y):
+        return y.reshape(y.shape[0], -1, self.vocab)
+
+    def value(self, y, t):
+        yt = self._tokens(y)
+        return torch.logsumexp(yt, -1).mean(-1) - yt.gather(-1, t.unsqueeze(-1)).squeeze(-1).mean(-1)
+
+    def grad(self, y, t):
+        yt = self._tokens(y)
+        onehot = torch.zeros_like(yt).scatter(-1, t.unsqueeze(-1), 1.0)
+        return ((torch.softmax(yt, -1) - onehot) / yt.shape[1]).reshape(y.shape)
+
+    def hvp(self, y, t, u):
+        b, length = y.shape[0], y.shape[1] // self.vocab
+        tokens = y.reshape(b * length, self.vocab)
+        product = _output_hessian_product("cross_entropy", tokens, u.reshape(*u.shape[:-2], b * length, self.vocab))
+        return product.reshape(u.shape) / length
+
+    def bregman(self, y, y_ref, t):
+        yt, rt = self._tokens(y), self._tokens(y_ref)
+        p_ref = torch.softmax(rt, -1)
+        per_token = torch.logsumexp(yt, -1) - torch.logsumexp(rt, -1) - (p_ref * (yt - rt)).sum(-1)
+        return per_token.mean(-1)
+
+    def __repr__(self) -> str:
+        return f"SequenceCrossEntropyLoss(vocab={self.vocab})"
 
 
 class AutogradLoss(Loss):

@@ -13,7 +13,7 @@ from torch import nn
 from .resnet import resnet20
 
 __all__ = ["mlp", "logistic_regression", "autoencoder", "lenet", "alexnet", "vgg13", "resnet20", "build_model",
-           "MODELS"]
+           "transformer_lm", "MODELS"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -83,7 +83,7 @@ def vgg13(in_shape=(3, 32, 32), num_classes: int = 10, seed: int | None = None) 
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, num_classes))
 
 
-MODELS = ("logreg", "mlp", "autoencoder", "lenet", "alexnet", "vgg13", "resnet20")
+MODELS = ("logreg", "mlp", "autoencoder", "lenet", "alexnet", "vgg13", "resnet20", "transformer")
 
 
 def build_model(name: str, in_shape, num_outputs: int, seed: int | None = None, width: int = 128, depth: int = 2):
@@ -100,3 +100,55 @@ def build_model(name: str, in_shape, num_outputs: int, seed: int | None = None, 
     if name == "logreg":
         return logistic_regression(int(torch.tensor(in_shape).prod()), seed=seed)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention over earlier positions only, in plain tensor ops (vmap-friendly)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, h):
+        b, t, w = h.shape
+        q, k, v = self.qkv(h).reshape(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / (w // self.heads) ** 0.5
+        mask = torch.ones(t, t, dtype=torch.bool, device=h.device).triu(1)
+        attention = torch.softmax(scores.masked_fill(mask, float("-inf")), -1)
+        return self.out((attention @ v).transpose(1, 2).reshape(b, t, w))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = CausalSelfAttention(width, heads)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, h):
+        h = h + self.attention(self.norm1(h))
+        return h + self.mlp(self.norm2(h))
+
+
+class TransformerLM(nn.Module):
+    """A small pre-norm Transformer language model: token ids (b, T) -> logits (b, T, vocab)."""
+
+    def __init__(self, vocab: int, width: int = 256, heads: int = 2, layers: int = 2, max_len: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.zeros(max_len, width))
+        self.blocks = nn.Sequential(*[TransformerBlock(width, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.position[: tokens.shape[1]]
+        return self.head(self.norm(self.blocks(h)))
+
+
+def transformer_lm(vocab: int, width: int = 256, heads: int = 2, layers: int = 2, max_len: int = 64,
+                   seed: int | None = None) -> TransformerLM:
+    _seeded(seed)
+    return TransformerLM(vocab, width, heads, layers, max_len)

@@ -227,7 +227,7 @@ def _lissa_update(h, v, gh, damping, scale):
 def lissa(op: CurvatureOperator, B: torch.Tensor, *, depth: int = 5000, repeats: int = 1,
           batch_size: int = 128, scale: float | str = "auto", seed: int = 0,
           tol: float = 5e-2, compute_residual: bool = True, check_every: int = 1,
-          progress: bool = False) -> SolveResult:
+          progress: bool = False, engine: str = "auto") -> SolveResult:
     """Stochastic LiSSA (Eq. 52): averaged truncated Neumann series with mini-batch curvature.
 
     Per repeat: h_0 = b; h_t = b + (1 - damping/sigma) h_{t-1} - C_{B_t} h_{t-1} / sigma,
@@ -236,11 +236,16 @@ def lissa(op: CurvatureOperator, B: torch.Tensor, *, depth: int = 5000, repeats:
 
     A recursion that converges keeps ||h_t|| <= min(t + 1, sigma / shift) ||b||.
     An iterate past that bound (or non-finite) raises :class:`DivergenceError`.
+
+    ``engine``: ``"native"`` runs the whole recursion in the compiled extension
+    (GNH of an MLP model, pbrf_fast.kernels.lissa_engine), ``"python"`` this
+    loop; ``"auto"`` the native engine where it applies. Same seed, same batches.
     """
     start = time.perf_counter()
     B2 = _columns(op, B)
     if depth < 1 or repeats < 1:
         raise ValueError(f"depth and repeats must be >= 1, got {depth}, {repeats}")
+    native = _native_lissa_backend(op, B2, engine)
     generator = torch.Generator().manual_seed(int(seed))
     if scale == "auto":
         scale = auto_lissa_scale(op, batch_size, generator)
@@ -253,9 +258,13 @@ def lissa(op: CurvatureOperator, B: torch.Tensor, *, depth: int = 5000, repeats:
     # The bound assumes PSD mini-batch curvature; a Hessian may have negative
     # directions that a damped recursion still survives, so allow more room.
     slack = 1.01 if op.kind == "gnh" else 10.0
-    total = torch.zeros_like(B2)
-    bar = _progress(depth * repeats, "lissa", progress)
-    for r in range(repeats):
+    if native is not None:  # the whole recursion in the extension, no Python per step
+        total = _native_lissa(op, B2, native, depth, repeats, batch_size, generator, scale,
+                              b_norm * slack, ceiling, check_every)
+    else:
+        total = torch.zeros_like(B2)
+    bar = _progress(0 if native else depth * repeats, "lissa", progress)
+    for r in range(0 if native else repeats):
         schedule = lissa_batches(op.problem.n, depth, batch_size, generator)
         h = B2.clone()
         for t in range(depth):
@@ -267,8 +276,56 @@ def lissa(op: CurvatureOperator, B: torch.Tensor, *, depth: int = 5000, repeats:
         total += h
     bar.close()
     X2 = total / (repeats * scale)
-    info = {"scale": scale, "depth": depth, "repeats": repeats, "batch_size": batch_size}
+    info = {"scale": scale, "depth": depth, "repeats": repeats, "batch_size": batch_size,
+            "engine": "native" if native else "python"}
     return _finish(op, X2, B, B2, "lissa", depth, start, compute_residual, tol, info)
+
+
+def _native_lissa_backend(op: CurvatureOperator, B2: torch.Tensor, engine: str) -> str | None:
+    """The compiled backend of the native LiSSA engine, or None for the Python loop."""
+    if engine not in ("auto", "native", "python"):
+        raise ValueError(f"unknown LiSSA engine {engine!r}; choose 'auto', 'native' or 'python'")
+    if engine == "python":
+        return None
+    from .kernels import lissa_engine, mlp_gnh, registry
+
+    reason = ""
+    if op.kind != "gnh":
+        reason = "the native engine needs the Gauss-Newton operator"
+    elif getattr(op, "backend", "auto") == "torch":
+        reason = "the operator was built with backend='torch'"
+    elif op.problem.loss.kernel_kind not in registry.LOSS_KIND_CODES:
+        reason = f"loss {op.problem.loss.name!r} has no compiled output-Hessian"
+    elif mlp_gnh.parse_mlp(op.problem.model) is None:
+        reason = mlp_gnh.mlp_unsupported_reason(op.problem.model)
+    elif op.problem.inputs.dim() < 2 or not op.problem.inputs.is_floating_point():
+        reason = "the training inputs are not a float (n, features) tensor"
+    if not reason:
+        try:
+            chosen = registry.resolve(lissa_engine.OP_NAME, B2, "auto")
+        except registry.BackendUnavailable as exc:
+            chosen, reason = "torch", str(exc)
+        if chosen != "torch":
+            return chosen
+        reason = reason or f"no compiled LiSSA engine for {B2.device.type} {B2.dtype} tensors"
+    if engine == "native":
+        raise registry.BackendUnavailable(f"native LiSSA engine unavailable: {reason}")
+    return None
+
+
+def _native_lissa(op, B2, backend, depth, repeats, batch_size, generator, scale, limits, ceiling,
+                  check_every):
+    from .kernels.lissa_engine import mlp_lissa
+    from .kernels.mlp_gnh import parse_mlp
+
+    # Drawn in the order the Python loop draws them: one (depth, batch) block per repeat.
+    schedule = torch.stack([lissa_batches(op.problem.n, depth, batch_size, generator)
+                            for _ in range(repeats)]).contiguous()
+    problem = op.problem
+    return mlp_lissa(parse_mlp(problem.model), problem.loss.kernel_kind, problem.theta,
+                     problem.inputs, B2, schedule, weight_decay=problem.weight_decay,
+                     damping=op.damping, scale=scale, limits=limits, ceiling=ceiling,
+                     check_every=check_every, backend=backend)
 
 
 def _check_lissa_step(norms, nonfinite, b_norm, bound, step, repeat, scale, op):

@@ -91,3 +91,22 @@ def test_gauss_newton_refuses_nonconvex_loss():
     with pytest.raises(pbrf_fast.NonConvexLossError, match="not convex"):
         pbrf_fast.GaussNewton(problem, 1e-3)
     pbrf_fast.Hessian(problem, 1e-3)  # the Hessian makes no such assumption
+
+
+def test_sequence_cross_entropy_matches_autograd_and_tokenwise_mean():
+    from pbrf_fast.losses import SequenceCrossEntropyLoss
+
+    spec = SequenceCrossEntropyLoss(vocab=5)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 4 * 5, generator=g, dtype=torch.float64)
+    t = spec.prepare_targets(torch.randint(5, (3, 4), generator=g), 20)
+    expected = torch.nn.functional.cross_entropy(y.reshape(12, 5), t.reshape(12), reduction="none").reshape(3, 4).mean(1)
+    assert rel_err(spec.value(y, t), expected) < 1e-12
+    y_req = y.clone().requires_grad_(True)
+    assert rel_err(spec.grad(y, t), torch.autograd.grad(spec.value(y_req, t).sum(), y_req)[0]) < 1e-12
+    u = torch.randn(2, *y.shape, generator=g, dtype=torch.float64)
+    H = torch.autograd.functional.hessian(lambda yy: spec.value(yy, t).sum(), y)
+    assert rel_err(spec.hvp(y, t, u), torch.einsum("bcde,mde->mbc", H, u)) < 1e-12
+    y_ref = torch.randn(*y.shape, generator=g, dtype=torch.float64)
+    definition = spec.value(y, t) - spec.value(y_ref, t) - (spec.grad(y_ref, t) * (y - y_ref)).sum(-1)
+    assert rel_err(spec.bregman(y, y_ref, t), definition) < 1e-10

@@ -40,3 +40,23 @@ def test_gnh_through_a_small_convnet_matches_explicit_jacobians():
     assert rel_err(op.matvec(V), dense_gnh(problem, 0.1) @ V) < 1e-10
     B = torch.randn(problem.dim, 2, dtype=torch.float64)
     assert rel_err(pbrf_fast.solve(op, B, method="kernel").solution, torch.linalg.solve(dense_gnh(problem, 0.1), B)) < 1e-8
+
+
+def test_transformer_language_model_gnh_matches_explicit_jacobians():
+    from pbrf_fast.losses import SequenceCrossEntropyLoss
+    from pbrf_fast.models import transformer_lm
+
+    model = transformer_lm(vocab=7, width=8, heads=2, layers=1, max_len=4, seed=0).double()
+    tokens = torch.randint(7, (5, 4), generator=torch.Generator().manual_seed(1))
+    problem = pbrf_fast.Problem(model, SequenceCrossEntropyLoss(7), tokens, torch.roll(tokens, -1, 1))
+    assert problem.num_outputs == 4 * 7
+    op = pbrf_fast.GaussNewton(problem, 0.1)
+    V = torch.randn(problem.dim, 2, dtype=torch.float64)
+    # dense reference: explicit Jacobian and the block-diagonal output Hessian
+    J = torch.autograd.functional.jacobian(lambda th: problem.forward(th, tokens), problem.theta.clone())
+    y = problem.forward(problem.theta, tokens).detach().reshape(5, 4, 7)
+    p = torch.softmax(y, -1)
+    H = (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) / 4  # (5, 4, 7, 7)
+    JV = torch.einsum("bod,dm->bom", J, V).reshape(5, 4, 7, 2)
+    expected = torch.einsum("bod,bom->dm", J, torch.einsum("btce,btem->btcm", H, JV).reshape(5, 28, 2)) / 5
+    assert rel_err(op.matvec(V), expected + 0.1 * V) < 1e-10

@@ -3,11 +3,25 @@
 // the current stream as an integer, so no libtorch is linked. Importing never
 // touches a GPU: device_count()/status() report what is there.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/cuda_ops.h"
+#include "common/score_contraction_cuda_ops.h"
+
+// Fused MLP Gauss-Newton product (mlp_gnh_cuda.cu); declared here, beside its binding.
+namespace pbrf::cuda {
+int64_t mlp_gnh_workspace_elements(const std::vector<int64_t>& dims, int64_t batch,
+                                   int64_t num_vectors);
+void mlp_gnh_product(Precision precision, const std::vector<int64_t>& dims,
+                     const std::vector<int>& activations, const std::vector<int>& has_bias,
+                     int loss_kind, uintptr_t inputs, uintptr_t theta, uintptr_t vectors,
+                     uintptr_t out, uintptr_t transposed, int64_t batch, int64_t num_vectors,
+                     uintptr_t workspace, int64_t workspace_elements, int device, uintptr_t stream);
+}  // namespace pbrf::cuda
 
 namespace py = pybind11;
 using pbrf::cuda::Precision;
@@ -70,4 +84,35 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("scale"), py::arg("rows"), py::arg("cols"), py::arg("norms_squared"),
       py::arg("nonfinite_flag"), py::arg("device"), py::arg("stream"),
       "norms_squared (float64, cols) and nonfinite_flag (int32, 1) must be zeroed by the caller.");
+  m.def(
+      "score_contraction",
+      [](const std::string& dtype, uintptr_t a, uintptr_t delta, uintptr_t s, uintptr_t out,
+         int64_t batch, int64_t tokens, int64_t out_features, int64_t in_features, int64_t queries,
+         int device, uintptr_t stream) {
+        const Precision precision = precision_from_name(dtype);
+        py::gil_scoped_release release;
+        pbrf::cuda::score_contraction(precision, a, delta, s, out, batch, tokens, out_features,
+                                      in_features, queries, device, stream);
+      },
+      py::arg("dtype"), py::arg("a"), py::arg("delta"), py::arg("s"), py::arg("out"),
+      py::arg("batch"), py::arg("tokens"), py::arg("out_features"), py::arg("in_features"),
+      py::arg("queries"), py::arg("device"), py::arg("stream"));
+
+  // ---- fused MLP Gauss-Newton product (mlp_gnh_cuda.cu)
+  m.def("mlp_gnh_workspace_elements", &pbrf::cuda::mlp_gnh_workspace_elements,
+        py::arg("dims"), py::arg("batch"), py::arg("num_vectors"));
+  m.def(
+      "mlp_gnh_product",
+      [](const std::string& dtype, const std::vector<int64_t>& dims,
+         const std::vector<int>& activations, const std::vector<int>& has_bias, int loss_kind,
+         uintptr_t inputs, uintptr_t theta, uintptr_t vectors, uintptr_t out,
+         uintptr_t transposed, int64_t batch, int64_t num_vectors, uintptr_t workspace,
+         int64_t workspace_elements, int device, uintptr_t stream) {
+        const Precision precision = precision_from_name(dtype);
+        py::gil_scoped_release release;
+        pbrf::cuda::mlp_gnh_product(precision, dims, activations, has_bias, loss_kind, inputs,
+                                    theta, vectors, out, transposed, batch, num_vectors, workspace,
+                                    workspace_elements, device, stream);
+      },
+      "vectors/out (d, m); transposed: 2 m d scratch elements when m > 1.");
 }

@@ -256,22 +256,19 @@ def _run_cpu(spec, code, theta, x, vectors, out):
         vectors.data_ptr(), out.data_ptr(), len(x), _columns(vectors), torch.get_num_threads())
 
 
-def cuda_workspace_elements(spec: MlpSpec, batch: int, num_vectors: int) -> int:
-    """Scratch the CUDA product needs (must match workspace_elements in mlp_gnh_cuda.cu)."""
-    hidden = sum(spec.dims[1:-1])
-    return batch * (2 * hidden + spec.dims[-1]) + 2 * batch * num_vectors * max(spec.dims)
-
-
 def _run_cuda(spec, code, theta, x, vectors, out):
     dims, acts, bias = spec.kernel_args()
     m = _columns(vectors)
-    workspace = torch.empty(cuda_workspace_elements(spec, len(x), m), dtype=theta.dtype,
+    ext = registry.cuda_extension
+    workspace = torch.empty(ext.mlp_gnh_workspace_elements(dims, len(x), m), dtype=theta.dtype,
                             device=theta.device)
+    transposed = torch.empty(2 * m * spec.num_params if m > 1 else 1, dtype=theta.dtype,
+                             device=theta.device)
     device, stream = registry.cuda_launch_args(theta)
-    registry.cuda_extension.mlp_gnh_product(
+    ext.mlp_gnh_product(
         registry.dtype_name(theta), dims, acts, bias, code, x.data_ptr(), theta.data_ptr(),
-        vectors.data_ptr(), out.data_ptr(), len(x), m, workspace.data_ptr(), workspace.numel(),
-        device, stream)
+        vectors.data_ptr(), out.data_ptr(), transposed.data_ptr(), len(x), m,
+        workspace.data_ptr(), workspace.numel(), device, stream)
 
 
 registry.register(OP_NAME, "torch", mlp_gnh_product_reference)

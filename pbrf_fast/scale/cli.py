@@ -50,6 +50,7 @@ def add_scores_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torch device for the model and data (e.g. cuda)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -122,7 +123,8 @@ def run_scores(args) -> dict:
                                           args.test_points, args.seed)
     timings["load_data"] = time.perf_counter() - start
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
-    model = build_model(args.model, x_tr[0], num_classes, args.seed)
+    model = build_model(args.model, x_tr[0], num_classes, args.seed).to(args.device)
+    x_tr, y_tr, x_te, y_te = (v.to(args.device) for v in (x_tr, y_tr, x_te, y_te))
     loss = get_loss("cross_entropy")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

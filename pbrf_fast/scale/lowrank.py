@@ -97,7 +97,7 @@ class LowRankInverse:
             raise ValueError("the low-rank inverse needs damping > 0 (or weight decay) for the remainder")
         shift = self.op.shift
         coeff = V.T @ B2
-        inv = (1.0 / (evals + damping)).to(B2.dtype).unsqueeze(1)
+        inv = (1.0 / (evals + damping)).to(dtype=B2.dtype, device=B2.device).unsqueeze(1)
         X = V @ (coeff * inv) + (B2 - V @ coeff) / shift
         info = {"rank": self.rank, "largest_eigenvalue": float(evals.max()) if len(evals) else math.nan,
                 "smallest_kept_eigenvalue": float(evals.min()) if len(evals) else math.nan}
@@ -107,8 +107,9 @@ class LowRankInverse:
         """g^T (C + shift I)^{-1} g from V^T g (rows: examples, cols: rank) and ||g||^2."""
         evals, _ = self.eigenpairs
         coeff = coeff.double()
+        evals = evals.to(coeff.device)
         top = (coeff ** 2 / (evals + self.op.damping)).sum(1)
-        rest = (norms_squared.double() - (coeff ** 2).sum(1)).clamp_min(0.0) / self.op.shift
+        rest = (norms_squared.double().to(coeff.device) - (coeff ** 2).sum(1)).clamp_min(0.0) / self.op.shift
         return top + rest
 
 

@@ -1,0 +1,141 @@
+"""Fused MLP Gauss-Newton product and native LiSSA against the torch paths, same run.
+
+    python -m pytest bench/bench_mlp_kernels.py --benchmark-only   # pytest-benchmark table
+    python bench/bench_mlp_kernels.py [--cuda]                     # + ratios and matmul floor
+
+Pairs (float32, batch 128): fused vs torch.func product (GaussNewton backend="auto"
+vs backend="torch") for MLP 8-128-128-1 and 784-1024-1024-10 at m = 1 and 32;
+native vs Python LiSSA at the paper's MLP setting (8-128-128-1, N = 930,
+batch 128, 1 repeat; the Python engine runs PY_DEPTH steps and is scaled to
+DEPTH). The floor is the product's FLOP count / this machine's torch.mm rate.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import pbrf_fast
+from pbrf_fast.solvers import lissa
+
+import os  # noqa: E402
+
+# pytest gets the device through the environment (it rejects unknown flags).
+DEVICE = os.environ.get("PBRF_BENCH_DEVICE") or ("cuda" if "--cuda" in sys.argv else "cpu")
+BATCH = 128
+MLPS = {"8-128-128-1": (8, 128, 128, 1), "784-1024-1024-10": (784, 1024, 1024, 10)}
+DEPTH, PY_DEPTH, N_TRAIN = 5000, 100, 930
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def mlp(dims):
+    torch.manual_seed(0)
+    layers = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers).to(DEVICE)
+
+
+def problem(dims, n=BATCH):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, dims[0], generator=g)
+    loss = "mse" if dims[-1] == 1 else "cross_entropy"
+    t = torch.randn(n, 1, generator=g) if loss == "mse" else torch.randint(dims[-1], (n,), generator=g)
+    return pbrf_fast.Problem(mlp(dims), loss, x.to(DEVICE), t.to(DEVICE), batch_size=512)
+
+
+def product_flops(dims, m, batch=BATCH):
+    """forward once; per vector: tangent (2 GEMMs, 1 on layer 1), backward (2, 1 on layer 1)."""
+    return sum(2 * batch * dims[l] * dims[l + 1] * (1 + (4 if l else 2) * m) for l in range(len(dims) - 1))
+
+
+def matmul_gflops():
+    a = torch.randn(4096, 1024, device=DEVICE)
+    b = torch.randn(1024, 1024, device=DEVICE)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * 1024 * 1024 / best / 1e9
+
+
+@pytest.mark.parametrize("m", [1, 32])
+@pytest.mark.parametrize("name", list(MLPS))
+@pytest.mark.parametrize("backend", ["auto", "torch"], ids=["fused", "torch_func"])
+def test_gnh_product(benchmark, backend, name, m):
+    dims = MLPS[name]
+    p = problem(dims)
+    op = pbrf_fast.GaussNewton(p, 1e-3, backend=backend)
+    V = torch.randn(p.dim, m, device=DEVICE)
+    benchmark.group = f"gnh product {name} m={m}"
+    benchmark.extra_info["flops"] = product_flops(dims, m)
+    big = dims[0] > 100 and m > 1
+
+    def run():
+        out = op.matvec(V)
+        sync()
+        return out
+
+    if big:
+        benchmark.pedantic(run, rounds=2, warmup_rounds=1)
+    else:
+        benchmark(run)
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_lissa(benchmark, engine):
+    if engine == "native" and DEVICE != "cpu":
+        pytest.skip("no CUDA LiSSA engine yet")
+    p = problem(MLPS["8-128-128-1"], N_TRAIN)
+    b = torch.randn(p.dim, device=DEVICE)
+    depth = DEPTH if engine == "native" else PY_DEPTH
+    op = pbrf_fast.GaussNewton(p, 1e-3, backend="auto" if engine == "native" else "torch")
+    benchmark.group = f"lissa 8-128-128-1 N={N_TRAIN} batch {BATCH} (python scaled from depth {PY_DEPTH})"
+    benchmark.extra_info["depth"] = depth
+    benchmark.extra_info["scale_to_depth"] = DEPTH / depth
+    benchmark.pedantic(lambda: lissa(op, b, depth=depth, batch_size=BATCH, scale=50.0, engine=engine,
+                                     compute_residual=False), rounds=2, warmup_rounds=0)
+
+
+if __name__ == "__main__":
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        args = [sys.executable, "-m", "pytest", __file__, "--benchmark-only", "-q", "-p", "no:cacheprovider",
+                f"--benchmark-json={out}"]
+        subprocess.run(args, check=False, env=dict(os.environ, PBRF_BENCH_DEVICE=DEVICE))
+        results = json.load(open(out))["benchmarks"]
+    gflops = matmul_gflops()
+    times = {(r["group"], r["name"]): (r["stats"]["min"], r["extra_info"]) for r in results}
+    print(f"\n{DEVICE} float32 torch.mm: {gflops:.1f} GFLOP/s")
+    for name in MLPS:
+        for m in (1, 32):
+            group = f"gnh product {name} m={m}"
+            fused = times.get((group, f"test_gnh_product[fused-{name}-{m}]"))
+            slow = times.get((group, f"test_gnh_product[torch_func-{name}-{m}]"))
+            if fused and slow:
+                floor = fused[1]["flops"] / gflops / 1e9
+                print(f"{group:36s} fused {fused[0]*1e3:9.3f} ms  torch.func {slow[0]*1e3:9.3f} ms  "
+                      f"speed-up {slow[0]/fused[0]:5.1f}x  floor {floor*1e3:8.3f} ms  fused/floor {fused[0]/floor:4.2f}")
+    lissa_times = {k[1]: v for k, v in times.items() if k[0].startswith("lissa")}
+    if len(lissa_times) == 2:
+        native = lissa_times["test_lissa[native]"][0]
+        python = lissa_times["test_lissa[python]"][0] * DEPTH / PY_DEPTH
+        print(f"lissa depth {DEPTH}: native {native:.2f} s, python (scaled) {python:.2f} s, "
+              f"speed-up {python/native:.1f}x")

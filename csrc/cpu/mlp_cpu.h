@@ -1,0 +1,124 @@
+// The fused MLP Gauss-Newton machinery shared by the product op
+// (mlp_gnh_cpu.cpp) and the native LiSSA engine (lissa_engine_cpu.cpp).
+//
+// An MLP is L Linear layers, widths dims[0..L], with an elementwise
+// activation after every layer but the last; parameters are flattened like
+// pbrf_fast.Problem: for each layer the weight (out, in) row-major, then the
+// bias if present. Blocks of m vectors are stored transposed, (m, d) with a
+// row stride, so each vector's weight block is a plain (out, in) matrix.
+//
+// All routines below are team-cooperative: every thread of an OpenMP team
+// calls them with its id and they end with a barrier.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/gemm_cpu.h"
+
+namespace pbrf::cpu::mlp {
+
+struct Spec {
+  std::vector<int64_t> dims;       // L + 1 widths
+  std::vector<int> activations;    // L - 1 codes (common/mlp_gnh.h ActivationKind)
+  std::vector<int> has_bias;       // L flags
+  int loss_kind = 0;               // common/host_device.h LossKind
+  std::vector<int64_t> weight_offset, bias_offset;  // into the flat parameters
+  int64_t num_params = 0;
+
+  int layers() const { return int(dims.size()) - 1; }
+  int64_t outputs() const { return dims.back(); }
+  int64_t max_width() const;
+  int64_t hidden_width_sum() const;  // sum of dims[1..L-1]
+};
+
+// Validates and fills the offsets; throws std::invalid_argument.
+Spec make_spec(const std::vector<int64_t>& dims, const std::vector<int>& activations,
+               const std::vector<int>& has_bias, int loss_kind);
+
+// Forward state of a batch: post-activation values and activation slopes of
+// every hidden layer (batch x dims[l+1]) and the network outputs (batch x C).
+template <typename T>
+struct BatchState {
+  int64_t batch = 0;
+  const T* input = nullptr;  // batch x dims[0]
+  std::vector<T*> act, slope;
+  T* output = nullptr;
+};
+
+// Owns the storage of a BatchState for up to `capacity` rows.
+template <typename T>
+struct BatchStorage {
+  std::vector<T> input, values;
+  BatchState<T> state;
+  BatchStorage(const Spec& spec, int64_t capacity, bool with_input);
+};
+
+template <typename T>
+struct ThreadScratch {
+  gemm::Workspace<T> gemm;
+  std::vector<T> small;
+};
+
+// state.act/slope/output <- forward pass of state.input through theta.
+template <typename T>
+void forward_team(const Spec& spec, const T* theta, const BatchState<T>& state, int thread,
+                  int num_threads, ThreadScratch<T>& scratch);
+
+// out[k] = sum over the batch of J_i^T H_i J_i vectors[k], k < m, with
+// vectors/out of shape (m, d) and row strides ld_vectors / ld_out.
+// buffers: two arrays of batch * m * spec.max_width() elements each.
+template <typename T>
+void gnh_team(const Spec& spec, const T* theta, const BatchState<T>& state, const T* vectors,
+              int64_t ld_vectors, int64_t m, T* out, int64_t ld_out, T* buffer0, T* buffer1,
+              int thread, int num_threads, ThreadScratch<T>& scratch);
+
+// Threads worth using for one product of `batch` rows and m vectors: every
+// parallel phase ends in a barrier, so small products run on one thread (a
+// team on busy cores mostly waits) and each extra thread gets >= ~4 MFLOP.
+inline int useful_threads(const Spec& spec, int64_t batch, int64_t m, int num_threads) {
+  double flops = 0;
+  for (int l = 0; l < spec.layers(); ++l)
+    flops += 2.0 * double(batch) * double(spec.dims[l]) * double(spec.dims[l + 1]) * double(1 + 4 * m);
+  const double per_thread = 4e6;
+  return int(std::max(1.0, std::min(double(std::max(1, num_threads)), flops / per_thread)));
+}
+
+// [begin, end) of `total` items for this thread.
+inline void split_range(int64_t total, int thread, int num_threads, int64_t* begin, int64_t* end) {
+  *begin = total * thread / num_threads;
+  *end = total * (thread + 1) / num_threads;
+}
+
+}  // namespace pbrf::cpu::mlp
+
+// ---- entry points called by csrc/bindings.cpp (pointers are data_ptr() ints) ----
+namespace pbrf::cpu {
+
+// out (d, m) = sum over the batch of J_i^T H_i J_i vectors (d, m), both row-major.
+void mlp_gnh_product(bool double_precision, const std::vector<int64_t>& dims,
+                     const std::vector<int>& activations, const std::vector<int>& has_bias,
+                     int loss_kind, uintptr_t inputs, uintptr_t theta, uintptr_t vectors,
+                     uintptr_t out, int64_t batch, int64_t num_vectors, int num_threads);
+
+struct LissaOutcome {
+  bool diverged = false;
+  bool nonfinite = false;
+  int64_t repeat = -1, step = -1;
+};
+
+// The whole stochastic LiSSA recursion (see pbrf_fast/kernels/lissa_engine.py).
+// v, total: (m, d); schedule: (repeats, depth, batch) int64 indices into the
+// n training inputs (n, dims[0]); limits: per-column ||v|| * slack (float64);
+// failure_norms: (m,) float64, the column norms at the failing step.
+LissaOutcome mlp_lissa(bool double_precision, const std::vector<int64_t>& dims,
+                       const std::vector<int>& activations, const std::vector<int>& has_bias,
+                       int loss_kind, uintptr_t inputs, int64_t num_examples, uintptr_t theta,
+                       uintptr_t v, int64_t num_vectors, uintptr_t schedule, int64_t repeats,
+                       int64_t depth, int64_t batch, double weight_decay, double damping,
+                       double scale, uintptr_t limits, double ceiling, int64_t check_every,
+                       uintptr_t total, uintptr_t failure_norms, int64_t cache_budget_bytes,
+                       int num_threads);
+
+}  // namespace pbrf::cpu

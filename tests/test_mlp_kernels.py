@@ -1,0 +1,192 @@
+"""Fused MLP Gauss-Newton product and native LiSSA engine against their specs.
+
+- mlp_gnh_product (every backend) == the explicit-matmul reference == the
+  torch.func GaussNewton product, for each loss x activation, depths 1-3, odd
+  widths, with and without bias, m in {1, 4};
+- parse_mlp refuses unsupported models with a reason, and GaussNewton falls back;
+- solvers.lissa(engine="native") == engine="python" (same seed), and both raise
+  the same DivergenceError when the scale is too small.
+"""
+import pytest
+import torch
+from torch import nn
+
+import pbrf_fast
+from pbrf_fast.kernels import BackendUnavailable, resolve
+from pbrf_fast.kernels.mlp_gnh import (mlp_gnh_product, mlp_gnh_product_reference,
+                                       mlp_unsupported_reason, parse_mlp)
+from pbrf_fast.solvers import lissa
+
+from factories import LOSSES, make_targets, rel_err
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
+SHAPES = [(5, 3), (5, 7, 3), (6, 9, 5, 4)]  # depths 1-3, odd widths
+BACKEND_DEVICES = [
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def make_mlp(dims, activation, bias, dtype, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1], bias=bias))
+        if i < len(dims) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def make_problem(loss, dims, activation, bias, dtype=torch.float64, n=11, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed + 1)
+    model = make_mlp(dims, activation, bias, dtype, seed).to(device)
+    x = torch.randn(n, dims[0], generator=g, dtype=torch.float64).to(dtype)
+    t = make_targets(loss, n, dims[-1], g)
+    return pbrf_fast.Problem(model, loss, x.to(device), t.to(device), batch_size=64)
+
+
+def require(backend, tensor):
+    try:
+        resolve("mlp_gnh_product", tensor, backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("dims", SHAPES, ids=lambda d: "-".join(map(str, d)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fused_product_matches_reference_and_torch_func(backend, device, dtype, loss, activation,
+                                                        dims, bias):
+    problem = make_problem(loss, dims, activation, bias, dtype, device=device)
+    require(backend, problem.theta)
+    spec = parse_mlp(problem.model)
+    assert spec is not None and spec.num_params == problem.dim
+    x, t = problem.batch(None)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch_func = pbrf_fast.GaussNewton(problem, backend="torch")
+    for m in (1, 4):
+        V = torch.randn(problem.dim, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+        V = V.to(dtype=dtype, device=device)
+        fused = mlp_gnh_product(spec, loss, problem.theta, x, V, backend=backend)
+        reference = mlp_gnh_product_reference(spec, loss, problem.theta.double(), x.double(), V.double())
+        with torch.no_grad():
+            autodiff = torch_func._batch_sum(V.double(), x.double(), t) if dtype == torch.float64 \
+                else torch_func._batch_sum(V, x, t).double()
+        assert fused.shape == V.shape
+        assert rel_err(fused.double(), reference) < tol
+        assert rel_err(reference, autodiff) < (1e-10 if dtype == torch.float64 else 2e-5)
+    # a (d,) vector keeps its shape
+    v = V[:, 0].contiguous()
+    assert mlp_gnh_product(spec, loss, problem.theta, x, v, backend=backend).shape == v.shape
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gauss_newton_operator_uses_fused_product(loss):
+    problem = make_problem(loss, (5, 7, 3), "tanh", True)
+    require("cpu", problem.theta)
+    V = torch.randn(problem.dim, 3, dtype=torch.float64)
+    fused = pbrf_fast.GaussNewton(problem, 0.1, backend="cpu").with_damping(0.2)
+    assert fused.backend == "cpu"
+    auto = pbrf_fast.GaussNewton(problem, 0.2)
+    reference = pbrf_fast.GaussNewton(problem, 0.2, backend="torch")
+    expected = reference.matvec(V)
+    assert rel_err(fused.matvec(V), expected) < 1e-10
+    assert rel_err(auto.matvec(V), expected) < 1e-10
+    assert auto._fused_backend(problem.inputs) == "cpu"
+    assert reference._fused_backend(problem.inputs) is None
+
+
+@pytest.mark.parametrize("model,reason", [
+    (nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2)), "LayerNorm"),
+    (nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 2)), "Conv1d"),
+    (nn.Sequential(nn.Linear(4, 5), nn.Tanh()), "last module"),
+    (nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Tanh(), nn.Linear(5, 2)), "two activations"),
+    (nn.Linear(4, 2), "not an nn.Sequential"),
+])
+def test_parse_mlp_refuses_unsupported_models_with_reason(model, reason):
+    assert parse_mlp(model) is None
+    assert reason in mlp_unsupported_reason(model)
+
+
+def test_parse_mlp_accepts_flatten_identity_dropout_and_plain_linear_stacks():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.Identity(), nn.Dropout(0.5),
+                          nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2, bias=False)).eval()
+    spec = parse_mlp(model)
+    assert spec.dims == (6, 4, 3, 2) and spec.activations == ("identity", "sigmoid")
+    assert spec.has_bias == (True, True, False)
+    assert parse_mlp(model.train()) is None  # random dropout
+
+
+def test_unsupported_model_falls_back_to_torch_func():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Linear(5, 2)).double()
+    g = torch.Generator().manual_seed(0)
+    problem = pbrf_fast.Problem(model, "mse", torch.randn(7, 3, dtype=torch.float64, generator=g),
+                                torch.randn(7, 2, dtype=torch.float64, generator=g))
+    op = pbrf_fast.GaussNewton(problem, 0.1)
+    assert op._fused_backend(problem.inputs) is None
+    V = torch.randn(problem.dim, 2, dtype=torch.float64)
+    assert rel_err(op.matvec(V), pbrf_fast.GaussNewton(problem, 0.1, backend="torch").matvec(V)) < 1e-12
+    with pytest.raises(BackendUnavailable, match="LayerNorm"):
+        pbrf_fast.GaussNewton(problem, 0.1, backend="cpu").matvec(V)
+
+
+# ---- native LiSSA ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dims,activation", [((4, 6, 3), "tanh"), ((5, 3), "relu"),
+                                             ((3, 5, 4, 2), "sigmoid")])
+def test_native_lissa_matches_python_lissa(loss, dims, activation):
+    problem = make_problem(loss, dims, activation, True, n=23)
+    problem.weight_decay = 1e-2
+    require("cpu", problem.theta)
+    B = torch.randn(problem.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    options = dict(depth=30, repeats=2, batch_size=6, seed=5, compute_residual=True)
+    # The Python loop over the torch.func product once (slow), else over the fused
+    # product (itself checked against torch.func above): the loops are what differ.
+    backend = "torch" if loss == "mse" else "auto"
+    python = lissa(pbrf_fast.GaussNewton(problem, 0.05, backend=backend), B, engine="python", **options)
+    native = lissa(pbrf_fast.GaussNewton(problem, 0.05), B, engine="native", **options)
+    assert native.info["engine"] == "native" and python.info["engine"] == "python"
+    assert native.info["scale"] == pytest.approx(python.info["scale"], rel=1e-10)
+    assert rel_err(native.solution, python.solution) < 1e-5
+    assert native.solution.shape == python.solution.shape
+    assert native.residual_norms.shape == python.residual_norms.shape
+
+
+def test_native_lissa_full_batch_and_single_vector():
+    problem = make_problem("mse", (4, 6, 2), "tanh", True, n=9)
+    require("cpu", problem.theta)
+    b = torch.randn(problem.dim, dtype=torch.float64)
+    op = pbrf_fast.GaussNewton(problem, 0.1)
+    python = lissa(op, b, depth=30, batch_size=50, engine="python")
+    native = lissa(op, b, depth=30, batch_size=50, engine="native")
+    assert native.solution.shape == b.shape
+    assert rel_err(native.solution, python.solution) < 1e-10
+
+
+def test_native_lissa_raises_divergence_like_python():
+    problem = make_problem("cross_entropy", (4, 6, 3), "tanh", True, n=20)
+    require("cpu", problem.theta)
+    B = torch.randn(problem.dim, 2, dtype=torch.float64)
+    op = pbrf_fast.GaussNewton(problem, 0.1)
+    messages = []
+    for engine in ("python", "native"):
+        with pytest.raises(pbrf_fast.DivergenceError, match="diverged in column") as info:
+            lissa(op, B, depth=50, batch_size=5, scale=1e-3, engine=engine)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+def test_lissa_engine_option_validation():
+    problem = make_problem("mse", (4, 3), "tanh", True)
+    B = torch.randn(problem.dim, dtype=torch.float64)
+    with pytest.raises(ValueError, match="engine"):
+        lissa(pbrf_fast.GaussNewton(problem, 0.1), B, depth=2, engine="fortran")
+    with pytest.raises(BackendUnavailable, match="Gauss-Newton"):
+        lissa(pbrf_fast.Hessian(problem, 0.1), B, depth=2, engine="native")
+    # auto falls back to the Python loop for the Hessian
+    assert lissa(pbrf_fast.Hessian(problem, 0.1), B, depth=2, scale=100.0).info["engine"] == "python"

@@ -1,0 +1,150 @@
+"""Score contraction (kernels/score_contraction.py) against a float64 reference that
+forms per-example gradients explicitly: every backend, odd shapes, both dtypes,
+poisoned outputs, non-contiguous inputs, low-rank and Conv2d forms."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pbrf_fast.kernels import BackendUnavailable, resolve
+from pbrf_fast.kernels.score_contraction import (choose_order, contraction_flops, conv2d_score_contraction,
+                                                 score_contraction, score_contraction_lowrank,
+                                                 score_contraction_reference)
+
+OP = "score_contraction"
+gpu = pytest.mark.gpu
+BACKEND_DEVICES = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cpu", id="triton-interpret"),
+    pytest.param("cuda", "cuda", id="cuda", marks=gpu),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=gpu),
+]
+# (b, t, o, i, m); t = None means 2-D (Linear) inputs.
+SHAPES = [(1, None, 1, 1, 1), (5, None, 3, 7, 2), (9, 13, 17, 19, 5), (4, 40, 5, 33, 3), (3, 2, 20, 1, 17)]
+
+
+def explicit_reference(a, delta, S):
+    a, delta, S = a.double(), delta.double(), S.double()
+    if a.dim() == 2:
+        a, delta = a.unsqueeze(1), delta.unsqueeze(1)
+    grads = torch.einsum("bto,bti->boi", delta, a)  # per-example gradients, explicitly
+    return torch.einsum("boi,qoi->bq", grads, S)
+
+
+def tol(dtype):
+    return dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+
+
+def need(backend, tensor):
+    try:
+        resolve(OP, tensor, backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def make(shape, dtype, device, seed):
+    b, t, o, i, m = shape
+    g = torch.Generator().manual_seed(seed)
+    lead = (b,) if t is None else (b, t)
+    a = torch.randn(*lead, i, generator=g, dtype=torch.float64)
+    d = torch.randn(*lead, o, generator=g, dtype=torch.float64)
+    S = torch.randn(m, o, i, generator=g, dtype=torch.float64)
+    return [x.to(dtype=dtype, device=device) for x in (a, d, S)]
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_explicit_per_example_gradients(backend, device, dtype, shape):
+    a, d, S = make(shape, dtype, device, hash(shape) % 1000)
+    need(backend, a)
+    out = torch.full((a.shape[0], S.shape[0]), math.nan, dtype=dtype, device=device)  # poisoned
+    result = score_contraction(a, d, S, backend=backend, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(result.double().cpu(), explicit_reference(a, d, S).cpu(), **tol(dtype))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_non_contiguous_inputs(backend, device):
+    a, d, S = make((6, 5, 8, 11, 3), torch.float64, device, 3)
+    need(backend, a)
+    a_nc = a.transpose(0, 1).contiguous().transpose(0, 1)          # strided batch
+    d_nc = torch.cat([d, d], -1)[..., ::2].clone()[..., :]            # copy
+    d_nc = torch.stack([d, d], -1)[..., 0]                             # strided last dim
+    S_nc = S.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not a_nc.is_contiguous() and not d_nc.is_contiguous() and not S_nc.is_contiguous()
+    result = score_contraction(a_nc, d_nc, S_nc, backend=backend)
+    torch.testing.assert_close(result.cpu(), explicit_reference(a, d, S).cpu(), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_empty_batch_and_zero_tokens(backend, device):
+    a, d, S = make((0, 3, 4, 5, 2), torch.float64, device, 4)
+    need(backend, S)
+    assert score_contraction(a, d, S, backend=backend).shape == (0, 2)
+    a, d, S = make((3, 3, 4, 5, 2), torch.float64, device, 5)
+    r = score_contraction(a[:, :0], d[:, :0], S, backend=backend)
+    assert torch.equal(r.cpu(), torch.zeros(3, 2, dtype=torch.float64))
+
+
+def test_reference_orders_agree():
+    # t = 1 takes the projection order, t > 1 the gradient-tile order; both exact.
+    for shape in [(7, 1, 30, 9, 4), (7, 1, 9, 30, 4), (7, 6, 9, 30, 4)]:
+        a, d, S = make(shape, torch.float64, "cpu", 6)
+        torch.testing.assert_close(score_contraction_reference(a, d, S), explicit_reference(a, d, S))
+    assert choose_order(10, 1, 100, 100, 10) == "projection"
+    assert choose_order(10, 1024, 16, 144, 10) == "gradient"
+    costs = contraction_flops(10, 64, 64, 576, 10, rank=4)
+    assert min(costs, key=costs.get) == choose_order(10, 64, 64, 576, 10, rank=4)
+
+
+@pytest.mark.parametrize("shape,rank", [((5, 7, 9, 11, 3), 2), ((4, 1, 40, 50, 2), 1), ((4, 3, 3, 4, 2), 6)])
+def test_lowrank_matches_dense(shape, rank):
+    b, t, o, i, m = shape
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(b, t, i, generator=g, dtype=torch.float64)
+    d = torch.randn(b, t, o, generator=g, dtype=torch.float64)
+    L = torch.randn(m, o, rank, generator=g, dtype=torch.float64)
+    R = torch.randn(m, i, rank, generator=g, dtype=torch.float64)
+    expected = explicit_reference(a, d, L @ R.transpose(1, 2))
+    torch.testing.assert_close(score_contraction_lowrank(a, d, L, R), expected)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+def test_conv2d_matches_per_example_weight_gradients(stride, padding, dilation):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 2, 7, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64)
+    S = torch.randn(4, 5, 2, 3, 3, generator=g, dtype=torch.float64)
+    y = F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+
+    def per_example(xi, dyi):
+        return torch.func.grad(lambda w_: (F.conv2d(xi[None], w_, stride=stride, padding=padding,
+                                                    dilation=dilation) * dyi[None]).sum())(w)
+
+    grads = torch.func.vmap(per_example)(x, dy)
+    expected = torch.einsum("bocij,qocij->bq", grads, S)
+    got = conv2d_score_contraction(x, dy, S, kernel_size=3, stride=stride, padding=padding, dilation=dilation)
+    torch.testing.assert_close(got, expected)
+
+
+def test_argument_errors():
+    a, d, S = make((3, 2, 4, 5, 2), torch.float64, "cpu", 9)
+    with pytest.raises(ValueError, match="S must have shape"):
+        score_contraction(a, d, S.transpose(1, 2))
+    with pytest.raises(ValueError, match="disagree"):
+        score_contraction(a, d[:2], S)
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        score_contraction(a.float(), d, S)
+    with pytest.raises(ValueError, match="out has shape"):
+        score_contraction(a, d, S, out=torch.empty(3, 3, dtype=torch.float64))
+
+
+def test_autograd_keeps_torch():
+    a, d, S = make((3, 2, 4, 5, 2), torch.float64, "cpu", 10)
+    S.requires_grad_(True)
+    score_contraction(a, d, S).sum().backward()
+    assert S.grad is not None

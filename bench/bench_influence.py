@@ -41,16 +41,18 @@ def test_gnh_product(benchmark, mlp, mode):
         benchmark.pedantic(lambda: [op.matvec(V[:, j]) for j in range(32)], rounds=3, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("n_train", [128, 1024])
 @pytest.mark.parametrize("mode", ["block", "one_at_a_time"])
-def test_s_test_100_points(benchmark, mode):
+def test_s_test_100_points(benchmark, mode, n_train):
     """s_test for 100 test points solved together vs one at a time (CG, same tolerance)."""
-    problem = _mlp_problem("8-128-128-1", n=1024)
-    problem.batch_size = 1024
+    problem = _mlp_problem("8-128-128-1", n=n_train)
+    problem.batch_size = n_train
     influence = pbrf_fast.Influence(problem, damping=1e-2, solver="cg", solver_options={"tol": 1e-4})
-    x_test, t_test = torch.randn(100, 8), torch.randn(100, 1)
-    benchmark.group = "s_test 100 points, MLP 8-128-128-1, 1024 train"
+    gen = torch.Generator().manual_seed(1)
+    x_test, t_test = torch.randn(100, 8, generator=gen), torch.randn(100, 1, generator=gen)
+    benchmark.group = f"s_test 100 points, MLP 8-128-128-1, {n_train} train"
     if mode == "block":
-        benchmark.pedantic(influence.s_test, args=(x_test, t_test), rounds=2, warmup_rounds=0)
+        benchmark.pedantic(influence.s_test, args=(x_test, t_test), rounds=2, warmup_rounds=1)
     else:
         benchmark.pedantic(lambda: [influence.s_test(x_test[j:j + 1], t_test[j:j + 1]) for j in range(100)],
                            rounds=1, warmup_rounds=0)

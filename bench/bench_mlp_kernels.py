@@ -3,8 +3,8 @@
     python -m pytest bench/bench_mlp_kernels.py --benchmark-only   # pytest-benchmark table
     python bench/bench_mlp_kernels.py [--cuda]                     # + ratios and matmul floor
 
-Pairs (float32, batch 128): fused vs torch.func product (GaussNewton backend="auto"
-vs backend="torch") for MLP 8-128-128-1 and 784-1024-1024-10 at m = 1 and 32;
+Pairs (float32, batch 128): fused vs torch.func product (GaussNewton backend="cpu"
+or "cuda" vs backend="torch"; "auto" shows what the dispatch picks) for MLP 8-128-128-1 and 784-1024-1024-10 at m = 1 and 32;
 native vs Python LiSSA at the paper's MLP setting (8-128-128-1, N = 930,
 batch 128, 1 repeat; the Python engine runs PY_DEPTH steps and is scaled to
 DEPTH). The floor is the product's FLOP count / this machine's torch.mm rate.
@@ -74,11 +74,11 @@ def matmul_gflops():
 
 @pytest.mark.parametrize("m", [1, 32])
 @pytest.mark.parametrize("name", list(MLPS))
-@pytest.mark.parametrize("backend", ["auto", "torch"], ids=["fused", "torch_func"])
+@pytest.mark.parametrize("backend", ["fused", "auto", "torch"], ids=["fused", "auto", "torch_func"])
 def test_gnh_product(benchmark, backend, name, m):
     dims = MLPS[name]
     p = problem(dims)
-    op = pbrf_fast.GaussNewton(p, 1e-3, backend=backend)
+    op = pbrf_fast.GaussNewton(p, 1e-3, backend=DEVICE if backend == "fused" else backend)
     V = torch.randn(p.dim, m, device=DEVICE)
     benchmark.group = f"gnh product {name} m={m}"
     benchmark.extra_info["flops"] = product_flops(dims, m)
@@ -129,10 +129,13 @@ if __name__ == "__main__":
             group = f"gnh product {name} m={m}"
             fused = times.get((group, f"test_gnh_product[fused-{name}-{m}]"))
             slow = times.get((group, f"test_gnh_product[torch_func-{name}-{m}]"))
+            auto = times.get((group, f"test_gnh_product[auto-{name}-{m}]"))
             if fused and slow:
                 floor = fused[1]["flops"] / gflops / 1e9
+                auto_text = f"  auto {auto[0]*1e3:9.3f} ms" if auto else ""
                 print(f"{group:36s} fused {fused[0]*1e3:9.3f} ms  torch.func {slow[0]*1e3:9.3f} ms  "
-                      f"speed-up {slow[0]/fused[0]:5.1f}x  floor {floor*1e3:8.3f} ms  fused/floor {fused[0]/floor:4.2f}")
+                      f"speed-up {slow[0]/fused[0]:5.1f}x  floor {floor*1e3:8.3f} ms  fused/floor {fused[0]/floor:4.2f}"
+                      f"{auto_text}")
     lissa_times = {k[1]: v for k, v in times.items() if k[0].startswith("lissa")}
     if len(lissa_times) == 2:
         native = lissa_times["test_lissa[native]"][0]

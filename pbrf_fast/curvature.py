@@ -89,10 +89,11 @@ class CurvatureOperator:
         idx = as_index(idx, self.problem.n)
         if len(idx) == 0:
             raise ValueError("empty index batch")
-        total = torch.zeros_like(V2)
+        total = None
         with torch.no_grad():
             for chunk in self.problem.batches(idx, self.batch_size):
-                total += self._batch_sum(V2, *self.problem.batch(chunk))
+                part = self._batch_sum(V2, *self.problem.batch(chunk))
+                total = part if total is None else total.add_(part)
         total /= len(idx)
         return total.reshape(V.shape)
 
@@ -167,8 +168,8 @@ class GaussNewton(CurvatureOperator):
     def __init__(self, problem, damping=0.0, *, backend: str = "auto", **kwargs):
         problem.loss.require_convex()
         super().__init__(problem, damping, **kwargs)
-        # "auto": the fused MLP kernel (pbrf_fast.kernels.mlp_gnh) where the model is a
-        # supported MLP and a compiled backend serves the tensors, else torch.func;
+        # "auto": for a supported MLP the fastest exact product by size (_mlp_path: the
+        # fused kernel of pbrf_fast.kernels.mlp_gnh, or explicit torch matmuls), else torch.func;
         # "torch": always torch.func; "cpu"/"cuda": the fused kernel or an error.
         self.backend = backend
 
@@ -176,8 +177,15 @@ class GaussNewton(CurvatureOperator):
         return type(self)(self.problem, damping, batch_size=self.batch_size, _cache=self._cache,
                           backend=self.backend)
 
-    def _fused_backend(self, x):
-        """The compiled backend for the fused MLP product, or None (then torch.func)."""
+    def _mlp_path(self, x, V):
+        """How a product over inputs ``x`` runs for a supported MLP: ``("fused", backend)``
+        (the compiled kernel), ``("blas", None)`` or ``("matmul", None)`` (explicit
+        torch matmuls, pbrf_fast.kernels.mlp_gnh), or None for torch.func.
+
+        "auto" picks by measurement (bench/RESULTS.md): many columns -> the BLAS-shaped
+        product; few columns and little work -> the fused kernel; few columns and big
+        layers -> explicit matmuls. All are exact; they differ only in speed.
+        """
         if self.backend == "torch":
             return None
         from .kernels import mlp_gnh, registry
@@ -195,17 +203,31 @@ class GaussNewton(CurvatureOperator):
             if self.backend != "auto":
                 raise registry.BackendUnavailable(f"fused MLP product: {reason}")
             return None
+        m = 1 if V.dim() == 1 else V.shape[1]
+        if self.backend == "auto":
+            if m >= mlp_gnh.BLAS_MIN_COLUMNS:
+                return ("blas", None)
+            if not mlp_gnh.fused_pays_off(spec, len(x), m):
+                return ("matmul", None)
         chosen = registry.resolve(mlp_gnh.OP_NAME, self.problem.theta, self.backend)
-        return None if chosen == "torch" else chosen
+        return ("matmul", None) if chosen == "torch" else ("fused", chosen)
+
+    def _fused_backend(self, x, V):
+        """The compiled backend the product over ``x`` would use, or None."""
+        path = self._mlp_path(x, V)
+        return path[1] if path is not None and path[0] == "fused" else None
 
     def _batch_sum(self, V, x, t):
         theta = self.problem.theta
-        fused = self._fused_backend(x)
-        if fused is not None:
-            from .kernels.mlp_gnh import mlp_gnh_product
+        path = self._mlp_path(x, V)
+        if path is not None:
+            from .kernels import mlp_gnh
 
-            spec = self._mlp_spec[0]
-            return mlp_gnh_product(spec, self.problem.loss.kernel_kind, theta, x, V, backend=fused)
+            spec, kind = self._mlp_spec[0], self.problem.loss.kernel_kind
+            if path[0] == "fused":
+                return mlp_gnh.mlp_gnh_product(spec, kind, theta, x, V, backend=path[1])
+            product = mlp_gnh.mlp_gnh_product_blas if path[0] == "blas" else mlp_gnh.mlp_gnh_product_reference
+            return product(spec, kind, theta, x, V)
 
         def outputs(th):
             return self.problem.forward(th, x)

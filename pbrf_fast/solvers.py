@@ -135,17 +135,19 @@ def conjugate_gradient(op: CurvatureOperator, B: torch.Tensor, *, tol: float = 1
     max_iter = max_iter if max_iter is not None else 10 * op.dim
     X = torch.zeros_like(B2) if x0 is None else op.check_vectors(x0).clone()
     R = B2 - op.matvec(X) if x0 is not None else B2.clone()
-    P = R.clone()
     rs = (R * R).sum(0)
     target = tol * B2.norm(dim=0)
     iterations = torch.zeros(m, dtype=torch.long)
-    active = rs.sqrt() > target
+    # The active columns live in contiguous blocks (views of X, R, P while all are
+    # active): each iteration is then a few fused in-place passes, and the block
+    # is compacted only when some column converges, not gathered every step.
+    cols = (rs.sqrt() > target).nonzero().reshape(-1)
+    Xa, Ra, rsa, ta = _take(X, cols), _take(R, cols), rs[cols], target[cols]
+    Pa = Ra.clone()
     bar = _progress(max_iter, "cg", progress)
     for _ in range(max_iter):
-        cols = active.nonzero().reshape(-1)
         if len(cols) == 0:
             break
-        Pa = P[:, cols]
         APa = op.matvec(Pa)
         curvature = (Pa * APa).sum(0)
         if (curvature <= 0).any():
@@ -154,22 +156,38 @@ def conjugate_gradient(op: CurvatureOperator, B: torch.Tensor, *, tol: float = 1
                 f"CG found non-positive curvature p^T A p in column {j}: the damped operator is "
                 "not positive definite; increase damping or use curvature='gnh'"
             )
-        alpha = rs[cols] / curvature
-        X[:, cols] += alpha * Pa
-        R[:, cols] -= alpha * APa
-        rs_new = (R[:, cols] ** 2).sum(0)
-        P[:, cols] = R[:, cols] + (rs_new / rs[cols]) * Pa
-        rs[cols] = rs_new
+        alpha = rsa / curvature
+        Xa.addcmul_(Pa, alpha)
+        Ra.addcmul_(APa, alpha, value=-1.0)
+        rs_new = (Ra * Ra).sum(0)
+        Pa.mul_(rs_new / rsa).add_(Ra)
+        rsa = rs_new
         iterations[cols] += 1
-        active[cols] = rs_new.sqrt() > target[cols]
         bar.update(1)
+        still = rs_new.sqrt() > ta
+        if not bool(still.all()):  # write finished columns back, shrink the block
+            done = (~still).nonzero().reshape(-1)
+            X[:, cols[done]] = Xa[:, done]
+            rs[cols[done]] = rsa[done]
+            keep = still.nonzero().reshape(-1)
+            cols, Xa, Ra, Pa, rsa, ta = cols[keep], Xa[:, keep], Ra[:, keep], Pa[:, keep], rsa[keep], ta[keep]
     bar.close()
+    if len(cols) and Xa is not X:  # columns still running at max_iter, in a compacted block
+        X[:, cols] = Xa
+        rs[cols] = rsa
+    active = torch.zeros(m, dtype=torch.bool)
+    active[cols] = True
     estimate = rs.sqrt() / B2.norm(dim=0).clamp_min(torch.finfo(B2.dtype).tiny)
     converged = ~active
     result = _finish(op, X, B, B2, "cg", iterations, start, compute_residual, tol, {},
                      residual_norms=estimate, converged=converged)
     result.info["recurrence_residuals"] = estimate
     return result
+
+
+def _take(T: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Columns ``cols`` of T: T itself (a view, updated in place) when that is all of them."""
+    return T if len(cols) == T.shape[1] else T[:, cols]
 
 
 # ----------------------------------------------------------------------- lissa
@@ -245,7 +263,7 @@ def lissa(op: CurvatureOperator, B: torch.Tensor, *, depth: int = 5000, repeats:
     B2 = _columns(op, B)
     if depth < 1 or repeats < 1:
         raise ValueError(f"depth and repeats must be >= 1, got {depth}, {repeats}")
-    native = _native_lissa_backend(op, B2, engine)
+    native = _native_lissa_backend(op, B2, engine, batch_size)
     generator = torch.Generator().manual_seed(int(seed))
     if scale == "auto":
         scale = auto_lissa_scale(op, batch_size, generator)
@@ -281,7 +299,8 @@ def lissa(op: CurvatureOperator, B: torch.Tensor, *, depth: int = 5000, repeats:
     return _finish(op, X2, B, B2, "lissa", depth, start, compute_residual, tol, info)
 
 
-def _native_lissa_backend(op: CurvatureOperator, B2: torch.Tensor, engine: str) -> str | None:
+def _native_lissa_backend(op: CurvatureOperator, B2: torch.Tensor, engine: str,
+                          batch_size: int) -> str | None:
     """The compiled backend of the native LiSSA engine, or None for the Python loop."""
     if engine not in ("auto", "native", "python"):
         raise ValueError(f"unknown LiSSA engine {engine!r}; choose 'auto', 'native' or 'python'")
@@ -300,6 +319,9 @@ def _native_lissa_backend(op: CurvatureOperator, B2: torch.Tensor, engine: str) 
         reason = mlp_gnh.mlp_unsupported_reason(op.problem.model)
     elif op.problem.inputs.dim() < 2 or not op.problem.inputs.is_floating_point():
         reason = "the training inputs are not a float (n, features) tensor"
+    elif engine == "auto" and not mlp_gnh.fused_pays_off(mlp_gnh.parse_mlp(op.problem.model),
+                                                         batch_size, B2.shape[1]):
+        return None  # products this big run faster on torch's BLAS than in the engine
     if not reason:
         try:
             chosen = registry.resolve(lissa_engine.OP_NAME, B2, "auto")

@@ -13,8 +13,8 @@ from torch import nn
 
 import pbrf_fast
 from pbrf_fast.kernels import BackendUnavailable, resolve
-from pbrf_fast.kernels.mlp_gnh import (mlp_gnh_product, mlp_gnh_product_reference,
-                                       mlp_unsupported_reason, parse_mlp)
+from pbrf_fast.kernels.mlp_gnh import (BLAS_MIN_COLUMNS, mlp_gnh_product, mlp_gnh_product_blas,
+                                       mlp_gnh_product_reference, mlp_unsupported_reason, parse_mlp)
 from pbrf_fast.solvers import lissa
 
 from factories import LOSSES, make_targets, rel_err
@@ -95,8 +95,59 @@ def test_gauss_newton_operator_uses_fused_product(loss):
     expected = reference.matvec(V)
     assert rel_err(fused.matvec(V), expected) < 1e-10
     assert rel_err(auto.matvec(V), expected) < 1e-10
-    assert auto._fused_backend(problem.inputs) == "cpu"
-    assert reference._fused_backend(problem.inputs) is None
+    assert auto._fused_backend(problem.inputs, V) == "cpu"
+    assert reference._fused_backend(problem.inputs, V) is None
+
+
+def test_auto_leaves_big_products_to_torch_blas():
+    """Past fused_pays_off's work threshold "auto" takes torch.func (faster there);
+    an explicit backend="cpu" still gets the fused kernel."""
+    from pbrf_fast.kernels.mlp_gnh import AUTO_MAX_WORK, fused_pays_off
+
+    problem = make_problem("mse", (5, 7, 3), "tanh", True)
+    require("cpu", problem.theta)
+    spec = parse_mlp(problem.model)
+    small, big = torch.zeros(problem.dim, 2), torch.zeros(problem.dim, 1)
+    batch_for_big = int(AUTO_MAX_WORK // spec.num_params) + 1
+    assert fused_pays_off(spec, len(problem.inputs), 2)
+    assert not fused_pays_off(spec, batch_for_big, 1)
+    x_big = torch.zeros(batch_for_big, 5, dtype=problem.dtype)
+    assert pbrf_fast.GaussNewton(problem, 0.1)._fused_backend(x_big, big) is None
+    assert pbrf_fast.GaussNewton(problem, 0.1, backend="cpu")._fused_backend(x_big, big) == "cpu"
+    assert pbrf_fast.GaussNewton(problem, 0.1)._fused_backend(problem.inputs, small) == "cpu"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("dims", SHAPES, ids=lambda d: "-".join(map(str, d)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_blas_layout_product_matches_reference(loss, activation, dims, bias):
+    problem = make_problem(loss, dims, activation, bias)
+    spec = parse_mlp(problem.model)
+    x, t = problem.batch(None)
+    for m in (1, 3, BLAS_MIN_COLUMNS + 1):
+        V = torch.randn(problem.dim, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+        expected = mlp_gnh_product_reference(spec, loss, problem.theta, x, V)
+        got = mlp_gnh_product_blas(spec, loss, problem.theta, x, V)
+        assert got.shape == V.shape and rel_err(got, expected) < 1e-12
+    v = V[:, 0].contiguous()
+    assert rel_err(mlp_gnh_product_blas(spec, loss, problem.theta, x, v),
+                   mlp_gnh_product_reference(spec, loss, problem.theta, x, v)) < 1e-12
+
+
+def test_auto_dispatch_paths_are_all_exact():
+    """"auto" runs many columns through the BLAS-shaped product and few through the fused
+    kernel (or explicit matmuls); each equals torch.func to float64 precision."""
+    problem = make_problem("cross_entropy", (6, 9, 5, 4), "relu", True)
+    auto = pbrf_fast.GaussNewton(problem, 0.3)
+    reference = pbrf_fast.GaussNewton(problem, 0.3, backend="torch")
+    x = problem.inputs
+    for m in (1, BLAS_MIN_COLUMNS):
+        V = torch.randn(problem.dim, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+        assert rel_err(auto.matvec(V), reference.matvec(V)) < 1e-12
+    assert auto._mlp_path(x, torch.zeros(problem.dim, BLAS_MIN_COLUMNS))[0] == "blas"
+    assert auto._mlp_path(x, torch.zeros(problem.dim, 2))[0] in ("fused", "matmul")
+    assert reference._mlp_path(x, torch.zeros(problem.dim, 2)) is None
 
 
 @pytest.mark.parametrize("model,reason", [
@@ -127,7 +178,7 @@ def test_unsupported_model_falls_back_to_torch_func():
     problem = pbrf_fast.Problem(model, "mse", torch.randn(7, 3, dtype=torch.float64, generator=g),
                                 torch.randn(7, 2, dtype=torch.float64, generator=g))
     op = pbrf_fast.GaussNewton(problem, 0.1)
-    assert op._fused_backend(problem.inputs) is None
+    assert op._fused_backend(problem.inputs, torch.zeros(problem.dim)) is None
     V = torch.randn(problem.dim, 2, dtype=torch.float64)
     assert rel_err(op.matvec(V), pbrf_fast.GaussNewton(problem, 0.1, backend="torch").matvec(V)) < 1e-12
     with pytest.raises(BackendUnavailable, match="LayerNorm"):

@@ -138,6 +138,24 @@ def parse_mlp(model: nn.Module) -> MlpSpec | None:
     return _parse(model)[0]
 
 
+# Work (multiply-adds of one product: batch x m x parameters) above which torch's
+# BLAS beats the fused kernel's own blocked GEMM. Measured on the 2-core AVX-512
+# CPU (bench/RESULTS.md): 8-128-128-1 at batch 128 is 4.3x faster fused at m = 1
+# (2.2e6) and 1.2x at m = 32 (7.2e7); 784-1024-1024-10 is 0.8x at m = 1 (2.4e8).
+# Below the threshold per-call overhead dominates and fusing it away pays.
+AUTO_MAX_WORK = 1e8
+# From this many columns on, mlp_gnh_product_blas (a few large GEMMs on torch's BLAS)
+# beats both the fused kernel and per-column matmuls (8-128-128-1 at m = 16: 2.6 ms
+# vs 3.8 fused, 3.2 per-column; 784-1024-1024-10 at m = 8: 110 ms vs 109 and 149).
+BLAS_MIN_COLUMNS = 12
+BLAS_BATCH_CHUNK = 128
+
+
+def fused_pays_off(spec: MlpSpec, batch: int, num_vectors: int) -> bool:
+    """Whether ``backend="auto"`` should use the fused product for this size."""
+    return batch * num_vectors * spec.num_params <= AUTO_MAX_WORK
+
+
 def mlp_unsupported_reason(model: nn.Module) -> str:
     """Why :func:`parse_mlp` refuses the model ('' if it accepts it)."""
     return _parse(model)[1]
@@ -209,6 +227,63 @@ def mlp_gnh_product_reference(spec: MlpSpec, loss_kind: str, theta: torch.Tensor
             g = (g @ W) * slopes[l - 1]
     out = torch.cat(grads, 1).T                                       # (d, m)
     return out.reshape(V.shape)
+
+
+def mlp_gnh_product_blas(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch.Tensor,
+                         V: torch.Tensor) -> torch.Tensor:
+    """The same product as :func:`mlp_gnh_product_reference`, laid out for BLAS.
+
+    Tangents and back-propagated vectors are kept as (width, batch, m), so every
+    step is one large GEMM or a GEMM batched over a layer's output units that
+    reads the (out, in, m) block of V -- a row slice of the (d, m) matrix -- in
+    place, and writes the weight gradient straight into the (d, m) result. The
+    reference instead runs m small GEMMs per layer on transposed copies. The
+    batch is taken :data:`BLAS_BATCH_CHUNK` rows at a time so the (width, rows, m)
+    intermediates stay cache-sized (3x faster than one pass at batch 1024, m = 100).
+    This is what ``GaussNewton(backend="auto")`` uses for MLP products with many
+    columns (:data:`BLAS_MIN_COLUMNS`); on CUDA it runs on cuBLAS.
+    """
+    V2 = (V.unsqueeze(1) if V.dim() == 1 else V).contiguous()
+    chunk = len(x) if x.is_cuda else BLAS_BATCH_CHUNK
+    out = None
+    for c0 in range(0, len(x), chunk):
+        part = _blas_product(spec, loss_kind, theta, x[c0 : c0 + chunk], V2)
+        out = part if out is None else out.add_(part)
+    if out is None:
+        out = torch.zeros_like(V2)
+    return out.reshape(V.shape)
+
+
+def _blas_product(spec, loss_kind, theta, x, V2):
+    m = V2.shape[1]
+    inputs, slopes, y = mlp_forward_reference(spec, theta, x)
+    batch = len(inputs[0])
+    params = list(_layer_params(spec, theta))
+    offsets = spec.offsets()
+    t = None                                                          # (width, batch, m)
+    for l, (W, _) in enumerate(params):
+        w, b = offsets[l]
+        n_in, n_out = spec.dims[l], spec.dims[l + 1]
+        term = torch.matmul(inputs[l], V2[w : w + n_out * n_in].view(n_out, n_in, m))  # (out, batch, m)
+        if t is not None:
+            t.mul_(slopes[l - 1].T.unsqueeze(-1))
+            term.view(n_out, batch * m).addmm_(W, t.view(n_in, batch * m))
+        if b is not None:
+            term.add_(V2[b : b + n_out].unsqueeze(1))
+        t = term
+    # the loss's output Hessian works on (..., batch, C): (m, batch, C) is a view of t
+    g = output_hessian_product_reference(loss_kind, y, t.permute(2, 1, 0)).permute(2, 1, 0)
+    out = torch.empty_like(V2)
+    for l in range(spec.layers - 1, -1, -1):
+        W = params[l][0]
+        w, b = offsets[l]
+        n_in, n_out = spec.dims[l], spec.dims[l + 1]
+        torch.matmul(inputs[l].T, g, out=out[w : w + n_out * n_in].view(n_out, n_in, m))
+        if b is not None:
+            torch.sum(g, 1, out=out[b : b + n_out])
+        if l > 0:
+            g = (W.T @ g.reshape(n_out, batch * m)).view(n_in, batch, m).mul_(slopes[l - 1].T.unsqueeze(-1))
+    return out
 
 
 # ---- wrappers ------------------------------------------------------------------------------------

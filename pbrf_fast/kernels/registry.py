@@ -42,12 +42,20 @@ triton, _triton_import_error = _optional_import("triton")
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _implementations: dict[tuple[str, str], Callable] = {}
+# Ops whose "auto" choice on a device is not the default order, because the
+# measurement says so (bench/RESULTS.md). Explicit backends are unaffected.
+_auto_order: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 def register(op_name: str, backend: str, implementation: Callable) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _implementations[(op_name, backend)] = implementation
+
+
+def prefer_on_auto(op_name: str, device_type: str, order: tuple[str, ...]) -> None:
+    """Make ``backend="auto"`` try ``order`` (then torch) for ``op_name`` on ``device_type``."""
+    _auto_order[(op_name, device_type)] = tuple(order)
 
 
 def implementation(op_name: str, backend: str) -> Callable:
@@ -130,11 +138,12 @@ def resolve(op_name: str, tensor: torch.Tensor, backend: str = "auto") -> str:
     """Pick the backend for `op_name` on `tensor`'s device and dtype.
 
     "auto": CUDA tensors -> cuda, else triton, else torch; CPU tensors -> cpu,
-    else torch. An explicit backend that cannot serve the tensor raises
+    else torch -- unless the op set another order with :func:`prefer_on_auto`. An explicit backend that cannot serve the tensor raises
     BackendUnavailable naming the reason.
     """
     if backend == "auto":
-        preference = ("cuda", "triton") if tensor.device.type == "cuda" else ("cpu",)
+        default = ("cuda", "triton") if tensor.device.type == "cuda" else ("cpu",)
+        preference = _auto_order.get((op_name, tensor.device.type), default)
         for candidate in preference:
             if not _why_not(op_name, candidate, tensor):
                 return candidate

@@ -86,24 +86,33 @@ class CurvatureOperator:
     def data_matvec(self, V: torch.Tensor, idx=None) -> torch.Tensor:
         """Mean over the data (or over ``idx``) of C_i V, without weight decay or damping."""
         V2 = self.check_vectors(V)
-        idx = as_index(idx, self.problem.n)
-        if len(idx) == 0:
-            raise ValueError("empty index batch")
+        problem = self.problem
+        if idx is None:  # all data: contiguous slices, no gather copies
+            step = self.batch_size or problem.batch_size
+            count = problem.n
+            chunks = ((problem.inputs[s : s + step], problem.targets[s : s + step]) for s in range(0, count, step))
+        else:
+            idx = as_index(idx, problem.n)
+            if len(idx) == 0:
+                raise ValueError("empty index batch")
+            count = len(idx)
+            chunks = (problem.batch(c) for c in problem.batches(idx, self.batch_size))
         total = None
         with torch.no_grad():
-            for chunk in self.problem.batches(idx, self.batch_size):
-                part = self._batch_sum(V2, *self.problem.batch(chunk))
+            for x, t in chunks:
+                part = self._batch_sum(V2, x, t)
                 total = part if total is None else total.add_(part)
-        total /= len(idx)
+        total /= count
         return total.reshape(V.shape)
 
     def undamped_matvec(self, V: torch.Tensor, idx=None) -> torch.Tensor:
         """(C + weight_decay I) V: the curvature of J itself, no damping."""
-        return self.data_matvec(V, idx) + self.problem.weight_decay * V
+        return self.data_matvec(V, idx).add_(V, alpha=self.problem.weight_decay)
 
     def matvec(self, V: torch.Tensor, idx=None) -> torch.Tensor:
         """(C + (weight_decay + damping) I) V over all data, or the mini-batch ``idx``."""
-        return self.data_matvec(V, idx) + self.shift * V
+        # in place on the fresh product: no second (d, m) temporary
+        return self.data_matvec(V, idx).add_(V, alpha=self.shift)
 
     matmat = matvec
 

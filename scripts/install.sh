@@ -11,4 +11,5 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --disable-pip-version-check "triton==3.8.0" \
   || echo "install.sh: triton not installed; its backend will report unavailable"
 .venv/bin/python -m pip install -q --disable-pip-version-check ".[test]"
-.venv/bin/python -c "import pbrf_fast, json; print(json.dumps(pbrf_fast.backends()))"
+# -P: report on the installed package, not the source tree in the current directory
+.venv/bin/python -P -c "import pbrf_fast, json; print(json.dumps(pbrf_fast.backends()))"

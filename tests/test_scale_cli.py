@@ -18,8 +18,11 @@ BASE = ["-m", "pbrf_fast.scale.cli", "scores", "--dataset", "synthetic", "--mode
 
 
 def _env():
+    # The subprocesses import the same pbrf_fast as this test (installed or in-tree).
+    import pbrf_fast
+
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(pbrf_fast.__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

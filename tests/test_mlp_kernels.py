@@ -121,12 +121,13 @@ def test_auto_leaves_big_products_to_torch_blas():
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("dims", SHAPES, ids=lambda d: "-".join(map(str, d)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_blas_layout_product_matches_reference(loss, activation, dims, bias):
-    problem = make_problem(loss, dims, activation, bias)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_blas_layout_product_matches_reference(loss, activation, dims, bias, device):
+    problem = make_problem(loss, dims, activation, bias, device=device)
     spec = parse_mlp(problem.model)
     x, t = problem.batch(None)
     for m in (1, 3, BLAS_MIN_COLUMNS + 1):
-        V = torch.randn(problem.dim, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+        V = torch.randn(problem.dim, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m)).to(device)
         expected = mlp_gnh_product_reference(spec, loss, problem.theta, x, V)
         got = mlp_gnh_product_blas(spec, loss, problem.theta, x, V)
         assert got.shape == V.shape and rel_err(got, expected) < 1e-12

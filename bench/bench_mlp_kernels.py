@@ -97,8 +97,6 @@ def test_gnh_product(benchmark, backend, name, m):
 
 @pytest.mark.parametrize("engine", ["native", "python"])
 def test_lissa(benchmark, engine):
-    if engine == "native" and DEVICE != "cpu":
-        pytest.skip("no CUDA LiSSA engine yet")
     p = problem(MLPS["8-128-128-1"], N_TRAIN)
     b = torch.randn(p.dim, device=DEVICE)
     depth = DEPTH if engine == "native" else PY_DEPTH

@@ -21,6 +21,16 @@ void mlp_gnh_product(Precision precision, const std::vector<int64_t>& dims,
                      int loss_kind, uintptr_t inputs, uintptr_t theta, uintptr_t vectors,
                      uintptr_t out, uintptr_t transposed, int64_t batch, int64_t num_vectors,
                      uintptr_t workspace, int64_t workspace_elements, int device, uintptr_t stream);
+// Native LiSSA engine (lissa_engine_cuda.cu).
+std::vector<int64_t> mlp_lissa(Precision precision, const std::vector<int64_t>& dims,
+                               const std::vector<int>& activations, const std::vector<int>& has_bias,
+                               int loss_kind, uintptr_t inputs, int64_t num_examples, uintptr_t theta,
+                               uintptr_t v, int64_t num_vectors, uintptr_t schedule, int64_t repeats,
+                               int64_t depth, int64_t batch, double weight_decay, double damping,
+                               double scale, const double* limits, double ceiling, int64_t check_every,
+                               uintptr_t total, double* failure_norms, uintptr_t workspace,
+                               int64_t workspace_elements, uintptr_t norms, uintptr_t flag, int device,
+                               uintptr_t stream);
 }  // namespace pbrf::cuda
 
 namespace py = pybind11;
@@ -115,4 +125,29 @@ PYBIND11_MODULE(_C_cuda, m) {
                                     workspace_elements, device, stream);
       },
       "vectors/out (d, m); transposed: 2 m d scratch elements when m > 1.");
+
+  // ---- native LiSSA engine (lissa_engine_cuda.cu)
+  m.def(
+      "mlp_lissa",
+      [](const std::string& dtype, const std::vector<int64_t>& dims, const std::vector<int>& activations,
+         const std::vector<int>& has_bias, int loss_kind, uintptr_t inputs, int64_t num_examples,
+         uintptr_t theta, uintptr_t v, int64_t num_vectors, uintptr_t schedule, int64_t repeats,
+         int64_t depth, int64_t batch, double weight_decay, double damping, double scale,
+         uintptr_t limits, double ceiling, int64_t check_every, uintptr_t total, uintptr_t failure_norms,
+         uintptr_t workspace, int64_t workspace_elements, uintptr_t norms, uintptr_t flag, int device,
+         uintptr_t stream) {
+        const Precision precision = precision_from_name(dtype);
+        std::vector<int64_t> o;
+        {
+          py::gil_scoped_release release;
+          o = pbrf::cuda::mlp_lissa(precision, dims, activations, has_bias, loss_kind, inputs, num_examples,
+                                    theta, v, num_vectors, schedule, repeats, depth, batch, weight_decay,
+                                    damping, scale, reinterpret_cast<const double*>(limits), ceiling,
+                                    check_every, total, reinterpret_cast<double*>(failure_norms), workspace,
+                                    workspace_elements, norms, flag, device, stream);
+        }
+        return py::make_tuple(o[0] != 0, o[1] != 0, o[2], o[3]);
+      },
+      "The whole LiSSA recursion on the GPU; limits and failure_norms are host float64 arrays. "
+      "Returns (diverged, nonfinite, repeat, step).");
 }

@@ -13,6 +13,7 @@
 #include "common/cuda_ops.h"
 #include "common/cuda_utils.h"
 #include "common/mlp_gnh.h"
+#include "cuda/mlp_gnh_cuda.h"
 
 namespace pbrf::cuda {
 namespace {
@@ -81,7 +82,12 @@ void gemm(const T* A, const T* B, T* C, GemmShape s, int64_t batch, cudaStream_t
   throw_if_failed(cudaGetLastError(), "mlp_gnh gemm launch");
 }
 
-unsigned blocks_for(int64_t n) { return unsigned(std::min<int64_t>((n + 255) / 256, 65535)); }
+}  // namespace
+
+unsigned mlp::blocks_for(int64_t n) { return unsigned(std::min<int64_t>((n + 255) / 256, 65535)); }
+using mlp::blocks_for;
+
+namespace {
 
 // z (rows, n) += bias; if act >= 0: z = act(z), slope = act'(z).
 template <typename T>
@@ -163,12 +169,10 @@ __global__ void output_hessian_rows_kernel(int loss_kind, const T* y, T* rows, i
     u[c] = softmax_hessian_element(exp_of(logits[c] - row_max) * inv, u[c], dot * inv);
 }
 
-struct Layout {
-  std::vector<int64_t> dims, weight_offset, bias_offset;
-  std::vector<int> activations;
-  int64_t num_params = 0, hidden = 0, max_width = 0;
-  int L = 0;
-};
+}  // namespace
+
+// The product, shared with the LiSSA engine (lissa_engine_cuda.cu) through mlp_gnh_cuda.h.
+namespace mlp {
 
 Layout make_layout(const std::vector<int64_t>& dims, const std::vector<int>& activations,
                    const std::vector<int>& has_bias) {
@@ -256,6 +260,15 @@ void product(const Layout& s, int loss_kind, const T* x, const T* theta, const T
   throw_if_failed(cudaGetLastError(), "mlp_gnh_product launch");
 }
 
+template void product<float>(const Layout&, int, const float*, const float*, const float*, float*,
+                             int64_t, int64_t, float*, cudaStream_t);
+template void product<double>(const Layout&, int, const double*, const double*, const double*, double*,
+                              int64_t, int64_t, double*, cudaStream_t);
+
+}  // namespace mlp
+
+namespace {
+
 // (cols x rows) = (rows x cols)^T
 template <typename T>
 __global__ void transpose_kernel(const T* src, T* dst, int64_t rows, int64_t cols) {
@@ -281,7 +294,7 @@ void mlp_gnh_product(Precision precision, const std::vector<int64_t>& dims,
                      int loss_kind, uintptr_t inputs, uintptr_t theta, uintptr_t vectors,
                      uintptr_t out, uintptr_t transposed, int64_t batch, int64_t num_vectors,
                      uintptr_t workspace, int64_t workspace_elements, int device, uintptr_t stream) {
-  const Layout s = make_layout(dims, activations, has_bias);
+  const mlp::Layout s = mlp::make_layout(dims, activations, has_bias);
   if (loss_kind != kMse && loss_kind != kCrossEntropy && loss_kind != kBce)
     throw std::invalid_argument("mlp_gnh_product: unknown loss kind code");
   if (batch < 1 || num_vectors < 1) throw std::invalid_argument("mlp_gnh_product: empty batch");
@@ -297,7 +310,7 @@ void mlp_gnh_product(Precision precision, const std::vector<int64_t>& dims,
     T* Vt = reinterpret_cast<T*>(transposed);  // (m, d) twice, only used for m > 1
     T* Ot = Vt + m * d;
     if (m > 1) transpose_kernel<T><<<blocks_for(d * m), 256, 0, st>>>(V, Vt, d, m);
-    product<T>(s, loss_kind, reinterpret_cast<const T*>(inputs), reinterpret_cast<const T*>(theta),
+    mlp::product<T>(s, loss_kind, reinterpret_cast<const T*>(inputs), reinterpret_cast<const T*>(theta),
                m > 1 ? Vt : V, m > 1 ? Ot : O, batch, m, reinterpret_cast<T*>(workspace), st);
     if (m > 1) transpose_kernel<T><<<blocks_for(d * m), 256, 0, st>>>(Ot, O, m, d);
     throw_if_failed(cudaGetLastError(), "mlp_gnh_product transpose launch");

@@ -11,9 +11,9 @@ below min(t + 2, scale / (weight_decay + damping)) * ||v_k|| * slack (and finite
 Returns sum over repeats of h_depth, shape (d, m); the caller divides by
 repeats * scale. :func:`lissa_engine_reference` is the spec (a torch loop over
 :func:`~pbrf_fast.kernels.mlp_gnh.mlp_gnh_product_reference`); the cpu backend
-runs everything inside ``pbrf_fast._C`` with no Python per step. There is no
-CUDA engine yet: on CUDA tensors solvers.lissa keeps the Python loop (which
-uses the fused CUDA product).
+runs everything inside ``pbrf_fast._C`` with no Python per step, the cuda
+backend inside ``pbrf_fast._C_cuda`` (one C++ loop of launches on the current
+stream; it reads m + 1 numbers back per step for the divergence check).
 """
 from __future__ import annotations
 
@@ -128,6 +128,35 @@ def _run_cpu(spec, code, theta, inputs, V, schedule, weight_decay, damping, scal
     return total.T
 
 
+def _run_cuda(spec, code, theta, inputs, V, schedule, weight_decay, damping, scale, limits,
+              ceiling, check_every):
+    ext = registry.cuda_extension
+    dims, acts, bias = spec.kernel_args()
+    m = V.shape[1]
+    v = V.T.contiguous()                                    # (m, d): one vector per row
+    total = torch.empty_like(v)
+    repeats, depth, batch = schedule.shape
+    elements = 2 * m * spec.num_params + batch * dims[0] + ext.mlp_gnh_workspace_elements(dims, batch, m)
+    workspace = torch.empty(elements, dtype=theta.dtype, device=theta.device)
+    norms = torch.zeros(m, dtype=torch.float64, device=theta.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=theta.device)
+    schedule = schedule.to(theta.device).contiguous()
+    failure = torch.zeros(m, dtype=torch.float64)
+    device, stream = registry.cuda_launch_args(theta)
+    diverged, nonfinite, repeat, step = ext.mlp_lissa(
+        registry.dtype_name(theta), dims, acts, bias, code, inputs.data_ptr(), len(inputs),
+        theta.data_ptr(), v.data_ptr(), m, schedule.data_ptr(), repeats, depth, batch, weight_decay,
+        damping, scale, limits.data_ptr(), ceiling if math.isfinite(ceiling) else math.inf, check_every,
+        total.data_ptr(), failure.data_ptr(), workspace.data_ptr(), elements, norms.data_ptr(),
+        flag.data_ptr(), device, stream)
+    if diverged:
+        _raise_divergence(failure, nonfinite, limits, min(step + 2, ceiling), step, repeat, scale,
+                          damping)
+    return total.T
+
+
 registry.register(OP_NAME, "torch", lissa_engine_reference)
 if registry.cpu_extension is not None and hasattr(registry.cpu_extension, "mlp_lissa"):
     registry.register(OP_NAME, "cpu", _run_cpu)
+if registry.cuda_extension is not None and hasattr(registry.cuda_extension, "mlp_lissa"):
+    registry.register(OP_NAME, "cuda", _run_cuda)

@@ -10,6 +10,16 @@ PY="${PYTHON:-python}"
 WORK="$(mktemp -d)"
 status=0
 step() { printf '\n=== %s ===\n' "$*"; }
+# gpu_tests SECONDS LINES FILE: the gpu-marked tests of FILE; bench SECONDS LINES SCRIPT: a
+# benchmark on CUDA tensors. Both show the last LINES lines and record a failure.
+gpu_tests() {
+    timeout "$1" "$PY" -m pytest "$REPO/tests/$3" -m gpu -q -p no:cacheprovider --rootdir="$REPO" 2>&1 | tail -"$2"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+bench() {
+    timeout "$1" "$PY" "$REPO/bench/$3" --cuda 2>&1 | tail -"$2"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
 
 step "environment"
 "$PY" - <<'PYEOF'
@@ -42,26 +52,18 @@ step "backends"
 "$PY" -c "import json, pbrf_fast.backends as b; print(json.dumps(b.backends(), indent=1))"
 
 step "pytest -m gpu tests"
-timeout 240 "$PY" -m pytest "$REPO/tests/test_kernels.py" -m gpu -q -p no:cacheprovider \
-    --rootdir="$REPO" 2>&1 | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+gpu_tests 240 25 test_kernels.py
 
 step "kernel benchmarks on CUDA tensors"
-timeout 150 "$PY" "$REPO/bench/bench_kernels.py" --cuda 2>&1 | tail -15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+bench 150 15 bench_kernels.py
 
-step "fused MLP GNH product: gpu tests + benchmark (tests/test_mlp_kernels.py, bench/bench_mlp_kernels.py)"
-timeout 90 "$PY" -m pytest "$REPO/tests/test_mlp_kernels.py" -m gpu -q -p no:cacheprovider \
-    --rootdir="$REPO" 2>&1 | tail -15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 90 "$PY" "$REPO/bench/bench_mlp_kernels.py" --cuda 2>&1 | tail -8
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step "fused MLP GNH product and native LiSSA: gpu tests + benchmark"
+gpu_tests 90 15 test_mlp_kernels.py
+bench 90 8 bench_mlp_kernels.py
 
 step "score contraction: gpu tests, benchmark, full-scale CIFAR-10 scores (time-capped)"
-timeout 60 "$PY" -m pytest "$REPO/tests/test_score_contraction.py" -m gpu -q -p no:cacheprovider \
-    --rootdir="$REPO" 2>&1 | tail -5
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 45 "$PY" "$REPO/bench/bench_scale.py" --cuda 2>&1 | tail -22
+gpu_tests 60 5 test_score_contraction.py
+bench 45 22 bench_scale.py
 # 50,000 train x 1,000 test, ResNet-20: capped at 150 s so the script stays under
 # 8 minutes; on a cap the progress lines still give the throughput of each stage.
 CIFAR_DIR="${PBRF_DATA:-$REPO/../shared/data}"

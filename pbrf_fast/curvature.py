@@ -88,8 +88,7 @@ class CurvatureOperator:
         V2 = self.check_vectors(V)
         problem = self.problem
         if idx is None:  # all data: contiguous slices, no gather copies
-            step = self.batch_size or problem.batch_size
-            count = problem.n
+            step, count = self.batch_size, problem.n
             chunks = ((problem.inputs[s : s + step], problem.targets[s : s + step]) for s in range(0, count, step))
         else:
             idx = as_index(idx, problem.n)
@@ -186,6 +185,21 @@ class GaussNewton(CurvatureOperator):
         return type(self)(self.problem, damping, batch_size=self.batch_size, _cache=self._cache,
                           backend=self.backend)
 
+    def mlp_spec(self):
+        """(MlpSpec, "") if the model with this loss is an MLP the kernels of
+        pbrf_fast.kernels.mlp_gnh serve, else (None, why not). Parsed once: the
+        model's structure never changes."""
+        if getattr(self, "_mlp_spec", None) is None:
+            from .kernels import mlp_gnh, registry
+
+            model, loss = self.problem.model, self.problem.loss
+            spec = mlp_gnh.parse_mlp(model)
+            reason = "" if spec is not None else mlp_gnh.mlp_unsupported_reason(model)
+            if spec is not None and loss.kernel_kind not in registry.LOSS_KIND_CODES:
+                spec, reason = None, f"loss {loss.name!r} has no compiled output-Hessian"
+            self._mlp_spec = (spec, reason)
+        return self._mlp_spec
+
     def _mlp_path(self, x, V):
         """How a product over inputs ``x`` runs for a supported MLP: ``("fused", backend)``
         (the compiled kernel), ``("blas", None)`` or ``("matmul", None)`` (explicit
@@ -199,13 +213,7 @@ class GaussNewton(CurvatureOperator):
             return None
         from .kernels import mlp_gnh, registry
 
-        if getattr(self, "_mlp_spec", None) is None:  # the model's structure never changes
-            model = self.problem.model
-            self._mlp_spec = (mlp_gnh.parse_mlp(model), mlp_gnh.mlp_unsupported_reason(model))
-        spec, reason = self._mlp_spec
-        kind = self.problem.loss.kernel_kind
-        if spec is not None and kind not in registry.LOSS_KIND_CODES:
-            spec, reason = None, f"loss {self.problem.loss.name!r} has no compiled output-Hessian"
+        spec, reason = self.mlp_spec()
         if spec is not None and (x.dim() < 2 or x[0].numel() != spec.dims[0] or x.dtype != self.dtype):
             spec, reason = None, f"inputs of shape {tuple(x.shape)} do not fit the MLP"
         if spec is None:

@@ -308,19 +308,13 @@ def _native_lissa_backend(op: CurvatureOperator, B2: torch.Tensor, engine: str,
         return None
     from .kernels import lissa_engine, mlp_gnh, registry
 
-    reason = ""
-    if op.kind != "gnh":
-        reason = "the native engine needs the Gauss-Newton operator"
-    elif getattr(op, "backend", "auto") == "torch":
+    spec, reason = (op.mlp_spec() if op.kind == "gnh"
+                    else (None, "the native engine needs the Gauss-Newton operator"))
+    if getattr(op, "backend", "auto") == "torch":
         reason = "the operator was built with backend='torch'"
-    elif op.problem.loss.kernel_kind not in registry.LOSS_KIND_CODES:
-        reason = f"loss {op.problem.loss.name!r} has no compiled output-Hessian"
-    elif mlp_gnh.parse_mlp(op.problem.model) is None:
-        reason = mlp_gnh.mlp_unsupported_reason(op.problem.model)
-    elif op.problem.inputs.dim() < 2 or not op.problem.inputs.is_floating_point():
+    elif spec is not None and (op.problem.inputs.dim() < 2 or not op.problem.inputs.is_floating_point()):
         reason = "the training inputs are not a float (n, features) tensor"
-    elif engine == "auto" and not mlp_gnh.fused_pays_off(mlp_gnh.parse_mlp(op.problem.model),
-                                                         batch_size, B2.shape[1]):
+    elif spec is not None and engine == "auto" and not mlp_gnh.fused_pays_off(spec, batch_size, B2.shape[1]):
         return None  # products this big run faster on torch's BLAS than in the engine
     if not reason:
         try:
@@ -338,13 +332,12 @@ def _native_lissa_backend(op: CurvatureOperator, B2: torch.Tensor, engine: str,
 def _native_lissa(op, B2, backend, depth, repeats, batch_size, generator, scale, limits, ceiling,
                   check_every):
     from .kernels.lissa_engine import mlp_lissa
-    from .kernels.mlp_gnh import parse_mlp
 
     # Drawn in the order the Python loop draws them: one (depth, batch) block per repeat.
     schedule = torch.stack([lissa_batches(op.problem.n, depth, batch_size, generator)
                             for _ in range(repeats)]).contiguous()
     problem = op.problem
-    return mlp_lissa(parse_mlp(problem.model), problem.loss.kernel_kind, problem.theta,
+    return mlp_lissa(op.mlp_spec()[0], problem.loss.kernel_kind, problem.theta,
                      problem.inputs, B2, schedule, weight_decay=problem.weight_decay,
                      damping=op.damping, scale=scale, limits=limits, ceiling=ceiling,
                      check_every=check_every, backend=backend)

@@ -12,26 +12,6 @@
 #include "common/cuda_ops.h"
 #include "common/score_contraction_cuda_ops.h"
 
-// Fused MLP Gauss-Newton product (mlp_gnh_cuda.cu); declared here, beside its binding.
-namespace pbrf::cuda {
-int64_t mlp_gnh_workspace_elements(const std::vector<int64_t>& dims, int64_t batch,
-                                   int64_t num_vectors);
-void mlp_gnh_product(Precision precision, const std::vector<int64_t>& dims,
-                     const std::vector<int>& activations, const std::vector<int>& has_bias,
-                     int loss_kind, uintptr_t inputs, uintptr_t theta, uintptr_t vectors,
-                     uintptr_t out, uintptr_t transposed, int64_t batch, int64_t num_vectors,
-                     uintptr_t workspace, int64_t workspace_elements, int device, uintptr_t stream);
-// Native LiSSA engine (lissa_engine_cuda.cu).
-std::vector<int64_t> mlp_lissa(Precision precision, const std::vector<int64_t>& dims,
-                               const std::vector<int>& activations, const std::vector<int>& has_bias,
-                               int loss_kind, uintptr_t inputs, int64_t num_examples, uintptr_t theta,
-                               uintptr_t v, int64_t num_vectors, uintptr_t schedule, int64_t repeats,
-                               int64_t depth, int64_t batch, double weight_decay, double damping,
-                               double scale, const double* limits, double ceiling, int64_t check_every,
-                               uintptr_t total, double* failure_norms, uintptr_t workspace,
-                               int64_t workspace_elements, uintptr_t norms, uintptr_t flag, int device,
-                               uintptr_t stream);
-}  // namespace pbrf::cuda
 
 namespace py = pybind11;
 using pbrf::cuda::Precision;

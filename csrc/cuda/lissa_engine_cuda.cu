@@ -71,8 +71,6 @@ __global__ void accumulate_kernel(T* __restrict__ total, const T* __restrict__ h
 
 }  // namespace
 
-int64_t mlp_gnh_workspace_elements(const std::vector<int64_t>& dims, int64_t batch, int64_t num_vectors);
-
 // Returns (diverged, nonfinite, repeat, step); on divergence failure_norms (host,
 // float64, m) holds the norms of the failing step. v, total: (m, d) device arrays;
 // schedule: (repeats, depth, batch) int64 on the device; limits: host float64 (m);

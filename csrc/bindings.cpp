@@ -84,6 +84,19 @@ PYBIND11_MODULE(_C, m) {
   // ---- fused MLP Gauss-Newton product and native LiSSA (mlp_gnh_cpu.cpp, lissa_engine_cpu.cpp)
   m.def("gemm_isa", &pbrf::cpu::gemm::gemm_isa, "Micro-kernel instruction set in use.");
   m.def(
+      "gemm",
+      [](const std::string& dtype, int64_t M, int64_t N, int64_t K, int64_t batch, uintptr_t a,
+         int64_t a_row, int64_t a_col, int64_t a_batch, uintptr_t b, int64_t b_row, int64_t b_col,
+         int64_t b_batch, uintptr_t c, int64_t c_row, int64_t c_col, int64_t c_batch,
+         bool accumulate, int num_threads) {
+        const bool f64 = precision_from_name(dtype) == Precision::kFloat64;
+        py::gil_scoped_release release;
+        pbrf::cpu::gemm::gemm_strided(f64, M, N, K, batch, a, a_row, a_col, a_batch, b, b_row,
+                                      b_col, b_batch, c, c_row, c_col, c_batch, accumulate,
+                                      num_threads);
+      },
+      "C_b (+)= A_b B_b with element strides: the fused kernels' GEMM, exposed for its tests.");
+  m.def(
       "mlp_gnh_product",
       [](const std::string& dtype, const std::vector<int64_t>& dims,
          const std::vector<int>& activations, const std::vector<int>& has_bias, int loss_kind,

@@ -221,6 +221,32 @@ def test_native_lissa_full_batch_and_single_vector():
     assert rel_err(native.solution, python.solution) < 1e-10
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_lissa_batch_slices_match_python(threads):
+    """Batches of >= 32 rows on small networks are split among the threads (each
+    runs its slice through the whole product); any thread count, even or not,
+    gives the Python loop's answer, and the same divergence error."""
+    problem = make_problem("cross_entropy", (6, 20, 3), "tanh", True, n=120)
+    problem.weight_decay = 1e-2
+    require("cpu", problem.theta)
+    B = torch.randn(problem.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    op = pbrf_fast.GaussNewton(problem, 0.05)
+    options = dict(depth=25, repeats=2, batch_size=70, seed=3)
+    python = lissa(op, B, engine="python", **options)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native = lissa(op, B, engine="native", **options)
+        with pytest.raises(pbrf_fast.DivergenceError) as native_error:
+            lissa(op, B, depth=50, batch_size=40, scale=1e-3, engine="native")
+    finally:
+        torch.set_num_threads(before)
+    assert rel_err(native.solution, python.solution) < 1e-10
+    with pytest.raises(pbrf_fast.DivergenceError) as python_error:
+        lissa(op, B, depth=50, batch_size=40, scale=1e-3, engine="python")
+    assert str(native_error.value).split("||h||")[0] == str(python_error.value).split("||h||")[0]
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_native_lissa_raises_divergence_like_python(backend, device):
     problem = make_problem("cross_entropy", (4, 6, 3), "tanh", True, n=20, device=device)

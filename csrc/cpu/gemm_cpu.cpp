@@ -3,6 +3,8 @@
 // micro-kernels use GCC vector extensions, so one source serves every width.
 #include "cpu/gemm_cpu.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -109,6 +111,35 @@ void gemm_team(const Gemm<float>& g, int thread, int num_threads, Workspace<floa
 
 void gemm_team(const Gemm<double>& g, int thread, int num_threads, Workspace<double>& ws) {
   dispatch(g, thread, num_threads, ws);
+}
+
+namespace {
+
+template <typename T>
+void strided_team(int64_t M, int64_t N, int64_t K, int64_t batch, Operand<T> A, Operand<T> B,
+                  T* C, int64_t c_row, int64_t c_col, int64_t c_batch, bool accumulate,
+                  int num_threads) {
+  const Gemm<T> g{M, N, K, batch, A, B, C, c_row, c_col, c_batch, accumulate};
+#pragma omp parallel num_threads(std::max(1, num_threads))
+  {
+    Workspace<T> ws;
+    dispatch(g, omp_get_thread_num(), omp_get_num_threads(), ws);
+  }
+}
+
+}  // namespace
+
+void gemm_strided(bool double_precision, int64_t M, int64_t N, int64_t K, int64_t batch,
+                  uintptr_t a, int64_t a_row, int64_t a_col, int64_t a_batch, uintptr_t b,
+                  int64_t b_row, int64_t b_col, int64_t b_batch, uintptr_t c, int64_t c_row,
+                  int64_t c_col, int64_t c_batch, bool accumulate, int num_threads) {
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    strided_team<T>(M, N, K, batch, {reinterpret_cast<const T*>(a), a_row, a_col, a_batch},
+                    {reinterpret_cast<const T*>(b), b_row, b_col, b_batch},
+                    reinterpret_cast<T*>(c), c_row, c_col, c_batch, accumulate, num_threads);
+  };
+  double_precision ? go(0.0) : go(0.0f);
 }
 
 const char* gemm_isa() {

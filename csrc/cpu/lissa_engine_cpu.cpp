@@ -9,6 +9,15 @@
 // which is solvers.lissa's  gh = S/batch + weight_decay h;
 //                           h <- v + (1 - damping/scale) h - gh/scale.
 // The per-column norms are checked like solvers._check_lissa_step.
+//
+// Two ways to share a step among the threads:
+// - split batch (small networks): each thread takes a fixed slice of the
+//   batch through the whole product alone, into its own S; the slices' S are
+//   summed in the update. Two barriers per step, instead of two per GEMM,
+//   which on a 128-row batch of an 8-128-128-1 MLP cost more than the GEMMs.
+// - team (big layers, or too little memory for a per-thread S): the whole
+//   team cooperates on every GEMM of the product.
+// Either way a run is deterministic for a given thread count.
 #include <omp.h>
 
 #include <algorithm>
@@ -17,6 +26,7 @@
 
 #include "common/host_device.h"
 #include "common/loss_math.h"
+#include "common/cpu_vector_math.h"
 #include "cpu/mlp_cpu.h"
 
 namespace pbrf::cpu {
@@ -46,7 +56,7 @@ struct Engine {
 // Copy rows `idx` of the inputs (and of the cached full-data state) into the batch state.
 template <typename T>
 void gather_rows(const mlp::Spec& spec, const mlp::BatchState<T>& full, const T* x,
-                 const int64_t* idx, mlp::BatchState<T>& dst, T* dst_input, bool cached,
+                 const int64_t* idx, const mlp::BatchState<T>& dst, T* dst_input, bool cached,
                  int thread, int num_threads) {
   int64_t begin, end;
   split_range(dst.batch, thread, num_threads, &begin, &end);
@@ -63,95 +73,160 @@ void gather_rows(const mlp::Spec& spec, const mlp::BatchState<T>& full, const T*
   }
 }
 
-// h <- v + keep h - coef S over this thread's share; squared column norms
-// into partial[0..m), returns whether any new value is non-finite.
+// Rows [begin, end) of a batch state (a view: the pointers move, nothing is copied).
 template <typename T>
-bool update_share(T* h, const T* v, const T* S, T keep, T coef, int64_t m, int64_t d,
-                  int thread, int num_threads, double* partial) {
+mlp::BatchState<T> rows_of(const mlp::Spec& spec, const mlp::BatchState<T>& s, int64_t begin,
+                           int64_t end) {
+  mlp::BatchState<T> view = s;
+  view.batch = end - begin;
+  if (view.input) view.input += begin * spec.dims[0];
+  for (int l = 1; l < spec.layers(); ++l) {
+    view.act[l - 1] += begin * spec.dims[l];
+    view.slope[l - 1] += begin * spec.dims[l];
+  }
+  view.output += begin * spec.outputs();
+  return view;
+}
+
+// h[lo, hi) <- v + keep h - coef S; returns the sum of squares of the new
+// values (non-finite exactly when some new value is: a float squared cannot
+// overflow a double).
+template <typename T>
+PBRF_CPU_MULTIVERSION double update_range(T* __restrict h, const T* __restrict v,
+                                          const T* __restrict S, T keep, T coef, int64_t lo,
+                                          int64_t hi) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t p = lo; p < hi; ++p) {
+    const T value = v[p] + keep * h[p] - coef * S[p];
+    h[p] = value;
+    sum += double(value) * double(value);
+  }
+  return sum;
+}
+
+// h <- v + keep (sum of the `parts` S blocks, stride part_stride) ... over
+// this thread's share of the m * d entries; squared column norms into
+// partial[0..m), returns whether any new value is non-finite.
+template <typename T>
+bool update_share(T* h, const T* v, T* S, int parts, int64_t part_stride, T keep, T coef,
+                  int64_t m, int64_t d, int thread, int num_threads, double* partial) {
   int64_t begin, end;
   split_range(m * d, thread, num_threads, &begin, &end);
+  // Fold the other parts into part 0 (fixed order, so the sum is reproducible).
+  for (int part = 1; part < parts; ++part) {
+    const T* other = S + part * part_stride;
+#pragma omp simd
+    for (int64_t p = begin; p < end; ++p) S[p] += other[p];
+  }
   bool nonfinite = false;
   for (int64_t k = 0; k < m; ++k) partial[k] = 0.0;
   for (int64_t k = begin / d; k < m && k * d < end; ++k) {
     const int64_t lo = std::max(begin, k * d), hi = std::min(end, (k + 1) * d);
-    double sum = 0.0;
-    bool bad = false;
-#pragma omp simd reduction(+ : sum) reduction(| : bad)
-    for (int64_t p = lo; p < hi; ++p) {
-      const T value = v[p] + keep * h[p] - coef * S[p];
-      h[p] = value;
-      sum += double(value) * double(value);
-      bad |= is_nonfinite(value);
-    }
-    partial[k] = sum;
-    nonfinite |= bad;
+    partial[k] = update_range(h, v, S, keep, coef, lo, hi);
+    nonfinite |= !std::isfinite(partial[k]);
   }
   return nonfinite;
 }
+
+// A slice of the batch per thread pays when the product is small enough that
+// per-GEMM barriers dominate; it needs one S (m x d) per thread.
+constexpr int64_t kMinSliceRows = 16;
+constexpr double kSplitMaxFlopsPerThread = 64e6;
+constexpr int64_t kSplitMaxExtraBytes = int64_t(256) << 20;
 
 template <typename T>
 LissaOutcome run_engine(const Engine<T>& e, int num_threads) {
   const mlp::Spec& spec = e.spec;
   const int64_t d = spec.num_params, m = e.m;
-  const int threads = mlp::useful_threads(spec, e.batch, e.m, num_threads);
+  const int split_threads =
+      int(std::min<int64_t>(std::max(1, num_threads), e.batch / kMinSliceRows));
+  double step_flops = 0;
+  for (int l = 0; l < spec.layers(); ++l)
+    step_flops += 2.0 * double(e.batch) * spec.dims[l] * spec.dims[l + 1] * 4.0 * double(m);
+  const bool split = split_threads > 1 &&
+                     step_flops / split_threads <= kSplitMaxFlopsPerThread &&
+                     int64_t(split_threads - 1) * m * d * int64_t(sizeof(T)) <= kSplitMaxExtraBytes;
+  const int threads = split ? split_threads : mlp::useful_threads(spec, e.batch, e.m, num_threads);
+  const int parts = split ? threads : 1;
+  const int64_t slice_rows = split ? (e.batch + threads - 1) / threads : e.batch;
   mlp::BatchStorage<T> full(spec, e.cache_forward ? e.n : 1, false);
   full.state.input = e.x;
   full.state.batch = e.n;
   mlp::BatchStorage<T> step_state(spec, e.batch, true);
-  std::vector<T> h(m * d), S(m * d);
-  std::vector<T> buffers(2 * e.batch * m * spec.max_width());
-  T* buffer0 = buffers.data();
-  T* buffer1 = buffer0 + e.batch * m * spec.max_width();
-  std::vector<double> partial(threads * m), norms(m);
+  std::vector<T> h(m * d), S(parts * m * d);
+  const int64_t buffer_size = slice_rows * m * spec.max_width();
+  std::vector<T> buffers(2 * parts * buffer_size);
+  std::vector<double> partial(threads * m);
   std::vector<char> flags(threads);
   const T keep = T(1.0 - (e.damping + e.weight_decay) / e.scale);
   const T coef = T(1.0 / (double(e.batch) * e.scale));
   LissaOutcome outcome;
-  bool stop = false;
 
 #pragma omp parallel num_threads(threads)
   {
     mlp::ThreadScratch<T> scratch;
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    // A team of fewer threads than asked for still covers the whole batch.
+    const bool split_here = split && nt == threads;
+    const int part = split_here ? t : 0;
+    int64_t row0 = 0, row1 = e.batch;
+    if (split_here) mlp::split_range(e.batch, t, nt, &row0, &row1);
+    const mlp::BatchState<T> rows = rows_of(spec, step_state.state, row0, row1);
+    // Product calls below run on this thread alone (split) or on the team.
+    const int pt = split_here ? 0 : t, pnt = split_here ? 1 : nt;
+    T* my_S = S.data() + part * m * d;
+    T* buffer0 = buffers.data() + 2 * part * buffer_size;
+    T* buffer1 = buffer0 + buffer_size;
     int64_t begin, end;
     split_range(m * d, t, nt, &begin, &end);
     std::fill(e.total + begin, e.total + end, T(0));
     if (e.cache_forward) mlp::forward_team(spec, e.theta, full.state, t, nt, scratch);
+    bool stop = false;
     for (int64_t r = 0; r < e.repeats && !stop; ++r) {
       std::copy(e.v + begin, e.v + end, h.data() + begin);
 #pragma omp barrier
       for (int64_t step = 0; step < e.depth; ++step) {
-        const int64_t* idx = e.schedule + (r * e.depth + step) * e.batch;
-        gather_rows(spec, full.state, e.x, idx, step_state.state, step_state.input.data(),
-                    e.cache_forward, t, nt);
+        const int64_t* idx = e.schedule + (r * e.depth + step) * e.batch + row0;
+        gather_rows(spec, full.state, e.x, idx, rows, const_cast<T*>(rows.input), e.cache_forward,
+                    pt, pnt);
+        if (!split_here) {
 #pragma omp barrier
-        if (!e.cache_forward) mlp::forward_team(spec, e.theta, step_state.state, t, nt, scratch);
-        mlp::gnh_team(spec, e.theta, step_state.state, h.data(), d, m, S.data(), d, buffer0,
-                      buffer1, t, nt, scratch);
-        flags[t] = update_share(h.data(), e.v, S.data(), keep, coef, m, d, t, nt,
-                                partial.data() + t * m);
+        }
+        if (!e.cache_forward) mlp::forward_team(spec, e.theta, rows, pt, pnt, scratch);
+        mlp::gnh_team(spec, e.theta, rows, h.data(), d, m, my_S, d, buffer0, buffer1, pt, pnt,
+                      scratch);
+        if (split_here) {
 #pragma omp barrier
-#pragma omp single
-        {
-          bool nonfinite = false;
-          for (int i = 0; i < nt; ++i) nonfinite |= flags[i] != 0;
-          if (nonfinite || (step + 1) % e.check_every == 0) {
-            const double bound = std::min(double(step + 2), e.ceiling);
-            bool bad = nonfinite;
-            for (int64_t k = 0; k < m; ++k) {
-              double sq = 0.0;
-              for (int i = 0; i < nt; ++i) sq += partial[i * m + k];
-              norms[k] = std::sqrt(sq);
-              const double limit = e.limits[k] * bound + 1e-30;
-              bad |= !std::isfinite(norms[k]) || norms[k] > limit;
-            }
-            if (bad) {
-              stop = true;
+        }
+        flags[t] = update_share(h.data(), e.v, S.data(), split_here ? nt : 1, m * d, keep, coef, m,
+                                d, t, nt, partial.data() + t * m);
+#pragma omp barrier
+        // Every thread evaluates the check (a few numbers), so all agree on
+        // stopping without another barrier; thread 0 records the outcome.
+        bool nonfinite = false;
+        for (int i = 0; i < nt; ++i) nonfinite |= flags[i] != 0;
+        if (nonfinite || (step + 1) % e.check_every == 0) {
+          const double bound = std::min(double(step + 2), e.ceiling);
+          bool bad = nonfinite;
+          for (int64_t k = 0; k < m && !bad; ++k) {
+            double sq = 0.0;
+            for (int i = 0; i < nt; ++i) sq += partial[i * m + k];
+            const double norm = std::sqrt(sq);
+            bad |= !std::isfinite(norm) || norm > e.limits[k] * bound + 1e-30;
+          }
+          if (bad) {
+            stop = true;
+            if (t == 0) {
               outcome = LissaOutcome{true, nonfinite, r, step};
-              std::copy(norms.begin(), norms.end(), e.failure_norms);
+              for (int64_t k = 0; k < m; ++k) {
+                double sq = 0.0;
+                for (int i = 0; i < nt; ++i) sq += partial[i * m + k];
+                e.failure_norms[k] = std::sqrt(sq);
+              }
             }
           }
-        }  // implicit barrier: every thread sees `stop`
+        }
         if (stop) break;
       }
       if (!stop)

@@ -67,7 +67,7 @@ class CurvatureOperator:
         return type(self)(self.problem, damping, batch_size=self.batch_size, _cache=self._cache)
 
     # --------------------------------------------------------------- products
-    def _batch_sum(self, V: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _batch_sum(self, V: torch.Tensor, x: torch.Tensor, t: torch.Tensor, slot=None) -> torch.Tensor:
         raise NotImplementedError
 
     def check_vectors(self, V: torch.Tensor) -> torch.Tensor:
@@ -89,17 +89,19 @@ class CurvatureOperator:
         problem = self.problem
         if idx is None:  # all data: contiguous slices, no gather copies
             step, count = self.batch_size, problem.n
-            chunks = ((problem.inputs[s : s + step], problem.targets[s : s + step]) for s in range(0, count, step))
+            # slot: which slice of the data a chunk is, so per-slice state can be cached
+            chunks = ((s, problem.inputs[s : s + step], problem.targets[s : s + step])
+                      for s in range(0, count, step))
         else:
             idx = as_index(idx, problem.n)
             if len(idx) == 0:
                 raise ValueError("empty index batch")
             count = len(idx)
-            chunks = (problem.batch(c) for c in problem.batches(idx, self.batch_size))
+            chunks = ((None, *problem.batch(c)) for c in problem.batches(idx, self.batch_size))
         total = None
         with torch.no_grad():
-            for x, t in chunks:
-                part = self._batch_sum(V2, x, t)
+            for slot, x, t in chunks:
+                part = self._batch_sum(V2, x, t, slot=slot)
                 total = part if total is None else total.add_(part)
         total /= count
         return total.reshape(V.shape)
@@ -163,6 +165,10 @@ class CurvatureOperator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(d={self.dim}, damping={self.damping}, weight_decay={self.problem.weight_decay})"
+
+
+# Memory the GNH operator may keep for MLP forward states between products.
+FORWARD_CACHE_BYTES = 256 << 20
 
 
 class GaussNewton(CurvatureOperator):
@@ -229,22 +235,49 @@ class GaussNewton(CurvatureOperator):
         chosen = registry.resolve(mlp_gnh.OP_NAME, self.problem.theta, self.backend)
         return ("matmul", None) if chosen == "torch" else ("fused", chosen)
 
+    def _mlp_forward(self, spec, x, slot):
+        """The MLP's forward state on data slice ``slot`` (None: not a fixed slice),
+        kept between products while the parameters and the data are unchanged:
+        solvers apply the operator hundreds of times to the same data, and at few
+        columns the forward pass is a quarter of a product's flops. Cached slices
+        stay under FORWARD_CACHE_BYTES in all."""
+        from .kernels import mlp_gnh
+
+        theta = self.problem.theta
+        if slot is None:
+            return mlp_gnh.mlp_forward_reference(spec, theta, x)
+        stamp = (self.problem.version, theta.data_ptr(), theta._version, x.data_ptr(), x._version,
+                 tuple(x.shape))
+        slices = self._cache.setdefault("mlp_forward", {})  # shared with with_damping copies
+        key = (slot, self.batch_size)
+        entry = slices.get(key)
+        if entry is not None and entry[0] == stamp:
+            return entry[1]
+        state = mlp_gnh.mlp_forward_reference(spec, theta, x)
+        held = sum(value[2] for k, value in slices.items() if k != key)
+        size = sum(a.numel() * a.element_size() for a in [*state[0][1:], *state[1], state[2]])
+        if held + size <= FORWARD_CACHE_BYTES:
+            slices[key] = (stamp, state, size)
+        else:
+            slices.pop(key, None)
+        return state
+
     def _fused_backend(self, x, V):
         """The compiled backend the product over ``x`` would use, or None."""
         path = self._mlp_path(x, V)
         return path[1] if path is not None and path[0] == "fused" else None
 
-    def _batch_sum(self, V, x, t):
+    def _batch_sum(self, V, x, t, slot=None):
         theta = self.problem.theta
         path = self._mlp_path(x, V)
         if path is not None:
             from .kernels import mlp_gnh
 
-            spec, kind = self._mlp_spec[0], self.problem.loss.kernel_kind
+            spec, kind = self.mlp_spec()[0], self.problem.loss.kernel_kind
             if path[0] == "fused":
                 return mlp_gnh.mlp_gnh_product(spec, kind, theta, x, V, backend=path[1])
-            product = mlp_gnh.mlp_gnh_product_blas if path[0] == "blas" else mlp_gnh.mlp_gnh_product_reference
-            return product(spec, kind, theta, x, V)
+            product = mlp_gnh.mlp_gnh_product_blas if path[0] == "blas" else mlp_gnh.mlp_gnh_product_matmul
+            return product(spec, kind, theta, x, V, forward=self._mlp_forward(spec, x, slot))
 
         def outputs(th):
             return self.problem.forward(th, x)
@@ -265,7 +298,7 @@ class Hessian(CurvatureOperator):
 
     kind = "hessian"
 
-    def _batch_sum(self, V, x, t):
+    def _batch_sum(self, V, x, t, slot=None):
         theta = self.problem.theta
 
         def total_loss(th):

@@ -13,7 +13,8 @@ from torch import nn
 
 import pbrf_fast
 from pbrf_fast.kernels import BackendUnavailable, resolve
-from pbrf_fast.kernels.mlp_gnh import (BLAS_MIN_COLUMNS, mlp_gnh_product, mlp_gnh_product_blas,
+from pbrf_fast.kernels.mlp_gnh import (BLAS_MIN_COLUMNS, mlp_forward_reference, mlp_gnh_product,
+                                       mlp_gnh_product_blas, mlp_gnh_product_matmul,
                                        mlp_gnh_product_reference, mlp_unsupported_reason, parse_mlp)
 from pbrf_fast.solvers import lissa
 
@@ -122,18 +123,44 @@ def test_auto_leaves_big_products_to_torch_blas():
 @pytest.mark.parametrize("dims", SHAPES, ids=lambda d: "-".join(map(str, d)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_blas_layout_product_matches_reference(loss, activation, dims, bias, device):
+def test_blas_and_matmul_layout_products_match_reference(loss, activation, dims, bias, device):
     problem = make_problem(loss, dims, activation, bias, device=device)
     spec = parse_mlp(problem.model)
     x, t = problem.batch(None)
-    for m in (1, 3, BLAS_MIN_COLUMNS + 1):
-        V = torch.randn(problem.dim, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m)).to(device)
-        expected = mlp_gnh_product_reference(spec, loss, problem.theta, x, V)
-        got = mlp_gnh_product_blas(spec, loss, problem.theta, x, V)
-        assert got.shape == V.shape and rel_err(got, expected) < 1e-12
-    v = V[:, 0].contiguous()
-    assert rel_err(mlp_gnh_product_blas(spec, loss, problem.theta, x, v),
-                   mlp_gnh_product_reference(spec, loss, problem.theta, x, v)) < 1e-12
+    forward = mlp_forward_reference(spec, problem.theta, x)
+    for product in (mlp_gnh_product_blas, mlp_gnh_product_matmul):
+        for m in (1, 3, BLAS_MIN_COLUMNS + 1):
+            V = torch.randn(problem.dim, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m)).to(device)
+            expected = mlp_gnh_product_reference(spec, loss, problem.theta, x, V)
+            got = product(spec, loss, problem.theta, x, V)
+            assert got.shape == V.shape and rel_err(got, expected) < 1e-12
+            assert rel_err(product(spec, loss, problem.theta, x, V, forward=forward), expected) < 1e-12
+        v = V[:, 0].contiguous()
+        assert rel_err(product(spec, loss, problem.theta, x, v),
+                       mlp_gnh_product_reference(spec, loss, problem.theta, x, v)) < 1e-12
+
+
+def test_gnh_forward_cache_follows_parameter_and_data_changes():
+    """Products over all data reuse each slice's forward state, and never a stale one."""
+    problem = make_problem("cross_entropy", (5, 7, 3), "tanh", True, n=30)
+    V = torch.randn(problem.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch_op = pbrf_fast.GaussNewton(problem, 0.1, backend="torch", batch_size=8)
+    op = pbrf_fast.GaussNewton(problem, 0.1, batch_size=8)   # four slices
+    path = ("matmul", None)
+    op._mlp_path = lambda x, V: path  # force the cached-forward path on a small model
+    first = op.matvec(V)
+    assert len(op._cache["mlp_forward"]) == 4
+    assert rel_err(first, torch_op.matvec(V)) < 1e-12
+    assert rel_err(op.matvec(V), first) == 0
+    problem.set_theta(problem.theta * 1.1)                  # new parameters
+    assert rel_err(op.matvec(V), torch_op.matvec(V)) < 1e-12
+    with torch.no_grad():
+        problem.inputs.mul_(0.5)                            # data changed in place
+    assert rel_err(op.matvec(V), torch_op.matvec(V)) < 1e-12
+    path = ("blas", None)
+    assert rel_err(op.matvec(V), torch_op.matvec(V)) < 1e-12
+    assert rel_err(op.with_damping(0.3).matvec(V),
+                   pbrf_fast.GaussNewton(problem, 0.3, backend="torch", batch_size=8).matvec(V)) < 1e-12
 
 
 def test_auto_dispatch_paths_are_all_exact():

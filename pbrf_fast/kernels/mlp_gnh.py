@@ -230,7 +230,7 @@ def mlp_gnh_product_reference(spec: MlpSpec, loss_kind: str, theta: torch.Tensor
 
 
 def mlp_gnh_product_blas(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch.Tensor,
-                         V: torch.Tensor) -> torch.Tensor:
+                         V: torch.Tensor, forward=None) -> torch.Tensor:
     """The same product as :func:`mlp_gnh_product_reference`, laid out for BLAS.
 
     Tangents and back-propagated vectors are kept as (width, batch, m), so every
@@ -242,21 +242,29 @@ def mlp_gnh_product_blas(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: 
     intermediates stay cache-sized (3x faster than one pass at batch 1024, m = 100).
     This is what ``GaussNewton(backend="auto")`` uses for MLP products with many
     columns (:data:`BLAS_MIN_COLUMNS`); on CUDA it runs on cuBLAS.
+    ``forward``: this batch's :func:`mlp_forward_reference`, if already known.
     """
     V2 = (V.unsqueeze(1) if V.dim() == 1 else V).contiguous()
     chunk = len(x) if x.is_cuda else BLAS_BATCH_CHUNK
+    forward = forward or mlp_forward_reference(spec, theta, x)
     out = None
     for c0 in range(0, len(x), chunk):
-        part = _blas_product(spec, loss_kind, theta, x[c0 : c0 + chunk], V2)
+        part = _blas_product(spec, loss_kind, theta, _forward_rows(forward, c0, c0 + chunk), V2)
         out = part if out is None else out.add_(part)
     if out is None:
         out = torch.zeros_like(V2)
     return out.reshape(V.shape)
 
 
-def _blas_product(spec, loss_kind, theta, x, V2):
+def _forward_rows(forward, start, stop):
+    """Rows [start, stop) of a forward state (views)."""
+    inputs, slopes, y = forward
+    return [a[start:stop] for a in inputs], [s[start:stop] for s in slopes], y[start:stop]
+
+
+def _blas_product(spec, loss_kind, theta, forward, V2):
     m = V2.shape[1]
-    inputs, slopes, y = mlp_forward_reference(spec, theta, x)
+    inputs, slopes, y = forward
     batch = len(inputs[0])
     params = list(_layer_params(spec, theta))
     offsets = spec.offsets()
@@ -284,6 +292,50 @@ def _blas_product(spec, loss_kind, theta, x, V2):
         if l > 0:
             g = (W.T @ g.reshape(n_out, batch * m)).view(n_in, batch, m).mul_(slopes[l - 1].T.unsqueeze(-1))
     return out
+
+
+def mlp_gnh_product_matmul(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch.Tensor,
+                           V: torch.Tensor, forward=None) -> torch.Tensor:
+    """The same product for few columns: one column at a time in the (batch, width)
+    layout, sharing one forward pass, each weight gradient written by its GEMM
+    straight into its column (the reference concatenates and transposes copies of
+    the d-vectors, which for a 1.9M-parameter MLP cost as much as a layer's GEMM).
+    ``forward``: this batch's :func:`mlp_forward_reference`, if already known.
+    """
+    V2 = V.unsqueeze(1) if V.dim() == 1 else V
+    m = V2.shape[1]
+    inputs, slopes, y = forward or mlp_forward_reference(spec, theta, x)
+    params = list(_layer_params(spec, theta))
+    offsets = spec.offsets()
+    result = torch.empty_like(V2)
+    for k in range(m):
+        # one contiguous column at a time: its weight blocks are plain matrices (a
+        # column copy is 10x cheaper than transposing the whole (d, m) block)
+        v = V2[:, k].contiguous()
+        o = result[:, 0] if m == 1 else torch.empty_like(v)
+        t = None
+        for l, (W, _) in enumerate(params):
+            w, b = offsets[l]
+            n_in, n_out = spec.dims[l], spec.dims[l + 1]
+            term = inputs[l] @ v[w : w + n_out * n_in].view(n_out, n_in).T   # (batch, out)
+            if t is not None:
+                term.addmm_(t.mul_(slopes[l - 1]), W.T)
+            if b is not None:
+                term.add_(v[b : b + n_out])
+            t = term
+        g = output_hessian_product_reference(loss_kind, y, t)
+        for l in range(spec.layers - 1, -1, -1):
+            W = params[l][0]
+            w, b = offsets[l]
+            n_in, n_out = spec.dims[l], spec.dims[l + 1]
+            torch.mm(g.T, inputs[l], out=o[w : w + n_out * n_in].view(n_out, n_in))
+            if b is not None:
+                torch.sum(g, 0, out=o[b : b + n_out])
+            if l > 0:
+                g = (g @ W).mul_(slopes[l - 1])
+        if m > 1:
+            result[:, k] = o
+    return result.reshape(V.shape)
 
 
 # ---- wrappers ------------------------------------------------------------------------------------

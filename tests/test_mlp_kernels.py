@@ -7,6 +7,10 @@
 - solvers.lissa(engine="native") == engine="python" (same seed), and both raise
   the same DivergenceError when the scale is too small.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -272,6 +276,33 @@ def test_native_lissa_batch_slices_match_python(threads):
     with pytest.raises(pbrf_fast.DivergenceError) as python_error:
         lissa(op, B, depth=50, batch_size=40, scale=1e-3, engine="python")
     assert str(native_error.value).split("||h||")[0] == str(python_error.value).split("||h||")[0]
+
+
+def test_split_batch_falls_back_when_openmp_grants_fewer_threads():
+    """Asked for 2 threads but granted 1 (OMP_THREAD_LIMIT), the fused product and
+    the native LiSSA run the whole batch on the one thread, with the same answers."""
+    require("cpu", torch.zeros(1, dtype=torch.float64))
+    script = (
+        "import torch, pbrf_fast, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_mlp_kernels import make_problem, rel_err\n"
+        "from pbrf_fast.solvers import lissa\n"
+        "torch.set_num_threads(2)\n"
+        "p = make_problem('mse', (6, 20, 2), 'tanh', True, n=96)\n"
+        "B = torch.randn(p.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))\n"
+        "fused = pbrf_fast.GaussNewton(p, 0.1, backend='cpu').matvec(B)\n"
+        "exact = pbrf_fast.GaussNewton(p, 0.1, backend='torch').matvec(B)\n"
+        "assert rel_err(fused, exact) < 1e-12, rel_err(fused, exact)\n"
+        "op = pbrf_fast.GaussNewton(p, 0.1)\n"
+        "kw = dict(depth=20, batch_size=64, seed=1)\n"
+        "a = lissa(op, B, engine='native', **kw).solution\n"
+        "b = lissa(op, B, engine='python', **kw).solution\n"
+        "assert rel_err(a, b) < 1e-10, rel_err(a, b)\n"
+        "print('ok')\n")
+    env = dict(os.environ, OMP_THREAD_LIMIT="1", PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

@@ -10,11 +10,10 @@
 //                           h <- v + (1 - damping/scale) h - gh/scale.
 // The per-column norms are checked like solvers._check_lissa_step.
 //
-// Two ways to share a step among the threads:
+// Two ways to share a step among the threads (mlp::batch_split_threads):
 // - split batch (small networks): each thread takes a fixed slice of the
 //   batch through the whole product alone, into its own S; the slices' S are
-//   summed in the update. Two barriers per step, instead of two per GEMM,
-//   which on a 128-row batch of an 8-128-128-1 MLP cost more than the GEMMs.
+//   summed in the update. Two barriers per step instead of two per GEMM.
 // - team (big layers, or too little memory for a per-thread S): the whole
 //   team cooperates on every GEMM of the product.
 // Either way a run is deterministic for a given thread count.
@@ -73,21 +72,6 @@ void gather_rows(const mlp::Spec& spec, const mlp::BatchState<T>& full, const T*
   }
 }
 
-// Rows [begin, end) of a batch state (a view: the pointers move, nothing is copied).
-template <typename T>
-mlp::BatchState<T> rows_of(const mlp::Spec& spec, const mlp::BatchState<T>& s, int64_t begin,
-                           int64_t end) {
-  mlp::BatchState<T> view = s;
-  view.batch = end - begin;
-  if (view.input) view.input += begin * spec.dims[0];
-  for (int l = 1; l < spec.layers(); ++l) {
-    view.act[l - 1] += begin * spec.dims[l];
-    view.slope[l - 1] += begin * spec.dims[l];
-  }
-  view.output += begin * spec.outputs();
-  return view;
-}
-
 // h[lo, hi) <- v + keep h - coef S; returns the sum of squares of the new
 // values (non-finite exactly when some new value is: a float squared cannot
 // overflow a double).
@@ -129,24 +113,12 @@ bool update_share(T* h, const T* v, T* S, int parts, int64_t part_stride, T keep
   return nonfinite;
 }
 
-// A slice of the batch per thread pays when the product is small enough that
-// per-GEMM barriers dominate; it needs one S (m x d) per thread.
-constexpr int64_t kMinSliceRows = 16;
-constexpr double kSplitMaxFlopsPerThread = 64e6;
-constexpr int64_t kSplitMaxExtraBytes = int64_t(256) << 20;
-
 template <typename T>
 LissaOutcome run_engine(const Engine<T>& e, int num_threads) {
   const mlp::Spec& spec = e.spec;
   const int64_t d = spec.num_params, m = e.m;
-  const int split_threads =
-      int(std::min<int64_t>(std::max(1, num_threads), e.batch / kMinSliceRows));
-  double step_flops = 0;
-  for (int l = 0; l < spec.layers(); ++l)
-    step_flops += 2.0 * double(e.batch) * spec.dims[l] * spec.dims[l + 1] * 4.0 * double(m);
-  const bool split = split_threads > 1 &&
-                     step_flops / split_threads <= kSplitMaxFlopsPerThread &&
-                     int64_t(split_threads - 1) * m * d * int64_t(sizeof(T)) <= kSplitMaxExtraBytes;
+  const int split_threads = mlp::batch_split_threads(spec, e.batch, m, num_threads, sizeof(T));
+  const bool split = split_threads > 1;
   const int threads = split ? split_threads : mlp::useful_threads(spec, e.batch, e.m, num_threads);
   const int parts = split ? threads : 1;
   const int64_t slice_rows = split ? (e.batch + threads - 1) / threads : e.batch;
@@ -155,8 +127,11 @@ LissaOutcome run_engine(const Engine<T>& e, int num_threads) {
   full.state.batch = e.n;
   mlp::BatchStorage<T> step_state(spec, e.batch, true);
   std::vector<T> h(m * d), S(parts * m * d);
-  const int64_t buffer_size = slice_rows * m * spec.max_width();
-  std::vector<T> buffers(2 * parts * buffer_size);
+  // Two work buffers per slice; the team fallback (fewer threads granted than
+  // asked for) needs two for the whole batch.
+  const int64_t slice_buffer = slice_rows * m * spec.max_width();
+  const int64_t team_buffer = e.batch * m * spec.max_width();
+  std::vector<T> buffers(2 * std::max(parts * slice_buffer, team_buffer));
   std::vector<double> partial(threads * m);
   std::vector<char> flags(threads);
   const T keep = T(1.0 - (e.damping + e.weight_decay) / e.scale);
@@ -172,10 +147,11 @@ LissaOutcome run_engine(const Engine<T>& e, int num_threads) {
     const int part = split_here ? t : 0;
     int64_t row0 = 0, row1 = e.batch;
     if (split_here) mlp::split_range(e.batch, t, nt, &row0, &row1);
-    const mlp::BatchState<T> rows = rows_of(spec, step_state.state, row0, row1);
+    const mlp::BatchState<T> rows = mlp::rows_of(spec, step_state.state, row0, row1);
     // Product calls below run on this thread alone (split) or on the team.
     const int pt = split_here ? 0 : t, pnt = split_here ? 1 : nt;
     T* my_S = S.data() + part * m * d;
+    const int64_t buffer_size = split_here ? slice_buffer : team_buffer;
     T* buffer0 = buffers.data() + 2 * part * buffer_size;
     T* buffer1 = buffer0 + buffer_size;
     int64_t begin, end;

@@ -85,6 +85,42 @@ inline int useful_threads(const Spec& spec, int64_t batch, int64_t m, int num_th
   return int(std::max(1.0, std::min(double(std::max(1, num_threads)), flops / per_thread)));
 }
 
+// Rows [begin, end) of a batch state (a view: the pointers move, nothing is copied).
+template <typename T>
+BatchState<T> rows_of(const Spec& spec, const BatchState<T>& s, int64_t begin, int64_t end) {
+  BatchState<T> view = s;
+  view.batch = end - begin;
+  if (view.input) view.input += begin * spec.dims[0];
+  for (int l = 1; l < spec.layers(); ++l) {
+    view.act[l - 1] += begin * spec.dims[l];
+    view.slope[l - 1] += begin * spec.dims[l];
+  }
+  view.output += begin * spec.outputs();
+  return view;
+}
+
+// Threads for a *split batch*: each thread runs its own slice of the batch
+// through the whole product into its own (m, d) result, and the results are
+// summed. That needs two barriers per product instead of two per GEMM, which
+// wins when the product is small (an 8-128-128-1 MLP at batch 128: per-GEMM
+// barriers cost more than the GEMMs on a busy 2-core box). Returns 1 when the
+// team should share every GEMM instead (big products, or too little memory for
+// the extra per-thread results).
+inline int batch_split_threads(const Spec& spec, int64_t batch, int64_t m, int num_threads,
+                               int64_t element_bytes) {
+  constexpr int64_t kMinSliceRows = 16;
+  constexpr double kMaxFlopsPerThread = 64e6;
+  constexpr int64_t kMaxExtraBytes = int64_t(256) << 20;
+  const int threads = int(std::min<int64_t>(std::max(1, num_threads), batch / kMinSliceRows));
+  if (threads < 2) return 1;
+  double flops = 0;
+  for (int l = 0; l < spec.layers(); ++l)
+    flops += 2.0 * double(batch) * double(spec.dims[l]) * double(spec.dims[l + 1]) * 4.0 * double(m);
+  if (flops / threads > kMaxFlopsPerThread) return 1;
+  if (int64_t(threads - 1) * m * spec.num_params * element_bytes > kMaxExtraBytes) return 1;
+  return threads;
+}
+
 // [begin, end) of `total` items for this thread.
 inline void split_range(int64_t total, int thread, int num_threads, int64_t* begin, int64_t* end) {
   *begin = total * thread / num_threads;

@@ -308,38 +308,72 @@ void transpose_share(const T* src, T* dst, int64_t rows, int64_t cols, int threa
 // V and out are (d, m) row-major like the Python block; for m > 1 the kernel
 // works on (m, d) copies (each vector's weight blocks then are plain
 // matrices) and transposes in and out here, tile-wise and in parallel.
+// Small products split the batch among the threads (batch_split_threads):
+// thread 0 writes into `out`, the others into their own blocks, summed at the end.
 template <typename T>
 void product_typed(const Spec& spec, const T* x, const T* theta, const T* V_dm, T* out_dm,
                    int64_t batch, int64_t m, int num_threads) {
   const int64_t d = spec.num_params;
-  // The transposed copies are large (2 m d); reusing one buffer across calls
-  // spares the page faults of fresh allocations. Concurrent calls take turns.
+  const int split = batch_split_threads(spec, batch, m, num_threads, sizeof(T));
+  const int threads = split > 1 ? split : useful_threads(spec, batch, m, num_threads);
+  // The transposed copies and per-thread results are large ((2 + split - 1) m d);
+  // reusing one buffer across calls spares the page faults of fresh
+  // allocations. Concurrent calls take turns.
   static std::mutex pool_mutex;
   static std::vector<T> pool;
   std::unique_lock<std::mutex> pool_lock(pool_mutex, std::defer_lock);
-  if (m > 1) {
+  const int64_t transposed_size = m > 1 ? 2 * m * d : 0;
+  const int64_t pool_size = transposed_size + (split - 1) * m * d;
+  if (pool_size > 0) {
     pool_lock.lock();
-    if (int64_t(pool.size()) < 2 * m * d) {
+    if (int64_t(pool.size()) < pool_size) {
       pool.clear();
       pool.shrink_to_fit();
-      pool.resize(2 * m * d);
+      pool.resize(pool_size);
     }
   }
-  std::vector<T>& transposed = pool;
-  const T* V = m > 1 ? transposed.data() : V_dm;
-  T* out = m > 1 ? transposed.data() + m * d : out_dm;
+  const T* V = m > 1 ? pool.data() : V_dm;
+  T* out = m > 1 ? pool.data() + m * d : out_dm;
+  T* extra = pool.data() + transposed_size;  // (split - 1) blocks of (m, d)
   BatchStorage<T> storage(spec, batch, false);
   storage.state.input = x;
-  std::vector<T> buffers(2 * batch * m * spec.max_width());
-  T* buffer0 = buffers.data();
-  T* buffer1 = buffer0 + batch * m * spec.max_width();
-#pragma omp parallel num_threads(useful_threads(spec, batch, m, num_threads))
+  // Two work buffers per slice; the team fallback (fewer threads granted) needs
+  // two for the whole batch.
+  const int64_t slice_rows = (batch + split - 1) / split;
+  const int64_t buffer_size = slice_rows * m * spec.max_width();
+  const int64_t team_buffer_size = batch * m * spec.max_width();
+  std::vector<T> buffers(2 * std::max(split * buffer_size, team_buffer_size));
+#pragma omp parallel num_threads(threads)
   {
     ThreadScratch<T> scratch;
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     if (m > 1) transpose_share(V_dm, const_cast<T*>(V), d, m, t, nt);
-    forward_team(spec, theta, storage.state, t, nt, scratch);  // ends with a barrier
-    gnh_team(spec, theta, storage.state, V, d, m, out, d, buffer0, buffer1, t, nt, scratch);
+    if (split > 1 && nt == split) {
+      if (m > 1) {
+#pragma omp barrier
+      }
+      int64_t row0, row1;
+      split_range(batch, t, nt, &row0, &row1);
+      const BatchState<T> rows = rows_of(spec, storage.state, row0, row1);
+      T* mine = t == 0 ? out : extra + (t - 1) * m * d;
+      T* buffer0 = buffers.data() + 2 * t * buffer_size;
+      forward_team(spec, theta, rows, 0, 1, scratch);
+      gnh_team(spec, theta, rows, V, d, m, mine, d, buffer0, buffer0 + buffer_size, 0, 1, scratch);
+#pragma omp barrier
+      int64_t begin, end;
+      split_range(m * d, t, nt, &begin, &end);
+      for (int part = 1; part < nt; ++part) {
+        const T* other = extra + (part - 1) * m * d;
+#pragma omp simd
+        for (int64_t p = begin; p < end; ++p) out[p] += other[p];
+      }
+#pragma omp barrier
+    } else {
+      T* buffer0 = buffers.data();
+      forward_team(spec, theta, storage.state, t, nt, scratch);  // ends with a barrier
+      gnh_team(spec, theta, storage.state, V, d, m, out, d, buffer0, buffer0 + team_buffer_size,
+               t, nt, scratch);
+    }
     if (m > 1) transpose_share(out, out_dm, m, d, t, nt);
   }
 }

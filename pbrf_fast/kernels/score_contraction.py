@@ -33,8 +33,13 @@ from . import registry
 OP_NAME = "score_contraction"
 # Elements of a transient per-chunk gradient block on the torch path (64 MiB in float32).
 _TORCH_CHUNK_ELEMENTS = 1 << 24
+# Bytes of the per-chunk gradient block on the CPU fast path: G chunks that stay in cache
+# between the bmm and the GEMM with S beat one batch-sized G that round-trips DRAM
+# (resnet20-stage3-conv: 37.7 MB of G, 2x faster in 16 MiB chunks).
+_CPU_GRADIENT_CHUNK_BYTES = 16 << 20
 
-__all__ = ["score_contraction", "score_contraction_reference", "score_contraction_lowrank",
+__all__ = ["score_contraction", "score_contraction_reference", "score_contraction_torch_cpu",
+           "score_contraction_lowrank",
            "conv2d_score_contraction", "contraction_flops", "choose_order"]
 
 
@@ -87,6 +92,61 @@ def score_contraction_reference(a: torch.Tensor, delta: torch.Tensor, S: torch.T
     return torch.cat(out) if out else a.new_zeros(0, m)
 
 
+# ------------------------------------------------------------------------------- CPU fast path
+def _even_chunks(total: int, limit: int) -> list[tuple[int, int]]:
+    """(start, size) pieces of at most `limit`, of near-equal size (no small tail chunk)."""
+    pieces = -(-total // max(limit, 1))
+    step = -(-total // pieces) if total else 1
+    return [(k, min(step, total - k)) for k in range(0, total, step)]
+
+
+def score_contraction_torch_cpu(a: torch.Tensor, delta: torch.Tensor, S: torch.Tensor,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's math and orders, arranged for CPU BLAS (forward only: out= ops).
+
+    Gradient order: G in cache-sized example chunks (one reused buffer), each chunk's
+    scores written in place by one GEMM with S. Projection order: the token-side
+    product is reduced by a batched GEMV (bmm) rather than multiply + sum, which
+    writes and re-reads a temporary of the projection's size; the batch is split by
+    queries first, so the big GEMM keeps all rows and reads S once.
+    """
+    a, delta = _as_tokens(a, "a"), _as_tokens(delta, "delta")
+    b, t, i = a.shape
+    o, m = delta.shape[2], S.shape[0]
+    if out is None:
+        out = a.new_empty(b, m)
+    if choose_order(b, t, o, i, m) == "projection":
+        if i <= o:
+            src, other, flat = delta, a, S.permute(1, 0, 2).reshape(o, m * i)
+        else:
+            src, other, flat = a, delta, S.reshape(m * o, i).T
+        w = other.shape[2]
+        if t == 1 and b * m * w <= _TORCH_CHUNK_ELEMENTS:  # one chunk: skip the loop glue (fc layers)
+            projected = (src.reshape(b, src.shape[2]) @ flat).view(b, m, w)
+            return torch.bmm(projected, other.reshape(b, w, 1), out=out.view(b, m, 1)).view(b, m)
+        queries = max(1, min(m, _TORCH_CHUNK_ELEMENTS // max(b * t * w, 1)))
+        rows = max(1, _TORCH_CHUNK_ELEMENTS // max(t * queries * w, 1))
+        for k, n in _even_chunks(b, rows):
+            tokens = src[k:k + n].reshape(n * t, src.shape[2])
+            dots = other[k:k + n].reshape(n * t, w, 1)
+            for q, mc in _even_chunks(m, queries):
+                projected = (tokens @ flat[:, q * w:(q + mc) * w]).view(n * t, mc, w)
+                if t == 1 and mc == m:  # the fc / MLP case: straight into out
+                    torch.bmm(projected, dots, out=out[k:k + n].view(n, m, 1))
+                else:
+                    out[k:k + n, q:q + mc] = torch.bmm(projected, dots).view(n, t, mc).sum(1)
+        return out
+    rows = max(1, _CPU_GRADIENT_CHUNK_BYTES // (a.element_size() * max(o * i, 1)))
+    flat_s = S.reshape(m, o * i).T
+    grads = None
+    for k, n in _even_chunks(b, rows):
+        if grads is None:
+            grads = a.new_empty(n, o, i)
+        torch.bmm(delta[k:k + n].transpose(1, 2), a[k:k + n], out=grads[:n])
+        torch.mm(grads[:n].view(n, o * i), flat_s, out=out[k:k + n])
+    return out
+
+
 # --------------------------------------------------------------------------------------- wrapper
 def _check_arguments(a, delta, S):
     registry.check_same_dtype_and_device(OP_NAME, a=a, delta=delta, S=S)
@@ -118,6 +178,8 @@ def score_contraction(a: torch.Tensor, delta: torch.Tensor, S: torch.Tensor, *, 
     shape = (a.shape[0], S.shape[0])
     if out is not None:
         registry.check_output_buffer(OP_NAME, "out", out, a, shape)
+    if chosen == "torch" and a.device.type == "cpu" and not registry.needs_autograd(a, delta, S):
+        return score_contraction_torch_cpu(a, delta, S, out=out)
     if chosen == "torch":
         result = score_contraction_reference(a, delta, S)
         return result if out is None else out.copy_(result)

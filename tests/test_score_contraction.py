@@ -112,12 +112,25 @@ def test_lowrank_matches_dense(shape, rank):
     torch.testing.assert_close(score_contraction_lowrank(a, d, L, R), expected)
 
 
-@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
-def test_conv2d_matches_per_example_weight_gradients(stride, padding, dilation):
+CONV_CASES = [  # (kernel, stride, padding, dilation): stride 1 runs on shifted views, others unfold
+    (3, 1, 1, 1), (3, 2, 0, 1), (3, 1, 2, 2), ((3, 2), 1, (2, 1), 1), (1, 1, 0, 1), ((2, 3), 1, 0, (2, 1)),
+    (3, (2, 1), 1, 1), (5, 1, 2, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("small_chunks", [False, True], ids=["one-chunk", "small-chunks"])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", CONV_CASES, ids=str)
+def test_conv2d_matches_per_example_weight_gradients(monkeypatch, kernel, stride, padding, dilation,
+                                                      small_chunks, dtype):
+    import pbrf_fast.kernels.score_contraction as sc
+    if small_chunks:  # one or two examples per chunk
+        monkeypatch.setattr(sc, "_CPU_SHIFT_CHUNK_BYTES", 1)
+        monkeypatch.setattr(sc, "_CPU_UNFOLD_CHUNK_BYTES", 1)
     g = torch.Generator().manual_seed(8)
+    k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
     x = torch.randn(3, 2, 7, 6, generator=g, dtype=torch.float64)
-    w = torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64)
-    S = torch.randn(4, 5, 2, 3, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 2, *k, generator=g, dtype=torch.float64)
+    S = torch.randn(4, 5, 2, *k, generator=g, dtype=torch.float64)
     y = F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
     dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
 
@@ -127,8 +140,21 @@ def test_conv2d_matches_per_example_weight_gradients(stride, padding, dilation):
 
     grads = torch.func.vmap(per_example)(x, dy)
     expected = torch.einsum("bocij,qocij->bq", grads, S)
-    got = conv2d_score_contraction(x, dy, S, kernel_size=3, stride=stride, padding=padding, dilation=dilation)
-    torch.testing.assert_close(got, expected)
+    args = dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation)
+    got = conv2d_score_contraction(x.to(dtype), dy.to(dtype), S.to(dtype), **args)
+    tolerance = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double(), expected, **tolerance)
+    # the all-at-once unfold (what every non-CPU or autograd call runs) agrees
+    unfolded = conv2d_score_contraction(x, dy, S.requires_grad_(True), **args)
+    torch.testing.assert_close(unfolded.detach(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_conv2d_geometry_errors():
+    x, dy, S = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(5, 4, 3, 3, 3)
+    with pytest.raises(ValueError, match="do not fit kernel"):
+        conv2d_score_contraction(x, dy, S, kernel_size=3, padding=0)   # 6 x 6 outputs, not 8 x 8
+    with pytest.raises(ValueError, match="same b"):
+        conv2d_score_contraction(x, dy[:1], S, kernel_size=3, padding=1)
 
 
 def test_argument_errors():

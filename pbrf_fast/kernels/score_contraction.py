@@ -40,7 +40,7 @@ _CPU_GRADIENT_CHUNK_BYTES = 16 << 20
 
 __all__ = ["score_contraction", "score_contraction_reference", "score_contraction_torch_cpu",
            "score_contraction_lowrank",
-           "conv2d_score_contraction", "contraction_flops", "choose_order"]
+           "conv2d_score_contraction", "conv2d_weight_gradient_blocks", "contraction_flops", "choose_order"]
 
 
 # ------------------------------------------------------------------------------------ cost model
@@ -258,13 +258,116 @@ def conv2d_score_contraction(inputs: torch.Tensor, grad_outputs: torch.Tensor, S
 
     inputs (b, C_in, H, W); grad_outputs (b, C_out, H', W'); S (m, C_out, C_in, kh, kw)
     or (m, C_out, C_in kh kw). Bias is not included (its gradient is sum_t delta_t).
+    On CPU (torch backend, no autograd) the patches are never materialised for the
+    whole batch (:func:`_conv2d_scores_cpu`); otherwise they are unfolded at once
+    into score_contraction.
     """
+    if inputs.dim() != 4 or grad_outputs.dim() != 4 or len(inputs) != len(grad_outputs):
+        raise ValueError(f"{OP_NAME}: need inputs (b, C_in, H, W) and grad_outputs (b, C_out, H', W') "
+                         f"with the same b, got {tuple(inputs.shape)} and {tuple(grad_outputs.shape)}")
+    S3 = S.reshape(S.shape[0], S.shape[1], -1)
+    positions = grad_outputs.shape[2] * grad_outputs.shape[3]
+    if (backend in ("auto", "torch") and inputs.device.type == "cpu"
+            and not registry.needs_autograd(inputs, grad_outputs, S)
+            and choose_order(len(inputs), positions, S3.shape[1], S3.shape[2], S3.shape[0]) == "gradient"):
+        registry.check_same_dtype_and_device(OP_NAME, inputs=inputs, grad_outputs=grad_outputs, S=S)
+        return _conv2d_scores_cpu(inputs, grad_outputs, S3, (kernel_size, dilation, padding, stride))
     a = unfold_conv_input(inputs, kernel_size, stride, padding, dilation)
     delta = grad_outputs.flatten(2).transpose(1, 2)
     if a.shape[1] != delta.shape[1]:
         raise ValueError(f"{OP_NAME}: conv input gives {a.shape[1]} patches but grad_outputs has "
                          f"{delta.shape[1]} positions; check kernel_size/stride/padding/dilation")
-    return score_contraction(a, delta, S.reshape(S.shape[0], S.shape[1], -1), backend=backend)
+    return score_contraction(a, delta, S3, backend=backend)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _conv2d_scores_cpu(inputs, grad_outputs, S3, conv_args):
+    """scores = <G_b, S_q> from :func:`conv2d_weight_gradient_blocks`, block by block."""
+    kernel_size, dilation, padding, stride = conv_args
+    m, o, i = S3.shape
+    out = inputs.new_zeros(len(inputs), m)
+    flat_s = S3.reshape(m, o * i).T
+    kh, kw = _pair(kernel_size)
+    C = inputs.shape[1]
+    if i != C * kh * kw:
+        raise ValueError(f"{OP_NAME}: S has {i} values per output channel, the conv input "
+                         f"{C} channels x kernel {(kh, kw)} = {C * kh * kw}")
+    # S as (kh kw, o C, m): one (o C, m) block per kernel offset
+    S_offsets = S3.reshape(m, o, C, kh, kw).permute(3, 4, 1, 2, 0).reshape(kh * kw, o * C, m)
+    for k, n, offset, G in conv2d_weight_gradient_blocks(inputs, grad_outputs, kernel_size=kernel_size,
+                                                         stride=stride, padding=padding, dilation=dilation,
+                                                         out_features=o):
+        block = flat_s if offset is None else S_offsets[offset]
+        out[k:k + n].addmm_(G.view(n, -1), block)
+    return out
+
+
+# Bytes of padded inputs and gradients per example chunk (stride-1 convs).
+_CPU_SHIFT_CHUNK_BYTES = 32 << 20
+# Bytes of unfolded patches per chunk (strided convs).
+_CPU_UNFOLD_CHUNK_BYTES = 2 << 20
+
+
+def conv2d_weight_gradient_blocks(inputs: torch.Tensor, grad_outputs: torch.Tensor, *, kernel_size,
+                                  stride=1, padding=0, dilation=1, out_features: int | None = None):
+    """Per-example Conv2d weight gradients (groups = 1, zero padding) in transient blocks,
+    without the batch's unfolded patches (k*k times the input: 151 MB per 256 images in
+    ResNet-20's first stage, which F.unfold writes at a few GB/s).
+
+    Yields ``(start, count, offset, G)`` for examples start .. start + count:
+    stride 1 gives one block per kernel offset, ``offset = r * kw + s`` and G (count,
+    C_out, C_in) = the gradient's [:, :, r, s] slice; strided convs give the whole
+    gradient, ``offset = None`` and G (count, C_out, C_in kh kw) from a chunk-sized
+    unfold (still in cache for the GEMM). G is a reused buffer: use it before the
+    next block.
+
+    Stride 1: with the input zero-padded to width Wp and the output gradients to
+    the same width, output position t = y Wp + x reads input element (c, y + r dh,
+    x + s dw), flat index c P + (r dh Wp + s dw) + t of a channel plane of P
+    elements; so for each offset the (positions, C) patch matrix is a strided
+    *view* (unit stride along t, P along c) and G is one batched GEMM with no copy.
+    The zero pad columns of the gradients cancel the extra positions (Wp / Wo more
+    work: 6% at 32 x 32).
+    """
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(_pair, (kernel_size, dilation, padding, stride))
+    b, C, H, W = inputs.shape
+    o, Ho, Wo = grad_outputs.shape[1:]
+    if ((out_features is not None and o != out_features) or len(grad_outputs) != b
+            or Ho != (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1 or Wo != (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1):
+        raise ValueError(f"{OP_NAME}: conv input {tuple(inputs.shape)} and grad_outputs "
+                         f"{tuple(grad_outputs.shape)} do not fit kernel {(kh, kw)}, stride {(sh, sw)}, "
+                         f"padding {(ph, pw)}, dilation {(dh, dw)} and {out_features} output channels")
+    if b == 0:
+        return
+    grads = None
+    if (sh, sw) != (1, 1):
+        delta = grad_outputs.flatten(2)                                    # (b, o, L)
+        per_example = C * kh * kw * Ho * Wo * inputs.element_size()
+        for k, n in _even_chunks(b, max(1, _CPU_UNFOLD_CHUNK_BYTES // per_example)):
+            cols = F.unfold(inputs[k:k + n], (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
+            if grads is None:
+                grads = inputs.new_empty(n, o, C * kh * kw)
+            torch.bmm(delta[k:k + n], cols.transpose(1, 2), out=grads[:n])
+            yield k, n, None, grads[:n]
+        return
+    Wp = W + 2 * pw
+    spare = -(-(dw * (kw - 1)) // Wp)          # rows so the last offset's view stays inside the plane
+    plane, positions = (H + 2 * ph + spare) * Wp, Ho * Wp
+    per_example = (C * plane + o * positions) * inputs.element_size()
+    for k, n in _even_chunks(b, max(1, _CPU_SHIFT_CHUNK_BYTES // per_example)):
+        padded = F.pad(inputs[k:k + n], (pw, pw, ph, ph + spare))                         # (n, C, Hp, Wp)
+        delta = F.pad(grad_outputs[k:k + n], (0, Wp - Wo)).reshape(n, o, positions)      # (n, o, L')
+        if grads is None:
+            grads = inputs.new_empty(n, o, C)
+        for r in range(kh):
+            for s in range(kw):
+                patches = padded.as_strided((n, positions, C), (C * plane, 1, plane),
+                                            padded.storage_offset() + r * dh * Wp + s * dw)
+                torch.bmm(delta, patches, out=grads[:n])
+                yield k, n, r * kw + s, grads[:n]
 
 
 # ------------------------------------------------------------------------------------- triton

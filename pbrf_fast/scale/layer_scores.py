@@ -5,7 +5,8 @@ pass (to the layer outputs only, not the parameters) their output gradients
 delta; then each layer contributes
 
 - ``nn.Linear`` / ``nn.Conv2d`` (groups = 1, zero padding): weight part by the
-  score-contraction op (a = inputs or unfolded patches, delta = output grads),
+  score-contraction op (a = inputs, delta = output grads; convolutions through
+  conv2d_score_contraction, which on CPU never unfolds the whole batch's patches),
   bias part (sum_t delta_t)^T s_bias;
 - ``nn.BatchNorm{1,2}d`` in eval mode (a fixed per-channel affine map):
   gamma part (sum_t delta_t * xhat_t)^T s_gamma, beta part (sum_t delta_t)^T s_beta.
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.score_contraction import score_contraction, unfold_conv_input
+from ..kernels.score_contraction import (conv2d_score_contraction, conv2d_weight_gradient_blocks,
+                                         score_contraction)
 
 __all__ = ["LayerScorer"]
 
@@ -104,10 +106,7 @@ class LayerScorer:
 
     @staticmethod
     def _tokens(module, inputs, grad_out):
-        """(a, delta) as (b, t, i) and (b, t, o) for Linear/Conv2d."""
-        if isinstance(module, nn.Conv2d):
-            a = unfold_conv_input(inputs, module.kernel_size, module.stride, module.padding, module.dilation)
-            return a, grad_out.flatten(2).transpose(1, 2)
+        """(a, delta) as (b, t, i) and (b, t, o) for Linear (Conv2d has its own path)."""
         b = inputs.shape[0]
         return inputs.reshape(b, -1, inputs.shape[-1]), grad_out.reshape(b, -1, grad_out.shape[-1])
 
@@ -134,6 +133,19 @@ class LayerScorer:
                     parts = self._bn_parts(module, inputs, grad_out)
                     for pname, (lo, hi) in slots.items():
                         total += parts[pname] @ S[lo:hi]
+                    continue
+                if isinstance(module, nn.Conv2d):
+                    # straight from the layer input: on CPU the patches are never
+                    # unfolded for the whole batch (k*k times the input)
+                    if "weight" in slots:
+                        lo, hi = slots["weight"]
+                        s_w = S[lo:hi].T.reshape(m, module.out_channels, -1)
+                        total += conv2d_score_contraction(
+                            inputs, grad_out, s_w, kernel_size=module.kernel_size, stride=module.stride,
+                            padding=module.padding, dilation=module.dilation, backend=self.backend)
+                    if "bias" in slots:
+                        lo, hi = slots["bias"]
+                        total += grad_out.flatten(2).sum(2) @ S[lo:hi]
                     continue
                 a, delta = self._tokens(module, inputs, grad_out)
                 if "weight" in slots:
@@ -180,6 +192,15 @@ class LayerScorer:
                     for pname, part in self._bn_parts(module, inputs, grad_out).items():
                         if pname in slots:
                             total += part.double().pow(2).sum(1)
+                    continue
+                if isinstance(module, nn.Conv2d):
+                    if "weight" in slots:  # ||G||^2 = sum over kernel-offset blocks of ||G_block||^2
+                        for k, n, _, G in conv2d_weight_gradient_blocks(
+                                inputs, grad_out, kernel_size=module.kernel_size, stride=module.stride,
+                                padding=module.padding, dilation=module.dilation):
+                            total[k:k + n] += G.double().pow(2).sum((1, 2))
+                    if "bias" in slots:
+                        total += grad_out.flatten(2).sum(2).double().pow(2).sum(1)
                     continue
                 a, delta = self._tokens(module, inputs, grad_out)
                 if "weight" in slots:

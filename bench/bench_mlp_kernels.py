@@ -4,7 +4,9 @@
     python bench/bench_mlp_kernels.py [--cuda]                     # + ratios and matmul floor
 
 Pairs (float32, batch 128): fused vs torch.func product (GaussNewton backend="cpu"
-or "cuda" vs backend="torch"; "auto" shows what the dispatch picks) for MLP 8-128-128-1 and 784-1024-1024-10 at m = 1 and 32;
+or "cuda" vs backend="torch"; "auto" shows what the dispatch picks, repeated on one
+operator, "auto_cold" from scratch every time) for MLP 8-128-128-1 and 784-1024-1024-10
+at m = 1 and 32;
 native vs Python LiSSA at the paper's MLP setting (8-128-128-1, N = 930,
 batch 128, 1 repeat; the Python engine runs PY_DEPTH steps and is scaled to
 DEPTH). The floor is the product's FLOP count / this machine's torch.mm rate.
@@ -74,17 +76,23 @@ def matmul_gflops():
 
 @pytest.mark.parametrize("m", [1, 32])
 @pytest.mark.parametrize("name", list(MLPS))
-@pytest.mark.parametrize("backend", ["fused", "auto", "torch"], ids=["fused", "auto", "torch_func"])
+@pytest.mark.parametrize("backend", ["fused", "auto", "auto_cold", "torch"],
+                         ids=["fused", "auto", "auto_cold", "torch_func"])
 def test_gnh_product(benchmark, backend, name, m):
+    """auto: repeated products on one operator, as in a solver (the MLP forward state
+    is kept between them); auto_cold: every product from scratch."""
     dims = MLPS[name]
     p = problem(dims)
-    op = pbrf_fast.GaussNewton(p, 1e-3, backend=DEVICE if backend == "fused" else backend)
+    chosen = {"fused": DEVICE, "auto_cold": "auto"}.get(backend, backend)
+    op = pbrf_fast.GaussNewton(p, 1e-3, backend=chosen)
     V = torch.randn(p.dim, m, device=DEVICE)
     benchmark.group = f"gnh product {name} m={m}"
     benchmark.extra_info["flops"] = product_flops(dims, m)
     big = dims[0] > 100 and m > 1
 
     def run():
+        if backend == "auto_cold":
+            op._cache.clear()
         out = op.matvec(V)
         sync()
         return out
@@ -128,9 +136,11 @@ if __name__ == "__main__":
             fused = times.get((group, f"test_gnh_product[fused-{name}-{m}]"))
             slow = times.get((group, f"test_gnh_product[torch_func-{name}-{m}]"))
             auto = times.get((group, f"test_gnh_product[auto-{name}-{m}]"))
+            cold = times.get((group, f"test_gnh_product[auto_cold-{name}-{m}]"))
             if fused and slow:
                 floor = fused[1]["flops"] / gflops / 1e9
-                auto_text = f"  auto {auto[0]*1e3:9.3f} ms" if auto else ""
+                auto_text = (f"  auto {auto[0]*1e3:9.3f} ms ({auto[0]/floor:4.2f} floor)" if auto else "") + (
+                    f"  auto cold {cold[0]*1e3:9.3f} ms ({cold[0]/floor:4.2f} floor)" if cold else "")
                 print(f"{group:36s} fused {fused[0]*1e3:9.3f} ms  torch.func {slow[0]*1e3:9.3f} ms  "
                       f"speed-up {slow[0]/fused[0]:5.1f}x  floor {floor*1e3:8.3f} ms  fused/floor {fused[0]/floor:4.2f}"
                       f"{auto_text}")

@@ -278,13 +278,12 @@ def test_native_lissa_batch_slices_match_python(threads):
     assert str(native_error.value).split("||h||")[0] == str(python_error.value).split("||h||")[0]
 
 
-def test_split_batch_falls_back_when_openmp_grants_fewer_threads():
+def test_split_batch_falls_back_when_openmp_grants_fewer_threads(tmp_path):
     """Asked for 2 threads but granted 1 (OMP_THREAD_LIMIT), the fused product and
     the native LiSSA run the whole batch on the one thread, with the same answers."""
     require("cpu", torch.zeros(1, dtype=torch.float64))
     script = (
         "import torch, pbrf_fast, sys\n"
-        "sys.path.insert(0, 'tests')\n"
         "from test_mlp_kernels import make_problem, rel_err\n"
         "from pbrf_fast.solvers import lissa\n"
         "torch.set_num_threads(2)\n"
@@ -299,9 +298,12 @@ def test_split_batch_falls_back_when_openmp_grants_fewer_threads():
         "b = lissa(op, B, engine='python', **kw).solution\n"
         "assert rel_err(a, b) < 1e-10, rel_err(a, b)\n"
         "print('ok')\n")
-    env = dict(os.environ, OMP_THREAD_LIMIT="1", PYTHONPATH=os.pathsep.join(sys.path))
+    # the child imports the same pbrf_fast as this process (installed or in-tree) and this file
+    package_root = os.path.dirname(os.path.dirname(pbrf_fast.__file__))
+    path = os.pathsep.join([package_root, os.path.dirname(os.path.abspath(__file__)), *sys.path])
+    env = dict(os.environ, OMP_THREAD_LIMIT="1", PYTHONPATH=path)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+                          cwd=tmp_path, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 

@@ -3,11 +3,12 @@
 //   scores[b, q] = sum_t delta[b, t, :]^T S[q] a[b, t, :]
 //                = sum_{o, i} G_b[o, i] S[q, o, i],   G_b = sum_t delta[b, t, o] a[b, t, i]
 //
-// Both backends walk G_b one (o, i) tile at a time and contract each tile with
-// every S_q straight away, so a per-example gradient exists only as one tile
-// (in registers / shared memory), never as a b x o x i tensor. This costs
-// 2 b t o i + 2 b o i m flops, the minimum of the two contraction orders for
-// every t and m (the other order, (delta S_q) a, costs 2 b t o i m).
+// The CUDA kernel walks G_b one (o, i) tile at a time and contracts each tile
+// with every S_q straight away, so a per-example gradient exists only as one
+// tile in shared memory; the CPU kernel forms G for a cache-sized chunk of
+// examples with its blocked GEMM. Either way this costs 2 b t o i + 2 b o i m
+// flops; the CPU kernel switches to the projection order, (delta S_q) a or
+// (S_q a) delta at 2 b t m (o i + min(o, i)) flops, where that is cheaper (t = 1).
 #pragma once
 
 #include "common/host_device.h"

@@ -1,36 +1,38 @@
-// Fused influence-score contraction on the CPU (see common/score_contraction_math.h).
+// Influence-score contraction on the CPU (see common/score_contraction_math.h),
+// on the blocked GEMM of gemm_cpu.cpp, in the cheaper of the two orders:
 //
-// Each thread takes a block of examples, copies their a and delta rows into
-// zero-padded buffers (so every tile is full and the inner loops vectorise),
-// and for each (kRows x kCols) tile of the per-example gradient:
-//   1. accumulates the tile over tokens in registers (a small GEMM, K = tokens);
-//   2. multiplies it into every S_q tile, reusing each S_q tile for all the
-//      examples of the block (what makes t = 1 Linear layers compute-bound).
-// Per-query partial sums stay vectors until the end, so each (example, query)
-// result is one deterministic reduction, independent of the thread count.
+// - gradient order (many tokens: conv patches, sequences): per-example
+//   gradients G_b = delta_b^T a_b for a chunk of examples (one GEMM batched
+//   over the chunk; the chunk's G stays cache-sized), then
+//   scores[chunk, :] = G_chunk . S (a second GEMM, K = o * i). Costs
+//   2 b t o i + 2 b o i m flops.
+// - projection order (one token: Linear layers): P = rows . S_q for every q,
+//   a chunk of rows at a time, then each row's P reduced against its other
+//   side. Costs 2 b t m o i + 2 b t m min(o, i).
+//
+// Each output element of every GEMM is reduced by one thread in a fixed
+// order, and the reductions here run over fixed ranges, so results do not
+// depend on the thread count.
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "common/cpu_ops.h"
-#include "common/cpu_vector_math.h"
 #include "common/score_contraction_math.h"
+#include "cpu/gemm_cpu.h"
 
 namespace pbrf::cpu {
 namespace {
 
-// The hot loops are FMA-bound: clone the per-block worker (not just the entry
-// point, whose OpenMP region is outlined and would lose the target) for
-// x86-64-v3 (AVX2 + FMA), with a portable default.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
-#define PBRF_SCORE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PBRF_SCORE_MULTIVERSION
-#endif
+using gemm::Gemm;
+using gemm::Operand;
 
-constexpr int64_t kRows = 4;  // output features per tile
+// Elements of the transient per-chunk buffers (G or P): 1 MiB of floats keeps
+// G in L2 between the two GEMMs; P chunks are larger because each P element
+// costs 2 min(o, i) flops and is read once.
+constexpr int64_t kGradientChunkElements = int64_t(1) << 18;
+constexpr int64_t kProjectionChunkElements = int64_t(1) << 21;
 
 template <typename T>
 struct ScoreArgs {
@@ -42,138 +44,126 @@ struct ScoreArgs {
 };
 
 template <typename T>
-struct Padded {
-  int64_t rows, cols;  // padded out / in features
-  std::vector<T> s;    // (queries, rows, cols)
-};
-
-template <typename T, int64_t kCols>
-PBRF_ALWAYS_INLINE void gradient_tile(const T* a, const T* d, int64_t tokens, int64_t a_stride,
-                                      int64_t d_stride, T* tile) {
-  T acc[kRows][kCols] = {};
-  for (int64_t t = 0; t < tokens; ++t) {
-    const T* ar = a + t * a_stride;
-    const T* dr = d + t * d_stride;
-    for (int64_t r = 0; r < kRows; ++r) {
-      const T dv = dr[r];
-#pragma omp simd
-      for (int64_t c = 0; c < kCols; ++c) acc[r][c] += dv * ar[c];
-    }
-  }
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t c = 0; c < kCols; ++c) tile[r * kCols + c] = acc[r][c];
-}
-
-template <typename T, int64_t kCols>
-PBRF_ALWAYS_INLINE void contract_tile(const T* tiles, const T* s, int64_t s_stride, int64_t examples,
-                                      T* partial) {
-  for (int64_t e = 0; e < examples; ++e) {
-    const T* g = tiles + e * kRows * kCols;
-    T acc[kCols];
-    for (int64_t c = 0; c < kCols; ++c) acc[c] = partial[e * kCols + c];
-    for (int64_t r = 0; r < kRows; ++r) {
-#pragma omp simd
-      for (int64_t c = 0; c < kCols; ++c) acc[c] += g[r * kCols + c] * s[r * s_stride + c];
-    }
-    for (int64_t c = 0; c < kCols; ++c) partial[e * kCols + c] = acc[c];
+void barrier_if_team(int num_threads) {
+  if (num_threads > 1) {
+#pragma omp barrier
   }
 }
 
-// Examples per block: enough to reuse each S tile many times when tokens are
-// few, few enough that the packed rows of the block stay in cache.
-int64_t examples_per_block(int64_t tokens) {
-  return std::max<int64_t>(1, std::min<int64_t>(16, 64 / std::max<int64_t>(tokens, 1)));
+template <typename T>
+void gradient_order(const ScoreArgs<T>& g, int thread, int num_threads, std::vector<T>& G,
+                    gemm::Workspace<T>& ws) {
+  const int64_t t = g.tokens, o = g.out_features, i = g.in_features, m = g.queries;
+  const int64_t oi = o * i;
+  const int64_t chunk = std::max<int64_t>(1, std::min(g.batch, kGradientChunkElements / std::max<int64_t>(oi, 1)));
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
+    // G_b (o x i) = delta_b^T (o x t, read transposed in place) a_b (t x i)
+    gemm::gemm_team(Gemm<T>{o, i, t, n, Operand<T>{g.delta + b0 * t * o, 1, o, t * o},
+                            Operand<T>{g.a + b0 * t * i, i, 1, t * i}, G.data(), i, 1, oi, false},
+                    thread, num_threads, ws);
+    barrier_if_team<T>(num_threads);
+    // scores (n x m) = G (n x o i) . S^T (o i x m, S read transposed in place)
+    gemm::gemm_team(Gemm<T>{n, m, oi, 1, Operand<T>{G.data(), oi, 1, 0}, Operand<T>{g.s, 1, oi, 0},
+                            g.out + b0 * m, m, 1, 0, false},
+                    thread, num_threads, ws);
+    barrier_if_team<T>(num_threads);  // G is refilled by the next chunk
+  }
 }
 
-template <typename T, int64_t kCols>
-PBRF_ALWAYS_INLINE void run_block(const ScoreArgs<T>& a, const Padded<T>& p, int64_t e0, int64_t count, std::vector<T>& a_pad,
-               std::vector<T>& d_pad, std::vector<T>& tiles, std::vector<T>& partial) {
-  const int64_t tokens = a.tokens, q_count = a.queries;
-  a_pad.assign(count * tokens * p.cols, T(0));
-  d_pad.assign(count * tokens * p.rows, T(0));
-  for (int64_t e = 0; e < count; ++e)
-    for (int64_t t = 0; t < tokens; ++t) {
-      const int64_t row = (e0 + e) * tokens + t;
-      std::memcpy(&a_pad[(e * tokens + t) * p.cols], a.a + row * a.in_features, a.in_features * sizeof(T));
-      std::memcpy(&d_pad[(e * tokens + t) * p.rows], a.delta + row * a.out_features,
-                  a.out_features * sizeof(T));
+template <typename T>
+void projection_order(const ScoreArgs<T>& g, int thread, int num_threads, std::vector<T>& P,
+                      gemm::Workspace<T>& ws) {
+  const int64_t t = g.tokens, o = g.out_features, i = g.in_features, m = g.queries;
+  // Project the narrower side's partner: (delta S_q) . a when i <= o, else (S_q a) . delta.
+  const bool through_delta = i <= o;
+  const int64_t w = through_delta ? i : o;  // width of each query's projection
+  const T* dots = through_delta ? g.a : g.delta;
+  const int64_t rows_per_example = t, row_width = m * w;
+  const int64_t chunk = std::max<int64_t>(
+      1, std::min(g.batch, kProjectionChunkElements / std::max<int64_t>(rows_per_example * row_width, 1)));
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
+    const int64_t rows = n * t;
+    if (through_delta) {
+      // P[r, q i + j] = sum_k delta[r, k] S[q, k, j]: one GEMM per query, batched.
+      gemm::gemm_team(Gemm<T>{rows, i, o, m, Operand<T>{g.delta + b0 * t * o, o, 1, 0},
+                              Operand<T>{g.s, i, 1, o * i}, P.data(), row_width, 1, i, false},
+                      thread, num_threads, ws);
+    } else {
+      // P[r, q o + k] = sum_j a[r, j] S[q, k, j]: S as one (i x m o) matrix read transposed.
+      gemm::gemm_team(Gemm<T>{rows, m * o, i, 1, Operand<T>{g.a + b0 * t * i, i, 1, 0},
+                              Operand<T>{g.s, 1, i, 0}, P.data(), row_width, 1, 0, false},
+                      thread, num_threads, ws);
     }
-  tiles.resize(count * kRows * kCols);
-  partial.assign(q_count * count * kCols, T(0));  // (query, example, kCols)
-  for (int64_t o0 = 0; o0 < p.rows; o0 += kRows)
-    for (int64_t i0 = 0; i0 < p.cols; i0 += kCols) {
-      for (int64_t e = 0; e < count; ++e)
-        gradient_tile<T, kCols>(&a_pad[e * tokens * p.cols + i0], &d_pad[e * tokens * p.rows + o0], tokens,
-                                p.cols, p.rows, &tiles[e * kRows * kCols]);
-      for (int64_t q = 0; q < q_count; ++q)
-        contract_tile<T, kCols>(tiles.data(), &p.s[(q * p.rows + o0) * p.cols + i0], p.cols, count,
-                                &partial[q * count * kCols]);
-    }
-  for (int64_t e = 0; e < count; ++e)
-    for (int64_t q = 0; q < q_count; ++q) {
-      T sum = T(0);
-      for (int64_t c = 0; c < kCols; ++c) sum += partial[(q * count + e) * kCols + c];
-      a.out[(e0 + e) * q_count + q] = sum;
-    }
+    barrier_if_team<T>(num_threads);
+    // scores[b, q] = sum_t sum_j P[b t + t', q w + j] dots[b t + t', j]
+    const int64_t first = n * thread / num_threads, last = n * (thread + 1) / num_threads;
+    for (int64_t e = first; e < last; ++e)
+      for (int64_t q = 0; q < m; ++q) {
+        T sum = T(0);
+        for (int64_t tok = 0; tok < t; ++tok) {
+          const T* p = P.data() + (e * t + tok) * row_width + q * w;
+          const T* d = dots + ((b0 + e) * t + tok) * w;
+          T part = T(0);
+#pragma omp simd reduction(+ : part)
+          for (int64_t j = 0; j < w; ++j) part += p[j] * d[j];
+          sum += part;
+        }
+        g.out[(b0 + e) * m + q] = sum;
+      }
+    barrier_if_team<T>(num_threads);  // P is refilled by the next chunk
+  }
 }
 
-PBRF_SCORE_MULTIVERSION void run_block_f32(const ScoreArgs<float>& a, const Padded<float>& p, int64_t e0,
-                                            int64_t count, std::vector<float>& a_pad, std::vector<float>& d_pad,
-                                            std::vector<float>& tiles, std::vector<float>& partial) {
-  run_block<float, 16>(a, p, e0, count, a_pad, d_pad, tiles, partial);
-}
-
-PBRF_SCORE_MULTIVERSION void run_block_f64(const ScoreArgs<double>& a, const Padded<double>& p, int64_t e0,
-                                            int64_t count, std::vector<double>& a_pad, std::vector<double>& d_pad,
-                                            std::vector<double>& tiles, std::vector<double>& partial) {
-  run_block<double, 8>(a, p, e0, count, a_pad, d_pad, tiles, partial);
-}
-
-template <typename T, int64_t kCols>
-void score_typed(const ScoreArgs<T>& a, int num_threads) {
-  Padded<T> p;
-  p.rows = (a.out_features + kRows - 1) / kRows * kRows;
-  p.cols = (a.in_features + kCols - 1) / kCols * kCols;
-  p.s.assign(a.queries * p.rows * p.cols, T(0));
-  for (int64_t q = 0; q < a.queries; ++q)
-    for (int64_t o = 0; o < a.out_features; ++o)
-      std::memcpy(&p.s[(q * p.rows + o) * p.cols], a.s + (q * a.out_features + o) * a.in_features,
-                  a.in_features * sizeof(T));
-  const int64_t block = examples_per_block(a.tokens);
-  const int64_t blocks = (a.batch + block - 1) / block;
-#pragma omp parallel num_threads(std::max(1, num_threads))
+template <typename T>
+void score_typed(const ScoreArgs<T>& g, int num_threads) {
+  const double b = double(g.batch), t = double(g.tokens), o = double(g.out_features),
+               i = double(g.in_features), m = double(g.queries);
+  if (g.batch == 0 || g.queries == 0) return;
+  if (g.tokens == 0 || g.out_features == 0 || g.in_features == 0) {
+    std::fill(g.out, g.out + g.batch * g.queries, T(0));
+    return;
+  }
+  const double gradient_flops = score_contraction_flops(g.batch, g.tokens, g.out_features,
+                                                        g.in_features, g.queries);
+  const double projection_flops = 2.0 * b * t * m * (o * i + std::min(o, i));
+  const bool projection = projection_flops < gradient_flops;
+  // Threads worth a team: each should get a few MFLOP, or barriers dominate.
+  const double flops = std::min(gradient_flops, projection_flops);
+  const int threads = int(std::max(1.0, std::min(double(std::max(1, num_threads)), flops / 2e6)));
+  const int64_t buffer = projection
+      ? std::min<int64_t>(g.batch, std::max<int64_t>(1, kProjectionChunkElements /
+                                                             (g.tokens * g.queries *
+                                                              std::min(g.out_features, g.in_features)))) *
+            g.tokens * g.queries * std::min(g.out_features, g.in_features)
+      : std::min<int64_t>(g.batch, std::max<int64_t>(1, kGradientChunkElements /
+                                                             (g.out_features * g.in_features))) *
+            g.out_features * g.in_features;
+  std::vector<T> scratch(buffer);
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<T> a_pad, d_pad, tiles, partial;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t k = 0; k < blocks; ++k) {
-      const int64_t e0 = k * block;
-      const int64_t count = std::min(block, a.batch - e0);
-      if constexpr (sizeof(T) == sizeof(float)) run_block_f32(a, p, e0, count, a_pad, d_pad, tiles, partial);
-      else run_block_f64(a, p, e0, count, a_pad, d_pad, tiles, partial);
-    }
+    gemm::Workspace<T> ws;
+    const int thread = omp_get_thread_num(), nt = omp_get_num_threads();
+    if (projection) projection_order(g, thread, nt, scratch, ws);
+    else gradient_order(g, thread, nt, scratch, ws);
   }
 }
-
-void score_f32(const ScoreArgs<float>& a, int num_threads) { score_typed<float, 16>(a, num_threads); }
-
-void score_f64(const ScoreArgs<double>& a, int num_threads) { score_typed<double, 8>(a, num_threads); }
 
 }  // namespace
 
 void score_contraction(Precision precision, uintptr_t a, uintptr_t delta, uintptr_t s, uintptr_t out,
                        int64_t batch, int64_t tokens, int64_t out_features, int64_t in_features,
                        int64_t queries, int num_threads) {
-  if (precision == Precision::kFloat32) {
-    ScoreArgs<float> args{reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(delta),
-                          reinterpret_cast<const float*>(s), reinterpret_cast<float*>(out),
-                          batch, tokens, out_features, in_features, queries};
-    score_f32(args, num_threads);
-    return;
-  }
-  ScoreArgs<double> args{reinterpret_cast<const double*>(a), reinterpret_cast<const double*>(delta),
-                         reinterpret_cast<const double*>(s), reinterpret_cast<double*>(out),
-                         batch, tokens, out_features, in_features, queries};
-  score_f64(args, num_threads);
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    const ScoreArgs<T> args{reinterpret_cast<const T*>(a), reinterpret_cast<const T*>(delta),
+                            reinterpret_cast<const T*>(s), reinterpret_cast<T*>(out),
+                            batch, tokens, out_features, in_features, queries};
+    score_typed(args, num_threads);
+  };
+  if (precision == Precision::kFloat32) go(0.0f);
+  else go(0.0);
 }
 
 }  // namespace pbrf::cpu

@@ -1,7 +1,7 @@
 """The blocked GEMM inside the fused C++ kernels (csrc/cpu/gemm_cpu.cpp) against torch.
 
 It has two paths: packed register tiles, and unpacked loops for thin shapes
-(M <= 4 or N <= 8, where a register tile would be mostly padding). Both must
+(M <= 4 or N <= 16, where a register tile would be mostly padding). Both must
 handle any element strides (transposed operands, a transposed C), C = AB and
 C += AB, batches, and give bit-identical results for any thread count.
 """
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(ext is None or not hasattr(ext, "gemm"), reason=
 SHAPES = [  # (M, N, K): thin rows, thin columns, tiny depth, odd, bigger than one cache block
     (1, 1, 1), (1, 128, 37), (3, 17, 50), (4, 9, 5), (45, 1, 33), (70, 8, 129), (33, 5, 0),
     (13, 40, 1), (37, 45, 29), (150, 70, 300), (12, 32, 16),
+    (70, 13, 129), (21, 16, 40), (9, 11, 300), (6, 17, 7),  # N <= 16: blocked dot products
 ]
 
 

@@ -12,6 +12,8 @@ jvp -> output-Hessian product -> vjp.
 """
 from __future__ import annotations
 
+import weakref
+
 import math
 
 import torch
@@ -251,13 +253,15 @@ class GaussNewton(CurvatureOperator):
         slices = self._cache.setdefault("mlp_forward", {})  # shared with with_damping copies
         key = (slot, self.batch_size)
         entry = slices.get(key)
-        if entry is not None and entry[0] == stamp:
+        # The weak reference catches a reassigned problem.inputs even when the new
+        # tensor reuses the freed one's address (same data_ptr, version 0 again).
+        if entry is not None and entry[0] == stamp and entry[3]() is self.problem.inputs:
             return entry[1]
         state = mlp_gnh.mlp_forward_reference(spec, theta, x)
         held = sum(value[2] for k, value in slices.items() if k != key)
         size = sum(a.numel() * a.element_size() for a in [*state[0][1:], *state[1], state[2]])
         if held + size <= FORWARD_CACHE_BYTES:
-            slices[key] = (stamp, state, size)
+            slices[key] = (stamp, state, size, weakref.ref(self.problem.inputs))
         else:
             slices.pop(key, None)
         return state

@@ -161,6 +161,8 @@ def test_gnh_forward_cache_follows_parameter_and_data_changes():
     with torch.no_grad():
         problem.inputs.mul_(0.5)                            # data changed in place
     assert rel_err(op.matvec(V), torch_op.matvec(V)) < 1e-12
+    problem.inputs = problem.inputs * 3.0                   # data replaced (may reuse the address)
+    assert rel_err(op.matvec(V), torch_op.matvec(V)) < 1e-12
     path = ("blas", None)
     assert rel_err(op.matvec(V), torch_op.matvec(V)) < 1e-12
     assert rel_err(op.with_damping(0.3).matvec(V),

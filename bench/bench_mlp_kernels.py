@@ -98,7 +98,7 @@ def test_gnh_product(benchmark, backend, name, m):
         return out
 
     if big:
-        benchmark.pedantic(run, rounds=2, warmup_rounds=1)
+        benchmark.pedantic(run, rounds=4, warmup_rounds=1)  # few rounds: each is 0.3-0.8 s
     else:
         benchmark(run)
 

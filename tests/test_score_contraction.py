@@ -149,6 +149,33 @@ def test_conv2d_matches_per_example_weight_gradients(monkeypatch, kernel, stride
     torch.testing.assert_close(unfolded.detach(), expected, rtol=1e-10, atol=1e-10)
 
 
+@gpu
+@pytest.mark.parametrize("kernel,stride,padding,dilation", CONV_CASES[:3], ids=str)
+def test_conv2d_on_cuda_matches_cpu(kernel, stride, padding, dilation):
+    """The conv path on CUDA (unfold + the cuda op for scores; shifted strided views
+    through cuBLAS for the gradient blocks) equals the CPU path in float64."""
+    from pbrf_fast.kernels.score_contraction import conv2d_weight_gradient_blocks
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    g = torch.Generator().manual_seed(3)
+    k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    x = torch.randn(5, 3, 9, 8, generator=g, dtype=torch.float64)
+    y = F.conv2d(x, torch.zeros(4, 3, *k, dtype=torch.float64), stride=stride, padding=padding, dilation=dilation)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    S = torch.randn(6, 4, 3, *k, generator=g, dtype=torch.float64)
+    args = dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation)
+    cpu = conv2d_score_contraction(x, dy, S, **args)
+    cuda = conv2d_score_contraction(x.cuda(), dy.cuda(), S.cuda(), **args)
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-10, atol=1e-10)
+    norms = {}
+    for device in ("cpu", "cuda"):
+        total = torch.zeros(5, dtype=torch.float64, device=device)
+        for k0, n, _, G in conv2d_weight_gradient_blocks(x.to(device), dy.to(device), **args):
+            total[k0:k0 + n] += G.pow(2).sum((1, 2))
+        norms[device] = total.cpu()
+    torch.testing.assert_close(norms["cuda"], norms["cpu"], rtol=1e-10, atol=1e-10)
+
+
 def test_conv2d_geometry_errors():
     x, dy, S = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(5, 4, 3, 3, 3)
     with pytest.raises(ValueError, match="do not fit kernel"):

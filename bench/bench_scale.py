@@ -91,27 +91,31 @@ def table(device="cpu", backends=("torch", "cpu")):
                   f"{sec / (flops / (floor_rate * 1e9)):8.2f}")
 
 
-def conv_table(device="cpu", repeats=5):
-    """Scores of a Conv2d straight from its input: auto (shifted views on CPU) vs unfold-all."""
+def _conv_paths(x, dy, S):
+    """{path: call} for one conv case: auto (shifted views on CPU) and unfold-all."""
     from pbrf_fast.kernels.score_contraction import (conv2d_score_contraction, score_contraction,
                                                      unfold_conv_input)
 
+    m, O = S.shape[:2]
+    return {"auto": lambda: conv2d_score_contraction(x, dy, S, kernel_size=3, padding=1),
+            "unfold_all": lambda: score_contraction(unfold_conv_input(x, 3, 1, 1, 1),
+                                                    dy.flatten(2).transpose(1, 2), S.reshape(m, O, -1))}
+
+
+def _conv_inputs(b, C, H, O, m, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(b, c, H, H, generator=g).to(device) for c in (C, O))
+    return x, dy, torch.randn(m, O, C, 3, 3, generator=g).to(device)
+
+
+def conv_table(device="cpu", repeats=5):
+    """Scores of a Conv2d straight from its input: auto (shifted views on CPU) vs unfold-all."""
     floor_rate = matmul_gflops(device)
     print(f"\nConv2d from the layer input (3x3, stride 1, padding 1); floor at {floor_rate:.1f} GFLOP/s")
     print(f"{'case':24s} {'path':12s} {'ms':>9s} {'x floor':>8s}")
     for name, b, C, H, O, m in CONV_CASES:
-        g = torch.Generator().manual_seed(0)
-        x, dy = (torch.randn(b, c, H, H, generator=g).to(device) for c in (C, O))
-        S = torch.randn(m, O, C, 3, 3, generator=g).to(device)
         floor = 2 * b * O * C * 9 * (H * H + m) / (floor_rate * 1e9)
-
-        def unfold_all():
-            a = unfold_conv_input(x, 3, 1, 1, 1)
-            return score_contraction(a, dy.flatten(2).transpose(1, 2), S.reshape(m, O, -1))
-
-        paths = {"auto": lambda: conv2d_score_contraction(x, dy, S, kernel_size=3, padding=1),
-                 "unfold-all": unfold_all}
-        for path, fn in paths.items():
+        for path, fn in _conv_paths(*_conv_inputs(b, C, H, O, m, device)).items():
             sec = _best(fn, device, repeats)
             print(f"{name:24s} {path:12s} {sec * 1e3:9.2f} {sec / floor:8.2f}")
 
@@ -119,17 +123,7 @@ def conv_table(device="cpu", repeats=5):
 @pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] + "-from-input" for c in CONV_CASES])
 @pytest.mark.parametrize("path", ["auto", "unfold_all"])
 def test_conv2d_from_input(benchmark, case, path):
-    from pbrf_fast.kernels.score_contraction import (conv2d_score_contraction, score_contraction,
-                                                     unfold_conv_input)
-
-    _, b, C, H, O, m = case
-    x, dy = torch.randn(b, C, H, H), torch.randn(b, O, H, H)
-    S = torch.randn(m, O, C, 3, 3)
-    if path == "auto":
-        benchmark(lambda: conv2d_score_contraction(x, dy, S, kernel_size=3, padding=1))
-    else:
-        benchmark(lambda: score_contraction(unfold_conv_input(x, 3, 1, 1, 1), dy.flatten(2).transpose(1, 2),
-                                            S.reshape(m, O, -1)))
+    benchmark(_conv_paths(*_conv_inputs(*case[1:]))[path])
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

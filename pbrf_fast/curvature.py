@@ -12,9 +12,8 @@ jvp -> output-Hessian product -> vjp.
 """
 from __future__ import annotations
 
-import weakref
-
 import math
+import weakref
 
 import torch
 

@@ -121,17 +121,12 @@ LissaOutcome run_engine(const Engine<T>& e, int num_threads) {
   const bool split = split_threads > 1;
   const int threads = split ? split_threads : mlp::useful_threads(spec, e.batch, e.m, num_threads);
   const int parts = split ? threads : 1;
-  const int64_t slice_rows = split ? (e.batch + threads - 1) / threads : e.batch;
   mlp::BatchStorage<T> full(spec, e.cache_forward ? e.n : 1, false);
   full.state.input = e.x;
   full.state.batch = e.n;
   mlp::BatchStorage<T> step_state(spec, e.batch, true);
   std::vector<T> h(m * d), S(parts * m * d);
-  // Two work buffers per slice; the team fallback (fewer threads granted than
-  // asked for) needs two for the whole batch.
-  const int64_t slice_buffer = slice_rows * m * spec.max_width();
-  const int64_t team_buffer = e.batch * m * spec.max_width();
-  std::vector<T> buffers(2 * std::max(parts * slice_buffer, team_buffer));
+  mlp::WorkBuffers<T> buffers(spec, e.batch, m, parts);
   std::vector<double> partial(threads * m);
   std::vector<char> flags(threads);
   const T keep = T(1.0 - (e.damping + e.weight_decay) / e.scale);
@@ -151,9 +146,8 @@ LissaOutcome run_engine(const Engine<T>& e, int num_threads) {
     // Product calls below run on this thread alone (split) or on the team.
     const int pt = split_here ? 0 : t, pnt = split_here ? 1 : nt;
     T* my_S = S.data() + part * m * d;
-    const int64_t buffer_size = split_here ? slice_buffer : team_buffer;
-    T* buffer0 = buffers.data() + 2 * part * buffer_size;
-    T* buffer1 = buffer0 + buffer_size;
+    T* buffer0 = split_here ? buffers.slice(part) : buffers.team();
+    T* buffer1 = buffer0 + (split_here ? buffers.slice_size : buffers.team_size);
     int64_t begin, end;
     split_range(m * d, t, nt, &begin, &end);
     std::fill(e.total + begin, e.total + end, T(0));

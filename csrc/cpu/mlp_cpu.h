@@ -121,6 +121,22 @@ inline int batch_split_threads(const Spec& spec, int64_t batch, int64_t m, int n
   return threads;
 }
 
+// gnh_team's two work buffers per caller: one pair per batch slice when the
+// batch is split among `slices` threads, else one pair for the whole batch
+// (also what the team fallback uses when OpenMP grants fewer threads).
+template <typename T>
+struct WorkBuffers {
+  int64_t slice_size, team_size;
+  std::vector<T> data;
+  WorkBuffers(const Spec& spec, int64_t batch, int64_t m, int slices)
+      : slice_size((batch + slices - 1) / slices * m * spec.max_width()),
+        team_size(batch * m * spec.max_width()),
+        data(2 * std::max(int64_t(slices) * slice_size, team_size)) {}
+  // First buffer of the pair; the second starts `size` elements later.
+  T* slice(int s) { return data.data() + 2 * s * slice_size; }
+  T* team() { return data.data(); }
+};
+
 // [begin, end) of `total` items for this thread.
 inline void split_range(int64_t total, int thread, int num_threads, int64_t* begin, int64_t* end) {
   *begin = total * thread / num_threads;

@@ -337,12 +337,7 @@ void product_typed(const Spec& spec, const T* x, const T* theta, const T* V_dm, 
   T* extra = pool.data() + transposed_size;  // (split - 1) blocks of (m, d)
   BatchStorage<T> storage(spec, batch, false);
   storage.state.input = x;
-  // Two work buffers per slice; the team fallback (fewer threads granted) needs
-  // two for the whole batch.
-  const int64_t slice_rows = (batch + split - 1) / split;
-  const int64_t buffer_size = slice_rows * m * spec.max_width();
-  const int64_t team_buffer_size = batch * m * spec.max_width();
-  std::vector<T> buffers(2 * std::max(split * buffer_size, team_buffer_size));
+  WorkBuffers<T> buffers(spec, batch, m, split);
 #pragma omp parallel num_threads(threads)
   {
     ThreadScratch<T> scratch;
@@ -356,9 +351,10 @@ void product_typed(const Spec& spec, const T* x, const T* theta, const T* V_dm, 
       split_range(batch, t, nt, &row0, &row1);
       const BatchState<T> rows = rows_of(spec, storage.state, row0, row1);
       T* mine = t == 0 ? out : extra + (t - 1) * m * d;
-      T* buffer0 = buffers.data() + 2 * t * buffer_size;
+      T* buffer0 = buffers.slice(t);
       forward_team(spec, theta, rows, 0, 1, scratch);
-      gnh_team(spec, theta, rows, V, d, m, mine, d, buffer0, buffer0 + buffer_size, 0, 1, scratch);
+      gnh_team(spec, theta, rows, V, d, m, mine, d, buffer0, buffer0 + buffers.slice_size, 0, 1,
+               scratch);
 #pragma omp barrier
       int64_t begin, end;
       split_range(m * d, t, nt, &begin, &end);
@@ -369,9 +365,9 @@ void product_typed(const Spec& spec, const T* x, const T* theta, const T* V_dm, 
       }
 #pragma omp barrier
     } else {
-      T* buffer0 = buffers.data();
+      T* buffer0 = buffers.team();
       forward_team(spec, theta, storage.state, t, nt, scratch);  // ends with a barrier
-      gnh_team(spec, theta, storage.state, V, d, m, out, d, buffer0, buffer0 + team_buffer_size,
+      gnh_team(spec, theta, storage.state, V, d, m, out, d, buffer0, buffer0 + buffers.team_size,
                t, nt, scratch);
     }
     if (m > 1) transpose_share(out, out_dm, m, d, t, nt);

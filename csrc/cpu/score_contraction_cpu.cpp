@@ -43,31 +43,43 @@ struct ScoreArgs {
   int64_t batch, tokens, out_features, in_features, queries;
 };
 
-template <typename T>
 void barrier_if_team(int num_threads) {
   if (num_threads > 1) {
 #pragma omp barrier
   }
 }
 
+// Examples per chunk and elements per example of each order's transient buffer.
+template <typename T>
+int64_t gradient_elements(const ScoreArgs<T>& g) { return g.out_features * g.in_features; }
+
+template <typename T>
+int64_t projection_elements(const ScoreArgs<T>& g) {
+  return g.tokens * g.queries * std::min(g.out_features, g.in_features);
+}
+
+inline int64_t chunk_examples(int64_t batch, int64_t budget, int64_t per_example) {
+  return std::max<int64_t>(1, std::min(batch, budget / std::max<int64_t>(per_example, 1)));
+}
+
 template <typename T>
 void gradient_order(const ScoreArgs<T>& g, int thread, int num_threads, std::vector<T>& G,
                     gemm::Workspace<T>& ws) {
   const int64_t t = g.tokens, o = g.out_features, i = g.in_features, m = g.queries;
-  const int64_t oi = o * i;
-  const int64_t chunk = std::max<int64_t>(1, std::min(g.batch, kGradientChunkElements / std::max<int64_t>(oi, 1)));
+  const int64_t oi = gradient_elements(g);
+  const int64_t chunk = chunk_examples(g.batch, kGradientChunkElements, oi);
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     // G_b (o x i) = delta_b^T (o x t, read transposed in place) a_b (t x i)
     gemm::gemm_team(Gemm<T>{o, i, t, n, Operand<T>{g.delta + b0 * t * o, 1, o, t * o},
                             Operand<T>{g.a + b0 * t * i, i, 1, t * i}, G.data(), i, 1, oi, false},
                     thread, num_threads, ws);
-    barrier_if_team<T>(num_threads);
+    barrier_if_team(num_threads);
     // scores (n x m) = G (n x o i) . S^T (o i x m, S read transposed in place)
     gemm::gemm_team(Gemm<T>{n, m, oi, 1, Operand<T>{G.data(), oi, 1, 0}, Operand<T>{g.s, 1, oi, 0},
                             g.out + b0 * m, m, 1, 0, false},
                     thread, num_threads, ws);
-    barrier_if_team<T>(num_threads);  // G is refilled by the next chunk
+    barrier_if_team(num_threads);  // G is refilled by the next chunk
   }
 }
 
@@ -79,9 +91,8 @@ void projection_order(const ScoreArgs<T>& g, int thread, int num_threads, std::v
   const bool through_delta = i <= o;
   const int64_t w = through_delta ? i : o;  // width of each query's projection
   const T* dots = through_delta ? g.a : g.delta;
-  const int64_t rows_per_example = t, row_width = m * w;
-  const int64_t chunk = std::max<int64_t>(
-      1, std::min(g.batch, kProjectionChunkElements / std::max<int64_t>(rows_per_example * row_width, 1)));
+  const int64_t row_width = m * w;
+  const int64_t chunk = chunk_examples(g.batch, kProjectionChunkElements, projection_elements(g));
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const int64_t rows = n * t;
@@ -96,7 +107,7 @@ void projection_order(const ScoreArgs<T>& g, int thread, int num_threads, std::v
                               Operand<T>{g.s, 1, i, 0}, P.data(), row_width, 1, 0, false},
                       thread, num_threads, ws);
     }
-    barrier_if_team<T>(num_threads);
+    barrier_if_team(num_threads);
     // scores[b, q] = sum_t sum_j P[b t + t', q w + j] dots[b t + t', j]
     const int64_t first = n * thread / num_threads, last = n * (thread + 1) / num_threads;
     for (int64_t e = first; e < last; ++e)
@@ -112,7 +123,7 @@ void projection_order(const ScoreArgs<T>& g, int thread, int num_threads, std::v
         }
         g.out[(b0 + e) * m + q] = sum;
       }
-    barrier_if_team<T>(num_threads);  // P is refilled by the next chunk
+    barrier_if_team(num_threads);  // P is refilled by the next chunk
   }
 }
 
@@ -132,15 +143,9 @@ void score_typed(const ScoreArgs<T>& g, int num_threads) {
   // Threads worth a team: each should get a few MFLOP, or barriers dominate.
   const double flops = std::min(gradient_flops, projection_flops);
   const int threads = int(std::max(1.0, std::min(double(std::max(1, num_threads)), flops / 2e6)));
-  const int64_t buffer = projection
-      ? std::min<int64_t>(g.batch, std::max<int64_t>(1, kProjectionChunkElements /
-                                                             (g.tokens * g.queries *
-                                                              std::min(g.out_features, g.in_features)))) *
-            g.tokens * g.queries * std::min(g.out_features, g.in_features)
-      : std::min<int64_t>(g.batch, std::max<int64_t>(1, kGradientChunkElements /
-                                                             (g.out_features * g.in_features))) *
-            g.out_features * g.in_features;
-  std::vector<T> scratch(buffer);
+  const int64_t per_example = projection ? projection_elements(g) : gradient_elements(g);
+  const int64_t budget = projection ? kProjectionChunkElements : kGradientChunkElements;
+  std::vector<T> scratch(chunk_examples(g.batch, budget, per_example) * per_example);
 #pragma omp parallel num_threads(threads)
   {
     gemm::Workspace<T> ws;

@@ -271,7 +271,8 @@ def conv2d_score_contraction(inputs: torch.Tensor, grad_outputs: torch.Tensor, S
             and not registry.needs_autograd(inputs, grad_outputs, S)
             and choose_order(len(inputs), positions, S3.shape[1], S3.shape[2], S3.shape[0]) == "gradient"):
         registry.check_same_dtype_and_device(OP_NAME, inputs=inputs, grad_outputs=grad_outputs, S=S)
-        return _conv2d_scores_cpu(inputs, grad_outputs, S3, (kernel_size, dilation, padding, stride))
+        return _conv2d_scores_cpu(inputs, grad_outputs, S3, kernel_size=kernel_size, stride=stride,
+                                  padding=padding, dilation=dilation)
     a = unfold_conv_input(inputs, kernel_size, stride, padding, dilation)
     delta = grad_outputs.flatten(2).transpose(1, 2)
     if a.shape[1] != delta.shape[1]:
@@ -284,22 +285,19 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def _conv2d_scores_cpu(inputs, grad_outputs, S3, conv_args):
+def _conv2d_scores_cpu(inputs, grad_outputs, S3, **conv):
     """scores = <G_b, S_q> from :func:`conv2d_weight_gradient_blocks`, block by block."""
-    kernel_size, dilation, padding, stride = conv_args
     m, o, i = S3.shape
     out = inputs.new_zeros(len(inputs), m)
     flat_s = S3.reshape(m, o * i).T
-    kh, kw = _pair(kernel_size)
+    kh, kw = _pair(conv["kernel_size"])
     C = inputs.shape[1]
     if i != C * kh * kw:
         raise ValueError(f"{OP_NAME}: S has {i} values per output channel, the conv input "
                          f"{C} channels x kernel {(kh, kw)} = {C * kh * kw}")
     # S as (kh kw, o C, m): one (o C, m) block per kernel offset
     S_offsets = S3.reshape(m, o, C, kh, kw).permute(3, 4, 1, 2, 0).reshape(kh * kw, o * C, m)
-    for k, n, offset, G in conv2d_weight_gradient_blocks(inputs, grad_outputs, kernel_size=kernel_size,
-                                                         stride=stride, padding=padding, dilation=dilation,
-                                                         out_features=o):
+    for k, n, offset, G in conv2d_weight_gradient_blocks(inputs, grad_outputs, out_features=o, **conv):
         block = flat_s if offset is None else S_offsets[offset]
         out[k:k + n].addmm_(G.view(n, -1), block)
     return out

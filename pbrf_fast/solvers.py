@@ -317,8 +317,10 @@ def _native_lissa_backend(op: CurvatureOperator, B2: torch.Tensor, engine: str,
     elif spec is not None and engine == "auto" and not mlp_gnh.fused_pays_off(spec, batch_size, B2.shape[1]):
         return None  # products this big run faster on torch's BLAS than in the engine
     if not reason:
+        # An operator built for one compiled backend runs its engine there too.
+        requested = op.backend if getattr(op, "backend", "auto") in ("cpu", "cuda") else "auto"
         try:
-            chosen = registry.resolve(lissa_engine.OP_NAME, B2, "auto")
+            chosen = registry.resolve(lissa_engine.OP_NAME, B2, requested)
         except registry.BackendUnavailable as exc:
             chosen, reason = "torch", str(exc)
         if chosen != "torch":

@@ -1,5 +1,6 @@
 """Test setup shared by the suite: triton's interpreter on GPU-less machines,
-and skipping of tests marked ``gpu`` when no CUDA device is present."""
+skipping of tests marked ``gpu`` when no CUDA device is present, and the CUDA
+emulator for tests parametrized with backend "cuda" on device "cpu"."""
 import os
 
 import pytest
@@ -19,3 +20,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend_on_cpu_runs_emulated(request):
+    """backend="cuda" with device="cpu" means the CUDA kernels under the CPU emulator
+    (pbrf_fast._C_cuda_emu): the same launchers and kernels nvcc compiles."""
+    callspec = getattr(request.node, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    if params.get("backend") != "cuda" or params.get("device") != "cpu":
+        yield
+        return
+    from pbrf_fast.kernels import registry
+    try:
+        emulation = registry.cuda_emulation()
+        emulation.__enter__()
+    except registry.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield
+    finally:
+        emulation.__exit__(None, None, None)

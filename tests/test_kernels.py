@@ -32,6 +32,7 @@ BACKEND_DEVICES = [
     pytest.param("triton", "cpu", id="triton-interpret"),
     pytest.param("cuda", "cuda", id="cuda", marks=gpu),
     pytest.param("triton", "cuda", id="triton-cuda", marks=gpu),
+    pytest.param("cuda", "cpu", id="cuda-emulated"),  # CUDA kernels under the CPU emulator
 ]
 
 

@@ -29,6 +29,7 @@ SHAPES = [(5, 3), (5, 7, 3), (6, 9, 5, 4)]  # depths 1-3, odd widths
 BACKEND_DEVICES = [
     pytest.param("cpu", "cpu", id="cpu"),
     pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cpu", id="cuda-emulated"),  # CUDA kernels under the CPU emulator
 ]
 
 
@@ -233,9 +234,9 @@ def test_native_lissa_matches_python_lissa(loss, dims, activation, backend, devi
     options = dict(depth=30, repeats=2, batch_size=6, seed=5, compute_residual=True)
     # The Python loop over the torch.func product once (slow), else over the fused
     # product (itself checked against torch.func above): the loops are what differ.
-    backend = "torch" if loss == "mse" else "auto"
-    python = lissa(pbrf_fast.GaussNewton(problem, 0.05, backend=backend), B, engine="python", **options)
-    native = lissa(pbrf_fast.GaussNewton(problem, 0.05), B, engine="native", **options)
+    loop_backend = "torch" if loss == "mse" else "auto"
+    python = lissa(pbrf_fast.GaussNewton(problem, 0.05, backend=loop_backend), B, engine="python", **options)
+    native = lissa(pbrf_fast.GaussNewton(problem, 0.05, backend=backend), B, engine="native", **options)
     assert native.info["engine"] == "native" and python.info["engine"] == "python"
     assert native.info["scale"] == pytest.approx(python.info["scale"], rel=1e-10)
     assert rel_err(native.solution, python.solution) < 1e-5
@@ -314,9 +315,9 @@ def test_native_lissa_raises_divergence_like_python(backend, device):
     problem = make_problem("cross_entropy", (4, 6, 3), "tanh", True, n=20, device=device)
     require(backend, problem.theta)
     B = torch.randn(problem.dim, 2, dtype=torch.float64).to(device)
-    op = pbrf_fast.GaussNewton(problem, 0.1)
     messages = []
     for engine in ("python", "native"):
+        op = pbrf_fast.GaussNewton(problem, 0.1, backend=backend if engine == "native" else "auto")
         with pytest.raises(pbrf_fast.DivergenceError, match="diverged in column") as info:
             lissa(op, B, depth=50, batch_size=5, scale=1e-3, engine=engine)
         messages.append(str(info.value))

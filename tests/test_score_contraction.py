@@ -20,6 +20,7 @@ BACKEND_DEVICES = [
     pytest.param("triton", "cpu", id="triton-interpret"),
     pytest.param("cuda", "cuda", id="cuda", marks=gpu),
     pytest.param("triton", "cuda", id="triton-cuda", marks=gpu),
+    pytest.param("cuda", "cpu", id="cuda-emulated"),  # CUDA kernels under the CPU emulator
 ]
 # (b, t, o, i, m); t = None means 2-D (Linear) inputs.
 SHAPES = [(1, None, 1, 1, 1), (5, None, 3, 7, 2), (9, 13, 17, 19, 5), (4, 40, 5, 33, 3), (3, 2, 20, 1, 17)]

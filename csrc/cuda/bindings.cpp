@@ -2,6 +2,10 @@
 // compiler (no CUDA headers here); tensors cross as data_ptr() integers and
 // the current stream as an integer, so no libtorch is linked. Importing never
 // touches a GPU: device_count()/status() report what is there.
+//
+// The same file also builds pbrf_fast._C_cuda_emu: the same launchers compiled
+// by g++ against the CPU emulator of csrc/emulation (PBRF_CUDA_EMULATION), with
+// a few extra functions to steer and inspect the emulator.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -11,6 +15,13 @@
 
 #include "common/cuda_ops.h"
 #include "common/score_contraction_cuda_ops.h"
+#ifdef PBRF_CUDA_EMULATION
+#include "emulator_control.h"
+#include "emulator_selftest.h"
+#define PBRF_CUDA_MODULE _C_cuda_emu
+#else
+#define PBRF_CUDA_MODULE _C_cuda
+#endif
 
 
 namespace py = pybind11;
@@ -26,8 +37,43 @@ Precision precision_from_name(const std::string& dtype) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C_cuda, m) {
+PYBIND11_MODULE(PBRF_CUDA_MODULE, m) {
   m.doc() = "pbrf_fast CUDA kernels (tensors passed as data_ptr integers, stream as integer)";
+#ifdef PBRF_CUDA_EMULATION
+  m.attr("emulated") = true;
+  m.def(
+      "set_thread_order",
+      [](const std::string& order, uint64_t seed) {
+        using pbrf_emu::ThreadOrder;
+        if (order == "forward") pbrf_emu::set_thread_order(ThreadOrder::kForward, seed);
+        else if (order == "reverse") pbrf_emu::set_thread_order(ThreadOrder::kReverse, seed);
+        else if (order == "shuffled") pbrf_emu::set_thread_order(ThreadOrder::kShuffled, seed);
+        else throw std::invalid_argument("thread order must be forward, reverse or shuffled, got " + order);
+      },
+      py::arg("order"), py::arg("seed") = 0,
+      "Order in which each block's threads run between barriers (a race shows up as a change).");
+  m.def("counters", [] {
+    const pbrf_emu::Counters c = pbrf_emu::read_counters();
+    py::dict d;
+    d["launches"] = c.launches;
+    d["blocks"] = c.blocks;
+    d["threads"] = c.threads;
+    d["barriers"] = c.barriers;
+    d["shuffles"] = c.shuffles;
+    return d;
+  }, "Emulated launches, blocks, threads, released __syncthreads barriers and shuffles so far.");
+  m.def("reset", &pbrf_emu::reset, "Zero the counters and clear a pending launch error.");
+  m.def(
+      "selftest",
+      [](const std::string& name) {
+        const pbrf_emu::SelftestResult r = pbrf_emu::run_selftest(name);
+        return py::make_tuple(r.error, r.values);
+      },
+      py::arg("name"),
+      "Launch one of the emulator's self-test kernels; returns (error message or '', 64 outputs).");
+#else
+  m.attr("emulated") = false;
+#endif
   m.def("device_count", &pbrf::cuda::device_count,
         "Number of CUDA devices visible to this module's runtime (0 without driver or GPU).");
   m.def("status", &pbrf::cuda::status, "Human-readable device status; never raises.");

@@ -4,7 +4,7 @@ Each op lives in its own module (reference = spec, wrappers, triton kernel);
 :mod:`.registry` picks the backend. See pbrf_fast.backends() for what is
 available on this machine.
 """
-from .registry import BackendUnavailable, resolve
+from .registry import BackendUnavailable, cuda_emulation, resolve
 from .output_hessian import output_hessian_product, output_hessian_product_reference
 from .bregman_divergence import bregman_divergence, bregman_divergence_reference
 from .lissa_update import lissa_update_, lissa_update_reference_
@@ -21,6 +21,7 @@ __all__ = [
     "bregman_divergence",
     "bregman_divergence_reference",
     "conv2d_score_contraction",
+    "cuda_emulation",
     "conv2d_weight_gradient_blocks",
     "lissa_engine_reference",
     "lissa_update_",

@@ -101,8 +101,7 @@ def _run_cuda(code, outputs, ref_outputs, values, grad) -> None:
 registry.register(OP_NAME, "torch", bregman_divergence_reference)
 if registry.cpu_extension is not None:
     registry.register(OP_NAME, "cpu", _run_cpu)
-if registry.cuda_extension is not None:
-    registry.register(OP_NAME, "cuda", _run_cuda)
+registry.register(OP_NAME, "cuda", _run_cuda)
 
 if registry.triton is not None:
     import triton

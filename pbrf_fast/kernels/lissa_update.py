@@ -76,8 +76,7 @@ def _run_cuda(h, v, gh, damping, scale, rows, cols):
 registry.register(OP_NAME, "torch", lissa_update_reference_)
 if registry.cpu_extension is not None:
     registry.register(OP_NAME, "cpu", _run_cpu)
-if registry.cuda_extension is not None:
-    registry.register(OP_NAME, "cuda", _run_cuda)
+registry.register(OP_NAME, "cuda", _run_cuda)
 
 if registry.triton is not None:
     import triton

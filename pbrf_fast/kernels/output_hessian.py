@@ -93,8 +93,7 @@ def _run_cuda(code: int, logits, vectors, out) -> None:
 registry.register(OP_NAME, "torch", output_hessian_product_reference)
 if registry.cpu_extension is not None:
     registry.register(OP_NAME, "cpu", _run_cpu)
-if registry.cuda_extension is not None:
-    registry.register(OP_NAME, "cuda", _run_cuda)
+registry.register(OP_NAME, "cuda", _run_cuda)
 
 if registry.triton is not None:
     import triton

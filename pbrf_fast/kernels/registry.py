@@ -5,12 +5,19 @@ extension ``pbrf_fast._C``), "cuda" (``pbrf_fast._C_cuda``) and "triton".
 Compiled modules and triton are optional: import failures are recorded here
 with their reason and reported by :func:`pbrf_fast.backends.backends`, never
 raised at import.
+
+:func:`cuda_emulation` runs the "cuda" backend on CPU tensors: the same CUDA
+launchers and kernels, compiled for the CPU emulator of the CUDA execution
+model (``pbrf_fast._C_cuda_emu``, csrc/emulation). It is how the CUDA code is
+tested on machines without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch  # before the extensions: they then share torch's OpenMP runtime
 
@@ -36,6 +43,8 @@ def _optional_import(name: str):
 cpu_extension, _cpu_import_error = _optional_import("pbrf_fast._C")
 cuda_extension, _cuda_import_error = _optional_import("pbrf_fast._C_cuda")
 triton, _triton_import_error = _optional_import("triton")
+# Inside cuda_emulation(): the "cuda" backend serves CPU tensors through the emulator.
+_cuda_emulated = False
 
 # triton decides at kernel-definition time (our import) whether a kernel is
 # interpreted; later changes to the variable do not affect kernels defined now.
@@ -48,6 +57,8 @@ _auto_order: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 def register(op_name: str, backend: str, implementation: Callable) -> None:
+    """Ops register every backend they implement, built or not: :func:`resolve` says
+    when a module is missing, and :func:`cuda_emulation` can serve "cuda" without one."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _implementations[(op_name, backend)] = implementation
@@ -80,10 +91,12 @@ def backend_status(backend: str) -> tuple[bool, str]:
             return False, _cpu_import_error
         return True, "OpenMP kernels in pbrf_fast._C"
     if backend == "cuda":
+        hint = ("; pbrf_fast.kernels.cuda_emulation() runs its kernels on CPU tensors"
+                if importlib.util.find_spec("pbrf_fast._C_cuda_emu") is not None else "")
         if cuda_extension is None:
-            return False, _cuda_import_error or "pbrf_fast._C_cuda not built"
+            return False, (_cuda_import_error or "pbrf_fast._C_cuda not built") + hint
         if cuda_device_count() == 0:
-            return False, f"pbrf_fast._C_cuda built, but {cuda_extension.status()}"
+            return False, f"pbrf_fast._C_cuda built, but {cuda_extension.status()}{hint}"
         return True, cuda_extension.status()
     if backend == "triton":
         if triton is None:
@@ -110,7 +123,9 @@ def _why_not(op_name: str, backend: str, tensor: torch.Tensor) -> str:
         if cpu_extension is None:
             return _cpu_import_error
     elif backend == "cuda":
-        if device != "cuda":
+        if _cuda_emulated and device != "cpu":
+            return f"the emulated cuda backend runs on CPU tensors, got a {device} tensor"
+        if not _cuda_emulated and device != "cuda":
             return f"the cuda backend needs CUDA tensors, got a {device} tensor"
         ok, reason = backend_status("cuda")
         if not ok:
@@ -202,8 +217,38 @@ def dtype_name(t: torch.Tensor) -> str:
 
 def cuda_launch_args(t: torch.Tensor) -> tuple[int, int]:
     """(device ordinal, current stream handle) for launching on `t`'s device."""
+    if _cuda_emulated and t.device.type == "cpu":
+        return 0, 0  # the emulator's one device and its synchronous default stream
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return index, torch.cuda.current_stream(index).cuda_stream
+
+
+@contextlib.contextmanager
+def cuda_emulation(thread_order: str = "forward", seed: int = 0) -> Iterator[object]:
+    """Within the block, ``backend="cuda"`` runs on CPU tensors under the CUDA emulator.
+
+    The kernels and launchers are the ones nvcc compiles into ``pbrf_fast._C_cuda``;
+    the emulator runs each block's threads as cooperative fibers (real barriers,
+    warp shuffles, per-block shared memory filled with NaN) and turns a divergent
+    barrier or a bad launch configuration into a RuntimeError. ``thread_order``
+    ("forward", "reverse", "shuffled" with ``seed``) is the order in which a block's
+    threads run between barriers: a result that depends on it is a race. Slow: for
+    tests on small problems. Yields the emulated module (``counters()``, ``reset()``).
+    Not thread-safe: it swaps the module-wide "cuda" backend for the block's duration.
+    """
+    global cuda_extension, _cuda_emulated
+    emulator, error = _optional_import("pbrf_fast._C_cuda_emu")
+    if emulator is None:
+        raise BackendUnavailable(f"CUDA emulation unavailable: {error}")
+    saved = cuda_extension, _cuda_emulated
+    emulator.reset()
+    emulator.set_thread_order(thread_order, seed)
+    cuda_extension, _cuda_emulated = emulator, True
+    try:
+        yield emulator
+    finally:
+        cuda_extension, _cuda_emulated = saved
+        emulator.set_thread_order("forward", 0)
 
 
 def triton_compute_dtype(t: torch.Tensor):

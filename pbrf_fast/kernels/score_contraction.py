@@ -218,8 +218,7 @@ registry.register(OP_NAME, "torch", score_contraction_reference)
 registry.prefer_on_auto(OP_NAME, "cpu", ())
 if registry.cpu_extension is not None and hasattr(registry.cpu_extension, OP_NAME):
     registry.register(OP_NAME, "cpu", _run_cpu)
-if registry.cuda_extension is not None and hasattr(registry.cuda_extension, OP_NAME):
-    registry.register(OP_NAME, "cuda", _run_cuda)
+registry.register(OP_NAME, "cuda", _run_cuda)
 
 
 # ------------------------------------------------------------------------------ low rank, conv

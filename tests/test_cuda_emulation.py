@@ -94,6 +94,15 @@ def test_thread_order_exposes_a_missing_barrier():
     assert results["reverse"][0] == 42.0 and all(v != v for v in results["reverse"][1:])
 
 
+def test_block_order_exposes_an_unsynchronised_write():
+    results = {}
+    for order in ("forward", "reverse"):
+        emulator.set_thread_order(order, 0)
+        results[order] = emulator.selftest("block_race")[1][0]
+    emulator.set_thread_order("forward", 0)
+    assert results == {"forward": 3.0, "reverse": 0.0}
+
+
 def test_launch_errors_surface_as_runtime_errors():
     """A kernel fault inside a launcher reaches Python as RuntimeError with the detail."""
     with registry.cuda_emulation():

@@ -15,11 +15,12 @@
 //   by a guard that must still be intact when the block ends;
 // - launch configurations are checked against the hardware limits (1024
 //   threads a block, 48 KiB of shared memory without opt-in, grid y/z <= 65535);
-// - the order in which a block's threads run between barriers can be forward,
-//   reverse or shuffled, so a result that depends on it (a race) shows up.
-// What is not: timing, memory coherence between blocks running at once (blocks
-// run one after another), and global-memory bounds (the tests guard their
-// buffers instead). Device memory is host memory; streams are synchronous.
+// - the order in which a block's threads run between barriers, and the order of
+//   the blocks, can be forward, reverse or shuffled, so a result that depends on
+//   it (a race) shows up.
+// What is not: timing, blocks running at the same time (they run one after
+// another), and global-memory bounds (the tests guard their buffers instead).
+// Device memory is host memory; streams are synchronous.
 #pragma once
 
 #include <cstddef>

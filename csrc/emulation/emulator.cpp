@@ -206,12 +206,13 @@ void prepare_block(Block& b, size_t dynamic_bytes) {
       }
 }
 
-std::vector<size_t> run_order(size_t threads, uint64_t block_number) {
-  std::vector<size_t> order(threads);
-  for (size_t i = 0; i < threads; ++i) order[i] = i;
+// 0 .. count-1 in the configured order; `stream` varies the shuffle between uses.
+std::vector<size_t> run_order(size_t count, uint64_t stream) {
+  std::vector<size_t> order(count);
+  for (size_t i = 0; i < count; ++i) order[i] = i;
   if (settings.order == ThreadOrder::kReverse) std::reverse(order.begin(), order.end());
   if (settings.order == ThreadOrder::kShuffled) {
-    std::mt19937_64 rng(settings.seed * 0x9E3779B97F4A7C15ull + block_number);
+    std::mt19937_64 rng(settings.seed * 0x9E3779B97F4A7C15ull + stream);
     std::shuffle(order.begin(), order.end(), rng);
   }
   return order;
@@ -349,19 +350,21 @@ void run_kernel(dim3 grid, dim3 dim, size_t shared_bytes, const std::function<vo
   Block* outer = active;
   active = &b;
   ++counters.launches;
-  uint64_t number = 0;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x, ++number) {
-        b.index = dim3(x, y, z);
-        ++counters.blocks;
-        counters.threads += b.fibers.size();
-        if (!run_block(b, shared_bytes, number)) {
-          record_error(cudaErrorLaunchFailure, block_name(b) + ": " + b.error);
-          active = outer;
-          return;
-        }
-      }
+  // Blocks run in the same order as threads (forward, reverse, shuffled): two blocks
+  // that write one location without atomics then give an order-dependent result.
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  const std::vector<size_t> block_order = run_order(blocks, counters.launches);
+  for (size_t number : block_order) {
+    b.index = dim3(unsigned(number % grid.x), unsigned(number / grid.x % grid.y),
+                   unsigned(number / (uint64_t(grid.x) * grid.y)));
+    ++counters.blocks;
+    counters.threads += b.fibers.size();
+    if (!run_block(b, shared_bytes, number)) {
+      record_error(cudaErrorLaunchFailure, block_name(b) + ": " + b.error);
+      active = outer;
+      return;
+    }
+  }
   active = outer;
 }
 

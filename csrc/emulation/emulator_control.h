@@ -6,8 +6,9 @@
 
 namespace pbrf_emu {
 
-// Order in which a block's threads run between two barriers. A kernel whose
-// result changes with it reads memory another thread writes without a barrier.
+// Order in which a block's threads run between two barriers, and the blocks of a
+// grid run. A kernel whose result changes with it reads memory another thread
+// writes without a barrier, or has two blocks write one place without atomics.
 enum class ThreadOrder { kForward = 0, kReverse = 1, kShuffled = 2 };
 
 struct Counters {

@@ -66,6 +66,12 @@ __global__ void missing_barrier_kernel(float* out) {
   out[threadIdx.x] = s[0];
 }
 
+// Fault: every block writes the same element without an atomic; which block's
+// value survives depends on the order the blocks run in.
+__global__ void block_race_kernel(float* out) {
+  if (threadIdx.x == 0) out[0] = float(blockIdx.x);
+}
+
 // Fault: a full-mask shuffle after half the warp has returned.
 __global__ void shuffle_after_exit_kernel(float* out) {
   if (threadIdx.x % kWarpSize >= 16) return;
@@ -84,6 +90,7 @@ SelftestResult run_selftest(const std::string& name) {
   else if (name == "shared_overflow") shared_overflow_kernel<<<1, threads>>>(out.data());
   else if (name == "uninitialized_shared") uninitialized_shared_kernel<<<1, threads>>>(out.data());
   else if (name == "missing_barrier") missing_barrier_kernel<<<1, threads>>>(out.data());
+  else if (name == "block_race") block_race_kernel<<<4, 32>>>(out.data());
   else if (name == "shuffle_after_exit") shuffle_after_exit_kernel<<<1, threads>>>(out.data());
   else if (name == "too_many_threads") divergent_barrier_kernel<<<1, 2048>>>(out.data());
   else if (name == "too_much_shared") divergent_barrier_kernel<<<1, threads, 64 * 1024>>>(out.data());

@@ -12,7 +12,7 @@ struct SelftestResult {
 };
 
 // name: block_sum, divergent_barrier, shared_overflow, uninitialized_shared,
-// missing_barrier, shuffle_after_exit, too_many_threads, too_much_shared.
+// missing_barrier, block_race, shuffle_after_exit, too_many_threads, too_much_shared.
 SelftestResult run_selftest(const std::string& name);
 
 }  // namespace pbrf_emu

@@ -14,6 +14,7 @@ tested on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -82,6 +83,13 @@ def cuda_device_count() -> int:
         return 0
 
 
+@functools.lru_cache(maxsize=None)
+def _emulation_hint() -> str:
+    if importlib.util.find_spec("pbrf_fast._C_cuda_emu") is None:
+        return ""
+    return "; pbrf_fast.kernels.cuda_emulation() runs its kernels on CPU tensors"
+
+
 def backend_status(backend: str) -> tuple[bool, str]:
     """Whether a backend can run at all on this machine, and why (not)."""
     if backend == "torch":
@@ -91,12 +99,10 @@ def backend_status(backend: str) -> tuple[bool, str]:
             return False, _cpu_import_error
         return True, "OpenMP kernels in pbrf_fast._C"
     if backend == "cuda":
-        hint = ("; pbrf_fast.kernels.cuda_emulation() runs its kernels on CPU tensors"
-                if importlib.util.find_spec("pbrf_fast._C_cuda_emu") is not None else "")
         if cuda_extension is None:
-            return False, (_cuda_import_error or "pbrf_fast._C_cuda not built") + hint
+            return False, (_cuda_import_error or "pbrf_fast._C_cuda not built") + _emulation_hint()
         if cuda_device_count() == 0:
-            return False, f"pbrf_fast._C_cuda built, but {cuda_extension.status()}{hint}"
+            return False, f"pbrf_fast._C_cuda built, but {cuda_extension.status()}{_emulation_hint()}"
         return True, cuda_extension.status()
     if backend == "triton":
         if triton is None:

@@ -134,10 +134,10 @@ def _run_cuda(spec, code, theta, inputs, V, schedule, weight_decay, damping, sca
     dims, acts, bias = spec.kernel_args()
     m = V.shape[1]
     v = V.T.contiguous()                                    # (m, d): one vector per row
-    total = torch.empty_like(v)
+    total = registry.cuda_scratch(v.numel(), v).view(v.shape)
     repeats, depth, batch = schedule.shape
     elements = 2 * m * spec.num_params + batch * dims[0] + ext.mlp_gnh_workspace_elements(dims, batch, m)
-    workspace = torch.empty(elements, dtype=theta.dtype, device=theta.device)
+    workspace = registry.cuda_scratch(elements, theta)
     norms = torch.zeros(m, dtype=torch.float64, device=theta.device)
     flag = torch.zeros(1, dtype=torch.int32, device=theta.device)
     schedule = schedule.to(theta.device).contiguous()

@@ -366,7 +366,8 @@ def mlp_gnh_product(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch
         return mlp_gnh_product_reference(spec, loss_kind, theta, x, V)
     vectors = V.contiguous()
     x2 = x.reshape(len(x), -1).contiguous()
-    out = torch.empty_like(vectors)
+    out = (registry.cuda_scratch(vectors.numel(), vectors).view(vectors.shape) if chosen == "cuda"
+           else torch.empty_like(vectors))
     registry.implementation(OP_NAME, chosen)(spec, registry.loss_kind_code(loss_kind),
                                              theta.contiguous(), x2, vectors, out)
     return out
@@ -387,10 +388,8 @@ def _run_cuda(spec, code, theta, x, vectors, out):
     dims, acts, bias = spec.kernel_args()
     m = _columns(vectors)
     ext = registry.cuda_extension
-    workspace = torch.empty(ext.mlp_gnh_workspace_elements(dims, len(x), m), dtype=theta.dtype,
-                            device=theta.device)
-    transposed = torch.empty(2 * m * spec.num_params if m > 1 else 1, dtype=theta.dtype,
-                             device=theta.device)
+    workspace = registry.cuda_scratch(ext.mlp_gnh_workspace_elements(dims, len(x), m), theta)
+    transposed = registry.cuda_scratch(2 * m * spec.num_params if m > 1 else 1, theta)
     device, stream = registry.cuda_launch_args(theta)
     ext.mlp_gnh_product(
         registry.dtype_name(theta), dims, acts, bias, code, x.data_ptr(), theta.data_ptr(),

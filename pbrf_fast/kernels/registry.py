@@ -229,6 +229,15 @@ def cuda_launch_args(t: torch.Tensor) -> tuple[int, int]:
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
+def cuda_scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """Uninitialised scratch for a CUDA launcher. Under :func:`cuda_emulation` it is
+    filled with NaN, so a kernel that reads scratch before writing it shows up."""
+    scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
+    if _cuda_emulated and scratch.is_floating_point():
+        scratch.fill_(float("nan"))
+    return scratch
+
+
 @contextlib.contextmanager
 def cuda_emulation(thread_order: str = "forward", seed: int = 0) -> Iterator[object]:
     """Within the block, ``backend="cuda"`` runs on CPU tensors under the CUDA emulator.
@@ -239,7 +248,8 @@ def cuda_emulation(thread_order: str = "forward", seed: int = 0) -> Iterator[obj
     barrier or a bad launch configuration into a RuntimeError. ``thread_order``
     ("forward", "reverse", "shuffled" with ``seed``) is the order in which a block's
     threads run between barriers: a result that depends on it is a race. Slow: for
-    tests on small problems. Yields the emulated module (``counters()``, ``reset()``).
+    tests on small problems. Scratch from :func:`cuda_scratch` starts as NaN. Yields the
+    emulated module (``counters()``, ``reset()``).
     Not thread-safe: it swaps the module-wide "cuda" backend for the block's duration.
     """
     global cuda_extension, _cuda_emulated

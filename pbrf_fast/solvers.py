@@ -310,7 +310,8 @@ def _native_lissa_backend(op: CurvatureOperator, B2: torch.Tensor, engine: str,
 
     spec, reason = (op.mlp_spec() if op.kind == "gnh"
                     else (None, "the native engine needs the Gauss-Newton operator"))
-    if getattr(op, "backend", "auto") == "torch":
+    op_backend = getattr(op, "backend", "auto")
+    if op_backend == "torch":
         reason = "the operator was built with backend='torch'"
     elif spec is not None and (op.problem.inputs.dim() < 2 or not op.problem.inputs.is_floating_point()):
         reason = "the training inputs are not a float (n, features) tensor"
@@ -318,7 +319,7 @@ def _native_lissa_backend(op: CurvatureOperator, B2: torch.Tensor, engine: str,
         return None  # products this big run faster on torch's BLAS than in the engine
     if not reason:
         # An operator built for one compiled backend runs its engine there too.
-        requested = op.backend if getattr(op, "backend", "auto") in ("cpu", "cuda") else "auto"
+        requested = op_backend if op_backend in ("cpu", "cuda") else "auto"
         try:
             chosen = registry.resolve(lissa_engine.OP_NAME, B2, requested)
         except registry.BackendUnavailable as exc:

@@ -1,6 +1,7 @@
 """Test setup shared by the suite: triton's interpreter on GPU-less machines,
 skipping of tests marked ``gpu`` when no CUDA device is present, and the CUDA
 emulator for tests parametrized with backend "cuda" on device "cpu"."""
+import contextlib
 import os
 
 import pytest
@@ -32,12 +33,9 @@ def _cuda_backend_on_cpu_runs_emulated(request):
         yield
         return
     from pbrf_fast.kernels import registry
-    try:
-        emulation = registry.cuda_emulation()
-        emulation.__enter__()
-    except registry.BackendUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(registry.cuda_emulation())
+        except registry.BackendUnavailable as exc:
+            pytest.skip(str(exc))
         yield
-    finally:
-        emulation.__exit__(None, None, None)

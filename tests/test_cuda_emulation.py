@@ -9,6 +9,7 @@ sit between NaN guards), and no result depends on the order in which a block's
 threads run between barriers (a race).
 """
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,15 @@ def poisoned(shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return guarded(torch.full(shape, float("nan"), dtype=dtype))
 
 
+def selftest(name, order="forward", seed=0):
+    """(error, outputs) of one self-test kernel run in the given thread order."""
+    emulator.set_thread_order(order, seed)
+    try:
+        return emulator.selftest(name)
+    finally:
+        emulator.set_thread_order("forward", 0)
+
+
 # ---- the emulator catches what it claims to -------------------------------------------------------
 
 @pytest.mark.parametrize("name,message", [
@@ -63,43 +73,33 @@ def poisoned(shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     ("too_much_shared", "cudaErrorInvalidConfiguration: .*65536 bytes of dynamic shared memory"),
 ])
 def test_emulator_reports_each_fault(name, message):
-    error, _ = emulator.selftest(name)
+    error, _ = selftest(name)
     assert error, f"{name}: the emulator reported nothing"
-    assert pytest.importorskip("re").search(message, error), error
+    assert re.search(message, error), error
 
 
 def test_emulator_runs_correct_barriers_and_shuffles():
     for order, seed in ORDERS:
-        emulator.set_thread_order(order, seed)
-        error, values = emulator.selftest("block_sum")
+        error, values = selftest("block_sum", order, seed)
         assert error == ""
         assert values[:2] == [sum(range(64)) - 100.0, 1.0]  # warp shuffles + shared sum; __syncthreads_or
-    emulator.set_thread_order("forward", 0)
 
 
 def test_emulator_poisons_unwritten_shared_memory():
-    error, values = emulator.selftest("uninitialized_shared")
+    error, values = selftest("uninitialized_shared")
     assert error == ""
     assert all(v == i for i, v in enumerate(values) if i % 2 == 0)
     assert all(v != v for i, v in enumerate(values) if i % 2 == 1)  # NaN: never written
 
 
 def test_thread_order_exposes_a_missing_barrier():
-    results = {}
-    for order in ("forward", "reverse"):
-        emulator.set_thread_order(order, 0)
-        results[order] = emulator.selftest("missing_barrier")[1]
-    emulator.set_thread_order("forward", 0)
+    results = {order: selftest("missing_barrier", order)[1] for order in ("forward", "reverse")}
     assert results["forward"] == [42.0] * 64
     assert results["reverse"][0] == 42.0 and all(v != v for v in results["reverse"][1:])
 
 
 def test_block_order_exposes_an_unsynchronised_write():
-    results = {}
-    for order in ("forward", "reverse"):
-        emulator.set_thread_order(order, 0)
-        results[order] = emulator.selftest("block_race")[1][0]
-    emulator.set_thread_order("forward", 0)
+    results = {order: selftest("block_race", order)[1][0] for order in ("forward", "reverse")}
     assert results == {"forward": 3.0, "reverse": 0.0}
 
 

@@ -13,7 +13,6 @@
 #include <ucontext.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -135,7 +134,7 @@ std::string block_name(const Block& b) {
 bool release_barriers(Block& b) {
   bool released = false;
   const int warps = int((b.fibers.size() + kWarpSize - 1) / kWarpSize);
-  for (int w = 0; w < warps && b.error.empty(); ++w) {
+  for (int w = 0; w < warps; ++w) {
     unsigned live = 0, waiting = 0;
     const size_t first = size_t(w) * kWarpSize, last = std::min(b.fibers.size(), first + kWarpSize);
     for (size_t i = first; i < last; ++i) {
@@ -159,17 +158,15 @@ bool release_barriers(Block& b) {
     }
     released = true;
   }
-  if (released || !b.error.empty()) return released;
+  if (released) return true;
 
-  size_t at_barrier = 0, done = 0;
+  // __syncthreads releases only once every thread of the block waits on it; a thread
+  // that exited or waits elsewhere is reported by the caller.
   int any = 0;
   for (const Fiber& f : b.fibers) {
-    at_barrier += f.state == State::kBlockBarrier;
-    done += f.state == State::kDone;
-    any |= f.state == State::kBlockBarrier ? f.predicate : 0;
+    if (f.state != State::kBlockBarrier) return false;
+    any |= f.predicate;
   }
-  if (at_barrier == 0) return false;
-  if (at_barrier + done != b.fibers.size() || done != 0) return false;  // reported by the caller
   b.or_result = any != 0;
   for (Fiber& f : b.fibers) f.state = State::kReady;
   ++counters.barriers;

@@ -134,7 +134,7 @@ def _run_cuda(spec, code, theta, inputs, V, schedule, weight_decay, damping, sca
     dims, acts, bias = spec.kernel_args()
     m = V.shape[1]
     v = V.T.contiguous()                                    # (m, d): one vector per row
-    total = registry.cuda_scratch(v.numel(), v).view(v.shape)
+    total = registry.cuda_scratch(v.shape, v)
     repeats, depth, batch = schedule.shape
     elements = 2 * m * spec.num_params + batch * dims[0] + ext.mlp_gnh_workspace_elements(dims, batch, m)
     workspace = registry.cuda_scratch(elements, theta)

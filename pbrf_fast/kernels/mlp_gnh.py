@@ -366,8 +366,7 @@ def mlp_gnh_product(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch
         return mlp_gnh_product_reference(spec, loss_kind, theta, x, V)
     vectors = V.contiguous()
     x2 = x.reshape(len(x), -1).contiguous()
-    out = (registry.cuda_scratch(vectors.numel(), vectors).view(vectors.shape) if chosen == "cuda"
-           else torch.empty_like(vectors))
+    out = registry.cuda_scratch(vectors.shape, vectors) if chosen == "cuda" else torch.empty_like(vectors)
     registry.implementation(OP_NAME, chosen)(spec, registry.loss_kind_code(loss_kind),
                                              theta.contiguous(), x2, vectors, out)
     return out

@@ -129,10 +129,10 @@ def _why_not(op_name: str, backend: str, tensor: torch.Tensor) -> str:
         if cpu_extension is None:
             return _cpu_import_error
     elif backend == "cuda":
-        if _cuda_emulated and device != "cpu":
-            return f"the emulated cuda backend runs on CPU tensors, got a {device} tensor"
-        if not _cuda_emulated and device != "cuda":
-            return f"the cuda backend needs CUDA tensors, got a {device} tensor"
+        wanted = "cpu" if _cuda_emulated else "cuda"
+        if device != wanted:
+            return (f"the {'emulated ' if _cuda_emulated else ''}cuda backend needs {wanted.upper()} "
+                    f"tensors, got a {device} tensor")
         ok, reason = backend_status("cuda")
         if not ok:
             return reason
@@ -229,10 +229,10 @@ def cuda_launch_args(t: torch.Tensor) -> tuple[int, int]:
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
-def cuda_scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
-    """Uninitialised scratch for a CUDA launcher. Under :func:`cuda_emulation` it is
-    filled with NaN, so a kernel that reads scratch before writing it shows up."""
-    scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
+def cuda_scratch(shape, like: torch.Tensor) -> torch.Tensor:
+    """Uninitialised scratch (or output) for a CUDA launcher. Under :func:`cuda_emulation`
+    it is filled with NaN, so a kernel that reads it before writing it shows up."""
+    scratch = torch.empty(shape, dtype=like.dtype, device=like.device)
     if _cuda_emulated and scratch.is_floating_point():
         scratch.fill_(float("nan"))
     return scratch

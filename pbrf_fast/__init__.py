@@ -2,12 +2,15 @@
 response function (PBRF) they actually approximate.
 
 The public API lives here and nowhere else; submodules are implementation.
+The paper's experiments live in :mod:`pbrf_fast.paper`, which imports this
+library and is never imported by it.
 """
 import torch  # noqa: F401  -- torch's OpenMP runtime must load before our extension
 
 from .backends import backends
 from .curvature import CurvatureOperator, GaussNewton, Hessian, make_curvature
 from .errors import DivergenceError, NonConvexLossError, PBRFError
+from .explain import explain, format_plans
 from .influence import Influence
 from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss, get_loss
 from .problem import Problem
@@ -31,6 +34,8 @@ __all__ = [
     "Problem",
     "SolveResult",
     "backends",
+    "explain",
+    "format_plans",
     "get_loss",
     "make_curvature",
     "solve",

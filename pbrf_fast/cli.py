@@ -1,23 +1,130 @@
-"""The ``pbrf-fast`` command line: the paper's experiments, resumable, with tables and figures."""
+"""The ``pbrf-fast`` command line. Thin on purpose: each subcommand parses its
+arguments into the typed settings of :mod:`pbrf_fast.paper.config` and calls one
+harness or library function. Errors pbrf_fast raises on purpose (bad settings,
+a results folder made with other arguments) exit with status 2 and one line on
+stderr; success exits 0.
+
+``python -m pbrf_fast ...`` (and ``torchrun -m pbrf_fast scores ...``) runs the same.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import torch
 
+from .errors import PBRFError
+
 __all__ = ["main", "build_parser"]
 
+MODELS = ["auto", "logreg", "mlp", "autoencoder", "lenet", "alexnet", "vgg13", "resnet20", "transformer"]
 
+
+def _fields(cls, args: argparse.Namespace, **extra):
+    """An instance of the dataclass ``cls`` from the parsed arguments of the same names."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+
+
+def _experiment_config(args):
+    from .paper.config import ExperimentConfig
+
+    return _fields(ExperimentConfig, args)
+
+
+def _run_options(args):
+    from .paper.config import RunOptions
+
+    return RunOptions(args.out, resume=args.resume, overwrite=args.overwrite)
+
+
+# ---------------------------------------------------------------------------------- commands
+def _cmd_decompose(args) -> int:
+    from .paper.jobs import run_decomposition
+
+    run_decomposition(_experiment_config(args), _run_options(args))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .paper.jobs import run_train
+
+    print(json.dumps(run_train(_experiment_config(args), _run_options(args)), indent=2))
+    return 0
+
+
+def _cmd_mislabel(args) -> int:
+    from .paper.mislabel import run_mislabel
+
+    run_mislabel(_experiment_config(args), _run_options(args))
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .paper.config import SweepConfig
+    from .paper.sweep import run_sweep
+
+    run_sweep(_experiment_config(args), SweepConfig(args.parameter, tuple(args.values)), _run_options(args))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .paper.demo import run_demo
+
+    run_demo(args.out, seed=args.seed)
+    return 0
+
+
+def _cmd_scores(args) -> int:
+    from .paper.config import ScoresConfig
+    from .paper.scores_job import run_scores
+
+    run_scores(_fields(ScoresConfig, args))
+    return 0
+
+
+def _cmd_backends(args) -> int:
+    if not args.explain:
+        from .backends import backends
+
+        print(json.dumps(backends(), indent=2))
+        return 0
+    from .explain import explain, format_plans
+
+    model, inputs = _explain_model(args)
+    plans = explain(model, args.loss, inputs, columns=args.columns, backend=args.backend,
+                    lissa_batch_size=args.lissa_batch_size)
+    print(json.dumps([p.as_dict() for p in plans], indent=2) if args.json else format_plans(plans))
+    return 0
+
+
+def _explain_model(args):
+    """The model and a random input batch that ``backends --explain`` plans for."""
+    import math
+
+    from .paper.models import build_model, mlp
+
+    try:
+        shape = tuple(int(s) for s in args.inputs.split(","))
+        widths = tuple(int(w) for w in args.widths.split(",") if w)
+    except ValueError:
+        raise SystemExit(f"--inputs and --widths take comma-separated integers, got {args.inputs!r}, "
+                         f"{args.widths!r}") from None
+    model = (mlp(math.prod(shape), widths, args.outputs, seed=0) if args.model == "mlp"
+             else build_model(args.model, shape, args.outputs, seed=0))
+    dtype = getattr(torch, args.dtype)
+    model = model.to(dtype=dtype, device=args.device).eval()
+    return model, torch.randn(args.batch, *shape, dtype=dtype, device=args.device)
+
+
+# ------------------------------------------------------------------------------------ parser
 def _common(parser: argparse.ArgumentParser, dataset_default: str = "concrete") -> None:
-    from .experiments import DATASETS, PRESETS
+    from .paper.experiments import DATASETS, PRESETS
 
     parser.add_argument("--dataset", choices=DATASETS, default=dataset_default)
-    parser.add_argument("--model", choices=["auto", "logreg", "mlp", "autoencoder", "lenet", "alexnet", "vgg13",
-                                            "resnet20", "transformer"], default="auto",
+    parser.add_argument("--model", choices=MODELS, default="auto",
                         help="auto: logistic regression for cancer/diabetes, ResNet-20 for cifar10, an MLP otherwise")
     parser.add_argument("--preset", choices=PRESETS, default="quick")
     parser.add_argument("--seed", type=int, default=0)
@@ -38,106 +145,61 @@ def _points_args(parser: argparse.ArgumentParser) -> None:
                         help="influence estimate's solver (default: preset's)")
 
 
-def _experiment(args, **overrides):
-    from .experiments import build
+def _scores_parser(sub) -> None:
+    from .paper.scores_job import SCORES_DATASETS, SCORES_MODELS, __doc__ as scores_doc
 
-    if args.model == "logreg" and args.dataset not in ("cancer", "diabetes"):
-        raise SystemExit("--model logreg is available for cancer and diabetes")
-    if args.model == "mlp" and args.dataset in ("cancer", "diabetes"):
-        raise SystemExit("--model mlp is not set up for cancer/diabetes; use logreg")
-    exp = build(args.dataset, args.preset, args.seed, args.data_dir, model=args.model, **overrides)
-    if getattr(args, "damping", None) is not None:
-        exp.responses.damping = args.damping
-    if getattr(args, "curvature", None):
-        exp.responses.curvature = args.curvature
-    if getattr(args, "solver", None):
-        exp.responses.influence_solver = args.solver
-        if args.solver != "lissa":
-            exp.responses.influence_options = {}
-    if getattr(args, "removed", None):
-        exp.n_removed = args.removed
-    if getattr(args, "test_points", None):
-        exp.n_test_points = args.test_points
-    return exp
-
-
-def _arguments(args, exp) -> dict:
-    keep = {k: v for k, v in vars(args).items() if k not in ("func", "resume", "overwrite", "threads", "out")}
-    return keep | {"experiment": exp.describe()}
-
-
-def run_decomposition(args, exp=None, out=None, quiet=False) -> dict:
-    from .report import correlation_table, figure_gap_bars, figure_scatter, gap_table, write_tables
-    from .runner import RunFolder, choose_removed_points, choose_test_points, run_points, train_base
-
-    exp = exp or _experiment(args)
-    out = Path(out or args.out)
-    folder = RunFolder(out, _arguments(args, exp), resume=args.resume, overwrite=args.overwrite)
-    base = train_base(exp, folder, progress=not quiet)
-    removed = choose_removed_points(exp.problem.n, exp.n_removed, args.seed)
-    tests = choose_test_points(len(exp.x_test), exp.n_test_points, args.seed)
-    records = run_points(exp, base, removed, tests, folder, chunk=args.chunk, progress=not quiet)
-    gaps, corr = gap_table(records), correlation_table(records)
-    payload = {"arguments": folder.arguments, "removed": removed, "test_points": tests,
-               "base_objective": base.final_objective, "records": records}
-    md = write_tables(out, exp.name, gaps, corr, payload)
-    figure_gap_bars(out / "decomposition.png", {exp.name: gaps})
-    figure_scatter(out / "correlation.png", records, exp.name)
-    if not quiet:
-        print(md)
-        print(f"results in {out}/ (results.json, table.csv, table.md, decomposition.png, correlation.png)")
-    return {"gaps": gaps, "correlations": corr, "markdown": md}
+    p = sub.add_parser("scores", help="train x test influence scores over a full training set",
+                       description=scores_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=SCORES_MODELS, default="resnet20")
+    p.add_argument("--dataset", choices=SCORES_DATASETS, default="cifar10")
+    p.add_argument("--data-dir", default=None, help="data directory (default $PBRF_DATA)")
+    p.add_argument("--cache-dir", default=None, help="decoded-data cache (default $PBRF_CACHE or ~/.cache/pbrf_fast)")
+    p.add_argument("--train-points", type=int, default=None, help="use N seeded training points (default all)")
+    p.add_argument("--test-points", type=int, default=10)
+    p.add_argument("--memory-gb", type=float, default=4.0, help="memory budget that sizes the query chunks")
+    p.add_argument("--query-chunk", type=int, default=None, help="test points per chunk (overrides --memory-gb)")
+    p.add_argument("--solver", choices=["cg", "lissa", "lowrank"], default="cg")
+    p.add_argument("--cg-iters", type=int, default=100)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--lissa-depth", type=int, default=200)
+    p.add_argument("--rank", type=int, default=32, help="Lanczos eigenpairs (lowrank solver, self-influence)")
+    p.add_argument("--damping", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--curvature-samples", type=int, default=5000,
+                   help="training points the GNH is averaged over (0: all)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--curvature-batch-size", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--no-self-influence", action="store_true")
+    p.add_argument("--train-epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torch device for the model and data (e.g. cuda)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_scores)
 
 
-def _cmd_decompose(args) -> int:
-    run_decomposition(args)
-    return 0
-
-
-def _cmd_train(args) -> int:
-    from .runner import RunFolder, train_base
-
-    exp = _experiment(args)
-    folder = RunFolder(Path(args.out), _arguments(args, exp), resume=args.resume, overwrite=args.overwrite)
-    base = train_base(exp, folder)
-    x, t = exp.problem.check_data(exp.x_test, exp.t_test)
-    with torch.no_grad():
-        test_loss = float(exp.problem.example_losses(exp.problem.theta, x, t).mean())
-    summary = {"train_objective": base.final_objective, "test_loss": test_loss, "n_train": exp.problem.n,
-               "dim": exp.problem.dim, "config": dataclasses.asdict(base.config)}
-    from .io import atomic_write_json
-
-    atomic_write_json(Path(args.out) / "train.json", summary)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _cmd_mislabel(args) -> int:
-    from .mislabel import run_mislabel
-
-    run_mislabel(args, _experiment(args, corrupt_fraction=args.corrupt))
-    return 0
-
-
-def _cmd_sweep(args) -> int:
-    from .sweep import run_sweep
-
-    run_sweep(args)
-    return 0
-
-
-def _cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(Path(args.out), seed=args.seed)
-    return 0
-
-
-def _cmd_backends(args) -> int:
-    from .backends import backends
-
-    print(json.dumps(backends(), indent=2))
-    return 0
+def _backends_parser(sub) -> None:
+    p = sub.add_parser("backends", help="which compute backends are usable here; with --explain, "
+                                        "which implementation each op runs for a model and why")
+    p.add_argument("--explain", action="store_true",
+                   help="plan every op for --model on a batch of --batch inputs (nothing is run)")
+    p.add_argument("--model", default="mlp", help="mlp, logreg, lenet, resnet20, ... (the paper's models)")
+    p.add_argument("--inputs", default="8", help="input shape of one example, e.g. 8 or 3,32,32")
+    p.add_argument("--outputs", type=int, default=1, help="network outputs (classes)")
+    p.add_argument("--widths", default="128,128", help="hidden widths of --model mlp")
+    p.add_argument("--loss", default="mse", choices=["mse", "cross_entropy", "bce"])
+    p.add_argument("--batch", type=int, default=128, help="examples per product")
+    p.add_argument("--columns", type=int, default=1, help="vectors per GNH product (test points solved together)")
+    p.add_argument("--lissa-batch-size", type=int, default=128)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto", help="auto, torch, cpu, cuda or triton")
+    p.add_argument("--json", action="store_true", help="print the plans as JSON")
+    p.set_defaults(func=_cmd_backends)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,14 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
 
-    for name, func, helptext in [
-        ("decompose", _cmd_decompose, "five-term decomposition of IF vs leave-one-out (Table 5, Figure 4)"),
-        ("correlate", _cmd_decompose, "IF vs cold/warm/PBRF/two-stage test-loss changes (Tables 2, 6-8, Figure 1)"),
+    for name, helptext in [
+        ("decompose", "five-term decomposition of IF vs leave-one-out (Table 5, Figure 4)"),
+        ("correlate", "IF vs cold/warm/PBRF/two-stage test-loss changes (Tables 2, 6-8, Figure 1)"),
     ]:
         p = sub.add_parser(name, help=helptext)
         _common(p)
         _points_args(p)
-        p.set_defaults(func=func)
+        p.set_defaults(func=_cmd_decompose)
 
     train = sub.add_parser("train", help="train (or load) the base network and report its losses")
     _common(train)
@@ -171,34 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
                           help="training points scored by PBRF (default: all in paper, 300 in quick)")
     mislabel.set_defaults(func=_cmd_mislabel)
 
+    from .paper.config import SWEEP_PARAMETERS
+
     sweep = sub.add_parser("sweep", help="each term against width/depth/epochs/weight decay/damping/removed (Figure 5)")
     _common(sweep)
     _points_args(sweep)
-    sweep.add_argument("--parameter", required=True,
-                       choices=["width", "depth", "epochs", "weight_decay", "damping", "fraction_removed"])
+    sweep.add_argument("--parameter", required=True, choices=SWEEP_PARAMETERS)
     sweep.add_argument("--values", required=True, type=float, nargs="+")
     sweep.set_defaults(func=_cmd_sweep)
 
-    back = sub.add_parser("backends", help="which compute backends are usable here, and why not")
-    back.set_defaults(func=_cmd_backends)
-    _add_scale_commands(sub)
+    _backends_parser(sub)
+    _scores_parser(sub)
     return parser
-
-
-def _add_scale_commands(sub) -> None:
-    # The scale pipeline registers its own subcommand when present.
-    try:
-        from .scale.cli import add_scores_parser
-    except ImportError:
-        return
-    add_scores_parser(sub)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except PBRFError as exc:
+        print(f"pbrf-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -168,10 +168,6 @@ class CurvatureOperator:
         return f"{type(self).__name__}(d={self.dim}, damping={self.damping}, weight_decay={self.problem.weight_decay})"
 
 
-# Memory the GNH operator may keep for MLP forward states between products.
-FORWARD_CACHE_BYTES = 256 << 20
-
-
 class GaussNewton(CurvatureOperator):
     """Damped Gauss-Newton Hessian: 1/N sum J_i^T H_i J_i + (weight_decay + damping) I.
 
@@ -183,9 +179,9 @@ class GaussNewton(CurvatureOperator):
     def __init__(self, problem, damping=0.0, *, backend: str = "auto", **kwargs):
         problem.loss.require_convex()
         super().__init__(problem, damping, **kwargs)
-        # "auto": for a supported MLP the fastest exact product by size (_mlp_path: the
-        # fused kernel of pbrf_fast.kernels.mlp_gnh, or explicit torch matmuls), else torch.func;
+        # "auto": for a supported MLP the fastest exact product by size, else torch.func;
         # "torch": always torch.func; "cpu"/"cuda": the fused kernel or an error.
+        # plan_product says which runs for a given batch, and why.
         self.backend = backend
 
     def with_damping(self, damping: float) -> "GaussNewton":
@@ -207,41 +203,21 @@ class GaussNewton(CurvatureOperator):
             self._mlp_spec = (spec, reason)
         return self._mlp_spec
 
-    def _mlp_path(self, x, V):
-        """How a product over inputs ``x`` runs for a supported MLP: ``("fused", backend)``
-        (the compiled kernel), ``("blas", None)`` or ``("matmul", None)`` (explicit
-        torch matmuls, pbrf_fast.kernels.mlp_gnh), or None for torch.func.
+    def plan_product(self, x: torch.Tensor, V: torch.Tensor):
+        """Which implementation computes this operator's product over inputs ``x`` for the
+        block ``V``, and why: the one place that decides it (see
+        :func:`pbrf_fast.kernels.mlp_gnh.plan_gnh_product` for the rule)."""
+        from .kernels import mlp_gnh
 
-        "auto" picks by measurement (bench/RESULTS.md): many columns -> the BLAS-shaped
-        product; few columns and little work -> the fused kernel; few columns and big
-        layers -> explicit matmuls. All are exact; they differ only in speed.
-        """
-        if self.backend == "torch":
-            return None
-        from .kernels import mlp_gnh, registry
-
-        spec, reason = self.mlp_spec()
-        if spec is not None and (x.dim() < 2 or x[0].numel() != spec.dims[0] or x.dtype != self.dtype):
-            spec, reason = None, f"inputs of shape {tuple(x.shape)} do not fit the MLP"
-        if spec is None:
-            if self.backend != "auto":
-                raise registry.BackendUnavailable(f"fused MLP product: {reason}")
-            return None
-        m = 1 if V.dim() == 1 else V.shape[1]
-        if self.backend == "auto":
-            if m >= mlp_gnh.BLAS_MIN_COLUMNS:
-                return ("blas", None)
-            if not mlp_gnh.fused_pays_off(spec, len(x), m):
-                return ("matmul", None)
-        chosen = registry.resolve(mlp_gnh.OP_NAME, self.problem.theta, self.backend)
-        return ("matmul", None) if chosen == "torch" else ("fused", chosen)
+        columns = 1 if V.dim() == 1 else V.shape[1]
+        return mlp_gnh.plan_gnh_product(self.mlp_spec(), self.problem.theta, x, columns, self.backend)
 
     def _mlp_forward(self, spec, x, slot):
         """The MLP's forward state on data slice ``slot`` (None: not a fixed slice),
         kept between products while the parameters and the data are unchanged:
         solvers apply the operator hundreds of times to the same data, and at few
         columns the forward pass is a quarter of a product's flops. Cached slices
-        stay under FORWARD_CACHE_BYTES in all."""
+        stay under mlp_gnh.FORWARD_CACHE_BYTES in all."""
         from .kernels import mlp_gnh
 
         theta = self.problem.theta
@@ -259,28 +235,21 @@ class GaussNewton(CurvatureOperator):
         state = mlp_gnh.mlp_forward_reference(spec, theta, x)
         held = sum(value[2] for k, value in slices.items() if k != key)
         size = sum(a.numel() * a.element_size() for a in [*state[0][1:], *state[1], state[2]])
-        if held + size <= FORWARD_CACHE_BYTES:
+        if held + size <= mlp_gnh.FORWARD_CACHE_BYTES:
             slices[key] = (stamp, state, size, weakref.ref(self.problem.inputs))
         else:
             slices.pop(key, None)
         return state
 
-    def _fused_backend(self, x, V):
-        """The compiled backend the product over ``x`` would use, or None."""
-        path = self._mlp_path(x, V)
-        return path[1] if path is not None and path[0] == "fused" else None
-
     def _batch_sum(self, V, x, t, slot=None):
         theta = self.problem.theta
-        path = self._mlp_path(x, V)
-        if path is not None:
+        plan = self.plan_product(x, V)
+        if plan.implementation != "torch.func":
             from .kernels import mlp_gnh
 
-            spec, kind = self.mlp_spec()[0], self.problem.loss.kernel_kind
-            if path[0] == "fused":
-                return mlp_gnh.mlp_gnh_product(spec, kind, theta, x, V, backend=path[1])
-            product = mlp_gnh.mlp_gnh_product_blas if path[0] == "blas" else mlp_gnh.mlp_gnh_product_matmul
-            return product(spec, kind, theta, x, V, forward=self._mlp_forward(spec, x, slot))
+            spec = self.mlp_spec()[0]
+            forward = None if plan.implementation == "mlp-fused" else self._mlp_forward(spec, x, slot)
+            return mlp_gnh.run_gnh_product(plan, spec, self.problem.loss.kernel_kind, theta, x, V, forward)
 
         def outputs(th):
             return self.problem.forward(th, x)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .curvature import CurvatureOperator
 
-__all__ = ["OutputSpaceSolver", "output_space_solver", "jacobian_gram", "output_hessian_factors"]
+__all__ = ["OutputSpaceSolver", "jacobian_gram", "output_hessian_factors"]
 
 
 def output_hessian_factors(loss_name: str, y: torch.Tensor) -> torch.Tensor:
@@ -223,7 +223,3 @@ class OutputSpaceSolver:
         JX = (JV - (self._state()["theta"] @ LW.reshape(n * c, m)).reshape(n, c, m)) / self.op.shift
         residual = p.loss.grad(p.outputs(), p.targets).double()  # (N, C)
         return (torch.einsum("ic,icm->im", residual, JX) / n).to(p.dtype)
-
-
-def output_space_solver(op: CurvatureOperator) -> OutputSpaceSolver:
-    return OutputSpaceSolver(op)

@@ -22,10 +22,10 @@ import time
 import torch
 
 from .curvature import CurvatureOperator
-from .errors import DivergenceError
+from .lissa_divergence import check_lissa_step
 
 __all__ = ["SolveResult", "solve", "direct", "conjugate_gradient", "lissa", "kernel",
-           "estimate_largest_eigenvalue", "choose_method", "DIRECT_MAX_DIM", "KERNEL_MEMORY_BYTES",
+           "estimate_largest_eigenvalue", "choose_method", "plan_lissa", "DIRECT_MAX_DIM", "KERNEL_MEMORY_BYTES",
            "SOLVERS"]
 
 logger = logging.getLogger(__name__)
@@ -257,13 +257,15 @@ def lissa(op: CurvatureOperator, B: torch.Tensor, *, depth: int = 5000, repeats:
 
     ``engine``: ``"native"`` runs the whole recursion in the compiled extension
     (GNH of an MLP model, pbrf_fast.kernels.lissa_engine), ``"python"`` this
-    loop; ``"auto"`` the native engine where it applies. Same seed, same batches.
+    loop; ``"auto"`` the native engine where it pays (:func:`plan_lissa` says which
+    runs and why; ``result.info["engine"]`` records it). Same seed, same batches.
     """
     start = time.perf_counter()
     B2 = _columns(op, B)
     if depth < 1 or repeats < 1:
         raise ValueError(f"depth and repeats must be >= 1, got {depth}, {repeats}")
-    native = _native_lissa_backend(op, B2, engine, batch_size)
+    plan = plan_lissa(op, B2, batch_size=batch_size, engine=engine)
+    native = plan.backend if plan.implementation == "native" else None
     generator = torch.Generator().manual_seed(int(seed))
     if scale == "auto":
         scale = auto_lissa_scale(op, batch_size, generator)
@@ -289,47 +291,25 @@ def lissa(op: CurvatureOperator, B: torch.Tensor, *, depth: int = 5000, repeats:
             gh = op.undamped_matvec(h, schedule[t])
             norms, nonfinite = _lissa_update(h, B2, gh, op.damping, scale)
             if nonfinite or (t + 1) % check_every == 0:
-                _check_lissa_step(norms, nonfinite, b_norm * slack, min(t + 2, ceiling), t, r, scale, op)
+                check_lissa_step(norms, nonfinite, b_norm * slack, min(t + 2, ceiling), t, r, scale,
+                                 op.damping)
             bar.update(1)
         total += h
     bar.close()
     X2 = total / (repeats * scale)
     info = {"scale": scale, "depth": depth, "repeats": repeats, "batch_size": batch_size,
-            "engine": "native" if native else "python"}
+            "engine": plan.implementation, "engine_reason": plan.reason}
     return _finish(op, X2, B, B2, "lissa", depth, start, compute_residual, tol, info)
 
 
-def _native_lissa_backend(op: CurvatureOperator, B2: torch.Tensor, engine: str,
-                          batch_size: int) -> str | None:
-    """The compiled backend of the native LiSSA engine, or None for the Python loop."""
-    if engine not in ("auto", "native", "python"):
-        raise ValueError(f"unknown LiSSA engine {engine!r}; choose 'auto', 'native' or 'python'")
-    if engine == "python":
-        return None
-    from .kernels import lissa_engine, mlp_gnh, registry
+def plan_lissa(op: CurvatureOperator, B: torch.Tensor, *, batch_size: int = 128, engine: str = "auto"):
+    """Where :func:`lissa` runs its recursion for this operator and right-hand side, and
+    why (:func:`pbrf_fast.kernels.lissa_engine.plan_lissa_engine` holds the rule)."""
+    from .kernels import lissa_engine
 
-    spec, reason = (op.mlp_spec() if op.kind == "gnh"
-                    else (None, "the native engine needs the Gauss-Newton operator"))
-    op_backend = getattr(op, "backend", "auto")
-    if op_backend == "torch":
-        reason = "the operator was built with backend='torch'"
-    elif spec is not None and (op.problem.inputs.dim() < 2 or not op.problem.inputs.is_floating_point()):
-        reason = "the training inputs are not a float (n, features) tensor"
-    elif spec is not None and engine == "auto" and not mlp_gnh.fused_pays_off(spec, batch_size, B2.shape[1]):
-        return None  # products this big run faster on torch's BLAS than in the engine
-    if not reason:
-        # An operator built for one compiled backend runs its engine there too.
-        requested = op_backend if op_backend in ("cpu", "cuda") else "auto"
-        try:
-            chosen = registry.resolve(lissa_engine.OP_NAME, B2, requested)
-        except registry.BackendUnavailable as exc:
-            chosen, reason = "torch", str(exc)
-        if chosen != "torch":
-            return chosen
-        reason = reason or f"no compiled LiSSA engine for {B2.device.type} {B2.dtype} tensors"
-    if engine == "native":
-        raise registry.BackendUnavailable(f"native LiSSA engine unavailable: {reason}")
-    return None
+    mlp = op.mlp_spec() if op.kind == "gnh" else (None, "the native engine needs the Gauss-Newton operator")
+    return lissa_engine.plan_lissa_engine(mlp, op.problem.inputs, B, batch_size, engine=engine,
+                                          backend=getattr(op, "backend", "auto"))
 
 
 def _native_lissa(op, B2, backend, depth, repeats, batch_size, generator, scale, limits, ceiling,
@@ -344,24 +324,6 @@ def _native_lissa(op, B2, backend, depth, repeats, batch_size, generator, scale,
                      problem.inputs, B2, schedule, weight_decay=problem.weight_decay,
                      damping=op.damping, scale=scale, limits=limits, ceiling=ceiling,
                      check_every=check_every, backend=backend)
-
-
-def _check_lissa_step(norms, nonfinite, b_norm, bound, step, repeat, scale, op):
-    # The slack folded into b_norm absorbs rounding; real divergence overshoots
-    # geometrically, so it is caught within a few steps anyway.
-    limit = b_norm * bound + 1e-30
-    bad = torch.nonzero(~torch.isfinite(norms) | (norms > limit)).reshape(-1)
-    if nonfinite and len(bad) == 0:
-        bad = torch.tensor([0])
-    if len(bad):
-        j = int(bad[0])
-        raise DivergenceError(
-            f"LiSSA diverged in column {j} at step {step} of repeat {repeat}: ||h|| = "
-            f"{float(norms[j]):.3g} exceeds {float(limit[j]):.3g}, the most a convergent "
-            f"recursion reaches. The scale {scale:.4g} is too small for the mini-batch "
-            f"curvature: use scale='auto', a larger scale, a larger batch_size, or more damping "
-            f"(now {op.damping})."
-        )
 
 
 def _progress(total, desc, enabled):

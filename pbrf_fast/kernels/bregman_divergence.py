@@ -53,6 +53,14 @@ def _check_arguments(loss_kind, outputs, ref_outputs) -> int:
     return code
 
 
+def plan_bregman_divergence(outputs: torch.Tensor, ref_outputs: torch.Tensor,
+                            backend: str = "auto") -> registry.Plan:
+    """What :func:`bregman_divergence` runs for these tensors, and why (PBRF training
+    differentiates through it, so under autograd "auto" keeps the torch reference)."""
+    return registry.plan_backend(OP_NAME, outputs.dtype, outputs.device, backend,
+                                 autograd=registry.needs_autograd(outputs, ref_outputs))
+
+
 def bregman_divergence(loss_kind: str, outputs: torch.Tensor, ref_outputs: torch.Tensor, *,
                        backend: str = "auto",
                        out: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -62,9 +70,7 @@ def bregman_divergence(loss_kind: str, outputs: torch.Tensor, ref_outputs: torch
     out: optional (values, grad) contiguous buffers to write into.
     """
     code = _check_arguments(loss_kind, outputs, ref_outputs)
-    if backend == "auto" and registry.needs_autograd(outputs, ref_outputs):
-        backend = "torch"  # compiled backends are forward-only
-    chosen = registry.resolve(OP_NAME, outputs, backend)
+    chosen = plan_bregman_divergence(outputs, ref_outputs, backend).backend
     batch, classes = outputs.shape
     if out is not None:
         registry.check_output_buffer(OP_NAME, "out[0] (values)", out[0], outputs, (batch,))

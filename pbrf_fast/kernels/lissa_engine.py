@@ -6,7 +6,7 @@ For each repeat r and step t, with the batch schedule[r, t] (drawn in Python by
     gh = 1/|B| sum_{i in B} J_i^T H_i J_i h + weight_decay h
     h <- v + (1 - damping/scale) h - gh / scale
 
-with the divergence check of ``solvers._check_lissa_step``: ||h_k|| must stay
+with the divergence check of :func:`pbrf_fast.lissa_divergence.check_lissa_step`: ||h_k|| must stay
 below min(t + 2, scale / (weight_decay + damping)) * ||v_k|| * slack (and finite).
 Returns sum over repeats of h_depth, shape (d, m); the caller divides by
 repeats * scale. :func:`lissa_engine_reference` is the spec (a torch loop over
@@ -21,33 +21,11 @@ import math
 
 import torch
 
-from ..errors import DivergenceError
+from ..lissa_divergence import check_lissa_step
 from . import registry
-from .mlp_gnh import MlpSpec, mlp_gnh_product_reference
+from .mlp_gnh import FORWARD_CACHE_BYTES, MlpSpec, fused_pays_off, mlp_gnh_product_reference
 
 OP_NAME = "mlp_lissa"
-# Cache the forward pass of all n training inputs when it fits in this many bytes.
-FORWARD_CACHE_BYTES = 1 << 30
-
-
-def divergence_message(column: int, step: int, repeat: int, norm: float, limit: float, scale: float,
-                       damping: float) -> str:
-    """The message of solvers._check_lissa_step, word for word."""
-    return (f"LiSSA diverged in column {column} at step {step} of repeat {repeat}: ||h|| = "
-            f"{norm:.3g} exceeds {limit:.3g}, the most a convergent "
-            f"recursion reaches. The scale {scale:.4g} is too small for the mini-batch "
-            f"curvature: use scale='auto', a larger scale, a larger batch_size, or more damping "
-            f"(now {damping}).")
-
-
-def _raise_divergence(norms: torch.Tensor, nonfinite: bool, limits: torch.Tensor, bound: float,
-                      step: int, repeat: int, scale: float, damping: float) -> None:
-    limit = limits * bound + 1e-30
-    bad = torch.nonzero(~torch.isfinite(norms) | (norms > limit)).reshape(-1)
-    j = int(bad[0]) if len(bad) else 0
-    if len(bad) or nonfinite:
-        raise DivergenceError(divergence_message(j, step, repeat, float(norms[j]), float(limit[j]),
-                                                 scale, damping))
 
 
 def _check(spec, loss_kind, theta, inputs, V, schedule, weight_decay, damping, scale, limits):
@@ -82,9 +60,57 @@ def lissa_engine_reference(spec: MlpSpec, loss_kind: str, theta, inputs, V, sche
             nonfinite = not bool(torch.isfinite(h).all())
             if nonfinite or (t + 1) % check_every == 0:
                 norms = torch.linalg.vector_norm(h, dim=0, dtype=torch.float64).cpu()
-                _raise_divergence(norms, nonfinite, limits, min(t + 2, ceiling), t, r, scale, damping)
+                check_lissa_step(norms, nonfinite, limits, min(t + 2, ceiling), t, r, scale, damping)
         total += h
     return total
+
+
+LISSA_ENGINES = ("auto", "native", "python")
+
+
+def plan_lissa_engine(mlp: tuple[MlpSpec | None, str], inputs: torch.Tensor, vectors: torch.Tensor,
+                      batch_size: int, *, engine: str = "auto", backend: str = "auto") -> registry.Plan:
+    """Where ``solve(..., method="lissa")`` runs its recursion, and why.
+
+    ``native`` (backend cpu or cuda): the whole seeded recursion inside the extension
+    (:func:`mlp_lissa`), no Python per step; ``python``: the loop in
+    :func:`pbrf_fast.solvers.lissa`, one operator product and one fused update per step.
+    Same seed, same batches, same answer.
+
+    ``mlp``: the operator's ``(MlpSpec, "")``, or ``(None, why not)`` (not a GNH of a
+    supported MLP); ``backend``: the operator's backend (its compiled backend pins the
+    engine's; "torch" means the Python loop). ``engine="native"`` raises
+    BackendUnavailable when the native engine cannot run.
+    """
+    if engine not in LISSA_ENGINES:
+        raise ValueError(f"unknown LiSSA engine {engine!r}; choose one of {LISSA_ENGINES}")
+    if engine == "python":
+        return registry.Plan(OP_NAME, "python", "torch", "engine='python' requested")
+    spec, reason = mlp
+    columns = vectors.shape[1] if vectors.dim() == 2 else 1
+    if backend == "torch":
+        reason = "the operator was built with backend='torch'"
+    elif spec is not None and (inputs.dim() < 2 or not inputs.is_floating_point()):
+        reason = "the training inputs are not a float (n, features) tensor"
+    elif spec is not None and engine == "auto" and not fused_pays_off(spec, batch_size, columns):
+        return registry.Plan(OP_NAME, "python", "torch",
+                             f"batch {batch_size} x {columns} column(s) x {spec.num_params} parameters: "
+                             "products this big run faster on torch's BLAS than in the engine")
+    if not reason:
+        # An operator built for one compiled backend runs its engine there too.
+        requested = backend if backend in ("cpu", "cuda") else "auto"
+        try:
+            kernel = registry.plan_backend(OP_NAME, vectors.dtype, vectors.device, requested)
+        except registry.BackendUnavailable as exc:
+            kernel, reason = None, str(exc)
+        if kernel is not None and kernel.backend != "torch":
+            why = (f"the recursion of a {len(spec.dims) - 1}-layer MLP in the {kernel.backend} extension, "
+                   "no Python per step")
+            return registry.Plan(OP_NAME, "native", kernel.backend, why)
+        reason = reason or f"no compiled LiSSA engine for {vectors.device.type} {vectors.dtype} tensors"
+    if engine == "native":
+        raise registry.BackendUnavailable(f"native LiSSA engine unavailable: {reason}")
+    return registry.Plan(OP_NAME, "python", "torch", reason)
 
 
 def mlp_lissa(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, inputs: torch.Tensor,
@@ -97,7 +123,7 @@ def mlp_lissa(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, inputs: torch.
     _check(spec, loss_kind, theta, inputs, V, schedule, weight_decay, damping, scale, limits)
     if check_every < 1:
         raise ValueError(f"{OP_NAME}: check_every must be >= 1")
-    chosen = registry.resolve(OP_NAME, theta, backend)
+    chosen = registry.plan_backend(OP_NAME, theta.dtype, theta.device, backend).backend
     if chosen == "torch":
         return lissa_engine_reference(spec, loss_kind, theta, inputs, V, schedule,
                                       weight_decay=weight_decay, damping=damping, scale=scale,
@@ -123,7 +149,7 @@ def _run_cpu(spec, code, theta, inputs, V, schedule, weight_decay, damping, scal
         check_every, total.data_ptr(), failure.data_ptr(), FORWARD_CACHE_BYTES,
         torch.get_num_threads())
     if diverged:
-        _raise_divergence(failure, nonfinite, limits, min(step + 2, ceiling), step, repeat, scale,
+        check_lissa_step(failure, nonfinite, limits, min(step + 2, ceiling), step, repeat, scale,
                           damping)
     return total.T
 
@@ -150,7 +176,7 @@ def _run_cuda(spec, code, theta, inputs, V, schedule, weight_decay, damping, sca
         total.data_ptr(), failure.data_ptr(), workspace.data_ptr(), elements, norms.data_ptr(),
         flag.data_ptr(), device, stream)
     if diverged:
-        _raise_divergence(failure, nonfinite, limits, min(step + 2, ceiling), step, repeat, scale,
+        check_lissa_step(failure, nonfinite, limits, min(step + 2, ceiling), step, repeat, scale,
                           damping)
     return total.T
 

@@ -37,12 +37,18 @@ def _check_arguments(h, v, gh, damping, scale) -> None:
                          f"got damping={damping}, scale={scale}")
 
 
+def plan_lissa_update(h: torch.Tensor, backend: str = "auto") -> registry.Plan:
+    """What :func:`lissa_update_` runs for ``h``, and why: one fused pass of the
+    compiled kernel of its device where there is one, else the torch reference."""
+    return registry.plan_backend(OP_NAME, h.dtype, h.device, backend)
+
+
 def lissa_update_(h: torch.Tensor, v: torch.Tensor, gh: torch.Tensor, damping: float,
                   scale: float, *, backend: str = "auto") -> tuple[torch.Tensor, bool]:
     """Update h in place; return (column norms as float64 tensor on h's device, nonfinite)."""
     damping, scale = float(damping), float(scale)
     _check_arguments(h, v, gh, damping, scale)
-    chosen = registry.resolve(OP_NAME, h, backend)
+    chosen = plan_lissa_update(h, backend).backend
     if chosen == "torch":
         return lissa_update_reference_(h, v, gh, damping, scale)
     # Kernels write through data_ptr: update a contiguous copy and copy it back.

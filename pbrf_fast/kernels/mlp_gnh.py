@@ -148,6 +148,10 @@ AUTO_MAX_WORK = 1e8
 # beats both the fused kernel and per-column matmuls (8-128-128-1 at m = 16: 2.6 ms
 # vs 3.8 fused, 3.2 per-column; 784-1024-1024-10 at m = 8: 110 ms vs 109 and 149).
 BLAS_MIN_COLUMNS = 12
+# Memory for MLP forward states kept between products: the GNH operator keeps each
+# data slice's state across the hundreds of products a solver makes, and the
+# native LiSSA engine keeps the forward pass of all training inputs for a solve.
+FORWARD_CACHE_BYTES = 512 << 20
 BLAS_BATCH_CHUNK = 128
 
 
@@ -338,6 +342,65 @@ def mlp_gnh_product_matmul(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x
     return result.reshape(V.shape)
 
 
+# ---- which implementation computes a GNH product ------------------------------------------------
+
+GNH_PRODUCT = "gnh_product"
+
+
+def plan_gnh_product(mlp: tuple[MlpSpec | None, str], theta: torch.Tensor, x: torch.Tensor, columns: int,
+                     backend: str = "auto") -> registry.Plan:
+    """How ``GaussNewton`` computes sum_i J_i^T H_i J_i V over the batch ``x`` for V with
+    ``columns`` columns, and why. All implementations are exact; they differ in speed.
+
+    - ``torch.func``: jvp -> output-Hessian product -> vjp, vmapped over the columns
+      (any model; the only one for ``backend="torch"`` or a model that is not a supported MLP);
+    - ``mlp-blas``: :func:`mlp_gnh_product_blas`, a few large GEMMs on torch's BLAS
+      ("auto" from :data:`BLAS_MIN_COLUMNS` columns on);
+    - ``mlp-matmul``: :func:`mlp_gnh_product_matmul`, one column at a time on torch's BLAS
+      ("auto" for few columns on big layers: more than :data:`AUTO_MAX_WORK` multiply-adds);
+    - ``mlp-fused``: :func:`mlp_gnh_product`, the compiled kernel (forward, tangent,
+      output Hessian and backward in one call): "auto" for small products, or the
+      explicit ``backend="cpu"`` / ``"cuda"``.
+
+    ``mlp``: the model's ``(MlpSpec, "")`` or ``(None, why it is not a supported MLP)``.
+    An explicit compiled backend that cannot serve the product raises BackendUnavailable.
+    """
+    if backend == "torch":
+        return registry.Plan(GNH_PRODUCT, "torch.func", "torch", "backend='torch' requested")
+    spec, reason = mlp
+    if spec is not None and (x.dim() < 2 or x[0].numel() != spec.dims[0] or x.dtype != theta.dtype):
+        spec, reason = None, f"inputs of shape {tuple(x.shape)} and dtype {x.dtype} do not fit the MLP"
+    if spec is None:
+        if backend != "auto":
+            raise registry.BackendUnavailable(f"fused MLP product: {reason}")
+        return registry.Plan(GNH_PRODUCT, "torch.func", "torch", f"not a supported MLP: {reason}")
+    work = len(x) * columns * spec.num_params
+    if backend == "auto":
+        if columns >= BLAS_MIN_COLUMNS:
+            return registry.Plan(GNH_PRODUCT, "mlp-blas", "torch",
+                                 f"{columns} columns >= {BLAS_MIN_COLUMNS}: a few large GEMMs beat the fused kernel")
+        if not fused_pays_off(spec, len(x), columns):
+            return registry.Plan(GNH_PRODUCT, "mlp-matmul", "torch",
+                                 f"{work:.3g} multiply-adds > {AUTO_MAX_WORK:.0e} with {columns} column(s): "
+                                 "per-column GEMMs on torch's BLAS beat the fused kernel's")
+    kernel = registry.plan_backend(OP_NAME, theta.dtype, theta.device, backend)
+    if kernel.backend == "torch":
+        return registry.Plan(GNH_PRODUCT, "mlp-matmul", "torch", f"no fused kernel here ({kernel.reason})")
+    why = (f"{work:.3g} multiply-adds <= {AUTO_MAX_WORK:.0e}: per-call overhead dominates, fusing it away pays"
+           if backend == "auto" else kernel.reason)
+    return registry.Plan(GNH_PRODUCT, "mlp-fused", kernel.backend, why)
+
+
+def run_gnh_product(plan: registry.Plan, spec: MlpSpec, loss_kind: str, theta: torch.Tensor,
+                    x: torch.Tensor, V: torch.Tensor, forward=None) -> torch.Tensor:
+    """Run an MLP implementation chosen by :func:`plan_gnh_product` (not ``torch.func``,
+    which lives with the operator). ``forward``: the batch's forward state, if kept."""
+    if plan.implementation == "mlp-fused":
+        return mlp_gnh_product(spec, loss_kind, theta, x, V, backend=plan.backend)
+    product = {"mlp-blas": mlp_gnh_product_blas, "mlp-matmul": mlp_gnh_product_matmul}[plan.implementation]
+    return product(spec, loss_kind, theta, x, V, forward=forward)
+
+
 # ---- wrappers ------------------------------------------------------------------------------------
 
 def _check_arguments(spec: MlpSpec, loss_kind: str, theta, x, V) -> None:
@@ -353,15 +416,19 @@ def _check_arguments(spec: MlpSpec, loss_kind: str, theta, x, V) -> None:
                          f"per example, got {tuple(x.shape)}")
 
 
+def plan_mlp_gnh_product(theta: torch.Tensor, x: torch.Tensor, V: torch.Tensor,
+                         backend: str = "auto") -> registry.Plan:
+    """What :func:`mlp_gnh_product` (the fused kernel's entry point) runs, and why."""
+    return registry.plan_backend(OP_NAME, theta.dtype, theta.device, backend,
+                                 autograd=registry.needs_autograd(theta, x, V))
+
+
 def mlp_gnh_product(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch.Tensor,
                     V: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """sum over the batch x of J_i^T H_i J_i V, same shape as V ((d,) or (d, m)).
-
-    """
+    """sum over the batch x of J_i^T H_i J_i V, same shape as V ((d,) or (d, m)), by the
+    fused kernel of ``backend`` (the torch reference under autograd or without one)."""
     _check_arguments(spec, loss_kind, theta, x, V)
-    if backend == "auto" and registry.needs_autograd(theta, x, V):
-        backend = "torch"
-    chosen = registry.resolve(OP_NAME, theta, backend)
+    chosen = plan_mlp_gnh_product(theta, x, V, backend).backend
     if chosen == "torch":
         return mlp_gnh_product_reference(spec, loss_kind, theta, x, V)
     vectors = V.contiguous()

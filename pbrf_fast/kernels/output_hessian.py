@@ -42,6 +42,14 @@ def _check_arguments(loss_kind, logits, vectors) -> int:
     return code
 
 
+def plan_output_hessian_product(logits: torch.Tensor, vectors: torch.Tensor,
+                                backend: str = "auto") -> registry.Plan:
+    """What :func:`output_hessian_product` runs for these tensors, and why: the
+    compiled kernel of their device, or the differentiable reference under autograd."""
+    return registry.plan_backend(OP_NAME, logits.dtype, logits.device, backend,
+                                 autograd=registry.needs_autograd(logits, vectors))
+
+
 def output_hessian_product(loss_kind: str, logits: torch.Tensor, vectors: torch.Tensor, *,
                            backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """H_y u for every example and every vector, shape of `vectors`.
@@ -52,9 +60,7 @@ def output_hessian_product(loss_kind: str, logits: torch.Tensor, vectors: torch.
     "auto" picks torch when an input requires grad.
     """
     code = _check_arguments(loss_kind, logits, vectors)
-    if backend == "auto" and registry.needs_autograd(logits, vectors):
-        backend = "torch"
-    chosen = registry.resolve(OP_NAME, logits, backend)
+    chosen = plan_output_hessian_product(logits, vectors, backend).backend
     if out is not None:
         registry.check_output_buffer(OP_NAME, "out", out, vectors, tuple(vectors.shape))
     if chosen == "torch":

@@ -1,26 +1,32 @@
-"""Which backend runs a kernel, and the checks every compiled backend needs.
+"""Which backend can run a kernel, and the rule that picks one.
 
 Backends: "torch" (the pure-torch reference, always there), "cpu" (the OpenMP
 extension ``pbrf_fast._C``), "cuda" (``pbrf_fast._C_cuda``) and "triton".
 Compiled modules and triton are optional: import failures are recorded here
-with their reason and reported by :func:`pbrf_fast.backends.backends`, never
-raised at import.
+with their reason and reported by :func:`pbrf_fast.backends`, never raised at
+import.
 
-:func:`cuda_emulation` runs the "cuda" backend on CPU tensors: the same CUDA
-launchers and kernels, compiled for the CPU emulator of the CUDA execution
-model (``pbrf_fast._C_cuda_emu``, csrc/emulation). It is how the CUDA code is
-tested on machines without a GPU.
+Every op module in this package has one planning function (``plan_<op>``)
+that says what will run for a call and why, as a :class:`Plan`; the op itself
+runs what its plan says and decides nothing else. :func:`plan_backend` is the
+rule they share for picking a backend by device, dtype and autograd.
+
+The CUDA backend is reached only through :class:`CudaRuntime` (its module,
+where its tensors live, launch arguments and scratch buffers). Tests swap in
+the CPU emulator of the CUDA execution model through :func:`use_cuda_runtime`,
+the one seam for that (see :mod:`pbrf_fast.testing`); nothing else here knows
+about emulation.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
+import dataclasses
 import importlib
-import importlib.util
 import os
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch  # before the extensions: they then share torch's OpenMP runtime
+
+from ..errors import PBRFError
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 # Must match enum LossKind in csrc/common/host_device.h.
@@ -30,8 +36,28 @@ COMPILED_DTYPES = (torch.float32, torch.float64)
 TRITON_DTYPES = COMPILED_DTYPES + (torch.float16, torch.bfloat16)
 
 
-class BackendUnavailable(ValueError):
+class BackendUnavailable(PBRFError, ValueError):
     """An explicitly requested backend cannot serve these tensors (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one call of an op runs, and why.
+
+    ``implementation`` names the code path (e.g. ``"cpu"``, ``"torch-blas"``,
+    ``"mlp-fused"``); ``backend`` is the backend it runs on; ``reason`` is one line.
+    """
+
+    op: str
+    implementation: str
+    backend: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.op}: {self.implementation} [{self.backend}] - {self.reason}"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def _optional_import(name: str):
@@ -42,52 +68,95 @@ def _optional_import(name: str):
 
 
 cpu_extension, _cpu_import_error = _optional_import("pbrf_fast._C")
-cuda_extension, _cuda_import_error = _optional_import("pbrf_fast._C_cuda")
 triton, _triton_import_error = _optional_import("triton")
-# Inside cuda_emulation(): the "cuda" backend serves CPU tensors through the emulator.
-_cuda_emulated = False
 
 # triton decides at kernel-definition time (our import) whether a kernel is
 # interpreted; later changes to the variable do not affect kernels defined now.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+class CudaRuntime:
+    """How the "cuda" backend reaches its kernels: the extension module, the device
+    type its tensors live on, and how launchers get their stream and scratch."""
+
+    tensor_device = "cuda"
+    emulated = False
+
+    def __init__(self, module, import_error: str = ""):
+        self.module = module
+        self.import_error = import_error
+
+    def device_count(self) -> int:
+        if self.module is None:
+            return 0
+        try:
+            return int(self.module.device_count())
+        except Exception:
+            return 0
+
+    def status(self) -> tuple[bool, str]:
+        if self.module is None:
+            return False, self.import_error or "pbrf_fast._C_cuda not built"
+        if self.device_count() == 0:
+            return False, f"pbrf_fast._C_cuda built, but {self.module.status()}"
+        return True, self.module.status()
+
+    def launch_args(self, t: torch.Tensor) -> tuple[int, int]:
+        """(device ordinal, current stream handle) for launching on ``t``'s device."""
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        return index, torch.cuda.current_stream(index).cuda_stream
+
+    def scratch(self, shape, like: torch.Tensor) -> torch.Tensor:
+        """Uninitialised scratch (or output) for a launcher, of ``like``'s dtype and device."""
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+_cuda = CudaRuntime(*_optional_import("pbrf_fast._C_cuda"))
+
+
+def use_cuda_runtime(runtime: CudaRuntime) -> CudaRuntime:
+    """Serve the "cuda" backend from ``runtime``; returns the one it replaces.
+
+    The test-support seam: :func:`pbrf_fast.testing.cuda_emulation` uses it to run
+    the CUDA kernels under the CPU emulator. Not thread-safe.
+    """
+    global _cuda
+    previous, _cuda = _cuda, runtime
+    return previous
+
+
+def __getattr__(name):
+    # registry.cuda_extension always names the module the current runtime serves.
+    if name == "cuda_extension":
+        return _cuda.module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def cuda_launch_args(t: torch.Tensor) -> tuple[int, int]:
+    return _cuda.launch_args(t)
+
+
+def cuda_scratch(shape, like: torch.Tensor) -> torch.Tensor:
+    return _cuda.scratch(shape, like)
+
+
+def cuda_device_count() -> int:
+    return _cuda.device_count()
+
+
 _implementations: dict[tuple[str, str], Callable] = {}
-# Ops whose "auto" choice on a device is not the default order, because the
-# measurement says so (bench/RESULTS.md). Explicit backends are unaffected.
-_auto_order: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 def register(op_name: str, backend: str, implementation: Callable) -> None:
-    """Ops register every backend they implement, built or not: :func:`resolve` says
-    when a module is missing, and :func:`cuda_emulation` can serve "cuda" without one."""
+    """Ops register every backend they implement, built or not: the plan says when a
+    module is missing, and a swapped CUDA runtime can serve "cuda" without one."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _implementations[(op_name, backend)] = implementation
 
 
-def prefer_on_auto(op_name: str, device_type: str, order: tuple[str, ...]) -> None:
-    """Make ``backend="auto"`` try ``order`` (then torch) for ``op_name`` on ``device_type``."""
-    _auto_order[(op_name, device_type)] = tuple(order)
-
-
 def implementation(op_name: str, backend: str) -> Callable:
     return _implementations[(op_name, backend)]
-
-
-def cuda_device_count() -> int:
-    if cuda_extension is None:
-        return 0
-    try:
-        return int(cuda_extension.device_count())
-    except Exception:
-        return 0
-
-
-@functools.lru_cache(maxsize=None)
-def _emulation_hint() -> str:
-    if importlib.util.find_spec("pbrf_fast._C_cuda_emu") is None:
-        return ""
-    return "; pbrf_fast.kernels.cuda_emulation() runs its kernels on CPU tensors"
 
 
 def backend_status(backend: str) -> tuple[bool, str]:
@@ -99,11 +168,7 @@ def backend_status(backend: str) -> tuple[bool, str]:
             return False, _cpu_import_error
         return True, "OpenMP kernels in pbrf_fast._C"
     if backend == "cuda":
-        if cuda_extension is None:
-            return False, (_cuda_import_error or "pbrf_fast._C_cuda not built") + _emulation_hint()
-        if cuda_device_count() == 0:
-            return False, f"pbrf_fast._C_cuda built, but {cuda_extension.status()}{_emulation_hint()}"
-        return True, cuda_extension.status()
+        return _cuda.status()
     if backend == "triton":
         if triton is None:
             return False, _triton_import_error
@@ -116,11 +181,12 @@ def backend_status(backend: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-def _why_not(op_name: str, backend: str, tensor: torch.Tensor) -> str:
-    """Empty string if `backend` can run `op_name` on `tensor`, else the reason."""
+def why_not(op_name: str, backend: str, dtype: torch.dtype, device: torch.device | str) -> str:
+    """Empty string if ``backend`` can run ``op_name`` on tensors of ``dtype`` on
+    ``device``, else the reason it cannot."""
     if (op_name, backend) not in _implementations:
         return f"{op_name} has no {backend} implementation"
-    device = tensor.device.type
+    device = torch.device(device).type
     if backend == "torch":
         return ""
     if backend == "cpu":
@@ -129,11 +195,11 @@ def _why_not(op_name: str, backend: str, tensor: torch.Tensor) -> str:
         if cpu_extension is None:
             return _cpu_import_error
     elif backend == "cuda":
-        wanted = "cpu" if _cuda_emulated else "cuda"
+        wanted = _cuda.tensor_device
         if device != wanted:
-            return (f"the {'emulated ' if _cuda_emulated else ''}cuda backend needs {wanted.upper()} "
+            return (f"the {'emulated ' if _cuda.emulated else ''}cuda backend needs {wanted.upper()} "
                     f"tensors, got a {device} tensor")
-        ok, reason = backend_status("cuda")
+        ok, reason = _cuda.status()
         if not ok:
             return reason
     elif backend == "triton":
@@ -144,8 +210,8 @@ def _why_not(op_name: str, backend: str, tensor: torch.Tensor) -> str:
         if device not in ("cpu", "cuda"):
             return f"triton runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}"
     dtypes = TRITON_DTYPES if backend == "triton" else COMPILED_DTYPES
-    if tensor.dtype not in dtypes:
-        return f"the {backend} backend supports dtypes {[str(d) for d in dtypes]}, got {tensor.dtype}"
+    if dtype not in dtypes:
+        return f"the {backend} backend supports dtypes {[str(d) for d in dtypes]}, got {dtype}"
     return ""
 
 
@@ -155,26 +221,39 @@ def needs_autograd(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def resolve(op_name: str, tensor: torch.Tensor, backend: str = "auto") -> str:
-    """Pick the backend for `op_name` on `tensor`'s device and dtype.
+def _default_order(device_type: str) -> tuple[str, ...]:
+    return ("cuda", "triton") if device_type == "cuda" else ("cpu",)
 
-    "auto": CUDA tensors -> cuda, else triton, else torch; CPU tensors -> cpu,
-    else torch -- unless the op set another order with :func:`prefer_on_auto`. An explicit backend that cannot serve the tensor raises
-    BackendUnavailable naming the reason.
+
+def plan_backend(op_name: str, dtype: torch.dtype, device, backend: str = "auto", *,
+                 autograd: bool = False, auto_order: tuple[str, ...] | None = None) -> Plan:
+    """The shared rule: which backend runs ``op_name`` on tensors of ``dtype`` on ``device``.
+
+    "auto": with autograd the differentiable torch reference; else the first of
+    ``auto_order`` (default: cuda, then triton, for CUDA tensors; the cpu extension
+    for CPU tensors) that can serve the tensors, else torch. An explicit backend
+    that cannot serve them raises :class:`BackendUnavailable` naming the reason.
     """
+    device_type = torch.device(device).type
     if backend == "auto":
-        default = ("cuda", "triton") if tensor.device.type == "cuda" else ("cpu",)
-        preference = _auto_order.get((op_name, tensor.device.type), default)
-        for candidate in preference:
-            if not _why_not(op_name, candidate, tensor):
-                return candidate
-        return "torch"
+        if autograd:
+            return Plan(op_name, "torch", "torch", "inputs require grad: the differentiable torch reference")
+        order = _default_order(device_type) if auto_order is None else auto_order
+        skipped = []
+        for candidate in order:
+            reason = why_not(op_name, candidate, dtype, device_type)
+            if not reason:
+                return Plan(op_name, candidate, candidate,
+                            f"backend='auto': the compiled {candidate} kernel for {device_type} {dtype} tensors")
+            skipped.append(f"{candidate}: {reason}")
+        detail = "; ".join(skipped) if skipped else "the measured choice for this op"
+        return Plan(op_name, "torch", "torch", f"backend='auto': torch reference ({detail})")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-    reason = _why_not(op_name, backend, tensor)
+    reason = why_not(op_name, backend, dtype, device_type)
     if reason:
         raise BackendUnavailable(f"{op_name}: backend {backend!r} unavailable: {reason}")
-    return backend
+    return Plan(op_name, backend, backend, f"backend={backend!r} requested")
 
 
 # ---- argument checks shared by the op wrappers -------------------------------------------------
@@ -219,52 +298,6 @@ def check_output_buffer(op_name: str, name: str, out: torch.Tensor, like: torch.
 
 def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
-
-
-def cuda_launch_args(t: torch.Tensor) -> tuple[int, int]:
-    """(device ordinal, current stream handle) for launching on `t`'s device."""
-    if _cuda_emulated and t.device.type == "cpu":
-        return 0, 0  # the emulator's one device and its synchronous default stream
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return index, torch.cuda.current_stream(index).cuda_stream
-
-
-def cuda_scratch(shape, like: torch.Tensor) -> torch.Tensor:
-    """Uninitialised scratch (or output) for a CUDA launcher. Under :func:`cuda_emulation`
-    it is filled with NaN, so a kernel that reads it before writing it shows up."""
-    scratch = torch.empty(shape, dtype=like.dtype, device=like.device)
-    if _cuda_emulated and scratch.is_floating_point():
-        scratch.fill_(float("nan"))
-    return scratch
-
-
-@contextlib.contextmanager
-def cuda_emulation(thread_order: str = "forward", seed: int = 0) -> Iterator[object]:
-    """Within the block, ``backend="cuda"`` runs on CPU tensors under the CUDA emulator.
-
-    The kernels and launchers are the ones nvcc compiles into ``pbrf_fast._C_cuda``;
-    the emulator runs each block's threads as cooperative fibers (real barriers,
-    warp shuffles, per-block shared memory filled with NaN) and turns a divergent
-    barrier or a bad launch configuration into a RuntimeError. ``thread_order``
-    ("forward", "reverse", "shuffled" with ``seed``) is the order in which a block's
-    threads run between barriers: a result that depends on it is a race. Slow: for
-    tests on small problems. Scratch from :func:`cuda_scratch` starts as NaN. Yields the
-    emulated module (``counters()``, ``reset()``).
-    Not thread-safe: it swaps the module-wide "cuda" backend for the block's duration.
-    """
-    global cuda_extension, _cuda_emulated
-    emulator, error = _optional_import("pbrf_fast._C_cuda_emu")
-    if emulator is None:
-        raise BackendUnavailable(f"CUDA emulation unavailable: {error}")
-    saved = cuda_extension, _cuda_emulated
-    emulator.reset()
-    emulator.set_thread_order(thread_order, seed)
-    cuda_extension, _cuda_emulated = emulator, True
-    try:
-        yield emulator
-    finally:
-        cuda_extension, _cuda_emulated = saved
-        emulator.set_thread_order("forward", 0)
 
 
 def triton_compute_dtype(t: torch.Tensor):

@@ -25,6 +25,8 @@ and triton backends must match it.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +40,7 @@ _TORCH_CHUNK_ELEMENTS = 1 << 24
 # (resnet20-stage3-conv: 37.7 MB of G, 2x faster in 16 MiB chunks).
 _CPU_GRADIENT_CHUNK_BYTES = 16 << 20
 
-__all__ = ["score_contraction", "score_contraction_reference", "score_contraction_torch_cpu",
+__all__ = ["score_contraction", "plan_score_contraction", "plan_conv2d_score_contraction", "score_contraction_reference", "score_contraction_torch_cpu",
            "score_contraction_lowrank",
            "conv2d_score_contraction", "conv2d_weight_gradient_blocks", "contraction_flops", "choose_order"]
 
@@ -160,27 +162,44 @@ def _check_arguments(a, delta, S):
                          f"got {tuple(S.shape)}")
 
 
+def plan_score_contraction(a: torch.Tensor, delta: torch.Tensor, S: torch.Tensor,
+                           backend: str = "auto") -> registry.Plan:
+    """What :func:`score_contraction` runs for these tensors, and why.
+
+    Implementations: ``torch`` (the differentiable reference), ``torch-blas``
+    (:func:`score_contraction_torch_cpu`: the same orders on torch's BLAS, forward
+    only), and the compiled ``cpu`` / ``cuda`` / ``triton`` kernels.
+    """
+    a3, d3 = _as_tokens(a, "a"), _as_tokens(delta, "delta")
+    order = choose_order(a3.shape[0], a3.shape[1], d3.shape[2], a3.shape[2], S.shape[0])
+    autograd = registry.needs_autograd(a, delta, S)
+    on_cpu = a.device.type == "cpu"
+    if on_cpu and not autograd and backend in ("auto", "torch"):
+        # bench/bench_scale.py: on every ResNet-20 and MLP layer shape torch's BLAS in
+        # cache-sized chunks is 1.4-2x faster than the OpenMP kernel (our blocked GEMM).
+        why = ("backend='auto' on CPU: torch's BLAS in cache-sized chunks measures 1.4-2x faster "
+               "than the OpenMP kernel" if backend == "auto" else "backend='torch' without autograd")
+        return registry.Plan(OP_NAME, "torch-blas", "torch", f"{why}; {order} order")
+    plan = registry.plan_backend(OP_NAME, a.dtype, a.device, backend, autograd=autograd)
+    return dataclasses.replace(plan, reason=f"{plan.reason}; {order} order")
+
+
 def score_contraction(a: torch.Tensor, delta: torch.Tensor, S: torch.Tensor, *, backend: str = "auto",
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """scores (b, m) with scores[b, q] = sum_t delta[b, t]^T S[q] a[b, t].
 
-    backend: "auto", "torch", "cpu", "cuda" or "triton". Compiled backends are
-    forward-only, so "auto" keeps torch when an input requires grad.
-    ``out``: optional contiguous (b, m) buffer, fully overwritten.
+    backend: "auto", "torch", "cpu", "cuda" or "triton"; :func:`plan_score_contraction`
+    says which implementation runs and why. ``out``: optional contiguous (b, m)
+    buffer, fully overwritten.
     """
     _check_arguments(a, delta, S)
-    if backend == "auto" and (registry.needs_autograd(a, delta, S) or a.device.type == "cpu"):
-        # On CPU the torch path's chunked MKL GEMMs beat the OpenMP kernel
-        # (bench/bench_scale.py measures both against the matmul floor), so
-        # "auto" keeps torch there; backend="cpu" still runs the native kernel.
-        backend = "torch"
-    chosen = registry.resolve(OP_NAME, a, backend)
+    plan = plan_score_contraction(a, delta, S, backend)
     shape = (a.shape[0], S.shape[0])
     if out is not None:
         registry.check_output_buffer(OP_NAME, "out", out, a, shape)
-    if chosen == "torch" and a.device.type == "cpu" and not registry.needs_autograd(a, delta, S):
+    if plan.implementation == "torch-blas":
         return score_contraction_torch_cpu(a, delta, S, out=out)
-    if chosen == "torch":
+    if plan.implementation == "torch":
         result = score_contraction_reference(a, delta, S)
         return result if out is None else out.copy_(result)
     if out is None:
@@ -189,7 +208,7 @@ def score_contraction(a: torch.Tensor, delta: torch.Tensor, S: torch.Tensor, *, 
         return out
     # The kernels index rows directly: non-contiguous inputs are copied once.
     a3, d3 = _as_tokens(a, "a").contiguous(), _as_tokens(delta, "delta").contiguous()
-    registry.implementation(OP_NAME, chosen)(a3, d3, S.contiguous(), out)
+    registry.implementation(OP_NAME, plan.backend)(a3, d3, S.contiguous(), out)
     return out
 
 
@@ -212,10 +231,6 @@ def _run_cuda(a, delta, S, out) -> None:
 
 
 registry.register(OP_NAME, "torch", score_contraction_reference)
-# On CPU the torch path (batched GEMMs on torch's BLAS) measures 1.4-2x faster than
-# the OpenMP kernel (our blocked GEMM) on every ResNet-20 and MLP layer shape
-# (bench/bench_scale.py), so "auto" keeps it there; backend="cpu" selects the kernel.
-registry.prefer_on_auto(OP_NAME, "cpu", ())
 if registry.cpu_extension is not None and hasattr(registry.cpu_extension, OP_NAME):
     registry.register(OP_NAME, "cpu", _run_cpu)
 registry.register(OP_NAME, "cuda", _run_cuda)
@@ -251,6 +266,32 @@ def unfold_conv_input(inputs: torch.Tensor, kernel_size, stride=1, padding=0, di
     return cols.transpose(1, 2)
 
 
+def plan_conv2d_score_contraction(inputs: torch.Tensor, grad_outputs: torch.Tensor, S: torch.Tensor, *,
+                                  stride=1, backend: str = "auto") -> registry.Plan:
+    """What :func:`conv2d_score_contraction` runs, and why.
+
+    ``shifted-views`` (stride 1) / ``chunked-unfold`` (strided): per-example weight
+    gradients from :func:`conv2d_weight_gradient_blocks`, never the batch's patches
+    (CPU, forward only, when the gradient order is the cheaper one); ``unfold``: the
+    batch's patches at once, then :func:`score_contraction` (its own plan).
+    """
+    S3 = S.reshape(S.shape[0], S.shape[1], -1)
+    positions = grad_outputs.shape[2] * grad_outputs.shape[3]
+    order = choose_order(len(inputs), positions, S3.shape[1], S3.shape[2], S3.shape[0])
+    op = "conv2d_score_contraction"
+    if (backend in ("auto", "torch") and inputs.device.type == "cpu" and order == "gradient"
+            and not registry.needs_autograd(inputs, grad_outputs, S)):
+        if _pair(stride) == (1, 1):
+            return registry.Plan(op, "shifted-views", "torch",
+                                 "CPU, stride 1: shifted strided views of the padded input, one batched "
+                                 "GEMM per kernel offset, no unfolded copy")
+        return registry.Plan(op, "chunked-unfold", "torch",
+                             "CPU, strided: patches unfolded a cache-sized example chunk at a time")
+    why = ("autograd, another device, an explicit compiled backend or the projection order "
+           f"({order} order here)")
+    return registry.Plan(op, "unfold", "torch", f"patches unfolded for the batch ({why}), then score_contraction")
+
+
 def conv2d_score_contraction(inputs: torch.Tensor, grad_outputs: torch.Tensor, S: torch.Tensor, *,
                              kernel_size, stride=1, padding=0, dilation=1, backend: str = "auto"):
     """Scores of a Conv2d (groups = 1, zero padding) through its unfolded view.
@@ -265,10 +306,8 @@ def conv2d_score_contraction(inputs: torch.Tensor, grad_outputs: torch.Tensor, S
         raise ValueError(f"{OP_NAME}: need inputs (b, C_in, H, W) and grad_outputs (b, C_out, H', W') "
                          f"with the same b, got {tuple(inputs.shape)} and {tuple(grad_outputs.shape)}")
     S3 = S.reshape(S.shape[0], S.shape[1], -1)
-    positions = grad_outputs.shape[2] * grad_outputs.shape[3]
-    if (backend in ("auto", "torch") and inputs.device.type == "cpu"
-            and not registry.needs_autograd(inputs, grad_outputs, S)
-            and choose_order(len(inputs), positions, S3.shape[1], S3.shape[2], S3.shape[0]) == "gradient"):
+    plan = plan_conv2d_score_contraction(inputs, grad_outputs, S3, stride=stride, backend=backend)
+    if plan.implementation != "unfold":
         registry.check_same_dtype_and_device(OP_NAME, inputs=inputs, grad_outputs=grad_outputs, S=S)
         return _conv2d_scores_cpu(inputs, grad_outputs, S3, kernel_size=kernel_size, stride=stride,
                                   padding=padding, dilation=dilation)

@@ -2,13 +2,10 @@
 a reusable low-rank inverse, resumable on-disk results and torch.distributed
 sharding. Each module has one job:
 
-- :mod:`.storage`      atomic tensor / npy writers, argument guard for result dirs
 - :mod:`.lowrank`      Lanczos eigenpairs and :class:`LowRankInverse`
 - :mod:`.distributed`  :class:`DistributedGaussNewton`, rank helpers, sharding
 - :mod:`.layer_scores` hooks that turn activations x output gradients into scores
-- :mod:`.train`        base-model training with an atomic checkpoint
 - :mod:`.pipeline`     :func:`compute_scores`, the staged, resumable driver
-- :mod:`.cli`          the ``scores`` subcommand
 """
 from .distributed import DistributedGaussNewton
 from .layer_scores import LayerScorer

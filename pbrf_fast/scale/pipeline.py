@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from ..curvature import GaussNewton
-from ..io import atomic_write_json
+from ..atomic_io import atomic_save_tensor, atomic_write_json, load_tensor, open_memmap
 from ..problem import Problem
+from ..results_folder import ResultsFolder
 from ..solvers import solve
 from . import distributed as D
 from .layer_scores import LayerScorer
 from .lowrank import LowRankInverse, lanczos_eigenpairs
-from .storage import atomic_save_tensor, guard_arguments, load_tensor, open_memmap
 
 __all__ = ["compute_scores", "RESULT_KEYS"]
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def compute_scores(model, loss, x_train, y_train, x_test, y_test, out_dir, *, da
     error = None
     if r == 0:
         try:
-            guard_arguments(out, arguments, RESULT_KEYS, overwrite)
+            ResultsFolder(out, arguments, result_keys=RESULT_KEYS, overwrite=overwrite)
         except Exception as exc:  # tell the other ranks before raising
             error = exc
     error_text = D.broadcast_object(None if error is None else repr(error))

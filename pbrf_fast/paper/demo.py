@@ -11,26 +11,24 @@ and figures under the output folder.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
+from .config import ExperimentConfig, RunOptions
+from .jobs import run_decomposition
 from .report import figure_gap_bars
 
 __all__ = ["run_demo"]
 
 
 def run_demo(out: Path, seed: int = 0, log=print) -> dict:
-    from .cli import run_decomposition
-
+    out = Path(out)
     start = time.perf_counter()
     results = {}
     for dataset in ("cancer", "digits"):
-        args = argparse.Namespace(dataset=dataset, model="auto", preset="quick", seed=seed, data_dir=None,
-                                  resume=True, overwrite=True, chunk=10, removed=None, test_points=None,
-                                  damping=None, curvature="gnh", solver=None, out=str(out / dataset))
         t0 = time.perf_counter()
-        result = run_decomposition(args, quiet=True)
+        result = run_decomposition(ExperimentConfig(dataset=dataset, seed=seed),
+                                   RunOptions(out / dataset, resume=True, overwrite=True), quiet=True)
         results[dataset] = result
         log(result["markdown"])
         log(f"({dataset}: {time.perf_counter() - t0:.1f} s)\n")

@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .problem import Problem
+from ..problem import Problem
 
 __all__ = ["GAPS", "output_distance", "decomposition_gaps", "test_loss_changes", "predicted_test_loss_changes",
-           "correlation", "detection_curve", "summarise"]
+           "correlation", "detection_curve"]
 
 GAPS = (
     ("warm_start_gap", "cold_start", "warm_start"),
@@ -95,8 +95,3 @@ def detection_curve(scores: torch.Tensor, is_corrupted: torch.Tensor, fractions)
     total = max(int(is_corrupted.sum()), 1)
     return [float(is_corrupted[order[: int(round(f * len(scores)))]].sum()) / total for f in fractions]
 
-
-def summarise(values: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Mean and std over removed points of each named per-point quantity."""
-    return {k: {"mean": float(v.double().mean()), "std": float(v.double().std(unbiased=False))}
-            for k, v in values.items()}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .decomposition import GAPS, correlation
-from .io import atomic_write_json, atomic_write_text
+from ..atomic_io import atomic_write_json, atomic_write_text
 
 __all__ = ["gap_table", "correlation_table", "write_tables", "figure_gap_bars", "figure_scatter",
            "figure_detection", "figure_sweep", "markdown_table"]

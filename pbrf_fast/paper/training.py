@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .problem import Problem
+from ..problem import Problem
 
 __all__ = ["TrainConfig", "TrainResult", "batch_order", "FunctionalOptimizer", "run_epochs", "train",
            "weighted_objective", "fit_lbfgs"]

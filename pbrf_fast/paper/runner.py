@@ -1,18 +1,15 @@
 """Long experiment runs that write every finished piece atomically and resume.
 
-A run folder holds ``arguments.json`` (everything that determines the
-results), ``base.pt`` (theta^0, theta^s and the training config) and one JSON
-per finished removed point under ``points/``. Rerunning with ``resume=True``
-reuses all of it; a run whose arguments differ from those on disk is refused
-unless ``overwrite=True`` (then the folder's old results are removed).
+A run's :class:`~pbrf_fast.results_folder.ResultsFolder` holds ``arguments.json``
+(everything that determines the results), ``base.pt`` (theta^0, theta^s and the
+training config) and one JSON per finished removed point under ``points/``.
+Rerunning with ``resume=True`` reuses all of it; a run whose arguments differ
+from those on disk is refused unless ``overwrite=True``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,59 +18,19 @@ from tqdm.auto import tqdm
 
 from .decomposition import GAPS, decomposition_gaps, predicted_test_loss_changes, test_loss_changes
 from .experiments import Experiment
-from .io import atomic_write_json
+from ..atomic_io import atomic_save_tensor, atomic_write_json, load_tensor
+from ..results_folder import ResultsFolder
 from .responses import RESPONSES, ResponseSolver
 from .training import TrainConfig, TrainResult, train
 
-__all__ = ["RunFolder", "train_base", "run_points", "choose_removed_points", "choose_test_points"]
+__all__ = ["train_base", "run_points", "choose_removed_points", "choose_test_points"]
 
 
-class RunFolder:
-    """A results folder bound to one set of arguments."""
-
-    def __init__(self, path, arguments: dict, *, resume: bool = False, overwrite: bool = False):
-        self.path = Path(path)
-        self.arguments = json.loads(json.dumps(arguments, default=str))
-        stored = self.path / "arguments.json"
-        if stored.exists() and not overwrite:
-            previous = json.loads(stored.read_text())
-            if previous != self.arguments:
-                changed = sorted(k for k in set(previous) | set(self.arguments) if previous.get(k) != self.arguments.get(k))
-                raise ValueError(f"{self.path} holds results for other arguments (differ in {changed}); "
-                                 "use another --out or --overwrite")
-            if not resume:
-                raise ValueError(f"{self.path} already holds results for these arguments; pass --resume "
-                                 "to continue them or --overwrite to start again")
-        elif stored.exists() and overwrite:
-            for child in ("points", "base.pt"):
-                target = self.path / child
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        atomic_write_json(stored, self.arguments)
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    def point_file(self, group: str, index: int) -> Path:
-        return self.path / "points" / group / f"{index:07d}.json"
-
-
-def save_tensor_atomically(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def train_base(exp: Experiment, folder: RunFolder | None = None, progress: bool = True) -> TrainResult:
+def train_base(exp: Experiment, folder: ResultsFolder | None = None, progress: bool = True) -> TrainResult:
     """Train the base network, or load it from the folder when it is already there."""
     path = folder.file("base.pt") if folder else None
     if path is not None and path.exists():
-        saved = torch.load(path, weights_only=False)
+        saved = load_tensor(path)
         exp.problem.set_theta(saved["theta"].to(exp.problem.device))
         return TrainResult(saved["theta0"], exp.problem.theta.clone(), TrainConfig(**saved["config"]),
                            saved["final_objective"])
@@ -81,9 +38,9 @@ def train_base(exp: Experiment, folder: RunFolder | None = None, progress: bool 
     result = train(exp.problem, exp.train, progress=bar.update)
     bar.close()
     if path is not None:
-        save_tensor_atomically({"theta0": result.theta0, "theta": result.theta,
-                                "config": dataclasses.asdict(result.config),
-                                "final_objective": result.final_objective}, path)
+        atomic_save_tensor(path, {"theta0": result.theta0, "theta": result.theta,
+                            "config": dataclasses.asdict(result.config),
+                            "final_objective": result.final_objective})
     return result
 
 
@@ -97,7 +54,7 @@ def choose_test_points(n_test: int, count: int, seed: int) -> list[int]:
 
 
 def run_points(exp: Experiment, base: TrainResult, removed: list[int], test_idx: list[int],
-               folder: RunFolder | None = None, chunk: int = 10, responses=RESPONSES, progress: bool = True) -> list[dict]:
+               folder: ResultsFolder | None = None, chunk: int = 10, responses=RESPONSES, progress: bool = True) -> list[dict]:
     """All responses, gaps and test-loss changes for each removed point, chunk by chunk.
 
     A chunk's points are retrained together (vmap) and each is written as soon

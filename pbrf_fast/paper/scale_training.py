@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .storage import atomic_save_tensor, load_tensor
+from ..atomic_io import atomic_save_tensor, load_tensor
 
 __all__ = ["train_model", "load_or_train"]
 
@@ -57,7 +57,7 @@ def load_or_train(path, model: nn.Module, loss, x, y, **train_kwargs) -> dict:
         model.eval()
         return dict(state["log"], loaded=True)
     log = train_model(model, loss, x, y, **train_kwargs)
-    from .distributed import rank
+    from ..scale.distributed import rank
     if rank() == 0:
         atomic_save_tensor(path, {"model": model.state_dict(), "log": log})
     return dict(log, loaded=False)

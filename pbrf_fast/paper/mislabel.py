@@ -3,17 +3,18 @@ influence estimate and from the PBRF, and count the corrupted labels found."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .decomposition import detection_curve
-from .io import atomic_write_json, atomic_write_text
+from ..atomic_io import atomic_write_json, atomic_write_text
 from .report import figure_detection, markdown_table
 from .responses import ResponseSolver
-from .runner import RunFolder, train_base
+from .config import ExperimentConfig, RunOptions
+from .jobs import ConfigError, build_experiment, open_results
+from .runner import train_base
 
 __all__ = ["self_influence_by_response", "run_mislabel", "FRACTIONS"]
 
@@ -33,18 +34,22 @@ def self_influence_by_response(solver: ResponseSolver, points: list[int]) -> dic
             "pbrf": (own(theta_pbrf, x, t) - base_losses).detach().double().cpu()}
 
 
-def run_mislabel(args, exp) -> dict:
+def run_mislabel(config: ExperimentConfig, run: RunOptions) -> dict:
+    """Figure 6: the fraction of corrupted labels found against the fraction inspected,
+    ranking by influence and by PBRF self-influence. Writes table.md, results.json
+    and mislabel.png into ``run.out``."""
+    exp = build_experiment(config, corrupt_fraction=config.corrupt)
     if exp.corrupted is None or exp.problem.loss.name != "cross_entropy":
-        raise SystemExit("mislabel needs a classification data set with --corrupt > 0 (digits, mnist, fashion_mnist)")
-    out = Path(args.out)
-    arguments = {k: v for k, v in vars(args).items() if k not in ("func", "resume", "overwrite", "threads", "out")}
-    folder = RunFolder(out, arguments | {"experiment": exp.describe()}, resume=args.resume, overwrite=args.overwrite)
-    base = train_base(exp, folder)
+        raise ConfigError("mislabel needs a classification data set with --corrupt > 0 "
+                          "(digits, mnist, fashion_mnist)")
+    folder = open_results(config, exp, run)
+    out = folder.path
+    base = train_base(exp, folder, progress=run.progress)
     solver = ResponseSolver(exp.problem, base, exp.responses)
     n = exp.problem.n
-    count = args.candidates or (n if args.preset == "paper" else min(n, 300))
-    candidates = sorted(np.random.default_rng(args.seed + 41).choice(n, size=count, replace=False).tolist())
-    scores = _scores_with_resume(solver, candidates, folder, args.chunk)
+    count = config.candidates or (n if config.preset == "paper" else min(n, 300))
+    candidates = sorted(np.random.default_rng(config.seed + 41).choice(n, size=count, replace=False).tolist())
+    scores = _scores_with_resume(solver, candidates, folder, config.chunk, run.progress)
     corrupted = exp.corrupted[candidates]
     curves = {name: detection_curve(torch.tensor([scores[i][name] for i in candidates]), corrupted, FRACTIONS)
               for name in ("influence", "pbrf")}
@@ -60,7 +65,7 @@ def run_mislabel(args, exp) -> dict:
     return curves
 
 
-def _scores_with_resume(solver, candidates, folder, chunk) -> dict[int, dict]:
+def _scores_with_resume(solver, candidates, folder, chunk, progress) -> dict[int, dict]:
     done, todo = {}, []
     for i in candidates:
         path = folder.point_file("self_influence", i)
@@ -68,7 +73,8 @@ def _scores_with_resume(solver, candidates, folder, chunk) -> dict[int, dict]:
             done[i] = json.loads(path.read_text())
         else:
             todo.append(i)
-    bar = tqdm(total=len(candidates), initial=len(done), desc="self-influence", leave=False)
+    bar = tqdm(total=len(candidates), initial=len(done), desc="self-influence", leave=False,
+               disable=not progress)
     for start in range(0, len(todo), chunk):
         points = todo[start : start + chunk]
         values = self_influence_by_response(solver, points)

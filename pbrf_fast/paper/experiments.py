@@ -19,7 +19,7 @@ import torch
 from .data import (corrupt_labels, load_breast_cancer, load_concrete, load_diabetes_pima, load_digits,
                    load_energy, load_fashion_mnist, load_mnist, subset)
 from .models import build_model, mlp
-from .problem import Problem
+from ..problem import Problem
 from .responses import ResponseSettings
 from .training import TrainConfig
 
@@ -167,7 +167,7 @@ def _image_experiment(dataset, model_name, quick, preset, seed, data_dir, n_remo
 def _text_experiment(quick, preset, seed, data_dir, n_removed, epochs, width):
     """2-layer Transformer language model on PTB (Appendix E.3): Adam, batch 20, damping 0.01."""
     from .data.ptb import load_ptb
-    from .losses import SequenceCrossEntropyLoss
+    from ..losses import SequenceCrossEntropyLoss
     from .models import transformer_lm
 
     seq_len = 20 if quick else 35

@@ -38,9 +38,9 @@ from typing import Sequence
 
 import torch
 
-from .curvature import GaussNewton, make_curvature
-from .problem import Problem
-from .solvers import solve
+from ..curvature import GaussNewton, make_curvature
+from ..problem import Problem
+from ..solvers import solve
 from .training import TrainConfig, TrainResult, fit_lbfgs, run_epochs
 
 __all__ = ["RESPONSES", "ResponseSettings", "Removal", "ResponseSolver"]

@@ -1,0 +1,99 @@
+"""What runs, and why: every op's plan for one model and batch, without running it.
+
+``pbrf_fast.explain(model, loss, inputs)`` asks each op's planning function the
+question its caller would ask for this model: the GNH product of
+``GaussNewton.matvec`` (:meth:`GaussNewton.plan_product`), the LiSSA recursion
+(:func:`pbrf_fast.solvers.plan_lissa`), the fused LiSSA update, the
+output-Hessian product and Bregman divergence on the model's outputs, and the
+score contraction of every ``nn.Linear`` / ``nn.Conv2d`` layer (the scale
+pipeline's hooks). ``pbrf-fast backends --explain`` prints the same.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .curvature import GaussNewton
+from .kernels import (Plan, plan_bregman_divergence, plan_conv2d_score_contraction, plan_lissa_update,
+                      plan_output_hessian_product, plan_score_contraction)
+from .losses import get_loss
+from .problem import Problem
+from .solvers import plan_lissa
+
+__all__ = ["explain", "format_plans"]
+
+
+def _placeholder_targets(loss, outputs: torch.Tensor) -> torch.Tensor:
+    """Targets of the right kind for the loss; their values never enter a plan."""
+    if loss.name == "cross_entropy":
+        return torch.zeros(len(outputs), dtype=torch.long, device=outputs.device)
+    return torch.zeros_like(outputs)
+
+
+def _zeros(shape, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``shape`` that costs no memory: plans read shapes, dtypes and devices."""
+    return torch.zeros((), dtype=like.dtype, device=like.device).expand(*shape)
+
+
+def _layer_shapes(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, nn.Module, torch.Size, torch.Size]]:
+    """(name, module, input shape, output shape) of every Linear and Conv2d in one forward pass."""
+    seen, handles = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            def hook(mod, args, out, name=name):
+                seen.append((name, mod, args[0].shape, out.shape))
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _layer_plan(name, module, in_shape, out_shape, columns, like, backend) -> Plan:
+    if isinstance(module, nn.Conv2d):
+        S = _zeros((columns, module.out_channels, module.weight[0].numel()), like)
+        plan = plan_conv2d_score_contraction(_zeros(in_shape, like), _zeros(out_shape, like), S,
+                                             stride=module.stride, backend=backend)
+    else:  # Linear: one token per example, or a token per position of a sequence
+        a = _zeros((in_shape[0], in_shape[1:-1].numel(), in_shape[-1]) if len(in_shape) > 2 else in_shape, like)
+        delta = _zeros((*a.shape[:-1], out_shape[-1]), like)
+        plan = plan_score_contraction(a, delta, _zeros((columns, out_shape[-1], in_shape[-1]), like), backend)
+    return dataclasses.replace(plan, op=f"{plan.op} [{name}]")
+
+
+def explain(model: nn.Module, loss, inputs: torch.Tensor, *, columns: int = 1, backend: str = "auto",
+            lissa_batch_size: int = 128) -> list[Plan]:
+    """The plan of every op pbrf_fast would run for ``model`` on the batch ``inputs``.
+
+    ``columns``: vectors per GNH product (test points solved together); ``backend``:
+    what the user would pass (``GaussNewton(backend=...)``, ``backend=`` of the ops).
+    Nothing is computed but one forward pass (to learn the layer shapes).
+    """
+    if not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns must be a positive integer, got {columns!r}")
+    loss = get_loss(loss)
+    with torch.no_grad():
+        outputs = model(inputs)
+    outputs2 = outputs.reshape(len(outputs), -1)
+    problem = Problem(model, loss, inputs, _placeholder_targets(loss, outputs2))
+    op = GaussNewton(problem, 1e-3, backend=backend if backend in ("auto", "torch", "cpu", "cuda") else "auto")
+    like = problem.theta
+    V = _zeros((problem.dim, columns), like)
+    plans = [op.plan_product(inputs, V), plan_lissa(op, V, batch_size=lissa_batch_size),
+             plan_lissa_update(V, backend),
+             plan_output_hessian_product(outputs2, _zeros((columns, *outputs2.shape), outputs2), backend),
+             plan_bregman_divergence(outputs2, outputs2, backend)]
+    plans += [_layer_plan(*shapes, columns, like, backend) for shapes in _layer_shapes(model, inputs)]
+    return plans
+
+
+def format_plans(plans: list[Plan]) -> str:
+    """The plans as an aligned text table (op, implementation, backend, reason)."""
+    rows = [("op", "runs", "backend", "why")] + [(p.op, p.implementation, p.backend, p.reason) for p in plans]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows)

@@ -1,0 +1,98 @@
+"""Typed settings of the paper's experiments: what the command line parses into,
+and what the harness functions (:mod:`.jobs`, :mod:`.mislabel`, :mod:`.sweep`,
+:mod:`.scores_job`) take. The demo and the tests build them directly."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+__all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "ScoresConfig", "SWEEP_PARAMETERS"]
+
+SWEEP_PARAMETERS = ("width", "depth", "epochs", "weight_decay", "damping", "fraction_removed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Which experiment, and the overrides of its preset (None: the preset's value).
+
+    Every field changes the results, so all of them are saved beside them.
+    """
+
+    dataset: str = "concrete"
+    model: str = "auto"
+    preset: str = "quick"
+    seed: int = 0
+    data_dir: str | None = None
+    removed: int | None = None          # removed points
+    test_points: int | None = None      # test points for the correlations
+    chunk: int = 10                     # removed points retrained together
+    damping: float | None = None
+    curvature: str = "gnh"
+    solver: str | None = None           # the influence estimate's solver
+    corrupt: float = 0.0                # mislabel: fraction of labels corrupted
+    candidates: int | None = None       # mislabel: training points scored by the PBRF
+
+    def arguments(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Where results go and what to do with results already there (never changes them)."""
+
+    out: Path = Path("pbrf-fast-out")
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Figure 5: one hyperparameter, the values it takes."""
+
+    parameter: str
+    values: tuple[float, ...]
+
+    def __post_init__(self):
+        if self.parameter not in SWEEP_PARAMETERS:
+            raise ValueError(f"sweep parameter must be one of {SWEEP_PARAMETERS}, got {self.parameter!r}")
+        if not self.values:
+            raise ValueError("a sweep needs at least one value")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoresConfig:
+    """The ``scores`` job: train (or load) a base model on built-in data, then stream
+    train x test influence scores with :func:`pbrf_fast.scale.compute_scores`."""
+
+    out: str
+    model: str = "resnet20"
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    train_points: int | None = None
+    test_points: int = 10
+    memory_gb: float = 4.0
+    query_chunk: int | None = None
+    solver: str = "cg"
+    cg_iters: int = 100
+    tol: float = 1e-4
+    lissa_depth: int = 200
+    rank: int = 32
+    damping: float = 1e-3
+    weight_decay: float = 5e-4
+    curvature_samples: int = 5000
+    batch_size: int = 250
+    curvature_batch_size: int = 64
+    top_k: int = 10
+    no_self_influence: bool = False
+    train_epochs: float = 1.0
+    lr: float = 0.05
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+    overwrite: bool = False
+    no_progress: bool = False

@@ -1,0 +1,120 @@
+"""The ``scores`` job on built-in data: train (or load) a base model, then stream
+influence scores over the whole training set into ``out``.
+
+    pbrf-fast scores --model resnet20 --dataset cifar10 --test-points 10 \\
+        --memory-gb 8 --solver cg --damping 1e-3 --out runs/cifar --train-epochs 1
+
+Rerunning the same command resumes from what is on disk. Under
+``torchrun --nproc_per_node=K -m pbrf_fast scores ...`` the work is sharded
+across K processes (gloo). The library call underneath is
+:func:`pbrf_fast.scale.compute_scores`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ScoresConfig
+
+__all__ = ["run_scores", "load_dataset", "build_model", "SCORES_MODELS", "SCORES_DATASETS"]
+
+SCORES_MODELS = ("resnet20", "mlp")
+SCORES_DATASETS = ("cifar10", "digits", "synthetic")
+
+
+def load_dataset(name, data_dir=None, cache_dir=None, n_train=None, n_test=None, seed=0):
+    """(x_train, y_train, x_test, y_test) float32 inputs, int64 labels."""
+    if name == "cifar10":
+        from .data.cifar import load_cifar10
+
+        x_tr, y_tr, x_te, y_te = load_cifar10(data_dir, cache_dir)
+        # Image-folder copies are stored class by class: take seeded random
+        # subsets, never the first N (which would all be one class).
+        gen = torch.Generator().manual_seed(seed)
+        if n_train is not None and n_train < len(x_tr):
+            keep = torch.randperm(len(x_tr), generator=gen)[:n_train].sort().values
+            x_tr, y_tr = x_tr[keep], y_tr[keep]
+        if n_test is not None:
+            keep = torch.randperm(len(x_te), generator=gen)[:n_test].sort().values
+            x_te, y_te = x_te[keep], y_te[keep]
+        return x_tr, y_tr, x_te, y_te
+    if name == "digits":
+        from .data import load_digits
+
+        x_tr, y_tr, x_te, y_te = load_digits(seed=seed)
+        return x_tr[:n_train], y_tr[:n_train].long(), x_te[:n_test], y_te[:n_test].long()
+    if name == "synthetic":
+        gen = torch.Generator().manual_seed(seed)
+        n_tr, n_te = n_train or 512, n_test or 16
+        x = torch.randn(n_tr + n_te, 12, generator=gen)
+        w = torch.randn(12, 4, generator=gen)
+        y = (x @ w + 0.5 * torch.randn(n_tr + n_te, 4, generator=gen)).argmax(1)
+        return x[:n_tr], y[:n_tr], x[n_tr:], y[n_tr:]
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def build_model(name, x_example, num_classes, seed=0):
+    if name == "resnet20":
+        from .resnet import resnet20
+
+        if x_example.dim() != 3:
+            raise ValueError("resnet20 needs image inputs (C, H, W)")
+        return resnet20(num_classes, seed=seed)
+    from .models import mlp
+
+    return mlp(x_example.numel(), (64, 64), num_classes, seed=seed)
+
+
+def _init_distributed():
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+
+
+def run_scores(config: ScoresConfig) -> dict:
+    """Run the job; returns (and on rank 0 prints) the summary."""
+    from ..losses import get_loss
+    from ..scale.pipeline import compute_scores
+    from .scale_training import load_or_train
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    _init_distributed()
+    timings = {}
+    start = time.perf_counter()
+    x_tr, y_tr, x_te, y_te = load_dataset(config.dataset, config.data_dir, config.cache_dir, config.train_points,
+                                          config.test_points, config.seed)
+    timings["load_data"] = time.perf_counter() - start
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    model = build_model(config.model, x_tr[0], num_classes, config.seed).to(config.device)
+    x_tr, y_tr, x_te, y_te = (v.to(config.device) for v in (x_tr, y_tr, x_te, y_te))
+    loss = get_loss("cross_entropy")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tag = f"{config.model}-{config.dataset}-n{len(x_tr)}-e{config.train_epochs}-lr{config.lr}-s{config.seed}"
+    train_log = load_or_train(out / f"model-{tag}.pt", model, loss, x_tr, y_tr, epochs=config.train_epochs,
+                              lr=config.lr, weight_decay=config.weight_decay, seed=config.seed,
+                              progress=not config.no_progress)
+    timings["train_or_load"] = time.perf_counter() - start
+    with torch.no_grad():
+        acc = float((model(x_te).argmax(1) == y_te).float().mean()) if len(x_te) else float("nan")
+    options = ({"max_iter": config.cg_iters, "tol": config.tol} if config.solver == "cg" else
+               {"depth": config.lissa_depth} if config.solver == "lissa" else {})
+    summary = compute_scores(
+        model, loss, x_tr, y_tr, x_te, y_te, out, damping=config.damping, weight_decay=config.weight_decay,
+        solver=config.solver, solver_options=options, rank=config.rank, memory_gb=config.memory_gb,
+        query_chunk=config.query_chunk, curvature_samples=config.curvature_samples or None,
+        batch_size=config.batch_size, curvature_batch_size=config.curvature_batch_size, top_k=config.top_k,
+        self_influence=not config.no_self_influence, seed=config.seed, overwrite=config.overwrite,
+        progress=not config.no_progress, extra={"model": config.model, "dataset": config.dataset, "train": tag})
+    summary = dict(summary, setup_seconds=timings, train_log=train_log, test_accuracy_of_base_model=acc)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1, default=str))
+    return summary

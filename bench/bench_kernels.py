@@ -49,7 +49,7 @@ def synchronizing(fn, device):
 
 def skip_unless_available(op_name, backend, tensor):
     try:
-        kernels().resolve(op_name, tensor, backend)
+        kernels().plan_backend(op_name, tensor.dtype, tensor.device, backend)
     except kernels().BackendUnavailable as exc:
         pytest.skip(str(exc))
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import pbrf_fast
-from pbrf_fast.data import load_concrete
-from pbrf_fast.models import mlp
-from pbrf_fast.training import TrainConfig, train
+from pbrf_fast.paper.data import load_concrete
+from pbrf_fast.paper.models import mlp
+from pbrf_fast.paper.training import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from factories import shared_data_dir  # noqa: E402

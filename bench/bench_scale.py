@@ -72,7 +72,7 @@ def _inputs(b, t, o, i, m, device):
 
 
 def table(device="cpu", backends=("torch", "cpu")):
-    from pbrf_fast.kernels import BackendUnavailable, resolve
+    from pbrf_fast.kernels import BackendUnavailable, plan_backend
     from pbrf_fast.kernels.score_contraction import contraction_flops, score_contraction
 
     floor_rate = matmul_gflops(device)
@@ -83,7 +83,7 @@ def table(device="cpu", backends=("torch", "cpu")):
         flops = min(contraction_flops(b, t, o, i, m).values())
         for backend in backends:
             try:
-                resolve("score_contraction", a, backend)
+                plan_backend("score_contraction", a.dtype, a.device, backend)
             except BackendUnavailable:
                 continue
             sec = _best(lambda: score_contraction(a, d, S, backend=backend), device)
@@ -129,13 +129,13 @@ def test_conv2d_from_input(benchmark, case, path):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("case", CASES[:4], ids=[c[0] for c in CASES[:4]])
 def test_score_contraction(benchmark, case, backend):
-    from pbrf_fast.kernels import BackendUnavailable, resolve
+    from pbrf_fast.kernels import BackendUnavailable, plan_backend
     from pbrf_fast.kernels.score_contraction import score_contraction
 
     _, b, t, o, i, m = case
     a, d, S = _inputs(b, t, o, i, m, "cpu")
     try:
-        resolve("score_contraction", a, backend)
+        plan_backend("score_contraction", a.dtype, a.device, backend)
     except BackendUnavailable as exc:
         pytest.skip(str(exc))
     benchmark(lambda: score_contraction(a, d, S, backend=backend))

@@ -68,7 +68,7 @@ bench 45 22 bench_scale.py
 # 8 minutes; on a cap the progress lines still give the throughput of each stage.
 CIFAR_DIR="${PBRF_DATA:-$REPO/../shared/data}"
 if [ -e "$CIFAR_DIR/cifar10-jpeg.tar.gz" ] || [ -d "$CIFAR_DIR/cifar-10-batches-py" ]; then
-    timeout 150 "$PY" -m pbrf_fast.scale.cli scores --device cuda --model resnet20 --dataset cifar10 \
+    timeout 150 "$PY" -m pbrf_fast scores --device cuda --model resnet20 --dataset cifar10 \
         --data-dir "$CIFAR_DIR" --cache-dir "$WORK/cache" --test-points 1000 --train-epochs 0.2 \
         --solver lowrank --rank 32 --curvature-samples 2000 --curvature-batch-size 256 --batch-size 1000 \
         --memory-gb 60 --out "$WORK/scores" 2>&1 | tr '\r' '\n' | grep -v '^$' | tail -25

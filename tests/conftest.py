@@ -1,6 +1,7 @@
 """Test setup shared by the suite: triton's interpreter on GPU-less machines,
 skipping of tests marked ``gpu`` when no CUDA device is present, and the CUDA
-emulator for tests parametrized with backend "cuda" on device "cpu"."""
+emulator around tests marked ``cuda_emulated`` (the ``cuda-emulated`` cases of
+factories.CUDA_EMULATED)."""
 import contextlib
 import os
 
@@ -24,18 +25,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _cuda_backend_on_cpu_runs_emulated(request):
-    """backend="cuda" with device="cpu" means the CUDA kernels under the CPU emulator
-    (pbrf_fast._C_cuda_emu): the same launchers and kernels nvcc compiles."""
-    callspec = getattr(request.node, "callspec", None)
-    params = callspec.params if callspec is not None else {}
-    if params.get("backend") != "cuda" or params.get("device") != "cpu":
+def _cuda_emulated_cases_run_under_the_emulator(request):
+    """A case marked cuda_emulated runs inside pbrf_fast.testing.cuda_emulation()."""
+    if request.node.get_closest_marker("cuda_emulated") is None:
         yield
         return
-    from pbrf_fast.kernels import registry
+    from pbrf_fast.kernels import BackendUnavailable
+    from pbrf_fast.testing import cuda_emulation
+
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(registry.cuda_emulation())
-        except registry.BackendUnavailable as exc:
+            stack.enter_context(cuda_emulation())
+        except BackendUnavailable as exc:
             pytest.skip(str(exc))
         yield

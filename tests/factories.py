@@ -3,12 +3,16 @@
 The references build Jacobians and Hessians explicitly with torch.autograd.functional,
 so they share no code path with the operators under test.
 """
+import pytest
 import torch
 from torch import nn
 
 import pbrf_fast
 
 LOSSES = ["mse", "cross_entropy", "bce"]
+# The (backend, device) case that runs the CUDA kernels on CPU tensors under the
+# emulator (pbrf_fast.testing.cuda_emulation); conftest enters it for the marker.
+CUDA_EMULATED = pytest.param("cuda", "cpu", id="cuda-emulated", marks=pytest.mark.cuda_emulated)
 
 
 def make_mlp(d_in, hidden, d_out, seed=0, activation=nn.Tanh):

@@ -17,10 +17,11 @@ import torch
 
 from pbrf_fast.kernels import (bregman_divergence, bregman_divergence_reference, lissa_update_,
                                lissa_update_reference_, output_hessian_product,
-                               output_hessian_product_reference, registry)
+                               output_hessian_product_reference, plan_output_hessian_product, registry)
 from pbrf_fast.kernels.lissa_engine import lissa_engine_reference, mlp_lissa
 from pbrf_fast.kernels.mlp_gnh import MlpSpec, mlp_gnh_product, mlp_gnh_product_reference
 from pbrf_fast.kernels.score_contraction import score_contraction, score_contraction_reference
+from pbrf_fast.testing import cuda_emulation
 
 emulator = pytest.importorskip("pbrf_fast._C_cuda_emu", reason="CUDA emulator not built")
 ORDERS = [("forward", 0), ("reverse", 0), ("shuffled", 1), ("shuffled", 2)]
@@ -105,7 +106,7 @@ def test_block_order_exposes_an_unsynchronised_write():
 
 def test_launch_errors_surface_as_runtime_errors():
     """A kernel fault inside a launcher reaches Python as RuntimeError with the detail."""
-    with registry.cuda_emulation():
+    with cuda_emulation():
         ext = registry.cuda_extension
         with pytest.raises(ValueError, match="float32 and float64"):
             ext.lissa_update("float16", 0, 0, 0, 0.0, 1.0, 1, 1, 0, 0, 0, 0)
@@ -116,14 +117,14 @@ def test_launch_errors_surface_as_runtime_errors():
 def test_emulation_context_routes_cuda_backend_and_restores():
     x = torch.randn(3, 4)
     with pytest.raises(registry.BackendUnavailable):
-        registry.resolve("output_hessian_product", x, "cuda")
-    with registry.cuda_emulation() as emu:
-        assert emu.emulated and registry.resolve("output_hessian_product", x, "cuda") == "cuda"
-        assert registry.resolve("output_hessian_product", x) == "cpu" or registry.cpu_extension is None
+        plan_output_hessian_product(x, x, "cuda")
+    with cuda_emulation() as emu:
+        assert emu.emulated and plan_output_hessian_product(x, x, "cuda").backend == "cuda"
+        assert plan_output_hessian_product(x, x).backend == "cpu" or registry.cpu_extension is None
         output_hessian_product("cross_entropy", x, x.clone(), backend="cuda")
         assert emu.counters()["launches"] == 1 and emu.counters()["shuffles"] > 0
     with pytest.raises(registry.BackendUnavailable):
-        registry.resolve("output_hessian_product", x, "cuda")
+        plan_output_hessian_product(x, x, "cuda")
 
 
 def test_translator_rewrites_launches_and_shared_and_refuses_the_rest():
@@ -155,7 +156,7 @@ def run_in_every_order(compute):
     """compute() under each thread order; returns the list of results."""
     results = []
     for order, seed in ORDERS:
-        with registry.cuda_emulation(order, seed) as emu:
+        with cuda_emulation(order, seed) as emu:
             results.append(compute())
             assert emu.counters()["launches"] > 0
     return results
@@ -194,7 +195,7 @@ def test_output_hessian_without_shared_cache():
     g = generator(2)
     logits = torch.randn(5, 1700, generator=g, dtype=torch.float64)
     vectors = torch.randn(2, 5, 1700, generator=g, dtype=torch.float64)
-    with registry.cuda_emulation():
+    with cuda_emulation():
         (lg, lb), (vg, vb), (out, ob) = guarded(logits), guarded(vectors), poisoned(vectors.shape, torch.float64)
         output_hessian_product("cross_entropy", lg, vg, backend="cuda", out=out)
     assert_guards_intact(lb, vb, ob)
@@ -324,7 +325,7 @@ def test_solvers_drive_the_emulated_cuda_kernels():
     expected_cg = solve(reference, B, "cg", tol=1e-12).solution
     options = dict(depth=25, repeats=2, batch_size=4, seed=3)
     expected_lissa = lissa(reference, B, engine="python", **options).solution
-    with registry.cuda_emulation() as emu:
+    with cuda_emulation() as emu:
         op = pbrf_fast.GaussNewton(problem, 0.1, backend="cuda")
         assert rel_err(solve(op, B, "cg", tol=1e-12).solution, expected_cg) < 1e-9
         launches = emu.counters()["launches"]

@@ -17,8 +17,11 @@ from pbrf_fast.backends import backends
 from pbrf_fast.kernels import (BackendUnavailable, bregman_divergence,
                                bregman_divergence_reference, lissa_update_,
                                lissa_update_reference_, output_hessian_product,
-                               output_hessian_product_reference, resolve)
+                               output_hessian_product_reference, plan_backend,
+                               plan_output_hessian_product)
 from pbrf_fast.kernels import registry
+
+from factories import CUDA_EMULATED
 
 LOSS_KINDS = ["mse", "cross_entropy", "bce"]
 DTYPES = [torch.float32, torch.float64]
@@ -32,7 +35,7 @@ BACKEND_DEVICES = [
     pytest.param("triton", "cpu", id="triton-interpret"),
     pytest.param("cuda", "cuda", id="cuda", marks=gpu),
     pytest.param("triton", "cuda", id="triton-cuda", marks=gpu),
-    pytest.param("cuda", "cpu", id="cuda-emulated"),  # CUDA kernels under the CPU emulator
+    CUDA_EMULATED,
 ]
 
 
@@ -42,7 +45,7 @@ def tolerances(dtype):
 
 def require_backend(op_name, backend, tensor):
     try:
-        resolve(op_name, tensor, backend)
+        plan_backend(op_name, tensor.dtype, tensor.device, backend)
     except BackendUnavailable as exc:
         pytest.skip(str(exc))
 
@@ -279,8 +282,11 @@ def test_explicit_backend_that_cannot_serve_raises_backend_unavailable():
 
 def test_auto_backend_on_cpu_tensors():
     expected = "cpu" if registry.cpu_extension is not None else "torch"
-    assert resolve("output_hessian_product", torch.randn(2, 2)) == expected
-    assert resolve("output_hessian_product", torch.randn(2, 2).bfloat16()) == "torch"
+    x = torch.randn(2, 2)
+    assert plan_output_hessian_product(x, x).backend == expected
+    assert plan_output_hessian_product(x.bfloat16(), x.bfloat16()).backend == "torch"
+    x.requires_grad_()
+    assert plan_output_hessian_product(x, x).implementation == "torch"  # autograd: the reference
 
 
 def test_backends_report():
@@ -315,7 +321,7 @@ def test_triton_on_cpu_needs_interpret_mode_at_import():
         "import torch\n"
         "from pbrf_fast.kernels import registry, BackendUnavailable\n"
         "if registry.triton is None: print('no triton'); raise SystemExit\n"
-        "try: registry.resolve('lissa_update_', torch.ones(2), 'triton')\n"
+        "try: registry.plan_backend('lissa_update_', torch.float32, 'cpu', 'triton')\n"
         "except BackendUnavailable as e: print(e)\n"
     )
     result = run_python(code, TRITON_INTERPRET=None)
@@ -332,10 +338,10 @@ def test_package_works_without_compiled_modules():
         "sys.modules['triton'] = None\n"
         "import torch\n"
         "from pbrf_fast.backends import backends\n"
-        "from pbrf_fast.kernels import output_hessian_product, resolve\n"
+        "from pbrf_fast.kernels import output_hessian_product, plan_output_hessian_product\n"
         "report = backends()\n"
         "assert not report['cpu']['available'] and not report['triton']['available'], report\n"
-        "assert resolve('output_hessian_product', torch.ones(2, 2)) == 'torch'\n"
+        "assert plan_output_hessian_product(torch.ones(2, 2), torch.ones(2, 2)).backend == 'torch'\n"
         "y = torch.randn(3, 4); print(output_hessian_product('cross_entropy', y, y).shape)\n"
     )
     result = run_python(code)

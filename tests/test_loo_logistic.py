@@ -6,7 +6,7 @@ import torch
 from sklearn.datasets import load_breast_cancer
 
 import pbrf_fast
-from pbrf_fast.training import fit_lbfgs
+from pbrf_fast.paper.training import fit_lbfgs
 
 
 @pytest.fixture(scope="module")

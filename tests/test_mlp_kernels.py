@@ -16,20 +16,20 @@ import torch
 from torch import nn
 
 import pbrf_fast
-from pbrf_fast.kernels import BackendUnavailable, resolve
+from pbrf_fast.kernels import BackendUnavailable, Plan, plan_backend
 from pbrf_fast.kernels.mlp_gnh import (BLAS_MIN_COLUMNS, mlp_forward_reference, mlp_gnh_product,
                                        mlp_gnh_product_blas, mlp_gnh_product_matmul,
                                        mlp_gnh_product_reference, mlp_unsupported_reason, parse_mlp)
 from pbrf_fast.solvers import lissa
 
-from factories import LOSSES, make_targets, rel_err
+from factories import CUDA_EMULATED, LOSSES, make_targets, rel_err
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 SHAPES = [(5, 3), (5, 7, 3), (6, 9, 5, 4)]  # depths 1-3, odd widths
 BACKEND_DEVICES = [
     pytest.param("cpu", "cpu", id="cpu"),
     pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
-    pytest.param("cuda", "cpu", id="cuda-emulated"),  # CUDA kernels under the CPU emulator
+    CUDA_EMULATED,
 ]
 
 
@@ -51,9 +51,13 @@ def make_problem(loss, dims, activation, bias, dtype=torch.float64, n=11, seed=0
     return pbrf_fast.Problem(model, loss, x.to(device), t.to(device), batch_size=64)
 
 
+def runs(plan):
+    return plan.implementation, plan.backend
+
+
 def require(backend, tensor):
     try:
-        resolve("mlp_gnh_product", tensor, backend)
+        plan_backend("mlp_gnh_product", tensor.dtype, tensor.device, backend)
     except BackendUnavailable as exc:
         pytest.skip(str(exc))
 
@@ -101,8 +105,8 @@ def test_gauss_newton_operator_uses_fused_product(loss):
     expected = reference.matvec(V)
     assert rel_err(fused.matvec(V), expected) < 1e-10
     assert rel_err(auto.matvec(V), expected) < 1e-10
-    assert auto._fused_backend(problem.inputs, V) == "cpu"
-    assert reference._fused_backend(problem.inputs, V) is None
+    assert runs(auto.plan_product(problem.inputs, V)) == ("mlp-fused", "cpu")
+    assert reference.plan_product(problem.inputs, V).implementation == "torch.func"
 
 
 def test_auto_leaves_big_products_to_torch_blas():
@@ -118,9 +122,9 @@ def test_auto_leaves_big_products_to_torch_blas():
     assert fused_pays_off(spec, len(problem.inputs), 2)
     assert not fused_pays_off(spec, batch_for_big, 1)
     x_big = torch.zeros(batch_for_big, 5, dtype=problem.dtype)
-    assert pbrf_fast.GaussNewton(problem, 0.1)._fused_backend(x_big, big) is None
-    assert pbrf_fast.GaussNewton(problem, 0.1, backend="cpu")._fused_backend(x_big, big) == "cpu"
-    assert pbrf_fast.GaussNewton(problem, 0.1)._fused_backend(problem.inputs, small) == "cpu"
+    assert pbrf_fast.GaussNewton(problem, 0.1).plan_product(x_big, big).implementation == "mlp-matmul"
+    assert runs(pbrf_fast.GaussNewton(problem, 0.1, backend="cpu").plan_product(x_big, big)) == ("mlp-fused", "cpu")
+    assert runs(pbrf_fast.GaussNewton(problem, 0.1).plan_product(problem.inputs, small)) == ("mlp-fused", "cpu")
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -151,8 +155,8 @@ def test_gnh_forward_cache_follows_parameter_and_data_changes():
     V = torch.randn(problem.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     torch_op = pbrf_fast.GaussNewton(problem, 0.1, backend="torch", batch_size=8)
     op = pbrf_fast.GaussNewton(problem, 0.1, batch_size=8)   # four slices
-    path = ("matmul", None)
-    op._mlp_path = lambda x, V: path  # force the cached-forward path on a small model
+    forced = ["mlp-matmul"]  # force the cached-forward paths on a small model
+    op.plan_product = lambda x, V: Plan("gnh_product", forced[0], "torch", "forced by the test")
     first = op.matvec(V)
     assert len(op._cache["mlp_forward"]) == 4
     assert rel_err(first, torch_op.matvec(V)) < 1e-12
@@ -164,7 +168,7 @@ def test_gnh_forward_cache_follows_parameter_and_data_changes():
     assert rel_err(op.matvec(V), torch_op.matvec(V)) < 1e-12
     problem.inputs = problem.inputs * 3.0                   # data replaced (may reuse the address)
     assert rel_err(op.matvec(V), torch_op.matvec(V)) < 1e-12
-    path = ("blas", None)
+    forced[0] = "mlp-blas"
     assert rel_err(op.matvec(V), torch_op.matvec(V)) < 1e-12
     assert rel_err(op.with_damping(0.3).matvec(V),
                    pbrf_fast.GaussNewton(problem, 0.3, backend="torch", batch_size=8).matvec(V)) < 1e-12
@@ -180,9 +184,9 @@ def test_auto_dispatch_paths_are_all_exact():
     for m in (1, BLAS_MIN_COLUMNS):
         V = torch.randn(problem.dim, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
         assert rel_err(auto.matvec(V), reference.matvec(V)) < 1e-12
-    assert auto._mlp_path(x, torch.zeros(problem.dim, BLAS_MIN_COLUMNS))[0] == "blas"
-    assert auto._mlp_path(x, torch.zeros(problem.dim, 2))[0] in ("fused", "matmul")
-    assert reference._mlp_path(x, torch.zeros(problem.dim, 2)) is None
+    assert auto.plan_product(x, torch.zeros(problem.dim, BLAS_MIN_COLUMNS)).implementation == "mlp-blas"
+    assert auto.plan_product(x, torch.zeros(problem.dim, 2)).implementation in ("mlp-fused", "mlp-matmul")
+    assert reference.plan_product(x, torch.zeros(problem.dim, 2)).implementation == "torch.func"
 
 
 @pytest.mark.parametrize("model,reason", [
@@ -213,7 +217,8 @@ def test_unsupported_model_falls_back_to_torch_func():
     problem = pbrf_fast.Problem(model, "mse", torch.randn(7, 3, dtype=torch.float64, generator=g),
                                 torch.randn(7, 2, dtype=torch.float64, generator=g))
     op = pbrf_fast.GaussNewton(problem, 0.1)
-    assert op._fused_backend(problem.inputs, torch.zeros(problem.dim)) is None
+    plan = op.plan_product(problem.inputs, torch.zeros(problem.dim))
+    assert plan.implementation == "torch.func" and "LayerNorm" in plan.reason
     V = torch.randn(problem.dim, 2, dtype=torch.float64)
     assert rel_err(op.matvec(V), pbrf_fast.GaussNewton(problem, 0.1, backend="torch").matvec(V)) < 1e-12
     with pytest.raises(BackendUnavailable, match="LayerNorm"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pbrf_fast
-from pbrf_fast.models import MODELS, build_model
+from pbrf_fast.paper.models import MODELS, build_model
 
 from factories import dense_gnh, rel_err
 
@@ -44,7 +44,7 @@ def test_gnh_through_a_small_convnet_matches_explicit_jacobians():
 
 def test_transformer_language_model_gnh_matches_explicit_jacobians():
     from pbrf_fast.losses import SequenceCrossEntropyLoss
-    from pbrf_fast.models import transformer_lm
+    from pbrf_fast.paper.models import transformer_lm
 
     model = transformer_lm(vocab=7, width=8, heads=2, layers=1, max_len=4, seed=0).double()
     tokens = torch.randint(7, (5, 4), generator=torch.Generator().manual_seed(1))

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import pbrf_fast
-from pbrf_fast.responses import ResponseSettings, ResponseSolver
-from pbrf_fast.training import TrainConfig, batch_order, train
+from pbrf_fast.paper.responses import ResponseSettings, ResponseSolver
+from pbrf_fast.paper.training import TrainConfig, batch_order, train
 
 from factories import dense_gnh, dense_gradients, make_problem, rel_err
 

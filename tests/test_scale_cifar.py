@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pbrf_fast.data.cifar import load_cifar10, load_cifar10_arrays
+from pbrf_fast.paper.data.cifar import load_cifar10, load_cifar10_arrays
 
 PIL = pytest.importorskip("PIL.Image")
 CLASSES = ["airplane", "automobile", "bird"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BASE = ["-m", "pbrf_fast.scale.cli", "scores", "--dataset", "synthetic", "--model", "mlp",
+BASE = ["-m", "pbrf_fast", "scores", "--dataset", "synthetic", "--model", "mlp",
         "--solver", "cg", "--cg-iters", "300", "--tol", "1e-6", "--query-chunk", "1", "--rank", "8",
         "--curvature-samples", "0", "--no-progress"]
 

@@ -5,9 +5,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pbrf_fast.models import mlp
+from pbrf_fast.paper.models import mlp
 from pbrf_fast.scale import compute_scores
-from pbrf_fast.scale.cli import load_dataset
+from pbrf_fast.paper.scores_job import load_dataset
 
 
 def _run(out, lanczos_seed=0):

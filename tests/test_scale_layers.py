@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import pbrf_fast
-from pbrf_fast.resnet import resnet20
+from pbrf_fast.paper.resnet import resnet20
 from pbrf_fast.scale.layer_scores import LayerScorer
 
 

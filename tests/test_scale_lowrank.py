@@ -2,7 +2,7 @@
 import torch
 
 import pbrf_fast
-from pbrf_fast.models import mlp
+from pbrf_fast.paper.models import mlp
 from pbrf_fast.scale import LowRankInverse, lanczos_eigenpairs
 
 # Reported: d = 275; score correlation with direct is 0.970 at rank 10, 0.9988 at rank 20,

@@ -7,10 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pbrf_fast.kernels import BackendUnavailable, resolve
+from pbrf_fast.kernels import BackendUnavailable, plan_backend
 from pbrf_fast.kernels.score_contraction import (choose_order, contraction_flops, conv2d_score_contraction,
+
                                                  score_contraction, score_contraction_lowrank,
                                                  score_contraction_reference)
+
+from factories import CUDA_EMULATED
 
 OP = "score_contraction"
 gpu = pytest.mark.gpu
@@ -20,7 +23,7 @@ BACKEND_DEVICES = [
     pytest.param("triton", "cpu", id="triton-interpret"),
     pytest.param("cuda", "cuda", id="cuda", marks=gpu),
     pytest.param("triton", "cuda", id="triton-cuda", marks=gpu),
-    pytest.param("cuda", "cpu", id="cuda-emulated"),  # CUDA kernels under the CPU emulator
+    CUDA_EMULATED,
 ]
 # (b, t, o, i, m); t = None means 2-D (Linear) inputs.
 SHAPES = [(1, None, 1, 1, 1), (5, None, 3, 7, 2), (9, 13, 17, 19, 5), (4, 40, 5, 33, 3), (3, 2, 20, 1, 17)]
@@ -40,7 +43,7 @@ def tol(dtype):
 
 def need(backend, tensor):
     try:
-        resolve(OP, tensor, backend)
+        plan_backend(OP, tensor.dtype, tensor.device, backend)
     except BackendUnavailable as exc:
         pytest.skip(str(exc))
 

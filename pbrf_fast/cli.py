@@ -158,7 +158,8 @@ def _scores_parser(sub) -> None:
     p.add_argument("--test-points", type=int, default=10)
     p.add_argument("--memory-gb", type=float, default=4.0, help="memory budget that sizes the query chunks")
     p.add_argument("--query-chunk", type=int, default=None, help="test points per chunk (overrides --memory-gb)")
-    p.add_argument("--solver", choices=["cg", "lissa", "lowrank"], default="cg")
+    p.add_argument("--solver", choices=["cg", "lissa", "lowrank", "direct", "kernel", "auto"], default="cg",
+                   help="s_test solver; direct / kernel / auto need a small model or data set")
     p.add_argument("--cg-iters", type=int, default=100)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--lissa-depth", type=int, default=200)

@@ -60,6 +60,14 @@ class CurvatureOperator:
         return self.problem.device
 
     @property
+    def num_examples(self) -> int:
+        """Training examples the curvature averages over (all processes' together)."""
+        return self.problem.n
+
+    # True for an operator whose data is sharded across torch.distributed processes.
+    spans_processes = False
+
+    @property
     def shift(self) -> float:
         """The multiple of the identity added to the data term: weight decay + damping."""
         return self.problem.weight_decay + self.damping

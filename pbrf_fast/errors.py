@@ -15,3 +15,13 @@ class NonConvexLossError(PBRFError, ValueError):
     """The Gauss-Newton Hessian needs a loss that is convex in the network
     outputs; otherwise G is not positive semi-definite and the damped solve is
     meaningless."""
+
+
+class NonFiniteError(PBRFError, ValueError):
+    """A NaN or Inf appeared where a finite number is required (a right-hand side,
+    a warm start, or an operator product inside a solve). The message names it."""
+
+
+class IndefiniteOperatorError(PBRFError, ValueError):
+    """A solver that needs a positive definite operator met a direction of zero or
+    negative curvature (an undamped or indefinite Hessian)."""

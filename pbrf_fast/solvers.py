@@ -22,6 +22,7 @@ import time
 import torch
 
 from .curvature import CurvatureOperator
+from .errors import IndefiniteOperatorError, NonFiniteError
 from .lissa_divergence import check_lissa_step
 
 __all__ = ["SolveResult", "solve", "direct", "conjugate_gradient", "lissa", "kernel",
@@ -61,12 +62,37 @@ class SolveResult:
                 f"max_rel_residual={res}, converged={conv}, time={self.time:.3g}s)")
 
 
-def _columns(op: CurvatureOperator, B: torch.Tensor) -> torch.Tensor:
-    B2 = op.check_vectors(B)
+def _columns(op: CurvatureOperator, B: torch.Tensor, name: str = "right-hand side B") -> torch.Tensor:
+    """``B`` as a finite (d, m) block; a named error for anything else."""
+    try:
+        B2 = op.check_vectors(B)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
     if not torch.isfinite(B2).all():
         bad = (~torch.isfinite(B2)).any(0).nonzero().reshape(-1).tolist()
-        raise ValueError(f"right-hand side has NaN/Inf in columns {bad[:10]}")
+        raise NonFiniteError(f"{name} has NaN/Inf in columns {bad[:10]}")
     return B2
+
+
+def _positive_finite(name: str, value) -> float:
+    """A float option that must be finite and > 0 (a tolerance, a scale)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return number
+
+
+def _count(name: str, value, minimum: int = 1) -> int:
+    """An integer option that must be >= minimum (a depth, a batch size)."""
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
+            isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
+    return int(value)
 
 
 def _relative_residuals(op, X2, B2) -> torch.Tensor:
@@ -77,10 +103,17 @@ def _relative_residuals(op, X2, B2) -> torch.Tensor:
 
 def _finish(op, X2, B, B2, method, iterations, start, compute_residual, tol, info,
             residual_norms=None, converged=None):
+    if not torch.isfinite(X2).all():
+        bad = (~torch.isfinite(X2)).any(0).nonzero().reshape(-1).tolist()
+        raise NonFiniteError(f"{method}: the solution has NaN/Inf in columns {bad[:10]} (the operator "
+                             "produced non-finite values; check the model, the data and the damping)")
     if compute_residual:
+        # converged always means the true residual met tol (the solver's own estimate,
+        # e.g. CG's recurrence, can drift from it): one meaning for every method.
         residual_norms = _relative_residuals(op, X2, B2)
-        if converged is None:
-            converged = residual_norms <= tol
+        if converged is not None:
+            info["solver_converged"] = converged
+        converged = residual_norms <= tol
     return SolveResult(X2.reshape(B.shape), method, iterations, residual_norms, converged,
                        time.perf_counter() - start, info)
 
@@ -91,13 +124,14 @@ def direct(op: CurvatureOperator, B: torch.Tensor, *, compute_residual: bool = T
     """Dense solve through the cached float64 eigendecomposition of the data term."""
     start = time.perf_counter()
     B2 = _columns(op, B)
+    tol = _positive_finite("tol", tol)
     if op.dim > 4 * DIRECT_MAX_DIM:
         raise ValueError(f"direct solver needs a dense {op.dim}x{op.dim} matrix; use method='cg' or 'lissa'")
     evals, evecs = op.eigh_data()
     shifted = evals + op.shift
     smallest = float(shifted.min())
     if smallest <= 0:
-        raise ValueError(
+        raise IndefiniteOperatorError(
             f"damped operator is singular or indefinite (smallest eigenvalue {smallest:.3g}); "
             "increase damping, or use curvature='gnh'"
         )
@@ -115,8 +149,11 @@ def kernel(op: CurvatureOperator, B: torch.Tensor, *, compute_residual: bool = T
 
     start = time.perf_counter()
     B2 = _columns(op, B)
-    X2 = OutputSpaceSolver(op).solve(B2)
-    info = {"outputs": op.problem.n * op.problem.num_outputs}
+    tol = _positive_finite("tol", tol)
+    # All N training outputs enter one Gram matrix: a sharded operator gathers them first.
+    local = op.gathered() if op.spans_processes else op
+    X2 = OutputSpaceSolver(local).solve(B2)
+    info = {"outputs": op.num_examples * op.problem.num_outputs}
     return _finish(op, X2, B, B2, "kernel", 0, start, compute_residual, tol, info)
 
 
@@ -131,9 +168,16 @@ def conjugate_gradient(op: CurvatureOperator, B: torch.Tensor, *, tol: float = 1
     """
     start = time.perf_counter()
     B2 = _columns(op, B)
+    tol = _positive_finite("tol", tol)
     m = B2.shape[1]
-    max_iter = max_iter if max_iter is not None else 10 * op.dim
-    X = torch.zeros_like(B2) if x0 is None else op.check_vectors(x0).clone()
+    max_iter = 10 * op.dim if max_iter is None else _count("max_iter", max_iter, minimum=0)
+    if x0 is not None:
+        X = _columns(op, x0, "warm start x0").clone()
+        if X.shape != B2.shape:
+            raise ValueError(f"warm start x0 must have the right-hand side's shape {tuple(B.shape)}, "
+                             f"got {tuple(x0.shape)}")
+    else:
+        X = torch.zeros_like(B2)
     R = B2 - op.matvec(X) if x0 is not None else B2.clone()
     rs = (R * R).sum(0)
     target = tol * B2.norm(dim=0)
@@ -150,9 +194,13 @@ def conjugate_gradient(op: CurvatureOperator, B: torch.Tensor, *, tol: float = 1
             break
         APa = op.matvec(Pa)
         curvature = (Pa * APa).sum(0)
+        if not bool(torch.isfinite(curvature).all()):
+            j = int(cols[(~torch.isfinite(curvature)).nonzero()[0, 0]])
+            raise NonFiniteError(f"CG: the operator product went non-finite in column {j}; check the model, "
+                                 "the data and the damping")
         if (curvature <= 0).any():
             j = int(cols[(curvature <= 0).nonzero()[0, 0]])
-            raise ValueError(
+            raise IndefiniteOperatorError(
                 f"CG found non-positive curvature p^T A p in column {j}: the damped operator is "
                 "not positive definite; increase damping or use curvature='gnh'"
             )
@@ -227,7 +275,7 @@ def auto_lissa_scale(op: CurvatureOperator, batch_size: int, generator: torch.Ge
     Power iteration on several random batches estimates max_B lambda_max(C_B);
     taking sigma = that + shift leaves a factor-2 margin for batches not probed.
     """
-    n = op.problem.n
+    n = op.num_examples
     batch_size = min(batch_size, n)
     largest = 0.0
     for _ in range(probes if batch_size < n else 1):
@@ -262,16 +310,15 @@ def lissa(op: CurvatureOperator, B: torch.Tensor, *, depth: int = 5000, repeats:
     """
     start = time.perf_counter()
     B2 = _columns(op, B)
-    if depth < 1 or repeats < 1:
-        raise ValueError(f"depth and repeats must be >= 1, got {depth}, {repeats}")
+    depth, repeats = _count("depth", depth), _count("repeats", repeats)
+    batch_size, check_every = _count("batch_size", batch_size), _count("check_every", check_every)
+    tol = _positive_finite("tol", tol)
     plan = plan_lissa(op, B2, batch_size=batch_size, engine=engine)
     native = plan.backend if plan.implementation == "native" else None
     generator = torch.Generator().manual_seed(int(seed))
     if scale == "auto":
         scale = auto_lissa_scale(op, batch_size, generator)
-    scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"LiSSA scale must be positive and finite, got {scale}")
+    scale = _positive_finite("LiSSA scale", scale)
     b_norm = B2.norm(dim=0).double().cpu()
     shift = op.shift
     ceiling = scale / shift if shift > 0 else math.inf
@@ -285,7 +332,7 @@ def lissa(op: CurvatureOperator, B: torch.Tensor, *, depth: int = 5000, repeats:
         total = torch.zeros_like(B2)
     bar = _progress(0 if native else depth * repeats, "lissa", progress)
     for r in range(0 if native else repeats):
-        schedule = lissa_batches(op.problem.n, depth, batch_size, generator)
+        schedule = lissa_batches(op.num_examples, depth, batch_size, generator)
         h = B2.clone()
         for t in range(depth):
             gh = op.undamped_matvec(h, schedule[t])
@@ -307,7 +354,12 @@ def plan_lissa(op: CurvatureOperator, B: torch.Tensor, *, batch_size: int = 128,
     why (:func:`pbrf_fast.kernels.lissa_engine.plan_lissa_engine` holds the rule)."""
     from .kernels import lissa_engine
 
-    mlp = op.mlp_spec() if op.kind == "gnh" else (None, "the native engine needs the Gauss-Newton operator")
+    if op.spans_processes:
+        mlp = (None, "the operator spans processes: each step's product is all-reduced from Python")
+    elif op.kind == "gnh":
+        mlp = op.mlp_spec()
+    else:
+        mlp = (None, "the native engine needs the Gauss-Newton operator")
     return lissa_engine.plan_lissa_engine(mlp, op.problem.inputs, B, batch_size, engine=engine,
                                           backend=getattr(op, "backend", "auto"))
 
@@ -317,7 +369,7 @@ def _native_lissa(op, B2, backend, depth, repeats, batch_size, generator, scale,
     from .kernels.lissa_engine import mlp_lissa
 
     # Drawn in the order the Python loop draws them: one (depth, batch) block per repeat.
-    schedule = torch.stack([lissa_batches(op.problem.n, depth, batch_size, generator)
+    schedule = torch.stack([lissa_batches(op.num_examples, depth, batch_size, generator)
                             for _ in range(repeats)]).contiguous()
     problem = op.problem
     return mlp_lissa(op.mlp_spec()[0], problem.loss.kernel_kind, problem.theta,
@@ -349,7 +401,7 @@ def choose_method(op: CurvatureOperator) -> tuple[str, str]:
 
     ``direct`` factorises d x d, ``kernel`` N*C x N*C (GNH only): take the smaller.
     """
-    d, outputs = op.dim, op.problem.n * op.problem.num_outputs
+    d, outputs = op.dim, op.num_examples * op.problem.num_outputs
     kernel_ok = (op.kind == "gnh" and op.shift > 0 and op.problem.loss.name in ("mse", "bce", "cross_entropy")
                  and 3 * 8 * outputs ** 2 <= KERNEL_MEMORY_BYTES)
     direct_ok = d <= DIRECT_MAX_DIM

@@ -22,6 +22,25 @@ __all__ = ["main", "build_parser"]
 MODELS = ["auto", "logreg", "mlp", "autoencoder", "lenet", "alexnet", "vgg13", "resnet20", "transformer"]
 
 
+def _number(kind, minimum, strict: bool):
+    """An argparse type: a ``kind`` number >= minimum (> minimum when strict), else a usage error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected a finite value {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT, COUNT = _number(int, 0, strict=True), _number(int, 0, strict=False)
+POSITIVE, NONNEGATIVE = _number(float, 0.0, strict=True), _number(float, 0.0, strict=False)
+
+
 def _fields(cls, args: argparse.Namespace, **extra):
     """An instance of the dataclass ``cls`` from the parsed arguments of the same names."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -127,19 +146,19 @@ def _common(parser: argparse.ArgumentParser, dataset_default: str = "concrete") 
     parser.add_argument("--model", choices=MODELS, default="auto",
                         help="auto: logistic regression for cancer/diabetes, ResNet-20 for cifar10, an MLP otherwise")
     parser.add_argument("--preset", choices=PRESETS, default="quick")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=COUNT, default=0)
     parser.add_argument("--out", default="pbrf-fast-out", help="results folder")
     parser.add_argument("--data-dir", default=None, help="data sets folder (default: $PBRF_DATA)")
     parser.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished work")
     parser.add_argument("--overwrite", action="store_true", help="discard results in --out made with other arguments")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=COUNT, default=0, help="torch threads (0: torch's default)")
 
 
 def _points_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--removed", type=int, default=None, help="removed points (default: preset's)")
-    parser.add_argument("--test-points", type=int, default=None, help="test points for correlations")
-    parser.add_argument("--chunk", type=int, default=10, help="removed points retrained together")
-    parser.add_argument("--damping", type=float, default=None)
+    parser.add_argument("--removed", type=POSITIVE_INT, default=None, help="removed points (default: preset's)")
+    parser.add_argument("--test-points", type=POSITIVE_INT, default=None, help="test points for correlations")
+    parser.add_argument("--chunk", type=POSITIVE_INT, default=10, help="removed points retrained together")
+    parser.add_argument("--damping", type=NONNEGATIVE, default=None)
     parser.add_argument("--curvature", choices=["gnh", "hessian"], default="gnh")
     parser.add_argument("--solver", choices=["lissa", "cg", "direct", "kernel", "auto"], default=None,
                         help="influence estimate's solver (default: preset's)")
@@ -154,28 +173,28 @@ def _scores_parser(sub) -> None:
     p.add_argument("--dataset", choices=SCORES_DATASETS, default="cifar10")
     p.add_argument("--data-dir", default=None, help="data directory (default $PBRF_DATA)")
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default $PBRF_CACHE or ~/.cache/pbrf_fast)")
-    p.add_argument("--train-points", type=int, default=None, help="use N seeded training points (default all)")
-    p.add_argument("--test-points", type=int, default=10)
-    p.add_argument("--memory-gb", type=float, default=4.0, help="memory budget that sizes the query chunks")
-    p.add_argument("--query-chunk", type=int, default=None, help="test points per chunk (overrides --memory-gb)")
+    p.add_argument("--train-points", type=POSITIVE_INT, default=None, help="use N seeded training points (default all)")
+    p.add_argument("--test-points", type=POSITIVE_INT, default=10)
+    p.add_argument("--memory-gb", type=POSITIVE, default=4.0, help="memory budget that sizes the query chunks")
+    p.add_argument("--query-chunk", type=POSITIVE_INT, default=None, help="test points per chunk (overrides --memory-gb)")
     p.add_argument("--solver", choices=["cg", "lissa", "lowrank", "direct", "kernel", "auto"], default="cg",
                    help="s_test solver; direct / kernel / auto need a small model or data set")
-    p.add_argument("--cg-iters", type=int, default=100)
-    p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--lissa-depth", type=int, default=200)
-    p.add_argument("--rank", type=int, default=32, help="Lanczos eigenpairs (lowrank solver, self-influence)")
-    p.add_argument("--damping", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--curvature-samples", type=int, default=5000,
+    p.add_argument("--cg-iters", type=POSITIVE_INT, default=100)
+    p.add_argument("--tol", type=POSITIVE, default=1e-4)
+    p.add_argument("--lissa-depth", type=POSITIVE_INT, default=200)
+    p.add_argument("--rank", type=POSITIVE_INT, default=32, help="Lanczos eigenpairs (lowrank solver, self-influence)")
+    p.add_argument("--damping", type=NONNEGATIVE, default=1e-3)
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=5e-4)
+    p.add_argument("--curvature-samples", type=COUNT, default=5000,
                    help="training points the GNH is averaged over (0: all)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--curvature-batch-size", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=250)
+    p.add_argument("--curvature-batch-size", type=POSITIVE_INT, default=64)
+    p.add_argument("--top-k", type=COUNT, default=10)
     p.add_argument("--no-self-influence", action="store_true")
-    p.add_argument("--train-epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train-epochs", type=NONNEGATIVE, default=1.0)
+    p.add_argument("--lr", type=POSITIVE, default=0.05)
+    p.add_argument("--seed", type=COUNT, default=0)
+    p.add_argument("--threads", type=COUNT, default=None)
     p.add_argument("--device", default="cpu", help="torch device for the model and data (e.g. cuda)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -190,12 +209,12 @@ def _backends_parser(sub) -> None:
                    help="plan every op for --model on a batch of --batch inputs (nothing is run)")
     p.add_argument("--model", default="mlp", help="mlp, logreg, lenet, resnet20, ... (the paper's models)")
     p.add_argument("--inputs", default="8", help="input shape of one example, e.g. 8 or 3,32,32")
-    p.add_argument("--outputs", type=int, default=1, help="network outputs (classes)")
+    p.add_argument("--outputs", type=POSITIVE_INT, default=1, help="network outputs (classes)")
     p.add_argument("--widths", default="128,128", help="hidden widths of --model mlp")
     p.add_argument("--loss", default="mse", choices=["mse", "cross_entropy", "bce"])
-    p.add_argument("--batch", type=int, default=128, help="examples per product")
-    p.add_argument("--columns", type=int, default=1, help="vectors per GNH product (test points solved together)")
-    p.add_argument("--lissa-batch-size", type=int, default=128)
+    p.add_argument("--batch", type=POSITIVE_INT, default=128, help="examples per product")
+    p.add_argument("--columns", type=POSITIVE_INT, default=1, help="vectors per GNH product (test points solved together)")
+    p.add_argument("--lissa-batch-size", type=POSITIVE_INT, default=128)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", help="auto, torch, cpu, cuda or triton")
@@ -208,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="decomposition and correlations on built-in data (< 3 minutes)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=COUNT, default=0)
     demo.add_argument("--out", default="pbrf-fast-out/demo")
-    demo.add_argument("--threads", type=int, default=0)
+    demo.add_argument("--threads", type=COUNT, default=0)
     demo.set_defaults(func=_cmd_demo)
 
     for name, helptext in [
@@ -229,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     mislabel = sub.add_parser("mislabel", help="find corrupted labels by self-influence, IF vs PBRF (Figure 6)")
     _common(mislabel, dataset_default="digits")
     _points_args(mislabel)
-    mislabel.add_argument("--corrupt", type=float, default=0.1, help="fraction of labels corrupted")
-    mislabel.add_argument("--candidates", type=int, default=None,
+    mislabel.add_argument("--corrupt", type=NONNEGATIVE, default=0.1, help="fraction of labels corrupted")
+    mislabel.add_argument("--candidates", type=POSITIVE_INT, default=None,
                           help="training points scored by PBRF (default: all in paper, 300 in quick)")
     mislabel.set_defaults(func=_cmd_mislabel)
 

@@ -27,7 +27,7 @@ __all__ = ["explain", "format_plans"]
 
 def _placeholder_targets(loss, outputs: torch.Tensor) -> torch.Tensor:
     """Targets of the right kind for the loss; their values never enter a plan."""
-    if loss.name == "cross_entropy":
+    if loss.kernel_kind == "cross_entropy":
         return torch.zeros(len(outputs), dtype=torch.long, device=outputs.device)
     return torch.zeros_like(outputs)
 

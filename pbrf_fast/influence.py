@@ -20,9 +20,11 @@ matrix product with per-example training gradients.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .curvature import make_curvature
@@ -107,6 +109,8 @@ class Influence:
     def scores_from_s_test(self, S: torch.Tensor, train_idx=None) -> torch.Tensor:
         epsilon = 1.0 / self.problem.n
         rows = [grads @ S for _, grads in self.problem.training_gradients(train_idx)]
+        if not rows:  # no training example asked for: an empty (0, m) block, as the kernel path gives
+            return S.new_zeros(0, S.shape[1])
         return torch.cat(rows) * epsilon
 
     # ------------------------------------------------------ parameter changes
@@ -118,10 +122,14 @@ class Influence:
         (one column per *group* removed together, (d, g)). ``epsilon``
         defaults to 1/N per removed example.
         """
-        epsilon = 1.0 / self.problem.n if epsilon is None else float(epsilon)
-        if isinstance(train_idx, int):
+        if epsilon is None:
+            epsilon = 1.0 / self.problem.n
+        elif isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon):
+            raise ValueError(f"epsilon must be a finite number (the weight removed), got {epsilon!r}")
+        epsilon = float(epsilon)
+        if isinstance(train_idx, (int, np.integer)) and not isinstance(train_idx, bool):
             return self.param_change([train_idx], epsilon)[:, 0]
-        groups = _as_groups(train_idx)
+        groups = _as_groups(train_idx, self.problem.n)
         grads = self._group_gradients(groups)
         return self._solve(grads) * epsilon
 
@@ -144,18 +152,41 @@ class Influence:
         for chunk, grads in self.problem.training_gradients(idx, chunk_size):
             S = self._solve(grads.T)
             out.append((grads.T * S).sum(0) * epsilon)
+        if not out:
+            return torch.zeros(0, dtype=self.problem.dtype, device=self.problem.device)
         return torch.cat(out)
 
     def __repr__(self) -> str:
         return f"Influence({self.problem!r}, operator={self.operator!r}, solver={self.solver!r})"
 
 
-def _as_groups(train_idx) -> list[list[int]]:
-    if isinstance(train_idx, torch.Tensor):
-        train_idx = train_idx.tolist()
-    if not isinstance(train_idx, Sequence) or len(train_idx) == 0:
+def _integer(value, where: str) -> int:
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"train_idx: {where} must be an integer index, got {value!r}")
+    return int(value)
+
+
+def _as_groups(train_idx, n: int) -> list[list[int]]:
+    """train_idx as removal groups: each int (or each True of a boolean mask over the
+    n examples) alone, each inner sequence together."""
+    if isinstance(train_idx, (torch.Tensor, np.ndarray)):
+        values = torch.as_tensor(train_idx)
+        if values.dtype == torch.bool:
+            return [[i] for i in as_index(values, n).tolist()]
+        if values.dim() > 2:
+            raise ValueError(f"train_idx: expected indices (k,) or groups (g, k), got shape {tuple(values.shape)}")
+        train_idx = values.tolist()
+    if not isinstance(train_idx, Sequence) or isinstance(train_idx, str) or len(train_idx) == 0:
         raise ValueError("train_idx must be a non-empty sequence of indices or of index groups")
-    groups = [list(g) if isinstance(g, (Sequence, torch.Tensor)) else [int(g)] for g in train_idx]
-    if any(len(g) == 0 for g in groups):
-        raise ValueError("a removal group is empty")
-    return [[int(i) for i in g] for g in groups]
+    groups = []
+    for k, g in enumerate(train_idx):
+        if isinstance(g, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(g, str):
+            members = [_integer(i, f"entry {i!r} of group {k}") for i in (g.tolist() if hasattr(g, "tolist") else g)]
+            if not members:
+                raise ValueError(f"train_idx: removal group {k} is empty")
+            groups.append(members)
+        else:
+            groups.append([_integer(g, f"entry {k}")])
+    return groups

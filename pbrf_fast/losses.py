@@ -136,6 +136,16 @@ class CrossEntropyLoss(Loss):
                     f"cross_entropy soft targets must have shape (n, {num_outputs}); "
                     f"got {tuple(targets.shape)}"
                 )
+            # a distribution per row: the value and gradient assume sum_c t_c = 1
+            if targets.numel():
+                if not bool(torch.isfinite(targets).all()) or float(targets.min()) < 0:
+                    raise ValueError("cross_entropy soft targets must be finite and >= 0 (a distribution per row)")
+                rows = targets.sum(-1)
+                tol = 1e-6 if targets.dtype == torch.float64 else 1e-4
+                worst = float((rows - 1).abs().max())
+                if worst > tol:
+                    raise ValueError(f"cross_entropy soft target rows must sum to 1; a row sums to "
+                                     f"{float(rows[(rows - 1).abs().argmax()]):.6g}")
             return targets
         if targets.dim() != 1:
             raise ValueError(

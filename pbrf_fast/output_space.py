@@ -149,7 +149,10 @@ class OutputSpaceSolver:
     def _build_state(self) -> dict:
         p = self.problem
         y = p.outputs().double()
-        L = output_hessian_factors(p.loss.name, y)             # (N, C, C)
+        if p.loss.kernel_kind is None:  # what the loss is, not what it is called
+            raise ValueError(f"the output-space solver needs a built-in loss's closed-form output Hessian; "
+                             f"{p.loss!r} has none: use method='cg' or 'direct'")
+        L = output_hessian_factors(p.loss.kernel_kind, y)      # (N, C, C)
         theta = jacobian_gram(p)                               # (N*C, N*C)
         n, c = y.shape
         theta4 = theta.reshape(n, c, n, c)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,17 +29,39 @@ _MAX_CHUNK_ELEMENTS = 1 << 27
 
 
 def as_index(idx, n: int, device=None) -> torch.Tensor:
-    """Normalise an index (None, int, slice, sequence, tensor) to a 1-D long tensor."""
+    """Normalise an index to a 1-D long tensor of positions in [0, n).
+
+    Accepts None (all), an int, a slice, a sequence / array / tensor of integers
+    (negative ones count from the end), or a boolean mask with one entry per
+    example. Floats and masks of the wrong length are refused: silently truncating
+    them would pick other examples than the caller meant.
+    """
     if idx is None:
         out = torch.arange(n)
     elif isinstance(idx, slice):
         out = torch.arange(n)[idx]
-    elif isinstance(idx, int):
-        out = torch.tensor([idx])
+    elif isinstance(idx, bool):
+        raise TypeError(f"an index must be an integer, a sequence of integers or a boolean mask, got {idx!r}")
+    elif isinstance(idx, (int, np.integer)):
+        out = torch.tensor([int(idx)])
     else:
-        out = torch.as_tensor(idx).reshape(-1).long()
+        try:
+            values = torch.as_tensor(idx)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"an index must be integers or a boolean mask, got {type(idx).__name__}: {exc}") from None
+        if values.numel() == 0:
+            out = torch.empty(0, dtype=torch.long)
+        elif values.dtype == torch.bool:
+            if values.dim() != 1 or len(values) != n:
+                raise IndexError(f"a boolean mask must have one entry per example ({n}), got shape "
+                                 f"{tuple(values.shape)}")
+            out = values.nonzero().reshape(-1)
+        elif values.is_floating_point() or values.is_complex():
+            raise TypeError(f"indices must be integers, got {values.dtype} values (e.g. {values.reshape(-1)[0].item()})")
+        else:
+            out = values.reshape(-1).long()
     if out.numel() and (out.min() < -n or out.max() >= n):
-        raise IndexError(f"index out of range for {n} training examples")
+        raise IndexError(f"index out of range for {n} training examples (got {int(out.min())}..{int(out.max())})")
     out = torch.where(out < 0, out + n, out)
     return out.to(device) if device is not None else out
 
@@ -93,6 +116,11 @@ class Problem:
             raise ValueError(f"all parameters must share one dtype and device; got {dtypes}, {devices}")
         self.dtype = dtypes.pop()
         self.device = devices.pop()
+        if self.device.type == "meta":
+            raise ValueError("model parameters are on the meta device (shapes without values); "
+                             "materialise and load them first (model.to_empty(device=...), load_state_dict)")
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"model parameters must be floating point, got {self.dtype}")
         self.buffers = {k: b for k, b in model.named_buffers()}
         self._theta = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
         if not torch.isfinite(self._theta).all():
@@ -100,10 +128,25 @@ class Problem:
         self.version = 0  # bumped when theta changes, so cached curvature is dropped
 
         self.inputs = self._check_inputs(inputs, "inputs")
-        with torch.no_grad():
-            num_outputs = self.forward(self._theta, self.inputs[:1]).shape[-1]
-        self.num_outputs = num_outputs
+        self.num_outputs = self._probe_outputs()
         self.targets = self._check_targets(targets, len(self.inputs))
+
+    def _probe_outputs(self) -> int:
+        """Run the model on one example: it must give (1, ..., C) outputs, and any failure
+        is reported as a problem with ``inputs`` rather than a raw error from inside torch."""
+        first = self.inputs[:1]
+        try:
+            with torch.no_grad():
+                out = self.forward(self._theta, first)
+        except Exception as exc:  # the model's own error, whatever it is
+            raise ValueError(f"the model cannot run on inputs of per-example shape {tuple(first.shape[1:])} "
+                             f"and dtype {first.dtype}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != 1:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the model maps a batch of one input (shape {tuple(first.shape)}) to outputs of "
+                             f"shape {shape}; expected (1, C): inputs need a leading example dimension "
+                             "(e.g. x.reshape(-1, 1) for one feature per example)")
+        return out.shape[-1]
 
     # ----------------------------------------------------------------- set-up
     @classmethod

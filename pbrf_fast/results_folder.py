@@ -16,11 +16,23 @@ from typing import Iterable
 from .atomic_io import atomic_write_json
 from .errors import PBRFError
 
-__all__ = ["ArgumentMismatch", "ResultsFolder"]
+__all__ = ["ArgumentMismatch", "ResultsFolder", "ResultsFolderError", "check_results_path"]
 
 
-class ArgumentMismatch(PBRFError, ValueError):
+class ResultsFolderError(PBRFError, ValueError):
+    """The results folder cannot be used (a file in its place, results of another run)."""
+
+
+class ArgumentMismatch(ResultsFolderError):
     """A results folder holds results made with arguments that would change them."""
+
+
+def check_results_path(path) -> Path:
+    """``path`` as a folder results can go to: refuse a regular file of that name."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ResultsFolderError(f"--out {path} is an existing file, not a folder; choose another --out")
+    return path
 
 
 def _canonical(value) -> str:
@@ -39,7 +51,7 @@ class ResultsFolder:
 
     def __init__(self, path, arguments: dict, *, result_keys: Iterable[str] | None = None,
                  resume: bool = True, overwrite: bool = False):
-        self.path = Path(path)
+        self.path = check_results_path(path)
         self.arguments = json.loads(json.dumps(arguments, default=str))
         keys = sorted(self.arguments) if result_keys is None else list(result_keys)
         stored = self.path / "arguments.json"

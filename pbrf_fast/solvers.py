@@ -402,7 +402,7 @@ def choose_method(op: CurvatureOperator) -> tuple[str, str]:
     ``direct`` factorises d x d, ``kernel`` N*C x N*C (GNH only): take the smaller.
     """
     d, outputs = op.dim, op.num_examples * op.problem.num_outputs
-    kernel_ok = (op.kind == "gnh" and op.shift > 0 and op.problem.loss.name in ("mse", "bce", "cross_entropy")
+    kernel_ok = (op.kind == "gnh" and op.shift > 0 and op.problem.loss.kernel_kind in ("mse", "bce", "cross_entropy")
                  and 3 * 8 * outputs ** 2 <= KERNEL_MEMORY_BYTES)
     direct_ok = d <= DIRECT_MAX_DIM
     if kernel_ok and (not direct_ok or outputs < d):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..results_folder import check_results_path
 from .config import ScoresConfig
 
 __all__ = ["run_scores", "load_dataset", "build_model", "SCORES_MODELS", "SCORES_DATASETS"]
@@ -95,7 +96,7 @@ def run_scores(config: ScoresConfig) -> dict:
     model = build_model(config.model, x_tr[0], num_classes, config.seed).to(config.device)
     x_tr, y_tr, x_te, y_te = (v.to(config.device) for v in (x_tr, y_tr, x_te, y_te))
     loss = get_loss("cross_entropy")
-    out = Path(config.out)
+    out = check_results_path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     tag = f"{config.model}-{config.dataset}-n{len(x_tr)}-e{config.train_epochs}-lr{config.lr}-s{config.seed}"

@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import InputError
+
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_save_tensor", "load_tensor",
            "open_memmap"]
 
@@ -68,5 +70,5 @@ def open_memmap(path: str | os.PathLike, shape, dtype=np.float32, create: bool =
         os.replace(tmp, path)
     mm = np.lib.format.open_memmap(path, mode="r+")
     if mm.shape != tuple(shape) or mm.dtype != np.dtype(dtype):
-        raise ValueError(f"{path} holds {mm.dtype}{mm.shape}, expected {np.dtype(dtype)}{tuple(shape)}")
+        raise InputError(f"{path} holds {mm.dtype}{mm.shape}, expected {np.dtype(dtype)}{tuple(shape)}")
     return mm

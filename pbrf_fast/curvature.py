@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from .problem import Problem, as_index
+from .errors import InputError, InputTypeError
 
 __all__ = ["CurvatureOperator", "GaussNewton", "Hessian", "make_curvature"]
 
@@ -36,7 +37,7 @@ class CurvatureOperator:
                  _cache: dict | None = None):
         damping = float(damping)
         if not math.isfinite(damping) or damping < 0:
-            raise ValueError(f"damping must be finite and >= 0, got {damping}")
+            raise InputError(f"damping must be finite and >= 0, got {damping}")
         self.problem = problem
         self.damping = damping
         self.batch_size = batch_size or problem.batch_size
@@ -82,11 +83,11 @@ class CurvatureOperator:
     def check_vectors(self, V: torch.Tensor) -> torch.Tensor:
         """Validate a (d,) or (d, m) block and return it as (d, m)."""
         if not isinstance(V, torch.Tensor):
-            raise TypeError(f"vectors must be a torch.Tensor, got {type(V).__name__}")
+            raise InputTypeError(f"vectors must be a torch.Tensor, got {type(V).__name__}")
         if V.dim() not in (1, 2) or V.shape[0] != self.dim:
-            raise ValueError(f"vectors must have shape ({self.dim},) or ({self.dim}, m); got {tuple(V.shape)}")
+            raise InputError(f"vectors must have shape ({self.dim},) or ({self.dim}, m); got {tuple(V.shape)}")
         if V.dtype != self.dtype or V.device != self.device:
-            raise ValueError(
+            raise InputError(
                 f"vectors must be {self.dtype} on {self.device} like the parameters; "
                 f"got {V.dtype} on {V.device}"
             )
@@ -104,7 +105,7 @@ class CurvatureOperator:
         else:
             idx = as_index(idx, problem.n)
             if len(idx) == 0:
-                raise ValueError("empty index batch")
+                raise InputError("empty index batch")
             count = len(idx)
             chunks = ((None, *problem.batch(c)) for c in problem.batches(idx, self.batch_size))
         total = None
@@ -297,5 +298,5 @@ def make_curvature(problem: Problem, curvature: str = "gnh", damping: float = 0.
     """``"gnh"`` -> :class:`GaussNewton`, ``"hessian"`` -> :class:`Hessian`."""
     kinds = {"gnh": GaussNewton, "gauss_newton": GaussNewton, "hessian": Hessian}
     if curvature not in kinds:
-        raise ValueError(f"unknown curvature {curvature!r}; choose 'gnh' or 'hessian'")
+        raise InputError(f"unknown curvature {curvature!r}; choose 'gnh' or 'hessian'")
     return kinds[curvature](problem, damping, **kwargs)

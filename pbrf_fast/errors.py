@@ -25,3 +25,16 @@ class NonFiniteError(PBRFError, ValueError):
 class IndefiniteOperatorError(PBRFError, ValueError):
     """A solver that needs a positive definite operator met a direction of zero or
     negative curvature (an undamped or indefinite Hessian)."""
+
+
+class InputError(PBRFError, ValueError):
+    """An argument is not what the call expects; the message names the argument and
+    what was expected."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An argument has the wrong type (e.g. float indices, a string for a number)."""
+
+
+class InputIndexError(InputError, IndexError):
+    """An index is out of range, or a mask has the wrong length."""

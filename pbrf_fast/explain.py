@@ -21,6 +21,7 @@ from .kernels import (Plan, plan_bregman_divergence, plan_conv2d_score_contracti
 from .losses import get_loss
 from .problem import Problem
 from .solvers import plan_lissa
+from .errors import InputError
 
 __all__ = ["explain", "format_plans"]
 
@@ -75,7 +76,7 @@ def explain(model: nn.Module, loss, inputs: torch.Tensor, *, columns: int = 1, b
     Nothing is computed but one forward pass (to learn the layer shapes).
     """
     if not isinstance(columns, int) or columns < 1:
-        raise ValueError(f"columns must be a positive integer, got {columns!r}")
+        raise InputError(f"columns must be a positive integer, got {columns!r}")
     loss = get_loss(loss)
     with torch.no_grad():
         outputs = model(inputs)

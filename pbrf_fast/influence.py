@@ -30,6 +30,7 @@ import torch
 from .curvature import make_curvature
 from .problem import Problem, as_index
 from .solvers import SolveResult, choose_method, solve
+from .errors import InputError, InputTypeError
 
 __all__ = ["Influence"]
 
@@ -125,7 +126,7 @@ class Influence:
         if epsilon is None:
             epsilon = 1.0 / self.problem.n
         elif isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon):
-            raise ValueError(f"epsilon must be a finite number (the weight removed), got {epsilon!r}")
+            raise InputError(f"epsilon must be a finite number (the weight removed), got {epsilon!r}")
         epsilon = float(epsilon)
         if isinstance(train_idx, (int, np.integer)) and not isinstance(train_idx, bool):
             return self.param_change([train_idx], epsilon)[:, 0]
@@ -164,7 +165,7 @@ def _integer(value, where: str) -> int:
     if isinstance(value, torch.Tensor) and value.dim() == 0:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"train_idx: {where} must be an integer index, got {value!r}")
+        raise InputTypeError(f"train_idx: {where} must be an integer index, got {value!r}")
     return int(value)
 
 
@@ -176,16 +177,16 @@ def _as_groups(train_idx, n: int) -> list[list[int]]:
         if values.dtype == torch.bool:
             return [[i] for i in as_index(values, n).tolist()]
         if values.dim() > 2:
-            raise ValueError(f"train_idx: expected indices (k,) or groups (g, k), got shape {tuple(values.shape)}")
+            raise InputError(f"train_idx: expected indices (k,) or groups (g, k), got shape {tuple(values.shape)}")
         train_idx = values.tolist()
     if not isinstance(train_idx, Sequence) or isinstance(train_idx, str) or len(train_idx) == 0:
-        raise ValueError("train_idx must be a non-empty sequence of indices or of index groups")
+        raise InputError("train_idx must be a non-empty sequence of indices or of index groups")
     groups = []
     for k, g in enumerate(train_idx):
         if isinstance(g, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(g, str):
             members = [_integer(i, f"entry {i!r} of group {k}") for i in (g.tolist() if hasattr(g, "tolist") else g)]
             if not members:
-                raise ValueError(f"train_idx: removal group {k} is empty")
+                raise InputError(f"train_idx: removal group {k} is empty")
             groups.append(members)
         else:
             groups.append([_integer(g, f"entry {k}")])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import NonConvexLossError
+from .errors import InputError, NonConvexLossError
 
 __all__ = [
     "Loss",
@@ -88,7 +88,7 @@ def _as_float_targets(targets: torch.Tensor, num_outputs: int, name: str) -> tor
     if targets.dim() == 1 and num_outputs == 1:
         targets = targets.unsqueeze(-1)
     if targets.dim() != 2 or targets.shape[-1] != num_outputs:
-        raise ValueError(
+        raise InputError(
             f"{name} targets must have shape (n, {num_outputs}) to match the model outputs "
             f"(or (n,) for one output); got {tuple(targets.shape)}"
         )
@@ -132,27 +132,27 @@ class CrossEntropyLoss(Loss):
     def prepare_targets(self, targets, num_outputs):
         if torch.is_floating_point(targets):
             if targets.dim() != 2 or targets.shape[-1] != num_outputs:
-                raise ValueError(
+                raise InputError(
                     f"cross_entropy soft targets must have shape (n, {num_outputs}); "
                     f"got {tuple(targets.shape)}"
                 )
             # a distribution per row: the value and gradient assume sum_c t_c = 1
             if targets.numel():
                 if not bool(torch.isfinite(targets).all()) or float(targets.min()) < 0:
-                    raise ValueError("cross_entropy soft targets must be finite and >= 0 (a distribution per row)")
+                    raise InputError("cross_entropy soft targets must be finite and >= 0 (a distribution per row)")
                 rows = targets.sum(-1)
                 tol = 1e-6 if targets.dtype == torch.float64 else 1e-4
                 worst = float((rows - 1).abs().max())
                 if worst > tol:
-                    raise ValueError(f"cross_entropy soft target rows must sum to 1; a row sums to "
+                    raise InputError(f"cross_entropy soft target rows must sum to 1; a row sums to "
                                      f"{float(rows[(rows - 1).abs().argmax()]):.6g}")
             return targets
         if targets.dim() != 1:
-            raise ValueError(
+            raise InputError(
                 f"cross_entropy class targets must have shape (n,); got {tuple(targets.shape)}"
             )
         if targets.numel() and (targets.min() < 0 or targets.max() >= num_outputs):
-            raise ValueError(
+            raise InputError(
                 f"cross_entropy class targets must lie in [0, {num_outputs}); "
                 f"got range [{int(targets.min())}, {int(targets.max())}]"
             )
@@ -194,7 +194,7 @@ class BCEWithLogitsLoss(Loss):
     def prepare_targets(self, targets, num_outputs):
         targets = _as_float_targets(targets, num_outputs, "bce")
         if targets.numel() and (targets.min() < 0 or targets.max() > 1):
-            raise ValueError("bce targets must lie in [0, 1]")
+            raise InputError("bce targets must lie in [0, 1]")
         return targets
 
     def value(self, y, t):
@@ -227,10 +227,10 @@ class SequenceCrossEntropyLoss(Loss):
 
     def prepare_targets(self, targets, num_outputs):
         if torch.is_floating_point(targets) or targets.dim() != 2 or targets.shape[1] * self.vocab != num_outputs:
-            raise ValueError(f"sequence_cross_entropy targets must be token ids of shape (n, T) with "
+            raise InputError(f"sequence_cross_entropy targets must be token ids of shape (n, T) with "
                              f"T * {self.vocab} = {num_outputs} outputs; got {tuple(targets.shape)}")
         if targets.numel() and (targets.min() < 0 or targets.max() >= self.vocab):
-            raise ValueError(f"token ids must lie in [0, {self.vocab})")
+            raise InputError(f"token ids must lie in [0, {self.vocab})")
         return targets.long()
 
     def _tokens(self, y):
@@ -316,5 +316,5 @@ def get_loss(name: str | Loss) -> Loss:
         return name
     key = str(name).lower()
     if key not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(_LOSSES)}")
+        raise InputError(f"unknown loss {name!r}; choose one of {sorted(_LOSSES)}")
     return _LOSSES[key]()

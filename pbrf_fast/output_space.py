@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .curvature import CurvatureOperator
+from .errors import InputError
 
 __all__ = ["OutputSpaceSolver", "jacobian_gram", "output_hessian_factors"]
 
@@ -49,7 +50,7 @@ def output_hessian_factors(loss_name: str, y: torch.Tensor) -> torch.Tensor:
         p = torch.softmax(y, -1)
         root = p.sqrt()
         return torch.diag_embed(root) - p.unsqueeze(2) * root.unsqueeze(1)
-    raise ValueError(f"no closed-form output-Hessian factor for loss {loss_name!r}; use method='cg'")
+    raise InputError(f"no closed-form output-Hessian factor for loss {loss_name!r}; use method='cg'")
 
 
 def _linear_modules_cover(problem) -> list[nn.Linear] | None:
@@ -136,9 +137,9 @@ class OutputSpaceSolver:
 
     def __init__(self, op: CurvatureOperator):
         if op.kind != "gnh":
-            raise ValueError("the output-space (kernel) solver needs curvature='gnh'")
+            raise InputError("the output-space (kernel) solver needs curvature='gnh'")
         if op.shift <= 0:
-            raise ValueError("the output-space (kernel) solver needs weight_decay + damping > 0")
+            raise InputError("the output-space (kernel) solver needs weight_decay + damping > 0")
         self.op = op
         self.problem = op.problem
 
@@ -150,7 +151,7 @@ class OutputSpaceSolver:
         p = self.problem
         y = p.outputs().double()
         if p.loss.kernel_kind is None:  # what the loss is, not what it is called
-            raise ValueError(f"the output-space solver needs a built-in loss's closed-form output Hessian; "
+            raise InputError(f"the output-space solver needs a built-in loss's closed-form output Hessian; "
                              f"{p.loss!r} has none: use method='cg' or 'direct'")
         L = output_hessian_factors(p.loss.kernel_kind, y)      # (N, C, C)
         theta = jacobian_gram(p)                               # (N*C, N*C)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import InputError, InputIndexError, InputTypeError
 from .losses import Loss, get_loss
 
 __all__ = ["Problem", "as_index"]
@@ -41,27 +42,27 @@ def as_index(idx, n: int, device=None) -> torch.Tensor:
     elif isinstance(idx, slice):
         out = torch.arange(n)[idx]
     elif isinstance(idx, bool):
-        raise TypeError(f"an index must be an integer, a sequence of integers or a boolean mask, got {idx!r}")
+        raise InputTypeError(f"an index must be an integer, a sequence of integers or a boolean mask, got {idx!r}")
     elif isinstance(idx, (int, np.integer)):
         out = torch.tensor([int(idx)])
     else:
         try:
             values = torch.as_tensor(idx)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"an index must be integers or a boolean mask, got {type(idx).__name__}: {exc}") from None
+            raise InputTypeError(f"an index must be integers or a boolean mask, got {type(idx).__name__}: {exc}") from None
         if values.numel() == 0:
             out = torch.empty(0, dtype=torch.long)
         elif values.dtype == torch.bool:
             if values.dim() != 1 or len(values) != n:
-                raise IndexError(f"a boolean mask must have one entry per example ({n}), got shape "
+                raise InputIndexError(f"a boolean mask must have one entry per example ({n}), got shape "
                                  f"{tuple(values.shape)}")
             out = values.nonzero().reshape(-1)
         elif values.is_floating_point() or values.is_complex():
-            raise TypeError(f"indices must be integers, got {values.dtype} values (e.g. {values.reshape(-1)[0].item()})")
+            raise InputTypeError(f"indices must be integers, got {values.dtype} values (e.g. {values.reshape(-1)[0].item()})")
         else:
             out = values.reshape(-1).long()
     if out.numel() and (out.min() < -n or out.max() >= n):
-        raise IndexError(f"index out of range for {n} training examples (got {int(out.min())}..{int(out.max())})")
+        raise InputIndexError(f"index out of range for {n} training examples (got {int(out.min())}..{int(out.max())})")
     out = torch.where(out < 0, out + n, out)
     return out.to(device) if device is not None else out
 
@@ -99,32 +100,32 @@ class Problem:
         self.loss = get_loss(loss)
         self.weight_decay = float(weight_decay)
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay}")
+            raise InputError(f"weight_decay must be finite and >= 0, got {weight_decay}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise InputError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = int(batch_size)
 
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         if not named:
-            raise ValueError("model has no trainable parameters")
+            raise InputError("model has no trainable parameters")
         self.param_names = [k for k, _ in named]
         self.param_shapes = [p.shape for _, p in named]
         self.param_sizes = [p.numel() for _, p in named]
         dtypes = {p.dtype for _, p in named}
         devices = {p.device for _, p in named}
         if len(dtypes) != 1 or len(devices) != 1:
-            raise ValueError(f"all parameters must share one dtype and device; got {dtypes}, {devices}")
+            raise InputError(f"all parameters must share one dtype and device; got {dtypes}, {devices}")
         self.dtype = dtypes.pop()
         self.device = devices.pop()
         if self.device.type == "meta":
-            raise ValueError("model parameters are on the meta device (shapes without values); "
+            raise InputError("model parameters are on the meta device (shapes without values); "
                              "materialise and load them first (model.to_empty(device=...), load_state_dict)")
         if not self.dtype.is_floating_point:
-            raise ValueError(f"model parameters must be floating point, got {self.dtype}")
+            raise InputError(f"model parameters must be floating point, got {self.dtype}")
         self.buffers = {k: b for k, b in model.named_buffers()}
         self._theta = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
         if not torch.isfinite(self._theta).all():
-            raise ValueError("model parameters contain NaN or Inf")
+            raise InputError("model parameters contain NaN or Inf")
         self.version = 0  # bumped when theta changes, so cached curvature is dropped
 
         self.inputs = self._check_inputs(inputs, "inputs")
@@ -139,11 +140,11 @@ class Problem:
             with torch.no_grad():
                 out = self.forward(self._theta, first)
         except Exception as exc:  # the model's own error, whatever it is
-            raise ValueError(f"the model cannot run on inputs of per-example shape {tuple(first.shape[1:])} "
+            raise InputError(f"the model cannot run on inputs of per-example shape {tuple(first.shape[1:])} "
                              f"and dtype {first.dtype}: {type(exc).__name__}: {exc}") from exc
         if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != 1:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"the model maps a batch of one input (shape {tuple(first.shape)}) to outputs of "
+            raise InputError(f"the model maps a batch of one input (shape {tuple(first.shape)}) to outputs of "
                              f"shape {shape}; expected (1, C): inputs need a leading example dimension "
                              "(e.g. x.reshape(-1, 1) for one feature per example)")
         return out.shape[-1]
@@ -154,7 +155,7 @@ class Problem:
         """Build from a map-style ``Dataset`` of ``(input, target)`` pairs."""
         items = [dataset[i] for i in range(len(dataset))]
         if not items:
-            raise ValueError("dataset is empty")
+            raise InputError("dataset is empty")
         inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
         targets = torch.stack([torch.as_tensor(t) for _, t in items])
         return cls(model, loss, inputs, targets, **kwargs)
@@ -162,11 +163,11 @@ class Problem:
     def _check_inputs(self, x: torch.Tensor, what: str) -> torch.Tensor:
         x = torch.as_tensor(x)
         if x.dim() < 1 or len(x) == 0:
-            raise ValueError(f"{what} must have a leading example dimension and at least one example")
+            raise InputError(f"{what} must have a leading example dimension and at least one example")
         if torch.is_floating_point(x):
             x = x.to(device=self.device, dtype=self.dtype)
             if not torch.isfinite(x).all():
-                raise ValueError(f"{what} contain NaN or Inf")
+                raise InputError(f"{what} contain NaN or Inf")
         else:
             x = x.to(self.device)
         return x
@@ -174,18 +175,18 @@ class Problem:
     def _check_targets(self, t: torch.Tensor, n: int, what: str = "targets") -> torch.Tensor:
         t = torch.as_tensor(t).to(self.device)
         if len(t) != n:
-            raise ValueError(f"{what} have {len(t)} rows but inputs have {n}")
+            raise InputError(f"{what} have {len(t)} rows but inputs have {n}")
         if torch.is_floating_point(t):
             t = t.to(self.dtype)
             if not torch.isfinite(t).all():
-                raise ValueError(f"{what} contain NaN or Inf")
+                raise InputError(f"{what} contain NaN or Inf")
         return self.loss.prepare_targets(t, self.num_outputs)
 
     def check_data(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate held-out data (e.g. test points) against the training layout."""
         x = self._check_inputs(inputs, "test inputs")
         if x.shape[1:] != self.inputs.shape[1:]:
-            raise ValueError(
+            raise InputError(
                 f"test inputs have per-example shape {tuple(x.shape[1:])}, "
                 f"training inputs {tuple(self.inputs.shape[1:])}"
             )
@@ -217,9 +218,9 @@ class Problem:
 
     def _check_theta(self, theta: torch.Tensor) -> torch.Tensor:
         if theta.shape != (self.dim,):
-            raise ValueError(f"theta must have shape ({self.dim},), got {tuple(theta.shape)}")
+            raise InputError(f"theta must have shape ({self.dim},), got {tuple(theta.shape)}")
         if theta.dtype != self.dtype or theta.device != self.device:
-            raise ValueError(
+            raise InputError(
                 f"theta must be {self.dtype} on {self.device}, got {theta.dtype} on {theta.device}"
             )
         return theta

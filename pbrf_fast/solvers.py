@@ -22,7 +22,7 @@ import time
 import torch
 
 from .curvature import CurvatureOperator
-from .errors import IndefiniteOperatorError, NonFiniteError
+from .errors import IndefiniteOperatorError, InputError, InputTypeError, NonFiniteError
 from .lissa_divergence import check_lissa_step
 
 __all__ = ["SolveResult", "solve", "direct", "conjugate_gradient", "lissa", "kernel",
@@ -79,9 +79,9 @@ def _positive_finite(name: str, value) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
+        raise InputTypeError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        raise InputError(f"{name} must be finite and > 0, got {value!r}")
     return number
 
 
@@ -89,9 +89,9 @@ def _count(name: str, value, minimum: int = 1) -> int:
     """An integer option that must be >= minimum (a depth, a batch size)."""
     if isinstance(value, bool) or not isinstance(value, (int,)) and not (
             isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
+        raise InputTypeError(f"{name} must be an integer, got {value!r}")
     if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
+        raise InputError(f"{name} must be >= {minimum}, got {int(value)}")
     return int(value)
 
 
@@ -126,7 +126,7 @@ def direct(op: CurvatureOperator, B: torch.Tensor, *, compute_residual: bool = T
     B2 = _columns(op, B)
     tol = _positive_finite("tol", tol)
     if op.dim > 4 * DIRECT_MAX_DIM:
-        raise ValueError(f"direct solver needs a dense {op.dim}x{op.dim} matrix; use method='cg' or 'lissa'")
+        raise InputError(f"direct solver needs a dense {op.dim}x{op.dim} matrix; use method='cg' or 'lissa'")
     evals, evecs = op.eigh_data()
     shifted = evals + op.shift
     smallest = float(shifted.min())
@@ -174,7 +174,7 @@ def conjugate_gradient(op: CurvatureOperator, B: torch.Tensor, *, tol: float = 1
     if x0 is not None:
         X = _columns(op, x0, "warm start x0").clone()
         if X.shape != B2.shape:
-            raise ValueError(f"warm start x0 must have the right-hand side's shape {tuple(B.shape)}, "
+            raise InputError(f"warm start x0 must have the right-hand side's shape {tuple(B.shape)}, "
                              f"got {tuple(x0.shape)}")
     else:
         X = torch.zeros_like(B2)
@@ -426,7 +426,7 @@ def solve(op: CurvatureOperator, B: torch.Tensor, method: str = "auto", **option
     if method == "auto":
         method, reason = choose_method(op)
     if method not in SOLVERS:
-        raise ValueError(f"unknown solver {method!r}; choose one of {sorted(SOLVERS)} or 'auto'")
+        raise InputError(f"unknown solver {method!r}; choose one of {sorted(SOLVERS)} or 'auto'")
     result = SOLVERS[method](op, B, **options)
     if reason:
         result.info["dispatch"] = reason

@@ -15,6 +15,28 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# PBRF_FAST_REQUIRE=cpu,cuda-emulator,triton (set by .ci/run): backends this machine must
+# have. A broken build would otherwise turn their cases into skips and the run stay green;
+# with the setting, such a skip is a failure.
+REQUIRED_BACKENDS = tuple(b for b in os.environ.get("PBRF_FAST_REQUIRE", "").split(",") if b)
+# Words in a skip reason that say which backend was missing.
+_MISSING_BACKEND_WORDS = {"cpu": ("import pbrf_fast._c failed", "pbrf_fast._c not built"), "cuda-emulator": ("emulat",), "triton": ("triton",)}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not REQUIRED_BACKENDS or not report.skipped or "gpu" in item.keywords:
+        return
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr).lower()
+    for backend in REQUIRED_BACKENDS:
+        if any(word in reason for word in _MISSING_BACKEND_WORDS.get(backend, (backend,))):
+            report.outcome = "failed"
+            report.longrepr = f"required backend {backend!r} (PBRF_FAST_REQUIRE) is missing: {reason}"
+            return
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

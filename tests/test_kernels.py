@@ -5,6 +5,7 @@ tensors via TRITON_INTERPRET=1, set in conftest.py); cuda and compiled triton
 run under the ``gpu`` marker. Comparisons are against a float64 reference
 computed from the same inputs.
 """
+import hashlib
 import math
 import os
 import subprocess
@@ -51,7 +52,8 @@ def require_backend(op_name, backend, tensor):
 
 
 def make_generator(*key):
-    return torch.Generator().manual_seed(abs(hash(key)) % (2**31))
+    # a stable digest: hash() of strings changes with PYTHONHASHSEED between processes
+    return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:8], 16))
 
 
 def randn(shape, dtype, device, gen, scale=1.0):
@@ -287,6 +289,22 @@ def test_auto_backend_on_cpu_tensors():
     assert plan_output_hessian_product(x.bfloat16(), x.bfloat16()).backend == "torch"
     x.requires_grad_()
     assert plan_output_hessian_product(x, x).implementation == "torch"  # autograd: the reference
+
+
+def test_required_backends_are_available():
+    """The backends .ci/run names in PBRF_FAST_REQUIRE are built and usable here."""
+    from pbrf_fast.testing import emulator_available
+
+    from conftest import REQUIRED_BACKENDS
+
+    if not REQUIRED_BACKENDS:
+        pytest.skip("PBRF_FAST_REQUIRE not set")
+    report = backends()
+    for backend in REQUIRED_BACKENDS:
+        if backend == "cuda-emulator":
+            assert emulator_available(), "pbrf_fast._C_cuda_emu not built (PBRF_FAST_CUDA_EMULATOR=1)"
+        else:
+            assert report[backend]["available"], report[backend]["reason"]
 
 
 def test_backends_report():

@@ -6,7 +6,7 @@ influence scores over the whole training set into ``out``.
 
 Rerunning the same command resumes from what is on disk. Under
 ``torchrun --nproc_per_node=K -m pbrf_fast scores ...`` the work is sharded
-across K processes (gloo). The library call underneath is
+across K processes (gloo on CPU, nccl on CUDA). The library call underneath is
 :func:`pbrf_fast.scale.compute_scores`.
 """
 from __future__ import annotations
@@ -70,12 +70,17 @@ def build_model(name, x_example, num_classes, seed=0):
     return mlp(x_example.numel(), (64, 64), num_classes, seed=seed)
 
 
-def _init_distributed():
+def _init_distributed(device: str) -> None:
+    """Join the process group torchrun set up: nccl for CUDA tensors, gloo for CPU ones."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
+            if device.startswith("cuda"):
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                dist.init_process_group("nccl")
+            else:
+                dist.init_process_group("gloo")
 
 
 def run_scores(config: ScoresConfig) -> dict:
@@ -86,7 +91,7 @@ def run_scores(config: ScoresConfig) -> dict:
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    _init_distributed()
+    _init_distributed(config.device)
     timings = {}
     start = time.perf_counter()
     x_tr, y_tr, x_te, y_te = load_dataset(config.dataset, config.data_dir, config.cache_dir, config.train_points,

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from ..curvature import GaussNewton
 from ..problem import as_index
+from ..errors import InputError
 
 __all__ = ["rank", "world_size", "is_distributed", "barrier", "shard_range", "DistributedGaussNewton",
            "broadcast_object"]
@@ -86,7 +87,7 @@ class DistributedGaussNewton(GaussNewton):
         """The entries of the global ``idx`` that fall in this rank's shard, as local positions."""
         idx = as_index(idx, self.num_examples)
         if len(idx) == 0:
-            raise ValueError("empty index batch")
+            raise InputError("empty index batch")
         inside = (idx >= self.shard_start) & (idx < self.shard_start + self.problem.n)
         return idx[inside] - self.shard_start
 

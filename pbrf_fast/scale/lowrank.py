@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..errors import InputError
 from ..solvers import SolveResult
 
 __all__ = ["lanczos_eigenpairs", "LowRankInverse"]
@@ -94,7 +95,7 @@ class LowRankInverse:
         # Eigenvalues of the undamped operator include weight decay: add damping only.
         damping = self.op.damping
         if damping <= 0 and self.op.problem.weight_decay <= 0:
-            raise ValueError("the low-rank inverse needs damping > 0 (or weight decay) for the remainder")
+            raise InputError("the low-rank inverse needs damping > 0 (or weight decay) for the remainder")
         shift = self.op.shift
         coeff = V.T @ B2
         inv = (1.0 / (evals + damping)).to(dtype=B2.dtype, device=B2.device).unsqueeze(1)

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from ..errors import InputError
 from ..lissa_divergence import check_lissa_step
 from . import registry
 from .mlp_gnh import FORWARD_CACHE_BYTES, MlpSpec, fused_pays_off, mlp_gnh_product_reference
@@ -83,7 +84,7 @@ def plan_lissa_engine(mlp: tuple[MlpSpec | None, str], inputs: torch.Tensor, vec
     BackendUnavailable when the native engine cannot run.
     """
     if engine not in LISSA_ENGINES:
-        raise ValueError(f"unknown LiSSA engine {engine!r}; choose one of {LISSA_ENGINES}")
+        raise InputError(f"unknown LiSSA engine {engine!r}; choose one of {LISSA_ENGINES}")
     if engine == "python":
         return registry.Plan(OP_NAME, "python", "torch", "engine='python' requested")
     spec, reason = mlp

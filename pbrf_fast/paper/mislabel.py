@@ -19,6 +19,8 @@ from .runner import train_base
 __all__ = ["self_influence_by_response", "run_mislabel", "FRACTIONS"]
 
 FRACTIONS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
+# Data sets whose labels are classes that corrupt_labels can flip (softmax cross-entropy).
+MULTICLASS_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 
 
 def self_influence_by_response(solver: ResponseSolver, points: list[int]) -> dict[str, torch.Tensor]:
@@ -38,10 +40,10 @@ def run_mislabel(config: ExperimentConfig, run: RunOptions) -> dict:
     """Figure 6: the fraction of corrupted labels found against the fraction inspected,
     ranking by influence and by PBRF self-influence. Writes table.md, results.json
     and mislabel.png into ``run.out``."""
+    if config.dataset not in MULTICLASS_DATASETS or not 0 < config.corrupt < 1:
+        raise ConfigError(f"mislabel needs a classification data set ({', '.join(MULTICLASS_DATASETS)}) and "
+                          f"0 < --corrupt < 1; got --dataset {config.dataset} --corrupt {config.corrupt}")
     exp = build_experiment(config, corrupt_fraction=config.corrupt)
-    if exp.corrupted is None or exp.problem.loss.name != "cross_entropy":
-        raise ConfigError("mislabel needs a classification data set with --corrupt > 0 "
-                          "(digits, mnist, fashion_mnist)")
     folder = open_results(config, exp, run)
     out = folder.path
     base = train_base(exp, folder, progress=run.progress)

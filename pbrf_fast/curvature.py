@@ -38,6 +38,11 @@ class CurvatureOperator:
         damping = float(damping)
         if not math.isfinite(damping) or damping < 0:
             raise InputError(f"damping must be finite and >= 0, got {damping}")
+        # (C + damping I) V must stay finite in the parameters' dtype, with room for the sum
+        largest = torch.finfo(problem.dtype).max ** 0.5
+        if damping > largest:
+            raise InputError(f"damping {damping:g} overflows {problem.dtype} products; it must be below "
+                             f"{largest:.3g} (in float32, pick a damping near the curvature's scale)")
         self.problem = problem
         self.damping = damping
         self.batch_size = batch_size or problem.batch_size

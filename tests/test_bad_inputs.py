@@ -98,6 +98,8 @@ API_CASES = [
     # ---- curvature operators
     ("negative damping", lambda: gnh(damping=-1.0), "damping"),
     ("NaN damping", lambda: gnh(damping=float("nan")), "damping"),
+    ("damping that overflows float32", lambda: pbrf_fast.GaussNewton(
+        pbrf_fast.Problem(model().float(), "mse", X.float(), T.float()), 1e300), "overflows torch.float32"),
     ("unknown curvature", lambda: pbrf_fast.make_curvature(mlp_problem(), "fisher"), "unknown curvature 'fisher'"),
     ("vectors of the wrong length", lambda: gnh().matvec(torch.zeros(5, dtype=torch.float64)), "vectors must have shape"),
     ("vectors of another dtype", lambda: gnh().matvec(torch.zeros(gnh().dim)), "vectors must be torch.float64"),

@@ -13,7 +13,7 @@
 #include "common/score_contraction_ops.h"
 
 namespace py = pybind11;
-using pbrf::cpu::Precision;
+using pbrf::Precision;
 
 namespace {
 
@@ -89,9 +89,9 @@ PYBIND11_MODULE(_C, m) {
          int64_t a_row, int64_t a_col, int64_t a_batch, uintptr_t b, int64_t b_row, int64_t b_col,
          int64_t b_batch, uintptr_t c, int64_t c_row, int64_t c_col, int64_t c_batch,
          bool accumulate, int num_threads) {
-        const bool f64 = precision_from_name(dtype) == Precision::kFloat64;
+        const Precision precision = precision_from_name(dtype);
         py::gil_scoped_release release;
-        pbrf::cpu::gemm::gemm_strided(f64, M, N, K, batch, a, a_row, a_col, a_batch, b, b_row,
+        pbrf::cpu::gemm::gemm_strided(precision, M, N, K, batch, a, a_row, a_col, a_batch, b, b_row,
                                       b_col, b_batch, c, c_row, c_col, c_batch, accumulate,
                                       num_threads);
       },
@@ -102,9 +102,9 @@ PYBIND11_MODULE(_C, m) {
          const std::vector<int>& activations, const std::vector<int>& has_bias, int loss_kind,
          uintptr_t inputs, uintptr_t theta, uintptr_t vectors, uintptr_t out, int64_t batch,
          int64_t num_vectors, int num_threads) {
-        const bool f64 = precision_from_name(dtype) == Precision::kFloat64;
+        const Precision precision = precision_from_name(dtype);
         py::gil_scoped_release release;
-        pbrf::cpu::mlp_gnh_product(f64, dims, activations, has_bias, loss_kind, inputs, theta,
+        pbrf::cpu::mlp_gnh_product(precision, dims, activations, has_bias, loss_kind, inputs, theta,
                                    vectors, out, batch, num_vectors, num_threads);
       },
       py::arg("dtype"), py::arg("dims"), py::arg("activations"), py::arg("has_bias"),
@@ -119,11 +119,11 @@ PYBIND11_MODULE(_C, m) {
          double weight_decay, double damping, double scale, uintptr_t limits, double ceiling,
          int64_t check_every, uintptr_t total, uintptr_t failure_norms,
          int64_t cache_budget_bytes, int num_threads) {
-        const bool f64 = precision_from_name(dtype) == Precision::kFloat64;
+        const Precision precision = precision_from_name(dtype);
         pbrf::cpu::LissaOutcome o;
         {
           py::gil_scoped_release release;
-          o = pbrf::cpu::mlp_lissa(f64, dims, activations, has_bias, loss_kind, inputs,
+          o = pbrf::cpu::mlp_lissa(precision, dims, activations, has_bias, loss_kind, inputs,
                                    num_examples, theta, v, num_vectors, schedule, repeats, depth,
                                    batch, weight_decay, damping, scale, limits, ceiling,
                                    check_every, total, failure_norms, cache_budget_bytes,

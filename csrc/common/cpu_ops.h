@@ -5,9 +5,9 @@
 
 #include <cstdint>
 
-namespace pbrf::cpu {
+#include "common/precision.h"
 
-enum class Precision { kFloat32, kFloat64 };
+namespace pbrf::cpu {
 
 // vectors/out: (M, B, C) contiguous; logits: (B, C) contiguous.
 void output_hessian_product(int loss_kind, Precision precision, uintptr_t logits,

@@ -8,9 +8,9 @@
 #include <string>
 #include <vector>
 
-namespace pbrf::cuda {
+#include "common/precision.h"
 
-enum class Precision { kFloat32, kFloat64 };
+namespace pbrf::cuda {
 
 int device_count();
 std::string status();

@@ -129,7 +129,7 @@ void strided_team(int64_t M, int64_t N, int64_t K, int64_t batch, Operand<T> A, 
 
 }  // namespace
 
-void gemm_strided(bool double_precision, int64_t M, int64_t N, int64_t K, int64_t batch,
+void gemm_strided(Precision precision, int64_t M, int64_t N, int64_t K, int64_t batch,
                   uintptr_t a, int64_t a_row, int64_t a_col, int64_t a_batch, uintptr_t b,
                   int64_t b_row, int64_t b_col, int64_t b_batch, uintptr_t c, int64_t c_row,
                   int64_t c_col, int64_t c_batch, bool accumulate, int num_threads) {
@@ -139,7 +139,7 @@ void gemm_strided(bool double_precision, int64_t M, int64_t N, int64_t K, int64_
                     {reinterpret_cast<const T*>(b), b_row, b_col, b_batch},
                     reinterpret_cast<T*>(c), c_row, c_col, c_batch, accumulate, num_threads);
   };
-  double_precision ? go(0.0) : go(0.0f);
+  precision == Precision::kFloat64 ? go(0.0) : go(0.0f);
 }
 
 const char* gemm_isa() {

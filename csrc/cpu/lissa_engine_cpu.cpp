@@ -208,7 +208,7 @@ LissaOutcome run_engine(const Engine<T>& e, int num_threads) {
 
 }  // namespace
 
-LissaOutcome mlp_lissa(bool double_precision, const std::vector<int64_t>& dims,
+LissaOutcome mlp_lissa(Precision precision, const std::vector<int64_t>& dims,
                        const std::vector<int>& activations, const std::vector<int>& has_bias,
                        int loss_kind, uintptr_t inputs, int64_t num_examples, uintptr_t theta,
                        uintptr_t v, int64_t num_vectors, uintptr_t schedule, int64_t repeats,
@@ -220,7 +220,7 @@ LissaOutcome mlp_lissa(bool double_precision, const std::vector<int64_t>& dims,
   if (num_examples < 1 || num_vectors < 1 || batch < 1 || repeats < 1 || depth < 1 || check_every < 1)
     throw std::invalid_argument("mlp_lissa: sizes and check_every must be positive");
   if (!(scale > 0) || !std::isfinite(scale)) throw std::invalid_argument("mlp_lissa: bad scale");
-  const int64_t element = double_precision ? 8 : 4;
+  const int64_t element = int64_t(element_bytes(precision));
   const int64_t cache_bytes =
       num_examples * (2 * spec.hidden_width_sum() + spec.outputs()) * element;
   const bool cache = cache_bytes <= cache_budget_bytes;
@@ -233,7 +233,7 @@ LissaOutcome mlp_lissa(bool double_precision, const std::vector<int64_t>& dims,
                 reinterpret_cast<T*>(total), reinterpret_cast<double*>(failure_norms), cache};
     return run_engine(e, num_threads);
   };
-  return double_precision ? go(0.0) : go(0.0f);
+  return precision == Precision::kFloat64 ? go(0.0) : go(0.0f);
 }
 
 }  // namespace pbrf::cpu

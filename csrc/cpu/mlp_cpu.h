@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/precision.h"
 #include "cpu/gemm_cpu.h"
 
 namespace pbrf::cpu::mlp {
@@ -149,7 +150,7 @@ inline void split_range(int64_t total, int thread, int num_threads, int64_t* beg
 namespace pbrf::cpu {
 
 // out (d, m) = sum over the batch of J_i^T H_i J_i vectors (d, m), both row-major.
-void mlp_gnh_product(bool double_precision, const std::vector<int64_t>& dims,
+void mlp_gnh_product(Precision precision, const std::vector<int64_t>& dims,
                      const std::vector<int>& activations, const std::vector<int>& has_bias,
                      int loss_kind, uintptr_t inputs, uintptr_t theta, uintptr_t vectors,
                      uintptr_t out, int64_t batch, int64_t num_vectors, int num_threads);
@@ -164,7 +165,7 @@ struct LissaOutcome {
 // v, total: (m, d); schedule: (repeats, depth, batch) int64 indices into the
 // n training inputs (n, dims[0]); limits: per-column ||v|| * slack (float64);
 // failure_norms: (m,) float64, the column norms at the failing step.
-LissaOutcome mlp_lissa(bool double_precision, const std::vector<int64_t>& dims,
+LissaOutcome mlp_lissa(Precision precision, const std::vector<int64_t>& dims,
                        const std::vector<int>& activations, const std::vector<int>& has_bias,
                        int loss_kind, uintptr_t inputs, int64_t num_examples, uintptr_t theta,
                        uintptr_t v, int64_t num_vectors, uintptr_t schedule, int64_t repeats,

@@ -379,13 +379,13 @@ void product_typed(const Spec& spec, const T* x, const T* theta, const T* V_dm, 
 
 namespace pbrf::cpu {
 
-void mlp_gnh_product(bool double_precision, const std::vector<int64_t>& dims,
+void mlp_gnh_product(Precision precision, const std::vector<int64_t>& dims,
                      const std::vector<int>& activations, const std::vector<int>& has_bias,
                      int loss_kind, uintptr_t inputs, uintptr_t theta, uintptr_t vectors,
                      uintptr_t out, int64_t batch, int64_t num_vectors, int num_threads) {
   const mlp::Spec spec = mlp::make_spec(dims, activations, has_bias, loss_kind);
   if (batch < 1 || num_vectors < 1) throw std::invalid_argument("mlp_gnh_product: empty batch or block");
-  if (double_precision)
+  if (precision == Precision::kFloat64)
     mlp::product_typed(spec, reinterpret_cast<const double*>(inputs),
                        reinterpret_cast<const double*>(theta), reinterpret_cast<const double*>(vectors),
                        reinterpret_cast<double*>(out), batch, num_vectors, num_threads);

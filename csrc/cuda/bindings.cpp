@@ -25,7 +25,7 @@
 
 
 namespace py = pybind11;
-using pbrf::cuda::Precision;
+using pbrf::Precision;
 
 namespace {
 

@@ -146,7 +146,7 @@ inline void split_range(int64_t total, int thread, int num_threads, int64_t* beg
 
 }  // namespace pbrf::cpu::mlp
 
-// ---- entry points called by csrc/bindings.cpp (pointers are data_ptr() ints) ----
+// ---- entry points called by csrc/cpu/bindings.cpp (pointers are data_ptr() ints) ----
 namespace pbrf::cpu {
 
 // out (d, m) = sum over the batch of J_i^T H_i J_i vectors (d, m), both row-major.

@@ -106,12 +106,17 @@ def test_block_order_exposes_an_unsynchronised_write():
 
 def test_launch_errors_surface_as_runtime_errors():
     """A kernel fault inside a launcher reaches Python as RuntimeError with the detail."""
+    def call_lissa_update(dtype, device):
+        ext.lissa_update(registry.extension_args(
+            ext.LissaUpdateArgs, dtype=dtype, h=0, v=0, gh=0, damping=0.0, scale=1.0, rows=1,
+            cols=1, norms_squared=0, nonfinite_flag=0, device=device, stream=0))
+
     with cuda_emulation():
         ext = registry.cuda_extension
         with pytest.raises(ValueError, match="float32 and float64"):
-            ext.lissa_update("float16", 0, 0, 0, 0.0, 1.0, 1, 1, 0, 0, 0, 0)
+            call_lissa_update("float16", 0)
         with pytest.raises(RuntimeError, match="cudaSetDevice"):
-            ext.lissa_update("float32", 0, 0, 0, 0.0, 1.0, 1, 1, 0, 0, 3, 0)
+            call_lissa_update("float32", 3)
 
 
 def test_emulation_context_routes_cuda_backend_and_restores():

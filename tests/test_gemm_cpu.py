@@ -31,13 +31,18 @@ def strided(batch, rows, cols, transposed, dtype, generator):
     return torch.randn(batch, rows, cols, dtype=dtype, generator=generator)
 
 
+def operand(t):
+    """A (batch, rows, cols) view as the GEMM's strided operand."""
+    return registry.extension_args(ext.StridedOperand, data=t.data_ptr(), row_stride=t.stride(1),
+                                   col_stride=t.stride(2), batch_stride=t.stride(0))
+
+
 def run(A, B, C, accumulate, threads):
     batch, M, K = A.shape
     N = B.shape[2]
-    name = str(A.dtype).removeprefix("torch.")
-    ext.gemm(name, M, N, K, batch, A.data_ptr(), A.stride(1), A.stride(2), A.stride(0),
-             B.data_ptr(), B.stride(1), B.stride(2), B.stride(0),
-             C.data_ptr(), C.stride(1), C.stride(2), C.stride(0), accumulate, threads)
+    ext.gemm(registry.extension_args(
+        ext.GemmArgs, dtype=registry.dtype_name(A), M=M, N=N, K=K, batch=batch, a=operand(A),
+        b=operand(B), c=operand(C), accumulate=accumulate, threads=threads))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

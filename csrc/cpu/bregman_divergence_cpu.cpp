@@ -6,9 +6,9 @@
 #include <stdexcept>
 #include <vector>
 
-#include "common/cpu_ops.h"
 #include "common/cpu_vector_math.h"
 #include "common/loss_math.h"
+#include "cpu/cpu_ops.h"
 
 namespace pbrf::cpu {
 namespace {
@@ -109,25 +109,20 @@ void bregman_typed(const BregmanArgs<T>& a, int num_threads) {
 
 }  // namespace
 
-void bregman_divergence(int loss_kind, Precision precision, uintptr_t outputs,
-                        uintptr_t ref_outputs, uintptr_t values, uintptr_t grad,
-                        int64_t batch, int64_t classes, int num_threads) {
-  if (loss_kind != kMse && loss_kind != kCrossEntropy && loss_kind != kBce)
+void bregman_divergence(const BregmanDivergenceArgs& args) {
+  if (args.loss_kind != kMse && args.loss_kind != kCrossEntropy && args.loss_kind != kBce)
     throw std::invalid_argument("unknown loss kind code");
-  if (batch == 0) return;
-  if (classes == 0) throw std::invalid_argument("bregman_divergence needs at least one output per example");
-  if (precision == Precision::kFloat32)
-    bregman_typed(BregmanArgs<float>{loss_kind, reinterpret_cast<const float*>(outputs),
-                                     reinterpret_cast<const float*>(ref_outputs),
-                                     reinterpret_cast<float*>(values), reinterpret_cast<float*>(grad),
-                                     batch, classes},
-                  num_threads);
-  else
-    bregman_typed(BregmanArgs<double>{loss_kind, reinterpret_cast<const double*>(outputs),
-                                      reinterpret_cast<const double*>(ref_outputs),
-                                      reinterpret_cast<double*>(values),
-                                      reinterpret_cast<double*>(grad), batch, classes},
-                  num_threads);
+  if (args.batch == 0) return;
+  if (args.classes == 0)
+    throw std::invalid_argument("bregman_divergence needs at least one output per example");
+  with_element_type(args.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    bregman_typed(BregmanArgs<T>{args.loss_kind, reinterpret_cast<const T*>(args.outputs),
+                                 reinterpret_cast<const T*>(args.ref_outputs),
+                                 reinterpret_cast<T*>(args.values), reinterpret_cast<T*>(args.grad),
+                                 args.batch, args.classes},
+                  args.launch.threads);
+  });
 }
 
 }  // namespace pbrf::cpu

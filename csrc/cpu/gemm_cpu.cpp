@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/cpu_ops.h"
+
 namespace pbrf::cpu::gemm {
 namespace {
 
@@ -113,41 +115,34 @@ void gemm_team(const Gemm<double>& g, int thread, int num_threads, Workspace<dou
   dispatch(g, thread, num_threads, ws);
 }
 
-namespace {
+}  // namespace pbrf::cpu::gemm
 
-template <typename T>
-void strided_team(int64_t M, int64_t N, int64_t K, int64_t batch, Operand<T> A, Operand<T> B,
-                  T* C, int64_t c_row, int64_t c_col, int64_t c_batch, bool accumulate,
-                  int num_threads) {
-  const Gemm<T> g{M, N, K, batch, A, B, C, c_row, c_col, c_batch, accumulate};
-#pragma omp parallel num_threads(std::max(1, num_threads))
-  {
-    Workspace<T> ws;
-    dispatch(g, omp_get_thread_num(), omp_get_num_threads(), ws);
-  }
-}
+namespace pbrf::cpu {
 
-}  // namespace
-
-void gemm_strided(bool double_precision, int64_t M, int64_t N, int64_t K, int64_t batch,
-                  uintptr_t a, int64_t a_row, int64_t a_col, int64_t a_batch, uintptr_t b,
-                  int64_t b_row, int64_t b_col, int64_t b_batch, uintptr_t c, int64_t c_row,
-                  int64_t c_col, int64_t c_batch, bool accumulate, int num_threads) {
-  auto go = [&](auto zero) {
+void gemm_strided(const GemmArgs& args) {
+  with_element_type(args.dtype, [&](auto zero) {
     using T = decltype(zero);
-    strided_team<T>(M, N, K, batch, {reinterpret_cast<const T*>(a), a_row, a_col, a_batch},
-                    {reinterpret_cast<const T*>(b), b_row, b_col, b_batch},
-                    reinterpret_cast<T*>(c), c_row, c_col, c_batch, accumulate, num_threads);
-  };
-  double_precision ? go(0.0) : go(0.0f);
+    auto operand = [](const StridedOperand& o) {
+      return gemm::Operand<T>{reinterpret_cast<const T*>(o.data), o.row_stride, o.col_stride,
+                              o.batch_stride};
+    };
+    const gemm::Gemm<T> g{args.M, args.N, args.K, args.batch, operand(args.a), operand(args.b),
+                          reinterpret_cast<T*>(args.c.data), args.c.row_stride, args.c.col_stride,
+                          args.c.batch_stride, args.accumulate};
+#pragma omp parallel num_threads(std::max(1, args.launch.threads))
+    {
+      gemm::Workspace<T> ws;
+      gemm::dispatch(g, omp_get_thread_num(), omp_get_num_threads(), ws);
+    }
+  });
 }
 
 const char* gemm_isa() {
-  switch (kIsa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
+  switch (gemm::kIsa) {
+    case gemm::Isa::kAvx512: return "avx512";
+    case gemm::Isa::kAvx2: return "avx2";
     default: return "generic";
   }
 }
 
-}  // namespace pbrf::cpu::gemm
+}  // namespace pbrf::cpu

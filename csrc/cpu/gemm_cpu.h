@@ -41,15 +41,4 @@ struct Workspace {
 void gemm_team(const Gemm<float>& g, int thread, int num_threads, Workspace<float>& ws);
 void gemm_team(const Gemm<double>& g, int thread, int num_threads, Workspace<double>& ws);
 
-// Which micro-kernel the running CPU gets ("avx512", "avx2" or "generic").
-const char* gemm_isa();
-
-// One whole strided product on its own OpenMP team of num_threads: the entry
-// point of the GEMM's parity tests (pbrf_fast._C.gemm). Operand layout as in
-// Operand/Gemm above, in elements; pointers are data_ptr() addresses.
-void gemm_strided(bool double_precision, int64_t M, int64_t N, int64_t K, int64_t batch,
-                  uintptr_t a, int64_t a_row, int64_t a_col, int64_t a_batch, uintptr_t b,
-                  int64_t b_row, int64_t b_col, int64_t b_batch, uintptr_t c, int64_t c_row,
-                  int64_t c_col, int64_t c_batch, bool accumulate, int num_threads);
-
 }  // namespace pbrf::cpu::gemm

@@ -23,9 +23,10 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "common/cpu_vector_math.h"
 #include "common/host_device.h"
 #include "common/loss_math.h"
-#include "common/cpu_vector_math.h"
+#include "cpu/cpu_ops.h"
 #include "cpu/mlp_cpu.h"
 
 namespace pbrf::cpu {
@@ -208,32 +209,28 @@ LissaOutcome run_engine(const Engine<T>& e, int num_threads) {
 
 }  // namespace
 
-LissaOutcome mlp_lissa(bool double_precision, const std::vector<int64_t>& dims,
-                       const std::vector<int>& activations, const std::vector<int>& has_bias,
-                       int loss_kind, uintptr_t inputs, int64_t num_examples, uintptr_t theta,
-                       uintptr_t v, int64_t num_vectors, uintptr_t schedule, int64_t repeats,
-                       int64_t depth, int64_t batch, double weight_decay, double damping,
-                       double scale, uintptr_t limits, double ceiling, int64_t check_every,
-                       uintptr_t total, uintptr_t failure_norms, int64_t cache_budget_bytes,
-                       int num_threads) {
-  const mlp::Spec spec = mlp::make_spec(dims, activations, has_bias, loss_kind);
-  if (num_examples < 1 || num_vectors < 1 || batch < 1 || repeats < 1 || depth < 1 || check_every < 1)
+LissaOutcome mlp_lissa(const MlpLissaArgs& args) {
+  const mlp::Spec spec = mlp::make_spec(args.mlp, args.loss_kind);
+  if (args.num_examples < 1 || args.num_vectors < 1 || args.batch < 1 || args.repeats < 1 ||
+      args.depth < 1 || args.check_every < 1)
     throw std::invalid_argument("mlp_lissa: sizes and check_every must be positive");
-  if (!(scale > 0) || !std::isfinite(scale)) throw std::invalid_argument("mlp_lissa: bad scale");
-  const int64_t element = double_precision ? 8 : 4;
+  if (!(args.scale > 0) || !std::isfinite(args.scale))
+    throw std::invalid_argument("mlp_lissa: bad scale");
+  const int64_t element = int64_t(element_bytes(args.dtype));
   const int64_t cache_bytes =
-      num_examples * (2 * spec.hidden_width_sum() + spec.outputs()) * element;
-  const bool cache = cache_bytes <= cache_budget_bytes;
-  auto go = [&](auto zero) {
+      args.num_examples * (2 * spec.hidden_width_sum() + spec.outputs()) * element;
+  const bool cache = cache_bytes <= args.cache_budget_bytes;
+  return with_element_type(args.dtype, [&](auto zero) {
     using T = decltype(zero);
-    Engine<T> e{spec, reinterpret_cast<const T*>(inputs), num_examples,
-                reinterpret_cast<const T*>(theta), reinterpret_cast<const T*>(v), num_vectors,
-                reinterpret_cast<const int64_t*>(schedule), repeats, depth, batch, weight_decay,
-                damping, scale, reinterpret_cast<const double*>(limits), ceiling, check_every,
-                reinterpret_cast<T*>(total), reinterpret_cast<double*>(failure_norms), cache};
-    return run_engine(e, num_threads);
-  };
-  return double_precision ? go(0.0) : go(0.0f);
+    Engine<T> e{spec, reinterpret_cast<const T*>(args.inputs), args.num_examples,
+                reinterpret_cast<const T*>(args.theta), reinterpret_cast<const T*>(args.v),
+                args.num_vectors, reinterpret_cast<const int64_t*>(args.schedule), args.repeats,
+                args.depth, args.batch, args.weight_decay, args.damping, args.scale,
+                reinterpret_cast<const double*>(args.limits), args.ceiling, args.check_every,
+                reinterpret_cast<T*>(args.total), reinterpret_cast<double*>(args.failure_norms),
+                cache};
+    return run_engine(e, args.launch.threads);
+  });
 }
 
 }  // namespace pbrf::cpu

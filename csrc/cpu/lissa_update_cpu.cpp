@@ -7,9 +7,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/cpu_ops.h"
 #include "common/cpu_vector_math.h"
 #include "common/loss_math.h"
+#include "cpu/cpu_ops.h"
 
 namespace pbrf::cpu {
 namespace {
@@ -95,20 +95,16 @@ bool lissa_typed(const LissaArgs<T>& a, int64_t rows, double* norms_squared, int
 
 }  // namespace
 
-bool lissa_update(Precision precision, uintptr_t h, uintptr_t v, uintptr_t gh, double damping,
-                  double scale, int64_t rows, int64_t cols, uintptr_t norms_squared,
-                  int num_threads) {
-  double* sums = reinterpret_cast<double*>(norms_squared);
-  const double keep = 1.0 - damping / scale;
-  const double inv_scale = 1.0 / scale;
-  if (precision == Precision::kFloat32) {
-    LissaArgs<float> a{reinterpret_cast<float*>(h), reinterpret_cast<const float*>(v),
-                       reinterpret_cast<const float*>(gh), float(keep), float(inv_scale), cols};
-    return lissa_typed(a, rows, sums, num_threads);
-  }
-  LissaArgs<double> a{reinterpret_cast<double*>(h), reinterpret_cast<const double*>(v),
-                      reinterpret_cast<const double*>(gh), keep, inv_scale, cols};
-  return lissa_typed(a, rows, sums, num_threads);
+bool lissa_update(const LissaUpdateArgs& args) {
+  double* sums = reinterpret_cast<double*>(args.norms_squared);
+  const double keep = 1.0 - args.damping / args.scale;
+  const double inv_scale = 1.0 / args.scale;
+  return with_element_type(args.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    LissaArgs<T> a{reinterpret_cast<T*>(args.h), reinterpret_cast<const T*>(args.v),
+                   reinterpret_cast<const T*>(args.gh), T(keep), T(inv_scale), args.cols};
+    return lissa_typed(a, args.rows, sums, args.launch.threads);
+  });
 }
 
 }  // namespace pbrf::cpu

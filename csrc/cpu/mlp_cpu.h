@@ -1,5 +1,6 @@
 // The fused MLP Gauss-Newton machinery shared by the product op
-// (mlp_gnh_cpu.cpp) and the native LiSSA engine (lissa_engine_cpu.cpp).
+// (mlp_gnh_cpu.cpp) and the native LiSSA engine (lissa_engine_cpu.cpp); their
+// entry points are declared in cpu/cpu_ops.h.
 //
 // An MLP is L Linear layers, widths dims[0..L], with an elementwise
 // activation after every layer but the last; parameters are flattened like
@@ -15,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/kernel_args.h"
 #include "cpu/gemm_cpu.h"
 
 namespace pbrf::cpu::mlp {
@@ -34,8 +36,7 @@ struct Spec {
 };
 
 // Validates and fills the offsets; throws std::invalid_argument.
-Spec make_spec(const std::vector<int64_t>& dims, const std::vector<int>& activations,
-               const std::vector<int>& has_bias, int loss_kind);
+Spec make_spec(const MlpShape& shape, int loss_kind);
 
 // Forward state of a batch: post-activation values and activation slopes of
 // every hidden layer (batch x dims[l+1]) and the network outputs (batch x C).
@@ -144,33 +145,3 @@ inline void split_range(int64_t total, int thread, int num_threads, int64_t* beg
 }
 
 }  // namespace pbrf::cpu::mlp
-
-// ---- entry points called by csrc/bindings.cpp (pointers are data_ptr() ints) ----
-namespace pbrf::cpu {
-
-// out (d, m) = sum over the batch of J_i^T H_i J_i vectors (d, m), both row-major.
-void mlp_gnh_product(bool double_precision, const std::vector<int64_t>& dims,
-                     const std::vector<int>& activations, const std::vector<int>& has_bias,
-                     int loss_kind, uintptr_t inputs, uintptr_t theta, uintptr_t vectors,
-                     uintptr_t out, int64_t batch, int64_t num_vectors, int num_threads);
-
-struct LissaOutcome {
-  bool diverged = false;
-  bool nonfinite = false;
-  int64_t repeat = -1, step = -1;
-};
-
-// The whole stochastic LiSSA recursion (see pbrf_fast/kernels/lissa_engine.py).
-// v, total: (m, d); schedule: (repeats, depth, batch) int64 indices into the
-// n training inputs (n, dims[0]); limits: per-column ||v|| * slack (float64);
-// failure_norms: (m,) float64, the column norms at the failing step.
-LissaOutcome mlp_lissa(bool double_precision, const std::vector<int64_t>& dims,
-                       const std::vector<int>& activations, const std::vector<int>& has_bias,
-                       int loss_kind, uintptr_t inputs, int64_t num_examples, uintptr_t theta,
-                       uintptr_t v, int64_t num_vectors, uintptr_t schedule, int64_t repeats,
-                       int64_t depth, int64_t batch, double weight_decay, double damping,
-                       double scale, uintptr_t limits, double ceiling, int64_t check_every,
-                       uintptr_t total, uintptr_t failure_norms, int64_t cache_budget_bytes,
-                       int num_threads);
-
-}  // namespace pbrf::cpu

@@ -15,6 +15,7 @@
 
 #include "common/cpu_vector_math.h"
 #include "common/mlp_gnh.h"
+#include "cpu/cpu_ops.h"
 #include "cpu/mlp_cpu.h"
 
 namespace pbrf::cpu::mlp {
@@ -27,8 +28,10 @@ int64_t Spec::hidden_width_sum() const {
   return sum;
 }
 
-Spec make_spec(const std::vector<int64_t>& dims, const std::vector<int>& activations,
-               const std::vector<int>& has_bias, int loss_kind) {
+Spec make_spec(const MlpShape& shape, int loss_kind) {
+  const std::vector<int64_t>& dims = shape.dims;
+  const std::vector<int>& activations = shape.activations;
+  const std::vector<int>& has_bias = shape.has_bias;
   if (dims.size() < 2) throw std::invalid_argument("mlp: need at least one layer");
   const int L = int(dims.size()) - 1;
   if (int(activations.size()) != L - 1 || int(has_bias.size()) != L)
@@ -379,20 +382,17 @@ void product_typed(const Spec& spec, const T* x, const T* theta, const T* V_dm, 
 
 namespace pbrf::cpu {
 
-void mlp_gnh_product(bool double_precision, const std::vector<int64_t>& dims,
-                     const std::vector<int>& activations, const std::vector<int>& has_bias,
-                     int loss_kind, uintptr_t inputs, uintptr_t theta, uintptr_t vectors,
-                     uintptr_t out, int64_t batch, int64_t num_vectors, int num_threads) {
-  const mlp::Spec spec = mlp::make_spec(dims, activations, has_bias, loss_kind);
-  if (batch < 1 || num_vectors < 1) throw std::invalid_argument("mlp_gnh_product: empty batch or block");
-  if (double_precision)
-    mlp::product_typed(spec, reinterpret_cast<const double*>(inputs),
-                       reinterpret_cast<const double*>(theta), reinterpret_cast<const double*>(vectors),
-                       reinterpret_cast<double*>(out), batch, num_vectors, num_threads);
-  else
-    mlp::product_typed(spec, reinterpret_cast<const float*>(inputs),
-                       reinterpret_cast<const float*>(theta), reinterpret_cast<const float*>(vectors),
-                       reinterpret_cast<float*>(out), batch, num_vectors, num_threads);
+void mlp_gnh_product(const MlpGnhProductArgs& args) {
+  const mlp::Spec spec = mlp::make_spec(args.mlp, args.loss_kind);
+  if (args.batch < 1 || args.num_vectors < 1)
+    throw std::invalid_argument("mlp_gnh_product: empty batch or block");
+  with_element_type(args.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    mlp::product_typed(spec, reinterpret_cast<const T*>(args.inputs),
+                       reinterpret_cast<const T*>(args.theta), reinterpret_cast<const T*>(args.vectors),
+                       reinterpret_cast<T*>(args.out), args.batch, args.num_vectors,
+                       args.launch.threads);
+  });
 }
 
 }  // namespace pbrf::cpu

@@ -8,9 +8,9 @@
 #include <stdexcept>
 #include <vector>
 
-#include "common/cpu_ops.h"
 #include "common/cpu_vector_math.h"
 #include "common/loss_math.h"
+#include "cpu/cpu_ops.h"
 
 namespace pbrf::cpu {
 namespace {
@@ -140,24 +140,18 @@ void output_hessian_typed(const HessianArgs<T>& a, int num_threads) {
 
 }  // namespace
 
-void output_hessian_product(int loss_kind, Precision precision, uintptr_t logits,
-                            uintptr_t vectors, uintptr_t out, int64_t batch,
-                            int64_t classes, int64_t num_vectors, int num_threads) {
-  if (loss_kind != kMse && loss_kind != kCrossEntropy && loss_kind != kBce)
+void output_hessian_product(const OutputHessianArgs& args) {
+  if (args.loss_kind != kMse && args.loss_kind != kCrossEntropy && args.loss_kind != kBce)
     throw std::invalid_argument("unknown loss kind code");
-  if (batch == 0 || classes == 0 || num_vectors == 0) return;
-  if (precision == Precision::kFloat32)
-    output_hessian_typed(HessianArgs<float>{loss_kind, reinterpret_cast<const float*>(logits),
-                                            reinterpret_cast<const float*>(vectors),
-                                            reinterpret_cast<float*>(out), batch, classes,
-                                            num_vectors},
-                         num_threads);
-  else
-    output_hessian_typed(HessianArgs<double>{loss_kind, reinterpret_cast<const double*>(logits),
-                                             reinterpret_cast<const double*>(vectors),
-                                             reinterpret_cast<double*>(out), batch, classes,
-                                             num_vectors},
-                         num_threads);
+  if (args.batch == 0 || args.classes == 0 || args.num_vectors == 0) return;
+  with_element_type(args.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    output_hessian_typed(HessianArgs<T>{args.loss_kind, reinterpret_cast<const T*>(args.logits),
+                                        reinterpret_cast<const T*>(args.vectors),
+                                        reinterpret_cast<T*>(args.out), args.batch, args.classes,
+                                        args.num_vectors},
+                         args.launch.threads);
+  });
 }
 
 }  // namespace pbrf::cpu

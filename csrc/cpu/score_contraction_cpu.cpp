@@ -18,8 +18,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/cpu_ops.h"
 #include "common/score_contraction_math.h"
+#include "cpu/cpu_ops.h"
 #include "cpu/gemm_cpu.h"
 
 namespace pbrf::cpu {
@@ -157,18 +157,14 @@ void score_typed(const ScoreArgs<T>& g, int num_threads) {
 
 }  // namespace
 
-void score_contraction(Precision precision, uintptr_t a, uintptr_t delta, uintptr_t s, uintptr_t out,
-                       int64_t batch, int64_t tokens, int64_t out_features, int64_t in_features,
-                       int64_t queries, int num_threads) {
-  auto go = [&](auto zero) {
+void score_contraction(const ScoreContractionArgs& args) {
+  with_element_type(args.dtype, [&](auto zero) {
     using T = decltype(zero);
-    const ScoreArgs<T> args{reinterpret_cast<const T*>(a), reinterpret_cast<const T*>(delta),
-                            reinterpret_cast<const T*>(s), reinterpret_cast<T*>(out),
-                            batch, tokens, out_features, in_features, queries};
-    score_typed(args, num_threads);
-  };
-  if (precision == Precision::kFloat32) go(0.0f);
-  else go(0.0);
+    const ScoreArgs<T> g{reinterpret_cast<const T*>(args.a), reinterpret_cast<const T*>(args.delta),
+                         reinterpret_cast<const T*>(args.s), reinterpret_cast<T*>(args.out),
+                         args.batch, args.tokens, args.out_features, args.in_features, args.queries};
+    score_typed(g, args.launch.threads);
+  });
 }
 
 }  // namespace pbrf::cpu

@@ -4,9 +4,9 @@
 
 #include <stdexcept>
 
-#include "common/cuda_ops.h"
 #include "common/cuda_utils.h"
 #include "common/loss_math.h"
+#include "cuda/cuda_ops.h"
 
 namespace pbrf::cuda {
 namespace {
@@ -88,21 +88,18 @@ void launch_bregman(int loss_kind, uintptr_t outputs, uintptr_t ref_outputs, uin
 
 }  // namespace
 
-void bregman_divergence(int loss_kind, Precision precision, uintptr_t outputs,
-                        uintptr_t ref_outputs, uintptr_t values, uintptr_t grad, int64_t batch,
-                        int64_t classes, int device, uintptr_t stream) {
-  if (loss_kind != kMse && loss_kind != kCrossEntropy && loss_kind != kBce)
+void bregman_divergence(const BregmanDivergenceArgs& args) {
+  if (args.loss_kind != kMse && args.loss_kind != kCrossEntropy && args.loss_kind != kBce)
     throw std::invalid_argument("unknown loss kind code");
-  if (batch == 0) return;
-  if (classes == 0)
+  if (args.batch == 0) return;
+  if (args.classes == 0)
     throw std::invalid_argument("bregman_divergence needs at least one output per example");
-  use_device(device);
-  if (precision == Precision::kFloat32)
-    launch_bregman<float>(loss_kind, outputs, ref_outputs, values, grad, batch, classes,
-                          as_stream(stream));
-  else
-    launch_bregman<double>(loss_kind, outputs, ref_outputs, values, grad, batch, classes,
-                           as_stream(stream));
+  use_device(args.launch.device);
+  with_element_type(args.dtype, [&](auto zero) {
+    launch_bregman<decltype(zero)>(args.loss_kind, args.outputs, args.ref_outputs, args.values,
+                                   args.grad, args.batch, args.classes,
+                                   as_stream(args.launch.stream));
+  });
 }
 
 }  // namespace pbrf::cuda

@@ -4,7 +4,7 @@
 
 #include <string>
 
-#include "common/cuda_ops.h"
+#include "cuda/cuda_ops.h"
 
 namespace pbrf::cuda {
 

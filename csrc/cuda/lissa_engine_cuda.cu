@@ -13,9 +13,9 @@
 #include <stdexcept>
 #include <vector>
 
-#include "common/cuda_ops.h"
 #include "common/cuda_utils.h"
 #include "common/loss_math.h"
+#include "cuda/cuda_ops.h"
 #include "cuda/mlp_gnh_cuda.h"
 
 namespace pbrf::cuda {
@@ -71,58 +71,55 @@ __global__ void accumulate_kernel(T* __restrict__ total, const T* __restrict__ h
 
 }  // namespace
 
-// Returns (diverged, nonfinite, repeat, step); on divergence failure_norms (host,
-// float64, m) holds the norms of the failing step. v, total: (m, d) device arrays;
-// schedule: (repeats, depth, batch) int64 on the device; limits: host float64 (m);
-// workspace: 2 m d + batch dims[0] + mlp_gnh_workspace_elements(dims, batch, m)
-// elements; norms: m float64 and flag: one int, both device scratch.
-std::vector<int64_t> mlp_lissa(Precision precision, const std::vector<int64_t>& dims,
-                               const std::vector<int>& activations, const std::vector<int>& has_bias,
-                               int loss_kind, uintptr_t inputs, int64_t num_examples, uintptr_t theta,
-                               uintptr_t v, int64_t num_vectors, uintptr_t schedule, int64_t repeats,
-                               int64_t depth, int64_t batch, double weight_decay, double damping,
-                               double scale, const double* limits, double ceiling, int64_t check_every,
-                               uintptr_t total, double* failure_norms, uintptr_t workspace,
-                               int64_t workspace_elements, uintptr_t norms, uintptr_t flag, int device,
-                               uintptr_t stream) {
-  const mlp::Layout s = mlp::make_layout(dims, activations, has_bias);
+// v, total and schedule are device arrays; limits and failure_norms host ones
+// (see MlpLissaArgs in common/kernel_args.h and cuda/cuda_ops.h).
+LissaOutcome mlp_lissa(const MlpLissaArgs& args) {
+  const mlp::Layout s = mlp::make_layout(args.mlp);
+  const std::vector<int64_t>& dims = args.mlp.dims;
+  const int loss_kind = args.loss_kind;
+  const int64_t repeats = args.repeats, depth = args.depth, batch = args.batch;
+  const double scale = args.scale, ceiling = args.ceiling;
+  const int64_t check_every = args.check_every;
   if (loss_kind != kMse && loss_kind != kCrossEntropy && loss_kind != kBce)
     throw std::invalid_argument("mlp_lissa: unknown loss kind code");
-  if (num_examples < 1 || num_vectors < 1 || batch < 1 || repeats < 1 || depth < 1 || check_every < 1)
+  if (args.num_examples < 1 || args.num_vectors < 1 || batch < 1 || repeats < 1 || depth < 1 ||
+      check_every < 1)
     throw std::invalid_argument("mlp_lissa: sizes and check_every must be positive");
   if (!(scale > 0) || !std::isfinite(scale)) throw std::invalid_argument("mlp_lissa: bad scale");
   // Scratch: h and S (m d each), the gathered batch (batch x dims[0]), the product's workspace.
-  if (workspace_elements < 2 * num_vectors * s.num_params + batch * dims[0] +
-                               mlp_gnh_workspace_elements(dims, batch, num_vectors))
+  if (args.workspace_elements < 2 * args.num_vectors * s.num_params + batch * dims[0] +
+                                    mlp_gnh_workspace_elements(dims, batch, args.num_vectors))
     throw std::invalid_argument("mlp_lissa: workspace too small");
-  use_device(device);
-  const cudaStream_t st = as_stream(stream);
-  const int64_t d = s.num_params, m = num_vectors, features = dims[0];
-  double* norms_dev = reinterpret_cast<double*>(norms);
-  int* flag_dev = reinterpret_cast<int*>(flag);
+  use_device(args.launch.device);
+  const cudaStream_t st = as_stream(args.launch.stream);
+  const int64_t d = s.num_params, m = args.num_vectors, features = dims[0];
+  const double* limits = reinterpret_cast<const double*>(args.limits);  // host memory
+  double* failure_norms = reinterpret_cast<double*>(args.failure_norms);  // host memory
+  double* norms_dev = reinterpret_cast<double*>(args.norms);
+  int* flag_dev = reinterpret_cast<int*>(args.flag);
   std::vector<double> norms_host(m);
   int flag_host = 0;
-  std::vector<int64_t> outcome{0, 0, -1, -1};
+  LissaOutcome outcome;
 
-  auto run = [&](auto zero) {
+  with_element_type(args.dtype, [&](auto zero) {
     using T = decltype(zero);
-    T* h = reinterpret_cast<T*>(workspace);
+    T* h = reinterpret_cast<T*>(args.workspace);
     T* S = h + m * d;
     T* xb = S + m * d;
     T* ws = xb + batch * features;
-    const T* V = reinterpret_cast<const T*>(v);
-    T* out = reinterpret_cast<T*>(total);
-    const T keep = T(1.0 - (damping + weight_decay) / scale);
+    const T* V = reinterpret_cast<const T*>(args.v);
+    T* out = reinterpret_cast<T*>(args.total);
+    const T keep = T(1.0 - (args.damping + args.weight_decay) / scale);
     const T coef = T(1.0 / (double(batch) * scale));
     const dim3 update_grid(unsigned(std::min<int64_t>((d + kThreads - 1) / kThreads, 1024)), unsigned(m));
     throw_if_failed(cudaMemsetAsync(out, 0, sizeof(T) * m * d, st), "mlp_lissa memset");
     for (int64_t r = 0; r < repeats; ++r) {
       throw_if_failed(cudaMemcpyAsync(h, V, sizeof(T) * m * d, cudaMemcpyDeviceToDevice, st), "mlp_lissa copy");
       for (int64_t step = 0; step < depth; ++step) {
-        const int64_t* idx = reinterpret_cast<const int64_t*>(schedule) + (r * depth + step) * batch;
+        const int64_t* idx = reinterpret_cast<const int64_t*>(args.schedule) + (r * depth + step) * batch;
         gather_rows_kernel<T><<<mlp::blocks_for(batch * features), kThreads, 0, st>>>(
-            reinterpret_cast<const T*>(inputs), idx, xb, batch, features);
-        mlp::product<T>(s, loss_kind, xb, reinterpret_cast<const T*>(theta), h, S, batch, m, ws, st);
+            reinterpret_cast<const T*>(args.inputs), idx, xb, batch, features);
+        mlp::product<T>(s, loss_kind, xb, reinterpret_cast<const T*>(args.theta), h, S, batch, m, ws, st);
         throw_if_failed(cudaMemsetAsync(norms_dev, 0, sizeof(double) * m, st), "mlp_lissa memset");
         throw_if_failed(cudaMemsetAsync(flag_dev, 0, sizeof(int), st), "mlp_lissa memset");
         update_rows_kernel<T><<<update_grid, kThreads, 0, st>>>(h, V, S, keep, coef, d, norms_dev, flag_dev);
@@ -141,7 +138,7 @@ std::vector<int64_t> mlp_lissa(Precision precision, const std::vector<int64_t>& 
             bad |= !std::isfinite(norm) || norm > limits[k] * bound + 1e-30;
           }
           if (bad) {
-            outcome = {1, flag_host != 0, r, step};
+            outcome = LissaOutcome{true, flag_host != 0, r, step};
             return;
           }
         }
@@ -150,9 +147,7 @@ std::vector<int64_t> mlp_lissa(Precision precision, const std::vector<int64_t>& 
       throw_if_failed(cudaGetLastError(), "mlp_lissa accumulate launch");
     }
     throw_if_failed(cudaStreamSynchronize(st), "mlp_lissa synchronize");
-  };
-  if (precision == Precision::kFloat32) run(0.0f);
-  else run(0.0);
+  });
   return outcome;
 }
 

@@ -7,9 +7,9 @@
 
 #include <algorithm>
 
-#include "common/cuda_ops.h"
 #include "common/cuda_utils.h"
 #include "common/loss_math.h"
+#include "cuda/cuda_ops.h"
 
 namespace pbrf::cuda {
 namespace {
@@ -72,18 +72,15 @@ void launch_lissa(uintptr_t h, uintptr_t v, uintptr_t gh, double damping, double
 
 }  // namespace
 
-void lissa_update(Precision precision, uintptr_t h, uintptr_t v, uintptr_t gh, double damping,
-                  double scale, int64_t rows, int64_t cols, uintptr_t norms_squared,
-                  uintptr_t nonfinite_flag, int device, uintptr_t stream) {
-  const LissaShape shape{rows * cols, cols};
+void lissa_update(const LissaUpdateArgs& args) {
+  const LissaShape shape{args.rows * args.cols, args.cols};
   if (shape.total == 0) return;
-  use_device(device);
-  if (precision == Precision::kFloat32)
-    launch_lissa<float>(h, v, gh, damping, scale, shape, norms_squared, nonfinite_flag, device,
-                        as_stream(stream));
-  else
-    launch_lissa<double>(h, v, gh, damping, scale, shape, norms_squared, nonfinite_flag, device,
-                         as_stream(stream));
+  use_device(args.launch.device);
+  with_element_type(args.dtype, [&](auto zero) {
+    launch_lissa<decltype(zero)>(args.h, args.v, args.gh, args.damping, args.scale, shape,
+                                 args.norms_squared, args.nonfinite_flag, args.launch.device,
+                                 as_stream(args.launch.stream));
+  });
 }
 
 }  // namespace pbrf::cuda

@@ -10,9 +10,9 @@
 #include <stdexcept>
 #include <vector>
 
-#include "common/cuda_ops.h"
 #include "common/cuda_utils.h"
 #include "common/mlp_gnh.h"
+#include "cuda/cuda_ops.h"
 #include "cuda/mlp_gnh_cuda.h"
 
 namespace pbrf::cuda {
@@ -174,8 +174,10 @@ __global__ void output_hessian_rows_kernel(int loss_kind, const T* y, T* rows, i
 // The product, shared with the LiSSA engine (lissa_engine_cuda.cu) through mlp_gnh_cuda.h.
 namespace mlp {
 
-Layout make_layout(const std::vector<int64_t>& dims, const std::vector<int>& activations,
-                   const std::vector<int>& has_bias) {
+Layout make_layout(const MlpShape& shape) {
+  const std::vector<int64_t>& dims = shape.dims;
+  const std::vector<int>& activations = shape.activations;
+  const std::vector<int>& has_bias = shape.has_bias;
   Layout s;
   s.L = int(dims.size()) - 1;
   if (s.L < 1 || int(activations.size()) != s.L - 1 || int(has_bias.size()) != s.L)
@@ -289,34 +291,30 @@ int64_t mlp_gnh_workspace_elements(const std::vector<int64_t>& dims, int64_t bat
   return batch * (2 * hidden + dims.back()) + 2 * batch * num_vectors * max_width;
 }
 
-void mlp_gnh_product(Precision precision, const std::vector<int64_t>& dims,
-                     const std::vector<int>& activations, const std::vector<int>& has_bias,
-                     int loss_kind, uintptr_t inputs, uintptr_t theta, uintptr_t vectors,
-                     uintptr_t out, uintptr_t transposed, int64_t batch, int64_t num_vectors,
-                     uintptr_t workspace, int64_t workspace_elements, int device, uintptr_t stream) {
-  const mlp::Layout s = mlp::make_layout(dims, activations, has_bias);
-  if (loss_kind != kMse && loss_kind != kCrossEntropy && loss_kind != kBce)
+void mlp_gnh_product(const MlpGnhProductArgs& args) {
+  const mlp::Layout s = mlp::make_layout(args.mlp);
+  if (args.loss_kind != kMse && args.loss_kind != kCrossEntropy && args.loss_kind != kBce)
     throw std::invalid_argument("mlp_gnh_product: unknown loss kind code");
-  if (batch < 1 || num_vectors < 1) throw std::invalid_argument("mlp_gnh_product: empty batch");
-  if (workspace_elements < mlp_gnh_workspace_elements(dims, batch, num_vectors))
+  if (args.batch < 1 || args.num_vectors < 1)
+    throw std::invalid_argument("mlp_gnh_product: empty batch");
+  if (args.workspace_elements < mlp_gnh_workspace_elements(args.mlp.dims, args.batch, args.num_vectors))
     throw std::invalid_argument("mlp_gnh_product: workspace too small");
-  use_device(device);
-  const cudaStream_t st = as_stream(stream);
-  const int64_t d = s.num_params, m = num_vectors;
-  auto run = [&](auto zero) {
+  use_device(args.launch.device);
+  const cudaStream_t st = as_stream(args.launch.stream);
+  const int64_t d = s.num_params, m = args.num_vectors;
+  with_element_type(args.dtype, [&](auto zero) {
     using T = decltype(zero);
-    const T* V = reinterpret_cast<const T*>(vectors);
-    T* O = reinterpret_cast<T*>(out);
-    T* Vt = reinterpret_cast<T*>(transposed);  // (m, d) twice, only used for m > 1
+    const T* V = reinterpret_cast<const T*>(args.vectors);
+    T* O = reinterpret_cast<T*>(args.out);
+    T* Vt = reinterpret_cast<T*>(args.transposed);  // (m, d) twice, only used for m > 1
     T* Ot = Vt + m * d;
     if (m > 1) transpose_kernel<T><<<blocks_for(d * m), 256, 0, st>>>(V, Vt, d, m);
-    mlp::product<T>(s, loss_kind, reinterpret_cast<const T*>(inputs), reinterpret_cast<const T*>(theta),
-               m > 1 ? Vt : V, m > 1 ? Ot : O, batch, m, reinterpret_cast<T*>(workspace), st);
+    mlp::product<T>(s, args.loss_kind, reinterpret_cast<const T*>(args.inputs),
+                    reinterpret_cast<const T*>(args.theta), m > 1 ? Vt : V, m > 1 ? Ot : O,
+                    args.batch, m, reinterpret_cast<T*>(args.workspace), st);
     if (m > 1) transpose_kernel<T><<<blocks_for(d * m), 256, 0, st>>>(Ot, O, m, d);
     throw_if_failed(cudaGetLastError(), "mlp_gnh_product transpose launch");
-  };
-  if (precision == Precision::kFloat32) run(0.0f);
-  else run(0.0);
+  });
 }
 
 }  // namespace pbrf::cuda

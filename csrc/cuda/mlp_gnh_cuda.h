@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/kernel_args.h"
+
 namespace pbrf::cuda::mlp {
 
 struct Layout {
@@ -17,8 +19,7 @@ struct Layout {
   int L = 0;
 };
 
-Layout make_layout(const std::vector<int64_t>& dims, const std::vector<int>& activations,
-                   const std::vector<int>& has_bias);
+Layout make_layout(const MlpShape& shape);
 
 // out (m, d) = sum over the B rows of x of J^T H J V, V (m, d): one vector per row.
 // ws: mlp_gnh_workspace_elements(dims, B, m) elements of scratch.

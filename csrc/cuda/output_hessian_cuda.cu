@@ -5,9 +5,9 @@
 
 #include <stdexcept>
 
-#include "common/cuda_ops.h"
 #include "common/cuda_utils.h"
 #include "common/loss_math.h"
+#include "cuda/cuda_ops.h"
 
 namespace pbrf::cuda {
 namespace {
@@ -87,26 +87,26 @@ void launch_output_hessian(int loss_kind, uintptr_t logits, uintptr_t vectors, u
 
 }  // namespace
 
-void output_hessian_product(int loss_kind, Precision precision, uintptr_t logits,
-                            uintptr_t vectors, uintptr_t out, int64_t batch, int64_t classes,
-                            int64_t num_vectors, int device, uintptr_t stream) {
-  if (loss_kind != kMse && loss_kind != kCrossEntropy && loss_kind != kBce)
+void output_hessian_product(const OutputHessianArgs& args) {
+  if (args.loss_kind != kMse && args.loss_kind != kCrossEntropy && args.loss_kind != kBce)
     throw std::invalid_argument("unknown loss kind code");
-  const int64_t count = batch * classes * num_vectors;
+  const int64_t count = args.batch * args.classes * args.num_vectors;
   if (count == 0) return;
-  use_device(device);
-  const size_t element_bytes = precision == Precision::kFloat32 ? sizeof(float) : sizeof(double);
-  if (loss_kind == kMse) {  // H_y = I: the product is a copy
-    throw_if_failed(cudaMemcpyAsync(reinterpret_cast<void*>(out), reinterpret_cast<void*>(vectors),
-                                    count * element_bytes, cudaMemcpyDeviceToDevice, as_stream(stream)),
+  use_device(args.launch.device);
+  const cudaStream_t stream = as_stream(args.launch.stream);
+  if (args.loss_kind == kMse) {  // H_y = I: the product is a copy
+    throw_if_failed(cudaMemcpyAsync(reinterpret_cast<void*>(args.out),
+                                    reinterpret_cast<void*>(args.vectors),
+                                    count * element_bytes(args.dtype), cudaMemcpyDeviceToDevice,
+                                    stream),
                     "cudaMemcpyAsync");
     return;
   }
-  const HessianShape shape{batch, classes, num_vectors};
-  if (precision == Precision::kFloat32)
-    launch_output_hessian<float>(loss_kind, logits, vectors, out, shape, as_stream(stream));
-  else
-    launch_output_hessian<double>(loss_kind, logits, vectors, out, shape, as_stream(stream));
+  const HessianShape shape{args.batch, args.classes, args.num_vectors};
+  with_element_type(args.dtype, [&](auto zero) {
+    launch_output_hessian<decltype(zero)>(args.loss_kind, args.logits, args.vectors, args.out,
+                                          shape, stream);
+  });
 }
 
 }  // namespace pbrf::cuda

@@ -10,8 +10,8 @@
 #include <cuda_runtime.h>
 
 #include "common/cuda_utils.h"
-#include "common/score_contraction_cuda_ops.h"
 #include "common/score_contraction_math.h"
+#include "cuda/cuda_ops.h"
 
 namespace pbrf::cuda {
 namespace {
@@ -80,16 +80,14 @@ void launch(uintptr_t a, uintptr_t delta, uintptr_t s, uintptr_t out, int64_t ba
 
 }  // namespace
 
-void score_contraction(Precision precision, uintptr_t a, uintptr_t delta, uintptr_t s, uintptr_t out,
-                       int64_t batch, int64_t tokens, int64_t out_features, int64_t in_features,
-                       int64_t queries, int device, uintptr_t stream) {
-  if (batch == 0 || queries == 0) return;
-  use_device(device);
-  const ScoreShape shape{tokens, out_features, in_features, queries};
-  if (precision == Precision::kFloat32)
-    launch<float>(a, delta, s, out, batch, shape, as_stream(stream));
-  else
-    launch<double>(a, delta, s, out, batch, shape, as_stream(stream));
+void score_contraction(const ScoreContractionArgs& args) {
+  if (args.batch == 0 || args.queries == 0) return;
+  use_device(args.launch.device);
+  const ScoreShape shape{args.tokens, args.out_features, args.in_features, args.queries};
+  with_element_type(args.dtype, [&](auto zero) {
+    launch<decltype(zero)>(args.a, args.delta, args.s, args.out, args.batch, shape,
+                           as_stream(args.launch.stream));
+  });
 }
 
 }  // namespace pbrf::cuda

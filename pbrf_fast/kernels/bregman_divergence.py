@@ -91,17 +91,21 @@ def bregman_divergence(loss_kind: str, outputs: torch.Tensor, ref_outputs: torch
 
 def _run_cpu(code, outputs, ref_outputs, values, grad) -> None:
     batch, classes = outputs.shape
-    registry.cpu_extension.bregman_divergence(
-        code, registry.dtype_name(outputs), outputs.data_ptr(), ref_outputs.data_ptr(),
-        values.data_ptr(), grad.data_ptr(), batch, classes, torch.get_num_threads())
+    ext = registry.cpu_extension
+    ext.bregman_divergence(registry.extension_args(
+        ext.BregmanDivergenceArgs, loss_kind=code, dtype=registry.dtype_name(outputs),
+        outputs=outputs.data_ptr(), ref_outputs=ref_outputs.data_ptr(), values=values.data_ptr(),
+        grad=grad.data_ptr(), batch=batch, classes=classes, threads=torch.get_num_threads()))
 
 
 def _run_cuda(code, outputs, ref_outputs, values, grad) -> None:
     batch, classes = outputs.shape
+    ext = registry.cuda_extension
     device, stream = registry.cuda_launch_args(outputs)
-    registry.cuda_extension.bregman_divergence(
-        code, registry.dtype_name(outputs), outputs.data_ptr(), ref_outputs.data_ptr(),
-        values.data_ptr(), grad.data_ptr(), batch, classes, device, stream)
+    ext.bregman_divergence(registry.extension_args(
+        ext.BregmanDivergenceArgs, loss_kind=code, dtype=registry.dtype_name(outputs),
+        outputs=outputs.data_ptr(), ref_outputs=ref_outputs.data_ptr(), values=values.data_ptr(),
+        grad=grad.data_ptr(), batch=batch, classes=classes, device=device, stream=stream))
 
 
 registry.register(OP_NAME, "torch", bregman_divergence_reference)

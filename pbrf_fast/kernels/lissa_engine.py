@@ -143,15 +143,18 @@ def _run_cpu(spec, code, theta, inputs, V, schedule, weight_decay, damping, scal
     total = torch.empty_like(v)
     failure = torch.zeros(m, dtype=torch.float64)
     repeats, depth, batch = schedule.shape
-    diverged, nonfinite, repeat, step = registry.cpu_extension.mlp_lissa(
-        registry.dtype_name(theta), dims, acts, bias, code, inputs.data_ptr(), len(inputs),
-        theta.data_ptr(), v.data_ptr(), m, schedule.data_ptr(), repeats, depth, batch,
-        weight_decay, damping, scale, limits.data_ptr(), ceiling if math.isfinite(ceiling) else math.inf,
-        check_every, total.data_ptr(), failure.data_ptr(), FORWARD_CACHE_BYTES,
-        torch.get_num_threads())
-    if diverged:
-        check_lissa_step(failure, nonfinite, limits, min(step + 2, ceiling), step, repeat, scale,
-                          damping)
+    ext = registry.cpu_extension
+    outcome = ext.mlp_lissa(registry.extension_args(
+        ext.MlpLissaArgs, dtype=registry.dtype_name(theta), dims=dims, activations=acts,
+        has_bias=bias, loss_kind=code, inputs=inputs.data_ptr(), num_examples=len(inputs),
+        theta=theta.data_ptr(), v=v.data_ptr(), num_vectors=m, schedule=schedule.data_ptr(),
+        repeats=repeats, depth=depth, batch=batch, weight_decay=weight_decay, damping=damping,
+        scale=scale, limits=limits.data_ptr(), ceiling=ceiling if math.isfinite(ceiling) else math.inf,
+        check_every=check_every, total=total.data_ptr(), failure_norms=failure.data_ptr(),
+        cache_budget_bytes=FORWARD_CACHE_BYTES, threads=torch.get_num_threads()))
+    if outcome.diverged:
+        check_lissa_step(failure, outcome.nonfinite, limits, min(outcome.step + 2, ceiling),
+                         outcome.step, outcome.repeat, scale, damping)
     return total.T
 
 
@@ -170,15 +173,18 @@ def _run_cuda(spec, code, theta, inputs, V, schedule, weight_decay, damping, sca
     schedule = schedule.to(theta.device).contiguous()
     failure = torch.zeros(m, dtype=torch.float64)
     device, stream = registry.cuda_launch_args(theta)
-    diverged, nonfinite, repeat, step = ext.mlp_lissa(
-        registry.dtype_name(theta), dims, acts, bias, code, inputs.data_ptr(), len(inputs),
-        theta.data_ptr(), v.data_ptr(), m, schedule.data_ptr(), repeats, depth, batch, weight_decay,
-        damping, scale, limits.data_ptr(), ceiling if math.isfinite(ceiling) else math.inf, check_every,
-        total.data_ptr(), failure.data_ptr(), workspace.data_ptr(), elements, norms.data_ptr(),
-        flag.data_ptr(), device, stream)
-    if diverged:
-        check_lissa_step(failure, nonfinite, limits, min(step + 2, ceiling), step, repeat, scale,
-                          damping)
+    outcome = ext.mlp_lissa(registry.extension_args(
+        ext.MlpLissaArgs, dtype=registry.dtype_name(theta), dims=dims, activations=acts,
+        has_bias=bias, loss_kind=code, inputs=inputs.data_ptr(), num_examples=len(inputs),
+        theta=theta.data_ptr(), v=v.data_ptr(), num_vectors=m, schedule=schedule.data_ptr(),
+        repeats=repeats, depth=depth, batch=batch, weight_decay=weight_decay, damping=damping,
+        scale=scale, limits=limits.data_ptr(), ceiling=ceiling if math.isfinite(ceiling) else math.inf,
+        check_every=check_every, total=total.data_ptr(), failure_norms=failure.data_ptr(),
+        workspace=workspace.data_ptr(), workspace_elements=elements, norms=norms.data_ptr(),
+        flag=flag.data_ptr(), device=device, stream=stream))
+    if outcome.diverged:
+        check_lissa_step(failure, outcome.nonfinite, limits, min(outcome.step + 2, ceiling),
+                         outcome.step, outcome.repeat, scale, damping)
     return total.T
 
 

@@ -63,19 +63,23 @@ def lissa_update_(h: torch.Tensor, v: torch.Tensor, gh: torch.Tensor, damping: f
 
 def _run_cpu(h, v, gh, damping, scale, rows, cols):
     norms = torch.empty(cols, dtype=torch.float64)
-    nonfinite = registry.cpu_extension.lissa_update(
-        registry.dtype_name(h), h.data_ptr(), v.data_ptr(), gh.data_ptr(), damping, scale,
-        rows, cols, norms.data_ptr(), torch.get_num_threads())
+    ext = registry.cpu_extension
+    nonfinite = ext.lissa_update(registry.extension_args(
+        ext.LissaUpdateArgs, dtype=registry.dtype_name(h), h=h.data_ptr(), v=v.data_ptr(),
+        gh=gh.data_ptr(), damping=damping, scale=scale, rows=rows, cols=cols,
+        norms_squared=norms.data_ptr(), threads=torch.get_num_threads()))
     return norms.sqrt_(), bool(nonfinite)
 
 
 def _run_cuda(h, v, gh, damping, scale, rows, cols):
     norms = torch.zeros(cols, dtype=torch.float64, device=h.device)
     flag = torch.zeros(1, dtype=torch.int32, device=h.device)
+    ext = registry.cuda_extension
     device, stream = registry.cuda_launch_args(h)
-    registry.cuda_extension.lissa_update(
-        registry.dtype_name(h), h.data_ptr(), v.data_ptr(), gh.data_ptr(), damping, scale,
-        rows, cols, norms.data_ptr(), flag.data_ptr(), device, stream)
+    ext.lissa_update(registry.extension_args(
+        ext.LissaUpdateArgs, dtype=registry.dtype_name(h), h=h.data_ptr(), v=v.data_ptr(),
+        gh=gh.data_ptr(), damping=damping, scale=scale, rows=rows, cols=cols,
+        norms_squared=norms.data_ptr(), nonfinite_flag=flag.data_ptr(), device=device, stream=stream))
     return norms.sqrt_(), bool(flag.item())
 
 

@@ -445,9 +445,12 @@ def _columns(vectors: torch.Tensor) -> int:
 
 def _run_cpu(spec, code, theta, x, vectors, out):
     dims, acts, bias = spec.kernel_args()
-    registry.cpu_extension.mlp_gnh_product(
-        registry.dtype_name(theta), dims, acts, bias, code, x.data_ptr(), theta.data_ptr(),
-        vectors.data_ptr(), out.data_ptr(), len(x), _columns(vectors), torch.get_num_threads())
+    ext = registry.cpu_extension
+    ext.mlp_gnh_product(registry.extension_args(
+        ext.MlpGnhProductArgs, dtype=registry.dtype_name(theta), dims=dims, activations=acts,
+        has_bias=bias, loss_kind=code, inputs=x.data_ptr(), theta=theta.data_ptr(),
+        vectors=vectors.data_ptr(), out=out.data_ptr(), batch=len(x),
+        num_vectors=_columns(vectors), threads=torch.get_num_threads()))
 
 
 def _run_cuda(spec, code, theta, x, vectors, out):
@@ -457,10 +460,12 @@ def _run_cuda(spec, code, theta, x, vectors, out):
     workspace = registry.cuda_scratch(ext.mlp_gnh_workspace_elements(dims, len(x), m), theta)
     transposed = registry.cuda_scratch(2 * m * spec.num_params if m > 1 else 1, theta)
     device, stream = registry.cuda_launch_args(theta)
-    ext.mlp_gnh_product(
-        registry.dtype_name(theta), dims, acts, bias, code, x.data_ptr(), theta.data_ptr(),
-        vectors.data_ptr(), out.data_ptr(), transposed.data_ptr(), len(x), m,
-        workspace.data_ptr(), workspace.numel(), device, stream)
+    ext.mlp_gnh_product(registry.extension_args(
+        ext.MlpGnhProductArgs, dtype=registry.dtype_name(theta), dims=dims, activations=acts,
+        has_bias=bias, loss_kind=code, inputs=x.data_ptr(), theta=theta.data_ptr(),
+        vectors=vectors.data_ptr(), out=out.data_ptr(), batch=len(x),
+        num_vectors=m, transposed=transposed.data_ptr(), workspace=workspace.data_ptr(),
+        workspace_elements=workspace.numel(), device=device, stream=stream))
 
 
 registry.register(OP_NAME, "torch", mlp_gnh_product_reference)

@@ -83,17 +83,21 @@ def _problem_size(logits: torch.Tensor, vectors: torch.Tensor) -> tuple[int, int
 
 def _run_cpu(code: int, logits, vectors, out) -> None:
     batch, classes, num_vectors = _problem_size(logits, vectors)
-    registry.cpu_extension.output_hessian_product(
-        code, registry.dtype_name(logits), logits.data_ptr(), vectors.data_ptr(), out.data_ptr(),
-        batch, classes, num_vectors, torch.get_num_threads())
+    ext = registry.cpu_extension
+    ext.output_hessian_product(registry.extension_args(
+        ext.OutputHessianArgs, loss_kind=code, dtype=registry.dtype_name(logits),
+        logits=logits.data_ptr(), vectors=vectors.data_ptr(), out=out.data_ptr(), batch=batch,
+        classes=classes, num_vectors=num_vectors, threads=torch.get_num_threads()))
 
 
 def _run_cuda(code: int, logits, vectors, out) -> None:
     batch, classes, num_vectors = _problem_size(logits, vectors)
+    ext = registry.cuda_extension
     device, stream = registry.cuda_launch_args(logits)
-    registry.cuda_extension.output_hessian_product(
-        code, registry.dtype_name(logits), logits.data_ptr(), vectors.data_ptr(), out.data_ptr(),
-        batch, classes, num_vectors, device, stream)
+    ext.output_hessian_product(registry.extension_args(
+        ext.OutputHessianArgs, loss_kind=code, dtype=registry.dtype_name(logits),
+        logits=logits.data_ptr(), vectors=vectors.data_ptr(), out=out.data_ptr(), batch=batch,
+        classes=classes, num_vectors=num_vectors, device=device, stream=stream))
 
 
 registry.register(OP_NAME, "torch", output_hessian_product_reference)

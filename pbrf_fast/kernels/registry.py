@@ -303,3 +303,12 @@ def dtype_name(t: torch.Tensor) -> str:
 def triton_compute_dtype(t: torch.Tensor):
     """float64 stays float64; everything else computes in float32."""
     return triton.language.float64 if t.dtype == torch.float64 else triton.language.float32
+
+
+def extension_args(struct_type, **fields):
+    """The argument struct of a compiled entry point, every field given by name:
+    ``ext.output_hessian_product(extension_args(ext.OutputHessianArgs, loss_kind=...,
+    ..., threads=n))``. The struct's constructor (csrc/common/kernel_args_bindings.h)
+    takes each field as a keyword, and a missing or unknown one raises TypeError
+    naming it, so a forgotten argument never runs as a zero."""
+    return struct_type(**fields)

@@ -218,16 +218,20 @@ def _sizes(a, delta, S):
 
 
 def _run_cpu(a, delta, S, out) -> None:
-    registry.cpu_extension.score_contraction(
-        registry.dtype_name(a), a.data_ptr(), delta.data_ptr(), S.data_ptr(), out.data_ptr(),
-        num_threads=torch.get_num_threads(), **_sizes(a, delta, S))
+    ext = registry.cpu_extension
+    ext.score_contraction(registry.extension_args(
+        ext.ScoreContractionArgs, dtype=registry.dtype_name(a), a=a.data_ptr(),
+        delta=delta.data_ptr(), s=S.data_ptr(), out=out.data_ptr(), **_sizes(a, delta, S),
+        threads=torch.get_num_threads()))
 
 
 def _run_cuda(a, delta, S, out) -> None:
+    ext = registry.cuda_extension
     device, stream = registry.cuda_launch_args(a)
-    registry.cuda_extension.score_contraction(
-        registry.dtype_name(a), a.data_ptr(), delta.data_ptr(), S.data_ptr(), out.data_ptr(),
-        device=device, stream=stream, **_sizes(a, delta, S))
+    ext.score_contraction(registry.extension_args(
+        ext.ScoreContractionArgs, dtype=registry.dtype_name(a), a=a.data_ptr(),
+        delta=delta.data_ptr(), s=S.data_ptr(), out=out.data_ptr(), **_sizes(a, delta, S),
+        device=device, stream=stream))
 
 
 registry.register(OP_NAME, "torch", score_contraction_reference)

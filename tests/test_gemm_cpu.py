@@ -80,3 +80,20 @@ def test_gemm_leaves_the_rest_of_c_alone():
         assert torch.allclose(window, A @ B, rtol=1e-12, atol=1e-12)
         window.zero_()
         assert torch.isnan(big).sum() == big.numel() - M * N
+
+
+def test_gemm_args_need_every_field_by_name():
+    """A forgotten, misspelt or mistyped field is a TypeError naming it, never a zero."""
+    A = torch.randn(1, 2, 3, dtype=torch.float64)
+    fields = dict(dtype="float64", M=2, N=2, K=3, batch=1, a=operand(A), b=operand(A),
+                  c=operand(A), accumulate=False, threads=1)
+    assert registry.extension_args(ext.GemmArgs, **fields).K == 3
+    with pytest.raises(TypeError, match="missing threads, K$"):
+        registry.extension_args(ext.GemmArgs, **{k: v for k, v in fields.items()
+                                                 if k not in ("K", "threads")})
+    with pytest.raises(TypeError, match="has no field 'num_threads'"):
+        registry.extension_args(ext.GemmArgs, **fields, num_threads=1)
+    with pytest.raises(TypeError, match="GemmArgs.M: cannot take a float"):
+        registry.extension_args(ext.GemmArgs, **{**fields, "M": 2.0})
+    with pytest.raises(ValueError, match="float32 and float64"):
+        registry.extension_args(ext.GemmArgs, **{**fields, "dtype": "float16"})

@@ -89,6 +89,7 @@ class ArgsClass {
   };
 
   void add(const char* name, std::function<void(S&, py::handle)> set) {
+    if (fields_->size() == 64) throw std::logic_error("ArgsClass: construct's set mask holds 64 fields");
     fields_->push_back(Field{name, std::move(set)});
   }
 
@@ -102,7 +103,6 @@ class ArgsClass {
 
   static S construct(const std::string& name, const std::vector<Field>& fields,
                      const py::kwargs& kwargs) {
-    if (fields.size() > 64) throw std::logic_error(name + ": more fields than the set mask holds");
     S s{};
     uint64_t set = 0;
     size_t i = 0;  // callers pass the fields in order, so the search starts after the last one

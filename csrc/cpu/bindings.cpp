@@ -8,12 +8,13 @@
 #include "common/kernel_args_bindings.h"
 #include "cpu/cpu_ops.h"
 
-namespace py = pybind11;
 namespace bind = pbrf::bindings;
 namespace cpu = pbrf::cpu;
 
 namespace {
+
 constexpr const char* kModule = "pbrf_fast._C";
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {

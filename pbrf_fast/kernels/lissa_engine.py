@@ -135,26 +135,38 @@ def mlp_lissa(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, inputs: torch.
         damping, scale, limits.contiguous(), float(ceiling), int(check_every))
 
 
-def _run_cpu(spec, code, theta, inputs, V, schedule, weight_decay, damping, scale, limits,
-             ceiling, check_every):
+def _recursion_fields(spec, code, theta, inputs, v, schedule, weight_decay, damping, scale, limits, ceiling,
+                      check_every, total, failure) -> dict:
+    """The fields of MlpLissaArgs both backends share: the MLP, the data, the schedule,
+    the recursion's coefficients and the divergence bounds."""
     dims, acts, bias = spec.kernel_args()
-    m = V.shape[1]
-    v = V.T.contiguous()                                    # (m, d): one vector per row
-    total = torch.empty_like(v)
-    failure = torch.zeros(m, dtype=torch.float64)
     repeats, depth, batch = schedule.shape
-    ext = registry.cpu_extension
-    outcome = ext.mlp_lissa(registry.extension_args(
-        ext.MlpLissaArgs, dtype=registry.dtype_name(theta), dims=dims, activations=acts,
-        has_bias=bias, loss_kind=code, inputs=inputs.data_ptr(), num_examples=len(inputs),
-        theta=theta.data_ptr(), v=v.data_ptr(), num_vectors=m, schedule=schedule.data_ptr(),
-        repeats=repeats, depth=depth, batch=batch, weight_decay=weight_decay, damping=damping,
-        scale=scale, limits=limits.data_ptr(), ceiling=ceiling if math.isfinite(ceiling) else math.inf,
-        check_every=check_every, total=total.data_ptr(), failure_norms=failure.data_ptr(),
-        cache_budget_bytes=FORWARD_CACHE_BYTES, threads=torch.get_num_threads()))
+    return dict(dtype=registry.dtype_name(theta), dims=dims, activations=acts, has_bias=bias, loss_kind=code,
+                inputs=inputs.data_ptr(), num_examples=len(inputs), theta=theta.data_ptr(), v=v.data_ptr(),
+                num_vectors=v.shape[0], schedule=schedule.data_ptr(), repeats=repeats, depth=depth,
+                batch=batch, weight_decay=weight_decay, damping=damping, scale=scale,
+                limits=limits.data_ptr(), ceiling=ceiling if math.isfinite(ceiling) else math.inf,
+                check_every=check_every, total=total.data_ptr(), failure_norms=failure.data_ptr())
+
+
+def _check_outcome(outcome, failure, limits, ceiling, scale, damping) -> None:
+    """A native engine's stop, through the same divergence check as the Python loop."""
     if outcome.diverged:
         check_lissa_step(failure, outcome.nonfinite, limits, min(outcome.step + 2, ceiling),
                          outcome.step, outcome.repeat, scale, damping)
+
+
+def _run_cpu(spec, code, theta, inputs, V, schedule, weight_decay, damping, scale, limits,
+             ceiling, check_every):
+    v = V.T.contiguous()                                    # (m, d): one vector per row
+    total = torch.empty_like(v)
+    failure = torch.zeros(V.shape[1], dtype=torch.float64)
+    ext = registry.cpu_extension
+    outcome = ext.mlp_lissa(registry.extension_args(
+        ext.MlpLissaArgs, **_recursion_fields(spec, code, theta, inputs, v, schedule, weight_decay, damping,
+                                              scale, limits, ceiling, check_every, total, failure),
+        cache_budget_bytes=FORWARD_CACHE_BYTES, threads=torch.get_num_threads()))
+    _check_outcome(outcome, failure, limits, ceiling, scale, damping)
     return total.T
 
 
@@ -165,7 +177,7 @@ def _run_cuda(spec, code, theta, inputs, V, schedule, weight_decay, damping, sca
     m = V.shape[1]
     v = V.T.contiguous()                                    # (m, d): one vector per row
     total = registry.cuda_scratch(v.shape, v)
-    repeats, depth, batch = schedule.shape
+    batch = schedule.shape[2]
     elements = 2 * m * spec.num_params + batch * dims[0] + ext.mlp_gnh_workspace_elements(dims, batch, m)
     workspace = registry.cuda_scratch(elements, theta)
     norms = torch.zeros(m, dtype=torch.float64, device=theta.device)
@@ -174,17 +186,11 @@ def _run_cuda(spec, code, theta, inputs, V, schedule, weight_decay, damping, sca
     failure = torch.zeros(m, dtype=torch.float64)
     device, stream = registry.cuda_launch_args(theta)
     outcome = ext.mlp_lissa(registry.extension_args(
-        ext.MlpLissaArgs, dtype=registry.dtype_name(theta), dims=dims, activations=acts,
-        has_bias=bias, loss_kind=code, inputs=inputs.data_ptr(), num_examples=len(inputs),
-        theta=theta.data_ptr(), v=v.data_ptr(), num_vectors=m, schedule=schedule.data_ptr(),
-        repeats=repeats, depth=depth, batch=batch, weight_decay=weight_decay, damping=damping,
-        scale=scale, limits=limits.data_ptr(), ceiling=ceiling if math.isfinite(ceiling) else math.inf,
-        check_every=check_every, total=total.data_ptr(), failure_norms=failure.data_ptr(),
+        ext.MlpLissaArgs, **_recursion_fields(spec, code, theta, inputs, v, schedule, weight_decay, damping,
+                                              scale, limits, ceiling, check_every, total, failure),
         workspace=workspace.data_ptr(), workspace_elements=elements, norms=norms.data_ptr(),
         flag=flag.data_ptr(), device=device, stream=stream))
-    if outcome.diverged:
-        check_lissa_step(failure, outcome.nonfinite, limits, min(outcome.step + 2, ceiling),
-                         outcome.step, outcome.repeat, scale, damping)
+    _check_outcome(outcome, failure, limits, ceiling, scale, damping)
     return total.T
 
 

@@ -100,6 +100,7 @@ def _cmd_scores(args) -> int:
     from .paper.config import ScoresConfig
     from .paper.scores_job import run_scores
 
+    args.checkpoint = tuple(args.checkpoint)  # a frozen config holds a tuple
     run_scores(_fields(ScoresConfig, args))
     return 0
 
@@ -166,11 +167,22 @@ def _points_args(parser: argparse.ArgumentParser) -> None:
 
 def _scores_parser(sub) -> None:
     from .paper.scores_job import SCORES_DATASETS, SCORES_MODELS, __doc__ as scores_doc
+    from .scale.measurement import MEASUREMENTS
 
     p = sub.add_parser("scores", help="train x test influence scores over a full training set",
                        description=scores_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=SCORES_MODELS, default="resnet20")
-    p.add_argument("--dataset", choices=SCORES_DATASETS, default="cifar10")
+    p.add_argument("--model", default="resnet20",
+                   help=f"your model, path/to/file.py:make_model or package.module:make_model (make_model() "
+                        f"returns the nn.Module), or a built-in one trained here: {', '.join(SCORES_MODELS)}")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="a state dict to score (repeat it: the scores are the mean over checkpoints)")
+    p.add_argument("--data", default=None,
+                   help="your data: data.pt or data.npz holding x_train, y_train, x_test, y_test")
+    p.add_argument("--loss", choices=["cross_entropy", "mse", "bce"], default="cross_entropy",
+                   help="the training loss in output space")
+    p.add_argument("--measurement", choices=list(MEASUREMENTS), default="loss",
+                   help="what a score measures on a test point: its loss, or the margin of the true class")
+    p.add_argument("--dataset", choices=SCORES_DATASETS, default="cifar10", help="built-in data (without --data)")
     p.add_argument("--data-dir", default=None, help="data directory (default $PBRF_DATA)")
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default $PBRF_CACHE or ~/.cache/pbrf_fast)")
     p.add_argument("--train-points", type=POSITIVE_INT, default=None, help="use N seeded training points (default all)")

@@ -69,8 +69,12 @@ class ScoresConfig:
     train x test influence scores with :func:`pbrf_fast.scale.compute_scores`."""
 
     out: str
-    model: str = "resnet20"
+    model: str = "resnet20"          # built-in name, or your own: "file.py:make_model" / "module:make_model"
     dataset: str = "cifar10"
+    data: str | None = None          # your own data: data.pt / data.npz with x_train, y_train, x_test, y_test
+    checkpoint: tuple[str, ...] = ()  # state dicts to score (mean over several); none: train a built-in
+    loss: str = "cross_entropy"
+    measurement: str = "loss"
     data_dir: str | None = None
     cache_dir: str | None = None
     train_points: int | None = None

@@ -1,8 +1,12 @@
-"""The ``scores`` job on built-in data: train (or load) a base model, then stream
-influence scores over the whole training set into ``out``.
+"""The ``scores`` job: influence scores over a whole training set into ``out``, for
+your own model, data and checkpoints or for a built-in example.
 
+    pbrf-fast scores --model my_net.py:make_model --checkpoint model.pt --data data.pt \\
+        --loss cross_entropy --measurement margin --solver cg --out runs/mine
     pbrf-fast scores --model resnet20 --dataset cifar10 --test-points 10 \\
         --memory-gb 8 --solver cg --damping 1e-3 --out runs/cifar --train-epochs 1
+
+A built-in model is trained (or loaded) here first, and its test accuracy printed.
 
 Rerunning the same command resumes from what is on disk. Under
 ``torchrun --nproc_per_node=K -m pbrf_fast scores ...`` the work is sharded
@@ -13,15 +17,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from ..losses import get_loss
 from ..results_folder import check_results_path
 from .config import ScoresConfig
+from .jobs import ConfigError
 
 __all__ = ["run_scores", "load_dataset", "build_model", "SCORES_MODELS", "SCORES_DATASETS"]
+
+# Built-in models (trained here on a built-in data set); any other --model is the
+# user's own, "path/to/file.py:make_model" or "package.module:make_model".
 
 SCORES_MODELS = ("resnet20", "mlp")
 SCORES_DATASETS = ("cifar10", "digits", "synthetic")
@@ -83,44 +94,95 @@ def _init_distributed(device: str) -> None:
                 dist.init_process_group("gloo")
 
 
-def run_scores(config: ScoresConfig) -> dict:
-    """Run the job; returns (and on rank 0 prints) the summary."""
-    from ..losses import get_loss
-    from ..scale.pipeline import compute_scores
+def _solver_options(config: ScoresConfig) -> dict:
+    if config.solver == "cg":
+        return {"max_iter": config.cg_iters, "tol": config.tol}
+    if config.solver == "lissa":
+        return {"depth": config.lissa_depth}
+    return {}
+
+
+def _accuracy(model, x, y) -> float:
+    if not len(x) or y.dtype not in (torch.int32, torch.int64):
+        return float("nan")
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def _user_inputs(config: ScoresConfig):
+    """The user's model, data and checkpoints (``--model file.py:fn --data --checkpoint``)."""
+    from ..scale.loading import build_user_model, load_data_file
+
+    if config.data is None:
+        raise ConfigError(f"--model {config.model} is your own model: give its data with --data data.pt|data.npz")
+    data = load_data_file(config.data)
+    x_tr, y_tr, x_te, y_te = (data[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    if config.train_points:
+        x_tr, y_tr = x_tr[:config.train_points], y_tr[:config.train_points]
+    x_te, y_te = x_te[:config.test_points], y_te[:config.test_points]
+    model = build_user_model(config.model)
+    return model, x_tr, y_tr, x_te, y_te, list(config.checkpoint) or None
+
+
+def _builtin_inputs(config: ScoresConfig, out: Path, timings: dict):
+    """The built-in data and model, trained (or loaded) here; warns when it learned little."""
     from .scale_training import load_or_train
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    _init_distributed(config.device)
-    timings = {}
     start = time.perf_counter()
     x_tr, y_tr, x_te, y_te = load_dataset(config.dataset, config.data_dir, config.cache_dir, config.train_points,
                                           config.test_points, config.seed)
     timings["load_data"] = time.perf_counter() - start
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
     model = build_model(config.model, x_tr[0], num_classes, config.seed).to(config.device)
-    x_tr, y_tr, x_te, y_te = (v.to(config.device) for v in (x_tr, y_tr, x_te, y_te))
-    loss = get_loss("cross_entropy")
-    out = check_results_path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if config.checkpoint:
+        return model, x_tr, y_tr, x_te, y_te, list(config.checkpoint), {"trained": False}
     start = time.perf_counter()
     tag = f"{config.model}-{config.dataset}-n{len(x_tr)}-e{config.train_epochs}-lr{config.lr}-s{config.seed}"
-    train_log = load_or_train(out / f"model-{tag}.pt", model, loss, x_tr, y_tr, epochs=config.train_epochs,
-                              lr=config.lr, weight_decay=config.weight_decay, seed=config.seed,
-                              progress=not config.no_progress)
+    log = load_or_train(out / f"model-{tag}.pt", model, get_loss(config.loss), x_tr.to(config.device),
+                        y_tr.to(config.device), epochs=config.train_epochs, lr=config.lr,
+                        weight_decay=config.weight_decay, seed=config.seed, progress=not config.no_progress)
     timings["train_or_load"] = time.perf_counter() - start
-    with torch.no_grad():
-        acc = float((model(x_te).argmax(1) == y_te).float().mean()) if len(x_te) else float("nan")
-    options = ({"max_iter": config.cg_iters, "tol": config.tol} if config.solver == "cg" else
-               {"depth": config.lissa_depth} if config.solver == "lissa" else {})
-    summary = compute_scores(
-        model, loss, x_tr, y_tr, x_te, y_te, out, damping=config.damping, weight_decay=config.weight_decay,
-        solver=config.solver, solver_options=options, rank=config.rank, memory_gb=config.memory_gb,
+    accuracy = _accuracy(model, x_te.to(config.device), y_te.to(config.device))
+    chance = 1.0 / num_classes
+    log = dict(log, tag=tag, test_accuracy=accuracy, chance=chance)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"base model: test accuracy {accuracy:.1%} (chance {chance:.1%}) after {config.train_epochs} epochs",
+              file=sys.stderr)
+        if accuracy < 1.5 * chance:
+            warnings.warn(f"the base model is close to chance ({accuracy:.1%} vs {chance:.1%}): its influence "
+                          "scores describe an untrained network; train longer (--train-epochs) or pass "
+                          "--checkpoint", stacklevel=2)
+    return model, x_tr, y_tr, x_te, y_te, None, log
+
+
+def run_scores(config: ScoresConfig) -> dict:
+    """Run the job; returns (and on rank 0 prints) the summary."""
+    from ..scale import ScoreArguments, ScorePipeline, ScoreTask
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    _init_distributed(config.device)
+    out = check_results_path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings, train_log = {}, None
+    if config.model in SCORES_MODELS:
+        model, x_tr, y_tr, x_te, y_te, checkpoints, train_log = _builtin_inputs(config, out, timings)
+        extra = {"model": config.model, "dataset": config.dataset, "train": train_log.get("tag")}
+    else:
+        model, x_tr, y_tr, x_te, y_te, checkpoints = _user_inputs(config)
+        extra = {"model": config.model, "data": str(config.data)}
+    model = model.to(config.device)
+    x_tr, y_tr, x_te, y_te = (v.to(config.device) for v in (x_tr, y_tr, x_te, y_te))
+    task = ScoreTask(model, config.loss, (x_tr, y_tr), (x_te, y_te), config.measurement, checkpoints)
+    arguments = ScoreArguments(
+        damping=config.damping, weight_decay=config.weight_decay, solver=config.solver,
+        solver_options=_solver_options(config), rank=config.rank, memory_gb=config.memory_gb,
         query_chunk=config.query_chunk, curvature_samples=config.curvature_samples or None,
         batch_size=config.batch_size, curvature_batch_size=config.curvature_batch_size, top_k=config.top_k,
-        self_influence=not config.no_self_influence, seed=config.seed, overwrite=config.overwrite,
-        progress=not config.no_progress, extra={"model": config.model, "dataset": config.dataset, "train": tag})
-    summary = dict(summary, setup_seconds=timings, train_log=train_log, test_accuracy_of_base_model=acc)
+        self_influence=not config.no_self_influence, seed=config.seed)
+    summary = ScorePipeline(task, arguments, out, overwrite=config.overwrite, progress=not config.no_progress,
+                            extra=extra).run()
+    summary = dict(summary, setup_seconds=timings, train_log=train_log)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1, default=str))
     return summary

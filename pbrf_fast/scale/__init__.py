@@ -1,15 +1,23 @@
-"""Influence at scale: streaming train x test scores with per-layer contractions,
-a reusable low-rank inverse, resumable on-disk results and torch.distributed
-sharding. Each module has one job:
+"""Influence at scale: streaming train x test scores for the user's own model, data
+and checkpoints, with per-layer contractions, a reusable low-rank inverse, resumable
+on-disk results and torch.distributed sharding. Each module has one job:
 
+- :mod:`.data`         training / test data from tensors, a Dataset or a DataLoader
+- :mod:`.measurement`  what a score measures on a test point (loss, margin, your own)
 - :mod:`.lowrank`      Lanczos eigenpairs and :class:`LowRankInverse`
 - :mod:`.distributed`  :class:`DistributedGaussNewton`, rank helpers, sharding
 - :mod:`.layer_scores` hooks that turn activations x output gradients into scores
-- :mod:`.pipeline`     :func:`compute_scores`, the staged, resumable driver
+- :mod:`.pipeline`     :class:`ScorePipeline` (one method per stage), :func:`compute_scores`,
+                       :func:`load_scores`
+- :mod:`.safetensors_io` the score matrix as safetensors
 """
+from .data import DataSource
 from .distributed import DistributedGaussNewton
 from .layer_scores import LayerScorer
 from .lowrank import LowRankInverse, lanczos_eigenpairs
-from .pipeline import compute_scores
+from .measurement import MEASUREMENTS, margin
+from .pipeline import ScoreArguments, ScorePipeline, ScoreResults, ScoreTask, compute_scores, load_scores
 
-__all__ = ["DistributedGaussNewton", "LayerScorer", "LowRankInverse", "compute_scores", "lanczos_eigenpairs"]
+__all__ = ["DataSource", "DistributedGaussNewton", "LayerScorer", "LowRankInverse", "MEASUREMENTS", "ScoreArguments",
+           "ScorePipeline", "ScoreResults", "ScoreTask", "compute_scores", "lanczos_eigenpairs", "load_scores",
+           "margin"]

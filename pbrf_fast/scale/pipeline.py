@@ -1,61 +1,155 @@
 """Train x test influence scores over a whole training set, staged and resumable.
 
-Stages (each written atomically into ``out_dir``, each skipped when on disk):
+:class:`ScorePipeline` runs one :class:`ScoreTask` (the user's model, loss,
+measurement, training and test data, optional checkpoints) with one
+:class:`ScoreArguments`, one method per stage; each stage writes atomically into
+the output folder and is skipped when its result is already there:
 
 1. ``arguments.json``       every argument; a rerun with different result-affecting
                             arguments is refused unless ``overwrite=True``;
 2. ``eigenpairs.pt``        Lanczos top-k of the GNH (solver ``lowrank``, and for
                             self-influence), computed once, reused by every query;
-3. ``s_test/chunk_XXXX.pt`` (G + lambda I)^{-1} grad L_test for one chunk of test points;
+3. ``s_test/chunk_XXXX.pt`` (G + lambda I)^{-1} grad f(z_test) for one chunk of test points;
 4. ``scores.npy``           (n_train, N) float32 memmap, filled chunk by chunk;
                             ``chunks/chunk_XXXX.rankR.done`` marks finished ones;
 5. ``self_influence.npy``   g_i^T (G + lambda I)^{-1} g_i / N (low-rank, see below);
 6. ``topk.json``            top-k proponents / opponents per test point;
+   ``scores.safetensors``   the score matrix again, for tools that read safetensors;
    ``summary.json``         time per stage, peak memory, solver diagnostics.
 
+With several checkpoints, stages 2-5 run per checkpoint in ``checkpoint_K/`` (each
+with its own curvature and gradients) and the top-level ``scores.npy`` and
+``self_influence.npy`` are their mean, as TRAK and dattri ensemble.
+
 Sign and scale follow :class:`pbrf_fast.Influence`: ``scores[i, j] =
-grad L_test_j^T (G + lambda I)^{-1} grad L(z_i) / N`` (positive: removing z_i
-raises test loss j). The GNH is averaged over ``curvature_samples`` training
+grad f_j^T (G + lambda I)^{-1} grad L(z_i) / N`` (for f = the loss, positive: removing
+z_i raises test loss j). The GNH is averaged over ``curvature_samples`` training
 points (all by default). Under torch.distributed, training points are sharded
 across ranks for scoring and self-influence and GNH products are all-reduced.
+:func:`load_scores` reads a finished folder back.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
 import resource
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..curvature import GaussNewton
 from ..atomic_io import atomic_save_tensor, atomic_write_json, load_tensor, open_memmap
+from ..curvature import GaussNewton
+from ..errors import InputError
+from ..losses import Loss, get_loss
 from ..problem import Problem
 from ..results_folder import ResultsFolder
-from ..solvers import solve
+from ..solvers import SOLVERS, solve
 from . import distributed as D
+from .data import as_data_source, tensor_digest
 from .layer_scores import LayerScorer
 from .lowrank import LowRankInverse, lanczos_eigenpairs
+from .measurement import measurement_gradients, resolve_measurement
+from .safetensors_io import save_safetensors
 
-__all__ = ["compute_scores", "RESULT_KEYS"]
+__all__ = ["ScoreArguments", "ScoreTask", "ScorePipeline", "compute_scores", "load_scores", "RESULT_KEYS"]
 logger = logging.getLogger(__name__)
 
 # Arguments that change the numbers on disk (others -- progress, memory -- do not).
-RESULT_KEYS = ("model_fingerprint", "data_fingerprint", "loss", "damping", "weight_decay", "solver",
+RESULT_KEYS = ("model_fingerprint", "data_fingerprint", "loss", "measurement", "damping", "weight_decay", "solver",
                "solver_options", "rank", "curvature_samples", "query_chunk", "top_k", "seed",
                "self_influence", "lanczos_iterations", "extra")
+SCORE_SOLVERS = tuple(SOLVERS) + ("lowrank", "auto")
 
 
-def _fingerprint(*tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+@dataclasses.dataclass
+class ScoreArguments:
+    """Every option of a score run; saved as ``arguments.json`` beside the results.
+
+    ``solver``: ``cg`` / ``lissa`` / ``direct`` / ``kernel`` / ``auto`` (``solver_options``
+    go to :func:`pbrf_fast.solve`) or ``lowrank`` (:class:`LowRankInverse` with ``rank``
+    Lanczos eigenpairs). ``query_chunk`` test points are solved and scored together
+    (default: as many as ``memory_gb`` allows). Self-influence uses the rank-``rank``
+    eigenpairs plus the exact remainder ||g||^2 / (weight_decay + damping).
+    """
+
+    damping: float = 1e-3
+    weight_decay: float = 0.0
+    solver: str = "cg"
+    solver_options: dict = dataclasses.field(default_factory=dict)
+    rank: int = 32
+    lanczos_iterations: int | None = None
+    memory_gb: float = 2.0
+    query_chunk: int | None = None
+    curvature_samples: int | None = None
+    batch_size: int = 256
+    curvature_batch_size: int = 64
+    top_k: int = 10
+    self_influence: bool = True
+    seed: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.solver not in SCORE_SOLVERS:
+            raise InputError(f"solver must be one of {SCORE_SOLVERS}, got {self.solver!r}")
+        for name in ("rank", "batch_size", "curvature_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("query_chunk", "curvature_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive integer or None, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not self.memory_gb > 0:
+            raise InputError(f"memory_gb must be > 0, got {self.memory_gb!r}")
+        self.solver_options = dict(self.solver_options or {})
+
+
+@dataclasses.dataclass
+class ScoreTask:
+    """What to score: the user's things.
+
+    ``model``: any ``nn.Module`` mapping a batch of inputs to outputs (b, C).
+    ``loss``: the training loss in output space (a name or a :class:`pbrf_fast.Loss`;
+    the GNH refuses one that is not convex). ``train`` / ``test``: (inputs, targets)
+    tensors, a map-style Dataset of (input, target) pairs, or a DataLoader.
+    ``measurement``: ``"loss"``, ``"margin"`` or a callable f(outputs, targets) -> (b,).
+    ``checkpoints``: state dicts (or paths to them); the scores are their mean. None:
+    the model as it is.
+    """
+
+    model: nn.Module
+    loss: Loss | str
+    train: object
+    test: object
+    measurement: str | Callable = "loss"
+    checkpoints: list | None = None
+
+    def __post_init__(self):
+        self.loss = get_loss(self.loss)
+        self.train = as_data_source(self.train, "train")
+        self.test = as_data_source(self.test, "test")
+        self.measurement_name, self.measurement_fn = resolve_measurement(self.measurement, self.loss)
+        if self.checkpoints is not None and len(self.checkpoints) == 0:
+            raise InputError("checkpoints: give at least one state dict or path, or None for the model as it is")
+
+
+def _state_dict(checkpoint):
+    if isinstance(checkpoint, (str, Path)):
+        if not Path(checkpoint).is_file():
+            raise InputError(f"checkpoint {checkpoint} does not exist")
+        checkpoint = load_tensor(checkpoint)
+    if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        checkpoint = checkpoint["model"]  # the {"model": state_dict, ...} files training scripts write
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"a checkpoint must be a state dict or a path to one, got {type(checkpoint).__name__}")
+    return checkpoint
 
 
 def _activation_numel(model, x1) -> int:
@@ -104,185 +198,300 @@ def _bar(total, desc, enabled, initial=0):
     return tqdm(total=total, desc=desc, initial=initial, unit="ex", smoothing=0.1)
 
 
-def compute_scores(model, loss, x_train, y_train, x_test, y_test, out_dir, *, damping: float = 1e-3,
-                   weight_decay: float = 0.0, solver: str = "cg", solver_options: dict | None = None,
-                   rank: int = 32, lanczos_iterations: int | None = None, memory_gb: float = 2.0,
-                   query_chunk: int | None = None, curvature_samples: int | None = None,
-                   batch_size: int = 256, curvature_batch_size: int = 64, top_k: int = 10,
-                   self_influence: bool = True, seed: int = 0, overwrite: bool = False,
-                   progress: bool = True, backend: str = "auto", extra: dict | None = None,
-                   on_chunk_done=None) -> dict:
-    """Score every training point against every test point; results go to ``out_dir``.
 
-    ``solver``: ``cg`` / ``lissa`` (``solver_options`` go to :func:`pbrf_fast.solve`)
-    or ``lowrank`` (:class:`LowRankInverse` with ``rank`` Lanczos eigenpairs).
-    ``query_chunk`` (default: from ``memory_gb``) test points are solved and
-    scored together. Self-influence always uses the rank-``rank`` eigenpairs plus
-    the exact remainder ||g||^2 / (weight_decay + damping) (exact when
-    rank >= d). ``on_chunk_done(c)`` is called after chunk c is written (tests
-    use it to simulate a crash). Returns the summary dict.
+class ScorePipeline:
+    """The staged, resumable score computation for one task; :meth:`run` does it all.
+
+    Each stage is a method that checks the disk first: :meth:`open_folder`,
+    :meth:`curvature_operator`, :meth:`eigenpairs`, :meth:`s_test`, :meth:`score_chunk`,
+    :meth:`self_influence`, :meth:`combine_checkpoints`, :meth:`topk`.
+    ``on_chunk_done(c)`` is called after score chunk c is written (tests use it to
+    simulate a crash).
     """
-    out = Path(out_dir)
-    stages = _Stages()
-    model.eval()
-    n_train, n_test = len(x_train), len(x_test)
-    r, world = D.rank(), D.world_size()
-    probe = Problem(model, loss, x_train[:1], y_train[:1], weight_decay=weight_decay)
-    d = probe.dim
-    curvature_samples = min(n_train, curvature_samples or n_train)
-    if query_chunk is None:
-        act = _activation_numel(model, x_train[:1].to(probe.dtype))
-        query_chunk = query_chunk_size(d, act, curvature_batch_size, memory_gb, n_test,
-                                       torch.finfo(probe.dtype).bits // 8)
-    arguments = {
-        "model_fingerprint": _fingerprint(probe.theta, *[b for b in model.buffers()]),
-        "data_fingerprint": _fingerprint(x_train, y_train, x_test, y_test),
-        "loss": probe.loss.name, "damping": damping, "weight_decay": weight_decay, "solver": solver,
-        "solver_options": solver_options or {}, "rank": rank, "lanczos_iterations": lanczos_iterations,
-        "curvature_samples": curvature_samples, "query_chunk": query_chunk, "top_k": top_k, "seed": seed,
-        "self_influence": self_influence, "extra": extra or {}, "n_train": n_train, "n_test": n_test,
-        "parameters": d, "memory_gb": memory_gb, "batch_size": batch_size,
-        "curvature_batch_size": curvature_batch_size, "world_size": world, "backend": backend,
-    }
-    error = None
-    if r == 0:
-        try:
-            ResultsFolder(out, arguments, result_keys=RESULT_KEYS, overwrite=overwrite)
-        except Exception as exc:  # tell the other ranks before raising
-            error = exc
-    error_text = D.broadcast_object(None if error is None else repr(error))
-    if error is not None:
-        raise error
-    if error_text is not None:
-        raise RuntimeError(f"rank 0 refused the results folder: {error_text}")
 
-    # ---- curvature operator on this rank's shard of the curvature sample
-    gen = torch.Generator().manual_seed(int(seed))
-    curv_idx = torch.randperm(n_train, generator=gen)[:curvature_samples].sort().values
-    lo, hi = D.shard_range(len(curv_idx), r, world)
-    shard = curv_idx[lo:hi]
-    curv_problem = Problem(model, loss, x_train[shard], y_train[shard], weight_decay=weight_decay,
-                           batch_size=curvature_batch_size)
-    op_cls = D.DistributedGaussNewton if world > 1 else GaussNewton
-    op = op_cls(curv_problem, damping)
-    log = {"stages": {}, "solves": []}
+    def __init__(self, task: ScoreTask, arguments: ScoreArguments, out_dir, *, overwrite: bool = False,
+                 progress: bool = True, extra: dict | None = None, on_chunk_done=None):
+        self.task, self.args, self.out = task, arguments, Path(out_dir)
+        self.overwrite, self.progress, self.extra, self.on_chunk_done = overwrite, progress, extra or {}, on_chunk_done
+        self.stages = _Stages()
+        self.rank_, self.world = D.rank(), D.world_size()
+        self.n_train, self.n_test = len(task.train), len(task.test)
+        self.checkpoints = [None] if task.checkpoints is None else list(task.checkpoints)
+        self.row_lo, self.row_hi = D.shard_range(self.n_train, self.rank_, self.world)
+        self.log = {"solves": []}
+        task.model.eval()
+        x1, t1 = task.train.range(0, 1)
+        self.probe = Problem(task.model, task.loss, x1, t1, weight_decay=arguments.weight_decay)
+        self.curvature_samples = min(self.n_train, arguments.curvature_samples or self.n_train)
+        self.query_chunk = arguments.query_chunk or query_chunk_size(
+            self.probe.dim, _activation_numel(task.model, self.probe.inputs), arguments.curvature_batch_size,
+            arguments.memory_gb, self.n_test, torch.finfo(self.probe.dtype).bits // 8)
+        self.chunks = [(c0, min(self.n_test, c0 + self.query_chunk)) for c0 in range(0, self.n_test, self.query_chunk)]
 
-    eigenpairs = None
-    if solver == "lowrank" or self_influence:
-        path = out / "eigenpairs.pt"
+    # ------------------------------------------------------------------ stages
+    def folder(self, k: int) -> Path:
+        """Where checkpoint k's stages go (the top level when there is one checkpoint)."""
+        return self.out if len(self.checkpoints) == 1 else self.out / f"checkpoint_{k}"
 
-        def get_pairs():
+    def load_checkpoint(self, k: int) -> None:
+        if self.checkpoints[k] is not None:
+            self.task.model.load_state_dict(_state_dict(self.checkpoints[k]))
+        self.task.model.eval()
+
+    def arguments(self) -> dict:
+        fingerprints = []
+        for k in range(len(self.checkpoints)):
+            self.load_checkpoint(k)
+            model = self.task.model
+            fingerprints.append(tensor_digest([*model.parameters(), *model.buffers()]))
+        a = self.args
+        return dataclasses.asdict(a) | {
+            "model_fingerprint": fingerprints,
+            "data_fingerprint": [self.task.train.fingerprint(), self.task.test.fingerprint()],
+            "loss": self.task.loss.name, "measurement": self.task.measurement_name,
+            "curvature_samples": self.curvature_samples, "query_chunk": self.query_chunk, "extra": self.extra,
+            "n_train": self.n_train, "n_test": self.n_test, "parameters": self.probe.dim,
+            "checkpoints": len(self.checkpoints), "world_size": self.world,
+        }
+
+    def open_folder(self) -> None:
+        """Stage 1: bind the folder to the arguments (rank 0 decides, every rank learns)."""
+        arguments, error = self.arguments(), None
+        if self.rank_ == 0:
+            try:
+                ResultsFolder(self.out, arguments, result_keys=RESULT_KEYS, overwrite=self.overwrite)
+            except Exception as exc:  # tell the other ranks before raising
+                error = exc
+        error_text = D.broadcast_object(None if error is None else repr(error))
+        if error is not None:
+            raise error
+        if error_text is not None:
+            raise RuntimeError(f"rank 0 refused the results folder: {error_text}")
+
+    def curvature_operator(self) -> GaussNewton:
+        """The damped GNH over this rank's shard of the seeded curvature sample."""
+        a = self.args
+        gen = torch.Generator().manual_seed(int(a.seed))
+        sample = torch.randperm(self.n_train, generator=gen)[:self.curvature_samples].sort().values
+        lo, hi = D.shard_range(len(sample), self.rank_, self.world)
+        x, t = self.task.train.take(sample[lo:hi])
+        problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=a.weight_decay,
+                          batch_size=a.curvature_batch_size)
+        op_cls = D.DistributedGaussNewton if self.world > 1 else GaussNewton
+        return op_cls(problem, a.damping, backend=a.backend)
+
+    def eigenpairs(self, k: int, op) -> LowRankInverse | None:
+        """Stage 2: the top-``rank`` eigenpairs, when the solver or self-influence needs them."""
+        a = self.args
+        if a.solver != "lowrank" and not a.self_influence:
+            return None
+        path = self.folder(k) / "eigenpairs.pt"
+
+        def get():
             if path.exists():
                 pairs = load_tensor(path)
                 return pairs["values"], pairs["vectors"].to(op.dtype)
-            values, vectors = lanczos_eigenpairs(op, rank, iterations=lanczos_iterations, seed=seed,
-                                                 progress=progress and r == 0)
-            if r == 0:
+            values, vectors = lanczos_eigenpairs(op, a.rank, iterations=a.lanczos_iterations, seed=a.seed,
+                                                 progress=self.progress and self.rank_ == 0)
+            if self.rank_ == 0:
                 atomic_save_tensor(path, {"values": values, "vectors": vectors})
             D.barrier()
             return values, vectors
 
-        eigenpairs = stages.run("eigenpairs", get_pairs)
-    lowrank = LowRankInverse(op, rank, eigenpairs=eigenpairs) if eigenpairs is not None else None
+        return LowRankInverse(op, a.rank, eigenpairs=self.stages.run("eigenpairs", get))
 
-    # ---- test gradients and scoring setup
-    test_problem = Problem(model, loss, x_test, y_test, weight_decay=weight_decay)
-    scorer = LayerScorer(Problem(model, loss, x_train[:1], y_train[:1], weight_decay=weight_decay), backend)
-    row_lo, row_hi = D.shard_range(n_train, r, world)
-    if r == 0:
-        open_memmap(out / "scores.npy", (n_train, n_test), np.float32, create=True)
-    D.barrier()
-    scores_mm = open_memmap(out / "scores.npy", (n_train, n_test), np.float32)
-    chunks = [(c0, min(n_test, c0 + query_chunk)) for c0 in range(0, n_test, query_chunk)]
-    epsilon = 1.0 / n_train
+    def s_test(self, k: int, c: int, op, lowrank) -> torch.Tensor:
+        """Stage 3: (G + lambda I)^{-1} grad f for test chunk c."""
+        path = self.folder(k) / "s_test" / f"chunk_{c:04d}.pt"
 
-    for c, (c0, c1) in enumerate(chunks):
-        marker = out / "chunks" / f"chunk_{c:04d}.rank{r}.done"
-        if marker.exists():
-            continue
-        s_path = out / "s_test" / f"chunk_{c:04d}.pt"
-
-        def get_s_test():
-            if s_path.exists():
-                return load_tensor(s_path)["s_test"].to(op.dtype)
-            grads = test_problem.per_example_gradients(*test_problem.batch(range(c0, c1))).T.contiguous()
-            if solver == "lowrank":
-                result = lowrank.solve(grads)
-            else:
-                result = solve(op, grads, solver, **(solver_options or {}))
-            info = {"chunk": c, "method": result.method, "time": result.time,
+        def get():
+            if path.exists():
+                return load_tensor(path)["s_test"].to(op.dtype)
+            c0, c1 = self.chunks[c]
+            x, t = self.task.test.range(c0, c1)
+            test_problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=self.args.weight_decay)
+            grads = measurement_gradients(test_problem, self.task.measurement_fn, test_problem.inputs,
+                                          test_problem.targets)
+            result = (lowrank.solve(grads) if self.args.solver == "lowrank"
+                      else solve(op, grads, self.args.solver, **self.args.solver_options))
+            info = {"checkpoint": k, "chunk": c, "method": result.method, "time": result.time,
                     "max_residual": None if result.residual_norms is None else float(result.residual_norms.max())}
-            log["solves"].append(info)
-            if r == 0:
-                atomic_save_tensor(s_path, {"s_test": result.solution, "info": info})
+            self.log["solves"].append(info)
+            if self.rank_ == 0:
+                atomic_save_tensor(path, {"s_test": result.solution, "info": info})
             D.barrier()
             return result.solution
 
-        S = stages.run("s_test", get_s_test)
-        bar = _bar(row_hi - row_lo, f"scores {c + 1}/{len(chunks)}", progress and r == 0)
+        return self.stages.run("s_test", get)
 
-        def score_chunk():
-            for b0 in range(row_lo, row_hi, batch_size):
-                b1 = min(row_hi, b0 + batch_size)
-                block = scorer.scores(x_train[b0:b1], y_train[b0:b1], S) * epsilon
-                scores_mm[b0:b1, c0:c1] = block.to(torch.float32).cpu().numpy()
+    def _scorer(self) -> LayerScorer:
+        x1, t1 = self.probe.inputs, self.probe.targets
+        return LayerScorer(Problem(self.task.model, self.task.loss, x1, t1, weight_decay=self.args.weight_decay),
+                           self.args.backend)
+
+    def score_chunk(self, k: int, c: int, S: torch.Tensor, scorer: LayerScorer) -> None:
+        """Stage 4: this rank's rows of the score columns of test chunk c."""
+        folder = self.folder(k)
+        marker = folder / "chunks" / f"chunk_{c:04d}.rank{self.rank_}.done"
+        if marker.exists():
+            return
+        c0, c1 = self.chunks[c]
+        scores_mm = open_memmap(folder / "scores.npy", (self.n_train, self.n_test), np.float32)
+        bar = _bar(self.row_hi - self.row_lo, f"scores {c + 1}/{len(self.chunks)}", self.progress and self.rank_ == 0)
+        epsilon = 1.0 / self.n_train
+
+        def work():
+            for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
+                x, t = self.probe.check_data(x, t)
+                block = scorer.scores(x, t, S) * epsilon
+                scores_mm[b0:b0 + len(x), c0:c1] = block.to(torch.float32).cpu().numpy()
                 if bar is not None:
-                    bar.update(b1 - b0)
+                    bar.update(len(x))
             scores_mm.flush()
 
-        stages.run("scores", score_chunk)
+        self.stages.run("scores", work)
         if bar is not None:
             bar.close()
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, {"chunk": c, "columns": [c0, c1], "rows": [row_lo, row_hi]})
-        if on_chunk_done is not None:
-            on_chunk_done(c)
-    D.barrier()
+        atomic_write_json(marker, {"chunk": c, "columns": [c0, c1], "rows": [self.row_lo, self.row_hi]})
+        if self.on_chunk_done is not None:
+            self.on_chunk_done(c)
 
-    if self_influence:
-        stages.run("self_influence", lambda: _self_influence(out, scorer, lowrank, x_train, y_train,
-                                                             row_lo, row_hi, n_train, batch_size, r, progress))
-    D.barrier()
-    if r == 0:
-        stages.run("topk", lambda: _write_topk(out, scores_mm, top_k))
-        summary = {
-            "stage_seconds": stages.times, "solves": log["solves"], "query_chunk": query_chunk,
-            "chunks": len(chunks), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "self_influence_method": (f"low-rank: top-{rank} Lanczos eigenpairs + remainder ||g||^2/shift"
-                                      if self_influence else None),
-            "curvature_samples": curvature_samples, "world_size": world,
-        }
-        atomic_write_json(out / "summary.json", summary)
-    else:
-        summary = {"stage_seconds": stages.times}
-    D.barrier()
-    return summary
+    def self_influence(self, k: int, scorer: LayerScorer, lowrank: LowRankInverse) -> None:
+        """Stage 5: g_i^T (G + lambda I)^{-1} g_i / N for this rank's rows."""
+        folder = self.folder(k)
+        marker = folder / "chunks" / f"self_influence.rank{self.rank_}.done"
+        path = folder / "self_influence.npy"
+        if self.rank_ == 0:
+            open_memmap(path, (self.n_train,), np.float64, create=True)
+        D.barrier()
+        if marker.exists():
+            return
+        mm = open_memmap(path, (self.n_train,), np.float64)
+        _, V = lowrank.eigenpairs
+        bar = _bar(self.row_hi - self.row_lo, "self-influence", self.progress and self.rank_ == 0)
 
+        def work():
+            for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
+                x, t = self.probe.check_data(x, t)
+                coeff = scorer.scores(x, t, V)
+                norms = scorer.norms_squared(x, t)
+                mm[b0:b0 + len(x)] = (lowrank.quadratic_form(coeff, norms) / self.n_train).cpu().numpy()
+                if bar is not None:
+                    bar.update(len(x))
+            mm.flush()
 
-def _self_influence(out, scorer, lowrank, x_train, y_train, row_lo, row_hi, n_train, batch_size, r, progress):
-    marker = out / "chunks" / f"self_influence.rank{r}.done"
-    path = out / "self_influence.npy"
-    if r == 0:
-        open_memmap(path, (n_train,), np.float64, create=True)
-    D.barrier()
-    if marker.exists():
-        return
-    mm = open_memmap(path, (n_train,), np.float64)
-    _, V = lowrank.eigenpairs
-    bar = _bar(row_hi - row_lo, "self-influence", progress and r == 0)
-    for b0 in range(row_lo, row_hi, batch_size):
-        b1 = min(row_hi, b0 + batch_size)
-        x, t = x_train[b0:b1], y_train[b0:b1]
-        coeff = scorer.scores(x, t, V)
-        norms = scorer.norms_squared(x, t)
-        mm[b0:b1] = (lowrank.quadratic_form(coeff, norms) / n_train).cpu().numpy()
+        self.stages.run("self_influence", work)
         if bar is not None:
-            bar.update(b1 - b0)
-    if bar is not None:
-        bar.close()
-    mm.flush()
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, {"rows": [row_lo, row_hi]})
+            bar.close()
+        atomic_write_json(marker, {"rows": [self.row_lo, self.row_hi]})
+
+    def combine_checkpoints(self, name: str, shape, dtype) -> None:
+        """The top-level file ``name`` as the mean of every checkpoint's, this rank's rows."""
+        marker = self.out / "chunks" / f"{Path(name).stem}.combined.rank{self.rank_}.done"
+        if marker.exists():
+            return
+        if self.rank_ == 0:
+            open_memmap(self.out / name, shape, dtype, create=True)
+        D.barrier()
+        out = open_memmap(self.out / name, shape, dtype)
+        parts = [open_memmap(self.folder(k) / name, shape, dtype) for k in range(len(self.checkpoints))]
+        for b0 in range(self.row_lo, self.row_hi, 4096):
+            b1 = min(self.row_hi, b0 + 4096)
+            out[b0:b1] = (sum(np.asarray(p[b0:b1], dtype=np.float64) for p in parts) / len(parts)).astype(dtype)
+        out.flush()
+        atomic_write_json(marker, {"rows": [self.row_lo, self.row_hi], "checkpoints": len(parts)})
+
+    def topk(self) -> None:
+        """Stage 6: proponents and opponents per test point, and the safetensors copy."""
+        scores_mm = open_memmap(self.out / "scores.npy", (self.n_train, self.n_test), np.float32)
+        _write_topk(self.out, scores_mm, self.args.top_k)
+        save_safetensors(self.out / "scores.safetensors", {"scores": np.asarray(scores_mm)})
+
+    # ------------------------------------------------------------------- driver
+    def run(self) -> dict:
+        self.open_folder()
+        for k in range(len(self.checkpoints)):
+            self.load_checkpoint(k)
+            folder = self.folder(k)
+            op = self.curvature_operator()
+            lowrank = self.eigenpairs(k, op)
+            scorer = self._scorer()
+            if self.rank_ == 0:
+                open_memmap(folder / "scores.npy", (self.n_train, self.n_test), np.float32, create=True)
+            D.barrier()
+            for c in range(len(self.chunks)):
+                marker = folder / "chunks" / f"chunk_{c:04d}.rank{self.rank_}.done"
+                if marker.exists():
+                    continue
+                self.score_chunk(k, c, self.s_test(k, c, op, lowrank), scorer)
+            D.barrier()
+            if self.args.self_influence:
+                self.self_influence(k, scorer, lowrank)
+            D.barrier()
+        if len(self.checkpoints) > 1:
+            self.stages.run("combine", lambda: self.combine_checkpoints("scores.npy", (self.n_train, self.n_test),
+                                                                         np.float32))
+            if self.args.self_influence:
+                self.combine_checkpoints("self_influence.npy", (self.n_train,), np.float64)
+        D.barrier()
+        return self._summary()
+
+    def _summary(self) -> dict:
+        if self.rank_ != 0:
+            D.barrier()
+            return {"stage_seconds": self.stages.times}
+        self.stages.run("topk", self.topk)
+        a = self.args
+        summary = {
+            "stage_seconds": self.stages.times, "solves": self.log["solves"], "query_chunk": self.query_chunk,
+            "chunks": len(self.chunks), "checkpoints": len(self.checkpoints),
+            "measurement": self.task.measurement_name,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "self_influence_method": (f"low-rank: top-{a.rank} Lanczos eigenpairs + remainder ||g||^2/shift"
+                                      if a.self_influence else None),
+            "curvature_samples": self.curvature_samples, "world_size": self.world,
+        }
+        atomic_write_json(self.out / "summary.json", summary)
+        D.barrier()
+        return summary
+
+
+def compute_scores(model, loss, x_train, y_train, x_test, y_test, out_dir, *, measurement="loss", checkpoints=None,
+                   overwrite: bool = False, progress: bool = True, extra: dict | None = None, on_chunk_done=None,
+                   **arguments) -> dict:
+    """Score every training point against every test point from in-memory tensors.
+
+    A thin wrapper: ``ScorePipeline(ScoreTask(model, loss, (x_train, y_train), (x_test,
+    y_test), measurement, checkpoints), ScoreArguments(**arguments), out_dir).run()``.
+    Returns the summary dict.
+    """
+    task = ScoreTask(model, loss, (x_train, y_train), (x_test, y_test), measurement, checkpoints)
+    return ScorePipeline(task, ScoreArguments(**arguments), out_dir, overwrite=overwrite, progress=progress,
+                         extra=extra, on_chunk_done=on_chunk_done).run()
+
+
+@dataclasses.dataclass
+class ScoreResults:
+    """A finished score folder, read back by :func:`load_scores`."""
+
+    scores: np.memmap                  # (n_train, n_test) float32, memory-mapped
+    self_influence: np.ndarray | None  # (n_train,) or None if not computed
+    topk: dict                         # test index -> {"proponents": [[i, score]...], "opponents": ...}
+    arguments: dict
+    summary: dict
+
+
+def load_scores(out_dir) -> ScoreResults:
+    """The results of a finished :class:`ScorePipeline` run in ``out_dir``."""
+    out = Path(out_dir)
+    if not (out / "summary.json").exists():
+        raise InputError(f"{out} holds no finished score run (no summary.json); run pbrf-fast scores first")
+    arguments = json.loads((out / "arguments.json").read_text())
+    scores = np.load(out / "scores.npy", mmap_mode="r")
+    path = out / "self_influence.npy"
+    return ScoreResults(scores, np.load(path) if path.exists() and arguments.get("self_influence") else None,
+                        json.loads((out / "topk.json").read_text()), arguments,
+                        json.loads((out / "summary.json").read_text()))
 
 
 def _write_topk(out, scores_mm, k):

@@ -105,6 +105,14 @@ def _cmd_scores(args) -> int:
     return 0
 
 
+def _cmd_show(args) -> int:
+    from .paper.show import show_scores
+
+    for path in show_scores(args.out, test_points=args.test_points, k=args.k, data_dir=args.data_dir):
+        print(path)
+    return 0
+
+
 def _cmd_backends(args) -> int:
     if not args.explain:
         from .backends import backends
@@ -276,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _backends_parser(sub)
     _scores_parser(sub)
+    show = sub.add_parser("show", help="figures of a finished scores run: self-influence histogram, "
+                                       "test images beside their top proponents and opponents")
+    show.add_argument("out", help="the scores run's --out folder")
+    show.add_argument("--test-points", type=POSITIVE_INT, default=8, help="test images shown")
+    show.add_argument("-k", type=POSITIVE_INT, default=5, help="proponents and opponents per test image")
+    show.add_argument("--data-dir", default=None, help="built-in data sets folder (default: as recorded)")
+    show.set_defaults(func=_cmd_show)
     return parser
 
 

@@ -92,6 +92,11 @@ def test_scores_command_on_a_users_own_cnn_equals_direct_influence(tmp_path):
     assert results.arguments["measurement"] == "loss" and results.self_influence.shape == (40,)
     assert results.topk["0"]["proponents"][0][0] == int(np.argmax(expected[:, 0]))
     np.testing.assert_array_equal(load_safetensors(out / "scores.safetensors")["scores"], np.asarray(results.scores))
+    shown = subprocess.run([sys.executable, "-m", "pbrf_fast", "show", str(out), "--test-points", "2", "-k", "3"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    for name in ("self_influence.png", "proponents.png"):
+        assert (out / name).stat().st_size > 1000 and name in shown.stdout
 
 
 class PairDataset(Dataset):

@@ -167,7 +167,8 @@ def run_scores(config: ScoresConfig) -> dict:
     timings, train_log = {}, None
     if config.model in SCORES_MODELS:
         model, x_tr, y_tr, x_te, y_te, checkpoints, train_log = _builtin_inputs(config, out, timings)
-        extra = {"model": config.model, "dataset": config.dataset, "train": train_log.get("tag")}
+        extra = {"model": config.model, "dataset": config.dataset, "train": train_log.get("tag"),
+                 "seed": config.seed, "train_points": config.train_points, "data_dir": config.data_dir}
     else:
         model, x_tr, y_tr, x_te, y_te, checkpoints = _user_inputs(config)
         extra = {"model": config.model, "data": str(config.data)}

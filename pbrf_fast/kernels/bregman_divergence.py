@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from . import registry
 
 OP_NAME = "bregman_divergence"
@@ -46,9 +47,9 @@ def _check_arguments(loss_kind, outputs, ref_outputs) -> int:
     code = registry.loss_kind_code(loss_kind)
     registry.check_same_dtype_and_device(OP_NAME, outputs=outputs, ref_outputs=ref_outputs)
     if outputs.dim() != 2:
-        raise ValueError(f"{OP_NAME}: outputs must have shape (B, C), got {tuple(outputs.shape)}")
+        raise InputError(f"{OP_NAME}: outputs must have shape (B, C), got {tuple(outputs.shape)}")
     if ref_outputs.shape != outputs.shape:
-        raise ValueError(f"{OP_NAME}: ref_outputs must match outputs' shape "
+        raise InputError(f"{OP_NAME}: ref_outputs must match outputs' shape "
                          f"{tuple(outputs.shape)}, got {tuple(ref_outputs.shape)}")
     return code
 

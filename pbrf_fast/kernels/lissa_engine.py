@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, InputIndexError
 from ..lissa_divergence import check_lissa_step
 from . import registry
 from .mlp_gnh import FORWARD_CACHE_BYTES, MlpSpec, fused_pays_off, mlp_gnh_product_reference
@@ -33,17 +33,17 @@ def _check(spec, loss_kind, theta, inputs, V, schedule, weight_decay, damping, s
     registry.loss_kind_code(loss_kind)
     registry.check_same_dtype_and_device(OP_NAME, theta=theta, inputs=inputs, V=V)
     if V.dim() != 2 or V.shape[0] != spec.num_params or theta.shape != (spec.num_params,):
-        raise ValueError(f"{OP_NAME}: need theta ({spec.num_params},) and V ({spec.num_params}, m)")
+        raise InputError(f"{OP_NAME}: need theta ({spec.num_params},) and V ({spec.num_params}, m)")
     if inputs.dim() < 2 or inputs[0].numel() != spec.dims[0]:
-        raise ValueError(f"{OP_NAME}: inputs must have {spec.dims[0]} features per example")
+        raise InputError(f"{OP_NAME}: inputs must have {spec.dims[0]} features per example")
     if schedule.dim() != 3 or schedule.dtype != torch.int64 or schedule.numel() == 0:
-        raise ValueError(f"{OP_NAME}: schedule must be a non-empty int64 (repeats, depth, batch) tensor")
+        raise InputError(f"{OP_NAME}: schedule must be a non-empty int64 (repeats, depth, batch) tensor")
     if int(schedule.min()) < 0 or int(schedule.max()) >= len(inputs):
-        raise IndexError(f"{OP_NAME}: schedule indexes outside the {len(inputs)} inputs")
+        raise InputIndexError(f"{OP_NAME}: schedule indexes outside the {len(inputs)} inputs")
     if limits.shape != (V.shape[1],):
-        raise ValueError(f"{OP_NAME}: limits must have shape ({V.shape[1]},)")
+        raise InputError(f"{OP_NAME}: limits must have shape ({V.shape[1]},)")
     if not (math.isfinite(scale) and scale > 0 and math.isfinite(damping) and weight_decay >= 0):
-        raise ValueError(f"{OP_NAME}: need a positive finite scale, finite damping, weight_decay >= 0")
+        raise InputError(f"{OP_NAME}: need a positive finite scale, finite damping, weight_decay >= 0")
 
 
 def lissa_engine_reference(spec: MlpSpec, loss_kind: str, theta, inputs, V, schedule, *,
@@ -123,7 +123,7 @@ def mlp_lissa(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, inputs: torch.
     limits = limits.to(dtype=torch.float64, device="cpu")
     _check(spec, loss_kind, theta, inputs, V, schedule, weight_decay, damping, scale, limits)
     if check_every < 1:
-        raise ValueError(f"{OP_NAME}: check_every must be >= 1")
+        raise InputError(f"{OP_NAME}: check_every must be >= 1")
     chosen = registry.plan_backend(OP_NAME, theta.dtype, theta.device, backend).backend
     if chosen == "torch":
         return lissa_engine_reference(spec, loss_kind, theta, inputs, V, schedule,

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..errors import InputError
 from . import registry
 
 OP_NAME = "lissa_update_"
@@ -27,13 +28,13 @@ def lissa_update_reference_(h: torch.Tensor, v: torch.Tensor, gh: torch.Tensor, 
 def _check_arguments(h, v, gh, damping, scale) -> None:
     registry.check_same_dtype_and_device(OP_NAME, h=h, v=v, gh=gh)
     if h.dim() not in (1, 2):
-        raise ValueError(f"{OP_NAME}: h must have shape (d,) or (d, m), got {tuple(h.shape)}")
+        raise InputError(f"{OP_NAME}: h must have shape (d,) or (d, m), got {tuple(h.shape)}")
     for name, t in (("v", v), ("gh", gh)):
         if t.shape != h.shape:
-            raise ValueError(f"{OP_NAME}: {name} must match h's shape {tuple(h.shape)}, "
+            raise InputError(f"{OP_NAME}: {name} must match h's shape {tuple(h.shape)}, "
                              f"got {tuple(t.shape)}")
     if not (math.isfinite(damping) and math.isfinite(scale)) or scale == 0:
-        raise ValueError(f"{OP_NAME}: damping and scale must be finite and scale non-zero, "
+        raise InputError(f"{OP_NAME}: damping and scale must be finite and scale non-zero, "
                          f"got damping={damping}, scale={scale}")
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InputError
 from . import registry
 from .output_hessian import output_hessian_product_reference
 
@@ -407,12 +408,12 @@ def _check_arguments(spec: MlpSpec, loss_kind: str, theta, x, V) -> None:
     registry.loss_kind_code(loss_kind)
     registry.check_same_dtype_and_device(OP_NAME, theta=theta, x=x, V=V)
     if theta.shape != (spec.num_params,):
-        raise ValueError(f"{OP_NAME}: theta must have shape ({spec.num_params},), got {tuple(theta.shape)}")
+        raise InputError(f"{OP_NAME}: theta must have shape ({spec.num_params},), got {tuple(theta.shape)}")
     if V.dim() not in (1, 2) or V.shape[0] != spec.num_params:
-        raise ValueError(f"{OP_NAME}: V must have shape ({spec.num_params},) or "
+        raise InputError(f"{OP_NAME}: V must have shape ({spec.num_params},) or "
                          f"({spec.num_params}, m), got {tuple(V.shape)}")
     if x.dim() < 2 or x[0].numel() != spec.dims[0] or len(x) == 0:
-        raise ValueError(f"{OP_NAME}: x must have shape (B, ...) with {spec.dims[0]} features "
+        raise InputError(f"{OP_NAME}: x must have shape (B, ...) with {spec.dims[0]} features "
                          f"per example, got {tuple(x.shape)}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from . import registry
 
 OP_NAME = "output_hessian_product"
@@ -35,9 +36,9 @@ def _check_arguments(loss_kind, logits, vectors) -> int:
     code = registry.loss_kind_code(loss_kind)
     registry.check_same_dtype_and_device(OP_NAME, logits=logits, vectors=vectors)
     if logits.dim() != 2:
-        raise ValueError(f"{OP_NAME}: logits must have shape (B, C), got {tuple(logits.shape)}")
+        raise InputError(f"{OP_NAME}: logits must have shape (B, C), got {tuple(logits.shape)}")
     if vectors.dim() < 2 or vectors.shape[-2:] != logits.shape:
-        raise ValueError(f"{OP_NAME}: vectors must have shape (..., B, C) = (..., "
+        raise InputError(f"{OP_NAME}: vectors must have shape (..., B, C) = (..., "
                          f"{logits.shape[0]}, {logits.shape[1]}), got {tuple(vectors.shape)}")
     return code
 

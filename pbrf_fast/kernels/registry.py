@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch  # before the extensions: they then share torch's OpenMP runtime
 
-from ..errors import PBRFError
+from ..errors import InputError, PBRFError
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 # Must match enum LossKind in csrc/common/host_device.h.
@@ -151,7 +151,7 @@ def register(op_name: str, backend: str, implementation: Callable) -> None:
     """Ops register every backend they implement, built or not: the plan says when a
     module is missing, and a swapped CUDA runtime can serve "cuda" without one."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        raise InputError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _implementations[(op_name, backend)] = implementation
 
 
@@ -178,7 +178,7 @@ def backend_status(backend: str) -> tuple[bool, str]:
             return False, (f"triton {triton.__version__} imported, but no CUDA device for torch; "
                            "set TRITON_INTERPRET=1 before import to run it on CPU tensors")
         return True, f"triton {triton.__version__} on CUDA tensors"
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    raise InputError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
 def why_not(op_name: str, backend: str, dtype: torch.dtype, device: torch.device | str) -> str:
@@ -249,7 +249,7 @@ def plan_backend(op_name: str, dtype: torch.dtype, device, backend: str = "auto"
         detail = "; ".join(skipped) if skipped else "the measured choice for this op"
         return Plan(op_name, "torch", "torch", f"backend='auto': torch reference ({detail})")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+        raise InputError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     reason = why_not(op_name, backend, dtype, device_type)
     if reason:
         raise BackendUnavailable(f"{op_name}: backend {backend!r} unavailable: {reason}")
@@ -262,7 +262,7 @@ def loss_kind_code(loss_kind: str) -> int:
     try:
         return LOSS_KIND_CODES[loss_kind]
     except KeyError:
-        raise ValueError(f"unknown loss_kind {loss_kind!r}; expected one of "
+        raise InputError(f"unknown loss_kind {loss_kind!r}; expected one of "
                          f"{sorted(LOSS_KIND_CODES)}") from None
 
 
@@ -271,16 +271,16 @@ def check_same_dtype_and_device(op_name: str, **tensors: torch.Tensor) -> None:
     items = list(tensors.items())
     for name, t in items:
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{op_name}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputError(f"{op_name}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise ValueError(f"{op_name}: {name} must be floating point, got dtype {t.dtype}")
+            raise InputError(f"{op_name}: {name} must be floating point, got dtype {t.dtype}")
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.dtype != first.dtype:
-            raise ValueError(f"{op_name}: dtype mismatch: {first_name} is {first.dtype} "
+            raise InputError(f"{op_name}: dtype mismatch: {first_name} is {first.dtype} "
                              f"but {name} is {t.dtype}")
         if t.device != first.device:
-            raise ValueError(f"{op_name}: device mismatch: {first_name} is on {first.device} "
+            raise InputError(f"{op_name}: device mismatch: {first_name} is on {first.device} "
                              f"but {name} is on {t.device}")
 
 
@@ -288,12 +288,12 @@ def check_output_buffer(op_name: str, name: str, out: torch.Tensor, like: torch.
                         shape: tuple[int, ...]) -> None:
     """A caller-provided output must match exactly: kernels write through its data_ptr."""
     if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"{op_name}: {name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
+        raise InputError(f"{op_name}: {name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
     if out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(f"{op_name}: {name} must be {like.dtype} on {like.device}, "
+        raise InputError(f"{op_name}: {name} must be {like.dtype} on {like.device}, "
                          f"got {out.dtype} on {out.device}")
     if not out.is_contiguous():
-        raise ValueError(f"{op_name}: {name} must be contiguous (kernels write it in place)")
+        raise InputError(f"{op_name}: {name} must be contiguous (kernels write it in place)")
 
 
 def dtype_name(t: torch.Tensor) -> str:

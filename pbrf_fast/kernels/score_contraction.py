@@ -30,6 +30,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from . import registry
 
 OP_NAME = "score_contraction"
@@ -68,7 +69,7 @@ def _as_tokens(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() == 2:
         return x.unsqueeze(1)
     if x.dim() != 3:
-        raise ValueError(f"{OP_NAME}: {name} must be (b, i) / (b, o) or (b, t, features), got {tuple(x.shape)}")
+        raise InputError(f"{OP_NAME}: {name} must be (b, i) / (b, o) or (b, t, features), got {tuple(x.shape)}")
     return x
 
 
@@ -153,12 +154,12 @@ def score_contraction_torch_cpu(a: torch.Tensor, delta: torch.Tensor, S: torch.T
 def _check_arguments(a, delta, S):
     registry.check_same_dtype_and_device(OP_NAME, a=a, delta=delta, S=S)
     if a.dim() != delta.dim() or a.dim() not in (2, 3):
-        raise ValueError(f"{OP_NAME}: a and delta must both be 2-D (b, features) or 3-D (b, t, features); "
+        raise InputError(f"{OP_NAME}: a and delta must both be 2-D (b, features) or 3-D (b, t, features); "
                          f"got {tuple(a.shape)} and {tuple(delta.shape)}")
     if a.shape[:-1] != delta.shape[:-1]:
-        raise ValueError(f"{OP_NAME}: a {tuple(a.shape)} and delta {tuple(delta.shape)} disagree on (b, t)")
+        raise InputError(f"{OP_NAME}: a {tuple(a.shape)} and delta {tuple(delta.shape)} disagree on (b, t)")
     if S.dim() != 3 or S.shape[1] != delta.shape[-1] or S.shape[2] != a.shape[-1]:
-        raise ValueError(f"{OP_NAME}: S must have shape (m, o, i) = (m, {delta.shape[-1]}, {a.shape[-1]}), "
+        raise InputError(f"{OP_NAME}: S must have shape (m, o, i) = (m, {delta.shape[-1]}, {a.shape[-1]}), "
                          f"got {tuple(S.shape)}")
 
 
@@ -247,7 +248,7 @@ def score_contraction_lowrank(a: torch.Tensor, delta: torch.Tensor, L: torch.Ten
     a3, d3 = _as_tokens(a, "a"), _as_tokens(delta, "delta")
     registry.check_same_dtype_and_device(OP_NAME, a=a3, delta=d3, L=L, R=R)
     if L.dim() != 3 or R.dim() != 3 or L.shape[0] != R.shape[0] or L.shape[2] != R.shape[2]:
-        raise ValueError(f"{OP_NAME}: L (m, o, r) and R (m, i, r) disagree: {tuple(L.shape)}, {tuple(R.shape)}")
+        raise InputError(f"{OP_NAME}: L (m, o, r) and R (m, i, r) disagree: {tuple(L.shape)}, {tuple(R.shape)}")
     b, t, i = a3.shape
     o, m, r = d3.shape[2], L.shape[0], L.shape[2]
     if choose_order(b, t, o, i, m, rank=r) != "lowrank":
@@ -307,7 +308,7 @@ def conv2d_score_contraction(inputs: torch.Tensor, grad_outputs: torch.Tensor, S
     into score_contraction.
     """
     if inputs.dim() != 4 or grad_outputs.dim() != 4 or len(inputs) != len(grad_outputs):
-        raise ValueError(f"{OP_NAME}: need inputs (b, C_in, H, W) and grad_outputs (b, C_out, H', W') "
+        raise InputError(f"{OP_NAME}: need inputs (b, C_in, H, W) and grad_outputs (b, C_out, H', W') "
                          f"with the same b, got {tuple(inputs.shape)} and {tuple(grad_outputs.shape)}")
     S3 = S.reshape(S.shape[0], S.shape[1], -1)
     plan = plan_conv2d_score_contraction(inputs, grad_outputs, S3, stride=stride, backend=backend)
@@ -318,7 +319,7 @@ def conv2d_score_contraction(inputs: torch.Tensor, grad_outputs: torch.Tensor, S
     a = unfold_conv_input(inputs, kernel_size, stride, padding, dilation)
     delta = grad_outputs.flatten(2).transpose(1, 2)
     if a.shape[1] != delta.shape[1]:
-        raise ValueError(f"{OP_NAME}: conv input gives {a.shape[1]} patches but grad_outputs has "
+        raise InputError(f"{OP_NAME}: conv input gives {a.shape[1]} patches but grad_outputs has "
                          f"{delta.shape[1]} positions; check kernel_size/stride/padding/dilation")
     return score_contraction(a, delta, S3, backend=backend)
 
@@ -335,7 +336,7 @@ def _conv2d_scores_cpu(inputs, grad_outputs, S3, **conv):
     kh, kw = _pair(conv["kernel_size"])
     C = inputs.shape[1]
     if i != C * kh * kw:
-        raise ValueError(f"{OP_NAME}: S has {i} values per output channel, the conv input "
+        raise InputError(f"{OP_NAME}: S has {i} values per output channel, the conv input "
                          f"{C} channels x kernel {(kh, kw)} = {C * kh * kw}")
     # S as (kh kw, o C, m): one (o C, m) block per kernel offset
     S_offsets = S3.reshape(m, o, C, kh, kw).permute(3, 4, 1, 2, 0).reshape(kh * kw, o * C, m)
@@ -377,7 +378,7 @@ def conv2d_weight_gradient_blocks(inputs: torch.Tensor, grad_outputs: torch.Tens
     o, Ho, Wo = grad_outputs.shape[1:]
     if ((out_features is not None and o != out_features) or len(grad_outputs) != b
             or Ho != (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1 or Wo != (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1):
-        raise ValueError(f"{OP_NAME}: conv input {tuple(inputs.shape)} and grad_outputs "
+        raise InputError(f"{OP_NAME}: conv input {tuple(inputs.shape)} and grad_outputs "
                          f"{tuple(grad_outputs.shape)} do not fit kernel {(kh, kw)}, stride {(sh, sw)}, "
                          f"padding {(ph, pw)}, dilation {(dh, dw)} and {out_features} output channels")
     if b == 0:

@@ -17,6 +17,8 @@ Environment (read here, never by the library):
   count). Unset: 1 on CPU, torch's default on CUDA. On this shared 2-core box two
   threads turn every call into a wait for the scheduler while another job runs
   (bench/RESULTS.md, "Tracking"); one thread measures the code, not the neighbours.
+- ``PBRF_BENCH_REPEATS``: how many times each side is measured, alternating with
+  the other side (default 3); bench/track.py combines the repeats.
 - ``PBRF_BENCH_SLOWDOWN``: ``name:seconds[,name:seconds]`` sleeps that long inside the
   measured call of the ``fast`` side of benchmark ``name``. Test-only: it is how
   tests/test_bench_tracking.py proves that a regression is caught.
@@ -68,6 +70,7 @@ DEVICE_KIND = device_kind(DEVICE)
 if os.environ.get("PBRF_BENCH_THREADS") or DEVICE == "cpu":
     torch.set_num_threads(int(os.environ.get("PBRF_BENCH_THREADS") or 1))
 SLOWDOWN = parse_slowdown(os.environ.get("PBRF_BENCH_SLOWDOWN", ""))
+REPEATS = int(os.environ.get("PBRF_BENCH_REPEATS") or 3)
 
 
 @dataclasses.dataclass
@@ -192,17 +195,21 @@ def _measured(fn, delay):
     return call
 
 
-# The two sides of a pair run back to back, so a change of load hits both alike.
-@pytest.mark.parametrize("name,variant", [(n, v) for n in PAIRS for v in VARIANTS],
-                         ids=[f"{n}-{v}" for n in PAIRS for v in VARIANTS])
-def test_track(benchmark, name, variant):
+# The machine's speed drifts over seconds (other jobs come and go): the two sides of
+# a pair alternate, fast / reference / fast / ..., so each side sees the same spells.
+CASES = [(n, k, v) for n in PAIRS for k in range(REPEATS) for v in VARIANTS]
+
+
+@pytest.mark.parametrize("name,repeat,variant", CASES, ids=[f"{n}-{v}-{k}" for n, k, v in CASES])
+def test_track(benchmark, name, repeat, variant):
     pair = _pair(name)
     delay = SLOWDOWN.get(name, 0.0) if variant == "fast" else 0.0
     call = _measured(getattr(pair, variant), delay)
     benchmark.group = name
-    benchmark.extra_info.update(pair=name, variant=variant, device=DEVICE_KIND, threads=torch.get_num_threads(),
+    benchmark.extra_info.update(pair=name, variant=variant, repeat=repeat, device=DEVICE_KIND, threads=torch.get_num_threads(),
                                 compiled_cpu=pbrf_fast.backends()["cpu"]["available"], slowdown_s=delay)
-    call()  # warm-up outside the timing: first-call caches and allocations
+    if repeat == 0:
+        call()  # warm-up outside the timing: first-call caches and allocations
     if pair.rounds:
         benchmark.pedantic(call, rounds=pair.rounds, warmup_rounds=0)
     else:

@@ -10,8 +10,9 @@ save the run, compare its ratios with bench/baseline.json, plot the history.
 
 Every benchmark is one ratio, reference time / library time, both measured in the
 same run (higher is better). A ratio that fell by more than THRESHOLD from its
-baseline is a regression; bench/RESULTS.md ("Tracking") says how THRESHOLD was
-chosen from this machine's run-to-run noise.
+baseline is measured once more, and is a regression when it fell in both runs;
+bench/RESULTS.md ("Tracking") says how THRESHOLD was chosen from this machine's
+run-to-run noise.
 
 Storage (gitignored, default bench/.runs/): pytest-benchmark's own autosaved runs
 (commit id, machine info, every timing) under ``pytest-benchmark/``, one small JSON
@@ -39,7 +40,6 @@ THRESHOLD = 0.30
 STATISTIC = "min"
 # --quick: the smallest useful subset (the end-to-end test runs it).
 QUICK = ("gnh_product_mlp_m1",)
-QUICK_OPTIONS = ("--benchmark-max-time=0.25", "--benchmark-min-rounds=5")
 
 
 # ------------------------------------------------------------------------------ running
@@ -62,7 +62,7 @@ def run_suite(storage: Path, select: str | None, quick: bool) -> tuple[int, dict
         command = [*_pytest_command(), str(SUITE), "--benchmark-only", "-q", "-p", "no:cacheprovider",
                    "--benchmark-autosave", f"--benchmark-storage=file://{bench_dir}",
                    f"--benchmark-json={result_path}", "--benchmark-columns=min,median,rounds",
-                   *(["-k", selection] if selection else []), *(QUICK_OPTIONS if quick else ())]
+                   *(["-k", selection] if selection else [])]
         # --quick measures each side once instead of alternating repeats (the suite's default).
         env = dict(os.environ, PBRF_BENCH_REPEATS=os.environ.get("PBRF_BENCH_REPEATS") or "1") if quick else None
         code = subprocess.call(command, cwd=REPO, env=env)
@@ -95,7 +95,7 @@ def run_record(results: dict, saved: Path | None) -> dict:
         "date": results["datetime"],
         "device": extra[0]["device"],
         "threads": extra[0]["threads"],
-        "compiled_cpu": all(e["compiled_cpu"] for e in extra),
+        "compiled": all(e["compiled"] for e in extra),
         "machine": f"{machine['node']} {machine.get('cpu', {}).get('brand_raw', machine['machine'])}",
         "statistic": STATISTIC,
         # A run with a test-only slowdown is kept out of the history plot and --noise.
@@ -181,6 +181,24 @@ def accept(record: dict, baseline_path: Path) -> dict:
     return baseline
 
 
+def confirm(record: dict, regressed: list[str], baseline: dict, args, storage: Path):
+    """Measure the regressed benchmarks once more and keep each one's better ratio: a
+    spell of load on this shared machine slows one run, a real regression every run."""
+    print(f"\nbeyond the threshold: {', '.join(regressed)}; measuring again to confirm")
+    code, results, saved = run_suite(storage, " or ".join(regressed), args.quick)
+    if code != 0 or not results:
+        print(f"track: the confirming run failed (pytest exit {code}); keeping the first run's ratios")
+    else:
+        again = run_record(results, saved)
+        save_record(again, storage)
+        record = dict(record, ratios=dict(record["ratios"]))
+        for name, ratio in again["ratios"].items():
+            record["ratios"][name] = max(record["ratios"][name], ratio)
+    rows, regressed, notes = compare(record, baseline, args.threshold)
+    return record, rows, regressed, notes + ["ratios beyond the threshold were measured twice; "
+                                             "the table shows the better of the two runs"]
+
+
 # ------------------------------------------------------------------------------ history
 def plot_history(records: list[dict], entry: dict | None, threshold: float, path: Path) -> Path:
     """One panel per benchmark: its ratio over the saved runs, with baseline and fail line."""
@@ -239,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-k", dest="select", help="pytest -k expression selecting benchmarks")
     parser.add_argument("--ratios", type=Path, help="compare this saved ratio file instead of running")
     parser.add_argument("--noise", action="store_true",
-                        help="print each ratio's spread over the saved runs of the newest run's commit")
+                        help="print each ratio's spread over the saved runs of the newest run's commit and tree state")
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help="allowed fractional drop")
     parser.add_argument("--storage", type=Path, default=DEFAULT_STORAGE)
     parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
@@ -256,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"track: no saved runs in {storage / 'ratios'}")
             return 2
         newest = records[-1]
-        same = [r for r in records if r["device"] == newest["device"] and r["commit"] == newest["commit"]
-                and r["threads"] == newest["threads"]]
+        same = [r for r in records if all(r[key] == newest[key] for key in ("device", "commit", "dirty", "threads"))]
         print(f"{len(same)} saved runs of {newest['commit'][:12]} on {newest['device']} "
               f"({newest['threads']} thread(s)), statistic {newest['statistic']}")
         print(noise_report(same))
@@ -266,16 +283,22 @@ def main(argv: list[str] | None = None) -> int:
         record = json.loads(args.ratios.read_text())
     else:
         code, results, saved = run_suite(storage, args.select, args.quick)
+        if code == 5:
+            print(f"track: no benchmark selected (-k {args.select!r}); benchmarks are the keys of PAIRS in {SUITE}")
+            return 2
         if code != 0 or not results or not results["benchmarks"]:
             print(f"track: the suite failed (pytest exit {code}); nothing compared")
             return 2
         record = run_record(results, saved)
         path = save_record(record, storage)
         print(f"\nrun saved: {path}" + (f" (pytest-benchmark: {saved})" if saved else ""))
-    if not record["compiled_cpu"]:
-        print("track: WARNING: pbrf_fast._C was not importable in this run: compiled paths fell back to torch")
+    if not record["compiled"]:
+        print(f"track: WARNING: no compiled {record['device']} backend in this run (pbrf_fast.backends()): "
+              "the library side fell back to torch")
     baseline = json.loads(args.baseline.read_text()) if args.baseline.exists() else {}
     rows, regressed, notes = compare(record, baseline, args.threshold)
+    if regressed and not args.ratios and not args.accept:
+        record, rows, regressed, notes = confirm(record, regressed, baseline, args, storage)
     print(f"\ndevice {record['device']}, {record['threads']} thread(s), commit {record['commit'][:12]}"
           f"{' (uncommitted changes)' if record['dirty'] else ''}; ratio = reference / library "
           f"({record['statistic']} times), baseline {args.baseline}")
@@ -283,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print("note:", note)
     if not args.no_plot:
-        history = [r for r in load_records(storage, record["device"]) if not r["slowdown"]] or [record]
+        history = [r for r in load_records(storage, record["device"])
+                   if not r["slowdown"] and r["threads"] == record["threads"]] or [record]
         png = plot_history(history, baseline.get(record["device"]), args.threshold, storage / "ratios.png")
         print(f"history plot: {png}")
     if args.accept:

@@ -19,7 +19,7 @@ import track  # noqa: E402
 
 def record(ratios, device="cpu", threads=1, **extra):
     return {"commit": "0123456789abcdef", "dirty": False, "branch": "test", "date": "2026-12-01T00:00:00",
-            "device": device, "threads": threads, "compiled_cpu": True, "machine": "test box",
+            "device": device, "threads": threads, "compiled": True, "machine": "test box",
             "statistic": "min", "slowdown": {}, "ratios": ratios, "times_s": {},
             "pytest_benchmark_file": None, **extra}
 
@@ -102,6 +102,30 @@ def test_accept_records_the_run_under_its_device_kind(tmp_path, capsys):
         "gnh_product_mlp_m1": 4.0, "block_cg": 1.5}
 
 
+def fake_run(ratios):
+    """What track.run_suite returns for a run whose pairs have these ratios (fast side 1 ms)."""
+    benchmarks = [{"extra_info": {"pair": name, "variant": variant, "repeat": 0, "device": "cpu", "threads": 1,
+                                  "compiled": True, "slowdown_s": 0.0},
+                   "stats": {"min": 1e-3 * (ratio if variant == "reference" else 1.0)}}
+                  for name, ratio in ratios.items() for variant in ("fast", "reference")]
+    results = {"commit_info": {"id": "0123456789abcdef", "dirty": False, "branch": "test"},
+               "datetime": "2026-12-01T00:00:00", "machine_info": {"node": "box", "machine": "x86_64"},
+               "benchmarks": benchmarks}
+    return 0, results, None
+
+
+def test_a_drop_that_does_not_repeat_is_not_a_regression(tmp_path, capsys, monkeypatch):
+    runs = iter([fake_run({"gnh_product_mlp_m1": 1.0, "block_cg": 2.0}), fake_run({"gnh_product_mlp_m1": 4.1})])
+    selections = []
+    monkeypatch.setattr(track, "run_suite", lambda storage, select, quick: selections.append(select) or next(runs))
+    base = write(tmp_path / "baseline.json", BASELINE)
+    code = track.main(["--baseline", str(base), "--storage", str(tmp_path / "runs"), "--no-plot"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert selections == [None, "gnh_product_mlp_m1"]  # only the regressed benchmark is measured again
+    assert "measuring again to confirm" in out and "REGRESSION" not in out
+
+
 def test_history_plot_is_written(tmp_path):
     runs = [record({"gnh_product_mlp_m1": r, "block_cg": 2.0}, date=f"2026-12-0{i + 1}T00:00:00")
             for i, r in enumerate((4.0, 4.2, 3.9))]
@@ -119,7 +143,7 @@ def test_committed_baseline_names_only_suite_benchmarks():
 
 def test_slowdown_in_the_suite_is_caught_end_to_end(tmp_path):
     """A baseline from a quick run, then a quick run whose benchmark sleeps 50 ms per call
-    (the call itself takes ~0.4 ms): track.sh must exit 1 and name it."""
+    (the call itself takes ~0.4 ms): track.sh must confirm it, exit 1 and name it."""
     def track_sh(*flags, slowdown=""):
         env = dict(os.environ, PBRF_BENCH_SLOWDOWN=slowdown)
         return subprocess.run(["bash", str(REPO / "bench" / "track.sh"), "--quick", "--storage", str(tmp_path),
@@ -135,10 +159,12 @@ def test_slowdown_in_the_suite_is_caught_end_to_end(tmp_path):
     assert slowed.returncode == 1, slowed.stdout + slowed.stderr
     regression_line = [line for line in slowed.stdout.splitlines() if line.startswith("REGRESSION")]
     assert regression_line and "gnh_product_mlp_m1" in regression_line[0], slowed.stdout
-    # Both runs are in pytest-benchmark's own storage and in the ratio files.
-    assert len(list((tmp_path / "pytest-benchmark").rglob("*.json"))) == 2
+    assert "measuring again to confirm" in slowed.stdout
+    # Every run (the baseline, the slowed one, its confirmation) is in pytest-benchmark's
+    # own storage and in the ratio files.
+    assert len(list((tmp_path / "pytest-benchmark").rglob("*.json"))) == 3
     records = [json.loads(p.read_text()) for p in (tmp_path / "ratios").glob("*.json")]
-    assert sorted(bool(r["slowdown"]) for r in records) == [False, True]
+    assert sorted(bool(r["slowdown"]) for r in records) == [False, True, True]
 
 
 @pytest.mark.parametrize("text", ["gnh_product_mlp_m1", "no_such_benchmark:0.1"])

@@ -34,8 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "bench" / "track_suite.py"
 DEFAULT_STORAGE = REPO / "bench" / ".runs"
 DEFAULT_BASELINE = REPO / "bench" / "baseline.json"
-# A ratio more than this fraction below its baseline fails the check (see RESULTS.md).
-THRESHOLD = 0.30
+# A ratio more than this fraction below its baseline fails the check. On the 2-core
+# box a run fell at most 15% below the typical run in 14 runs of the suite (bench/RESULTS.md,
+# "Tracking"); 25% leaves a margin over that and still catches a library side 1.33x slower.
+THRESHOLD = 0.25
 # Which pytest-benchmark statistic of each side enters the ratio (see RESULTS.md).
 STATISTIC = "min"
 # --quick: the smallest useful subset (the end-to-end test runs it).

@@ -3,6 +3,7 @@ save the run, compare its ratios with bench/baseline.json, plot the history.
 
     bash bench/track.sh                  # run, save, compare; exit 1 names any regression
     bash bench/track.sh --accept         # ... and make this run the baseline of this device kind
+    bash bench/track.sh --accept-median  # baseline = median of the saved runs --noise reports
     bash bench/track.sh --report-only    # compare, but exit 0 on a regression (CI)
     bash bench/track.sh --quick | -k EXPR   # a subset of the suite
     bash bench/track.sh --ratios FILE    # compare a saved ratio file, run nothing
@@ -237,6 +238,22 @@ def plot_history(records: list[dict], entry: dict | None, threshold: float, path
     return path
 
 
+def comparable_runs(storage: Path) -> list[dict]:
+    """The saved runs comparable with the newest one (same device kind, commit, tree
+    state and threads), oldest first; runs with a test-only slowdown left out."""
+    records = [r for r in load_records(storage) if not r["slowdown"]]
+    keys = ("device", "commit", "dirty", "threads")
+    return [r for r in records if all(r[key] == records[-1][key] for key in keys)] if records else []
+
+
+def median_record(runs: list[dict]) -> dict:
+    """The newest run with each ratio replaced by its median over ``runs``: a baseline
+    that a single run slowed or sped up by a spell of load cannot pull."""
+    names = sorted({name for r in runs for name in r["ratios"]})
+    ratios = {name: statistics.median(r["ratios"][name] for r in runs if name in r["ratios"]) for name in names}
+    return dict(runs[-1], ratios=ratios, statistic=f"{runs[-1]['statistic']}, median of {len(runs)} runs")
+
+
 def noise_report(records: list[dict]) -> str:
     """Spread of each ratio over the given runs: what THRESHOLD has to stay above."""
     lines = [f"{'benchmark':<24} {'runs':>4} {'min':>7} {'median':>7} {'max':>7} {'cv':>6} {'max drop':>9}"]
@@ -254,6 +271,9 @@ def noise_report(records: list[dict]) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench/track.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--accept", action="store_true", help="make this run the baseline of its device kind")
+    parser.add_argument("--accept-median", action="store_true",
+                        help="run nothing; set the baseline to each ratio's median over the saved runs "
+                             "that --noise reports (at least 3)")
     parser.add_argument("--report-only", action="store_true", help="exit 0 even when a ratio regressed")
     parser.add_argument("--quick", action="store_true", help=f"run only {', '.join(QUICK)}, briefly")
     parser.add_argument("-k", dest="select", help="pytest -k expression selecting benchmarks")
@@ -270,16 +290,21 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     storage = args.storage.resolve()
-    if args.noise:
-        records = [r for r in load_records(storage) if not r["slowdown"]]
-        if not records:
+    if args.noise or args.accept_median:
+        runs = comparable_runs(storage)
+        if not runs:
             print(f"track: no saved runs in {storage / 'ratios'}")
             return 2
-        newest = records[-1]
-        same = [r for r in records if all(r[key] == newest[key] for key in ("device", "commit", "dirty", "threads"))]
-        print(f"{len(same)} saved runs of {newest['commit'][:12]} on {newest['device']} "
-              f"({newest['threads']} thread(s)), statistic {newest['statistic']}")
-        print(noise_report(same))
+        newest = runs[-1]
+        print(f"{len(runs)} saved runs of {newest['commit'][:12]}{'+changes' if newest['dirty'] else ''} on "
+              f"{newest['device']} ({newest['threads']} thread(s)), statistic {newest['statistic']}")
+        print(noise_report(runs))
+        if args.accept_median:
+            if len(runs) < 3:
+                print("track: --accept-median needs at least 3 comparable saved runs; run bash bench/track.sh again")
+                return 2
+            accept(median_record(runs), args.baseline)
+            print(f"baseline for {newest['device']!r} set to the median of {len(runs)} runs in {args.baseline}")
         return 0
     if args.ratios:
         record = json.loads(args.ratios.read_text())

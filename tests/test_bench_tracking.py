@@ -102,6 +102,22 @@ def test_accept_records_the_run_under_its_device_kind(tmp_path, capsys):
         "gnh_product_mlp_m1": 4.0, "block_cg": 1.5}
 
 
+def test_accept_median_takes_each_ratio_over_the_saved_runs_of_the_newest_commit(tmp_path, capsys):
+    folder = tmp_path / "runs" / "ratios"
+    folder.mkdir(parents=True)
+    ratios = [4.0, 6.0, 4.4, 4.2]  # the 6.0 run was sped up by a spell: the median ignores it
+    for i, r in enumerate(ratios):
+        write(folder / f"{i}.json", record({"gnh_product_mlp_m1": r}, date=f"2026-12-0{i + 2}T00:00:00"))
+    write(folder / "old.json", record({"gnh_product_mlp_m1": 9.0}, commit="fedcba", date="2026-12-01T00:00:00"))
+    write(folder / "slowed.json", record({"gnh_product_mlp_m1": 0.1}, slowdown={"gnh_product_mlp_m1": 0.05},
+                                         date="2026-12-09T00:00:00"))
+    base = tmp_path / "baseline.json"
+    code = track.main(["--accept-median", "--baseline", str(base), "--storage", str(tmp_path / "runs")])
+    assert code == 0, capsys.readouterr().out
+    entry = json.loads(base.read_text())["cpu"]
+    assert entry["ratios"] == {"gnh_product_mlp_m1": 4.3} and "median of 4 runs" in entry["statistic"]
+
+
 def fake_run(ratios):
     """What track.run_suite returns for a run whose pairs have these ratios (fast side 1 ms)."""
     benchmarks = [{"extra_info": {"pair": name, "variant": variant, "repeat": 0, "device": "cpu", "threads": 1,

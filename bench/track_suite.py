@@ -68,8 +68,7 @@ def parse_slowdown(text: str) -> dict[str, float]:
 
 DEVICE = _device()
 DEVICE_KIND = device_kind(DEVICE)
-if os.environ.get("PBRF_BENCH_THREADS") or DEVICE == "cpu":
-    torch.set_num_threads(int(os.environ.get("PBRF_BENCH_THREADS") or 1))
+THREADS = int(os.environ.get("PBRF_BENCH_THREADS") or 0) or (1 if DEVICE == "cpu" else None)
 SLOWDOWN = parse_slowdown(os.environ.get("PBRF_BENCH_SLOWDOWN", ""))
 REPEATS = int(os.environ.get("PBRF_BENCH_REPEATS") or 5)
 
@@ -180,6 +179,17 @@ VARIANTS = ("fast", "reference")
 if set(SLOWDOWN) - set(PAIRS):  # a misspelt name would slow nothing and prove nothing
     raise ValueError(f"PBRF_BENCH_SLOWDOWN names no benchmark: {sorted(set(SLOWDOWN) - set(PAIRS))}; "
                      f"benchmarks: {sorted(PAIRS)}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _thread_count():
+    """Set for this module's benchmarks only: other bench files in the same pytest
+    session keep torch's count."""
+    before = torch.get_num_threads()
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)

@@ -173,14 +173,19 @@ def format_table(rows: list[tuple], threshold: float) -> str:
 
 
 def accept(record: dict, baseline_path: Path) -> dict:
-    """Make this run's ratios the baseline of its device kind (benchmarks not run keep theirs)."""
+    """Make this run's ratios the baseline of its device kind. Benchmarks not run keep
+    theirs, and ``accepted_from`` says which commit (and statistic) each ratio came from."""
     baseline = json.loads(baseline_path.read_text()) if baseline_path.exists() else {}
     old = baseline.get(record["device"], {})
-    ratios = dict(old.get("ratios", {})) if old.get("threads") == record["threads"] else {}
-    ratios.update({name: round(value, 4) for name, value in record["ratios"].items()})
-    baseline[record["device"]] = {"commit": record["commit"], "date": record["date"], "machine": record["machine"],
-                                  "threads": record["threads"], "statistic": record["statistic"],
-                                  "ratios": dict(sorted(ratios.items()))}
+    same_threads = old.get("threads") == record["threads"]
+    ratios = dict(old.get("ratios", {})) if same_threads else {}
+    sources = dict(old.get("accepted_from", {})) if same_threads else {}
+    for name, value in record["ratios"].items():
+        ratios[name] = round(value, 4)
+        sources[name] = f"{record['commit'][:12]} ({record['date'][:10]}), {record['statistic']}"
+    baseline[record["device"]] = {"machine": record["machine"], "threads": record["threads"],
+                                  "ratios": dict(sorted(ratios.items())),
+                                  "accepted_from": dict(sorted(sources.items()))}
     baseline_path.write_text(json.dumps(dict(sorted(baseline.items())), indent=1) + "\n")
     return baseline
 

@@ -97,9 +97,10 @@ def test_accept_records_the_run_under_its_device_kind(tmp_path, capsys):
     assert saved["cpu"] == BASELINE["cpu"]  # other device kinds are left alone
     assert saved["cuda-nvidia-h200"]["ratios"] == {"gnh_product_mlp_m1": 1.0}
     # Accepting a subset keeps the device's other benchmarks.
-    code, _ = run_compare(tmp_path, capsys, record({"block_cg": 1.5}), saved, "--accept")
-    assert json.loads((tmp_path / "baseline.json").read_text())["cpu"]["ratios"] == {
-        "gnh_product_mlp_m1": 4.0, "block_cg": 1.5}
+    code, _ = run_compare(tmp_path, capsys, record({"block_cg": 1.5}, commit="fedcba9876543210"), saved, "--accept")
+    entry = json.loads((tmp_path / "baseline.json").read_text())["cpu"]
+    assert entry["ratios"] == {"gnh_product_mlp_m1": 4.0, "block_cg": 1.5}
+    assert entry["accepted_from"]["block_cg"].startswith("fedcba987654")
 
 
 def test_accept_median_takes_each_ratio_over_the_saved_runs_of_the_newest_commit(tmp_path, capsys):
@@ -115,7 +116,9 @@ def test_accept_median_takes_each_ratio_over_the_saved_runs_of_the_newest_commit
     code = track.main(["--accept-median", "--baseline", str(base), "--storage", str(tmp_path / "runs")])
     assert code == 0, capsys.readouterr().out
     entry = json.loads(base.read_text())["cpu"]
-    assert entry["ratios"] == {"gnh_product_mlp_m1": 4.3} and "median of 4 runs" in entry["statistic"]
+    assert entry["ratios"] == {"gnh_product_mlp_m1": 4.3}
+    assert entry["accepted_from"]["gnh_product_mlp_m1"].startswith("0123456789ab")
+    assert "median of 4 runs" in entry["accepted_from"]["gnh_product_mlp_m1"]
 
 
 def fake_run(ratios):

@@ -37,6 +37,17 @@ def _number(kind, minimum, strict: bool):
     return parse
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive integers, e.g. 3,32,32."""
+    try:
+        values = tuple(int(s) for s in text.split(",") if s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 POSITIVE_INT, COUNT = _number(int, 0, strict=True), _number(int, 0, strict=False)
 POSITIVE, NONNEGATIVE = _number(float, 0.0, strict=True), _number(float, 0.0, strict=False)
 
@@ -134,12 +145,7 @@ def _explain_model(args):
 
     from .paper.models import build_model, mlp
 
-    try:
-        shape = tuple(int(s) for s in args.inputs.split(","))
-        widths = tuple(int(w) for w in args.widths.split(",") if w)
-    except ValueError:
-        raise SystemExit(f"--inputs and --widths take comma-separated integers, got {args.inputs!r}, "
-                         f"{args.widths!r}") from None
+    shape, widths = args.inputs, args.widths
     model = (mlp(math.prod(shape), widths, args.outputs, seed=0) if args.model == "mlp"
              else build_model(args.model, shape, args.outputs, seed=0))
     dtype = getattr(torch, args.dtype)
@@ -228,9 +234,9 @@ def _backends_parser(sub) -> None:
     p.add_argument("--explain", action="store_true",
                    help="plan every op for --model on a batch of --batch inputs (nothing is run)")
     p.add_argument("--model", default="mlp", help="mlp, logreg, lenet, resnet20, ... (the paper's models)")
-    p.add_argument("--inputs", default="8", help="input shape of one example, e.g. 8 or 3,32,32")
+    p.add_argument("--inputs", type=_int_list, default=(8,), help="input shape of one example, e.g. 8 or 3,32,32")
     p.add_argument("--outputs", type=POSITIVE_INT, default=1, help="network outputs (classes)")
-    p.add_argument("--widths", default="128,128", help="hidden widths of --model mlp")
+    p.add_argument("--widths", type=_int_list, default=(128, 128), help="hidden widths of --model mlp")
     p.add_argument("--loss", default="mse", choices=["mse", "cross_entropy", "bce"])
     p.add_argument("--batch", type=POSITIVE_INT, default=128, help="examples per product")
     p.add_argument("--columns", type=POSITIVE_INT, default=1, help="vectors per GNH product (test points solved together)")

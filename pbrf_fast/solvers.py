@@ -87,8 +87,9 @@ def _positive_finite(name: str, value) -> float:
 
 def _count(name: str, value, minimum: int = 1) -> int:
     """An integer option that must be >= minimum (a depth, a batch size)."""
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
-            isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()):
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
         raise InputTypeError(f"{name} must be an integer, got {value!r}")
     if int(value) < minimum:
         raise InputError(f"{name} must be >= {minimum}, got {int(value)}")

@@ -156,6 +156,9 @@ API_CASES = [
                                                              s_test=torch.zeros(4, 2, dtype=torch.float64)), "vectors must have shape"),
     ("unknown curvature", lambda: influence(curvature="kfac"), "unknown curvature 'kfac'"),
     ("negative damping", lambda: influence(damping=-1.0), "damping"),
+    ("a measurement returning one number for the batch", lambda: __import__(
+        "pbrf_fast.scale.measurement", fromlist=["x"]).measurement_gradients(
+        mlp_problem(), lambda y, t: y.sum(), X[:2], T[:2]), "one value per example"),
     ("a string for indices", lambda: influence().param_change("abc"), "non-empty sequence"),
     ("test targets out of range", lambda: influence().scores(X[:2], torch.tensor([0, 9])), "class targets must lie in [0, 3)"),
 ]

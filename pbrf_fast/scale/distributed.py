@@ -83,11 +83,8 @@ class DistributedGaussNewton(GaussNewton):
         return type(self)(self.problem, damping, batch_size=self.batch_size, _cache=self._cache,
                           backend=self.backend)
 
-    def _local_positions(self, idx) -> torch.Tensor:
-        """The entries of the global ``idx`` that fall in this rank's shard, as local positions."""
-        idx = as_index(idx, self.num_examples)
-        if len(idx) == 0:
-            raise InputError("empty index batch")
+    def _local_positions(self, idx: torch.Tensor) -> torch.Tensor:
+        """The entries of the global positions ``idx`` in this rank's shard, as local positions."""
         inside = (idx >= self.shard_start) & (idx < self.shard_start + self.problem.n)
         return idx[inside] - self.shard_start
 
@@ -95,7 +92,10 @@ class DistributedGaussNewton(GaussNewton):
         if idx is None:
             local_idx, total = None, self.num_examples
         else:
-            local_idx, total = self._local_positions(idx), len(as_index(idx, self.num_examples))
+            idx = as_index(idx, self.num_examples)
+            if len(idx) == 0:
+                raise InputError("empty index batch")
+            local_idx, total = self._local_positions(idx), len(idx)
         V2 = self.check_vectors(V)
         if local_idx is not None and len(local_idx) == 0:  # none of this batch lives here
             local = torch.zeros_like(V2)

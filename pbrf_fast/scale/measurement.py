@@ -53,7 +53,11 @@ def measurement_gradients(problem: Problem, f: Callable, x: torch.Tensor, t: tor
 
     def one(th, xi, ti):
         out = problem.forward(th, xi.unsqueeze(0))
-        return f(out.reshape(1, -1), ti.unsqueeze(0)).sum()
+        value = f(out.reshape(1, -1), ti.unsqueeze(0))
+        if not isinstance(value, torch.Tensor) or value.shape != (1,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"a measurement must return one value per example, shape (b,); got {shape} for b = 1")
+        return value.sum()
 
     with torch.enable_grad():
         grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(theta, x, t)

@@ -239,11 +239,10 @@ class ScorePipeline:
         self.task.model.eval()
 
     def arguments(self) -> dict:
-        fingerprints = []
-        for k in range(len(self.checkpoints)):
-            self.load_checkpoint(k)
-            model = self.task.model
-            fingerprints.append(tensor_digest([*model.parameters(), *model.buffers()]))
+        model = self.task.model
+        fingerprints = [tensor_digest([*model.parameters(), *model.buffers()]) if c is None
+                        else tensor_digest([v for _, v in sorted(_state_dict(c).items())])
+                        for c in self.checkpoints]
         a = self.args
         return dataclasses.asdict(a) | {
             "model_fingerprint": fingerprints,

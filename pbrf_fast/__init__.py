@@ -12,6 +12,7 @@ from .curvature import CurvatureOperator, GaussNewton, Hessian, make_curvature
 from .errors import DivergenceError, NonConvexLossError, PBRFError
 from .explain import explain, format_plans
 from .influence import Influence
+from .kronecker import KroneckerCurvature, KroneckerFactors
 from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss, get_loss
 from .problem import Problem
 from .solvers import SolveResult, solve
@@ -27,6 +28,8 @@ __all__ = [
     "GaussNewton",
     "Hessian",
     "Influence",
+    "KroneckerCurvature",
+    "KroneckerFactors",
     "Loss",
     "MSELoss",
     "NonConvexLossError",

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .curvature import make_curvature
+from .kronecker import KRONECKER_KINDS, make_kronecker
 from .problem import Problem, as_index
 from .solvers import SolveResult, choose_method, solve
 from .errors import InputError, InputTypeError
@@ -45,15 +46,27 @@ class Influence:
     damping:
         lambda added to the curvature (weight decay is added on top, as part of J).
     curvature:
-        ``"gnh"`` (Gauss-Newton Hessian, the default) or ``"hessian"``.
+        ``"gnh"`` (Gauss-Newton Hessian, the default), ``"hessian"``, or its
+        Kronecker-factored approximations ``"kfac"`` / ``"ekfac"``
+        (:class:`~pbrf_fast.kronecker.KroneckerCurvature`; ``curvature_options`` go to
+        it: ``relative_damping``, ``pseudo_gradients``, ``other``, ...). With those,
+        ``"auto"`` solves by their exact inverse and scores contract layer by layer
+        (no per-example gradient of the whole network).
     solver:
-        ``"auto"``, ``"direct"``, ``"cg"`` or ``"lissa"``; ``solver_options`` go to it.
+        ``"auto"``, ``"direct"``, ``"cg"``, ``"pcg"`` (CG preconditioned by EK-FAC:
+        ``solver_options={"preconditioner": "ekfac"}``) or ``"lissa"``;
+        ``solver_options`` go to it.
     """
 
     def __init__(self, problem: Problem, damping: float = 1e-3, curvature: str = "gnh",
-                 solver: str = "auto", solver_options: dict | None = None):
+                 solver: str = "auto", solver_options: dict | None = None, curvature_options: dict | None = None):
         self.problem = problem
-        self.operator = make_curvature(problem, curvature, damping)
+        if curvature in KRONECKER_KINDS:
+            self.operator = make_kronecker(problem, curvature, damping, **dict(curvature_options or {}))
+        elif curvature_options:
+            raise InputError(f"curvature_options are for 'kfac' / 'ekfac', not {curvature!r}")
+        else:
+            self.operator = make_curvature(problem, curvature, damping)
         self.solver = solver
         self.solver_options = dict(solver_options or {})
         self.last_solve: SolveResult | None = None
@@ -109,10 +122,25 @@ class Influence:
 
     def scores_from_s_test(self, S: torch.Tensor, train_idx=None) -> torch.Tensor:
         epsilon = 1.0 / self.problem.n
+        if self.operator.kind in KRONECKER_KINDS:
+            return self._layer_scores(S, train_idx) * epsilon
         rows = [grads @ S for _, grads in self.problem.training_gradients(train_idx)]
         if not rows:  # no training example asked for: an empty (0, m) block, as the kernel path gives
             return S.new_zeros(0, S.shape[1])
         return torch.cat(rows) * epsilon
+
+    def _layer_scores(self, S: torch.Tensor, train_idx) -> torch.Tensor:
+        """g_i^T S for the training examples, layer by layer with the score-contraction op
+        (pbrf_fast.scale.layer_scores): no per-example gradient of the whole network."""
+        import warnings
+
+        from .scale.layer_scores import LayerScorer
+
+        with warnings.catch_warnings():  # uncovered parameters are reported by the operator's coverage
+            warnings.simplefilter("ignore")
+            scorer = LayerScorer(self.problem)
+        rows = [scorer.scores(*self.problem.batch(chunk), S) for chunk in self.problem.batches(train_idx)]
+        return torch.cat(rows) if rows else S.new_zeros(0, S.shape[1])
 
     # ------------------------------------------------------ parameter changes
     def param_change(self, train_idx, epsilon: float | None = None) -> torch.Tensor:

@@ -7,6 +7,9 @@
 * ``cg``     - conjugate gradients run on all columns at once, each column with
   its own step sizes and relative tolerance (a converged column stops costing
   products);
+* ``pcg``    - the same CG preconditioned by the K-FAC / EK-FAC inverse
+  (:mod:`pbrf_fast.kronecker`): the exact solve in fewer iterations;
+* ``kronecker`` - the exact inverse of a K-FAC / EK-FAC operator itself;
 * ``lissa``  - the stochastic Neumann recursion of Eq. 51-52 with mini-batch
   curvature, repeats and a scale chosen automatically by power iteration.
 
@@ -15,6 +18,7 @@ All return a :class:`SolveResult` with the solution and diagnostics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -25,7 +29,7 @@ from .curvature import CurvatureOperator
 from .errors import IndefiniteOperatorError, InputError, InputTypeError, NonFiniteError
 from .lissa_divergence import check_lissa_step
 
-__all__ = ["SolveResult", "solve", "direct", "conjugate_gradient", "lissa", "kernel",
+__all__ = ["SolveResult", "solve", "direct", "conjugate_gradient", "pcg", "lissa", "kernel",
            "estimate_largest_eigenvalue", "choose_method", "plan_lissa", "DIRECT_MAX_DIM", "KERNEL_MEMORY_BYTES",
            "SOLVERS"]
 
@@ -161,11 +165,15 @@ def kernel(op: CurvatureOperator, B: torch.Tensor, *, compute_residual: bool = T
 # -------------------------------------------------------------------------- cg
 def conjugate_gradient(op: CurvatureOperator, B: torch.Tensor, *, tol: float = 1e-6,
                        max_iter: int | None = None, x0: torch.Tensor | None = None,
-                       compute_residual: bool = True, progress: bool = False) -> SolveResult:
+                       compute_residual: bool = True, progress: bool = False,
+                       preconditioner=None) -> SolveResult:
     """CG on every column at once, stopping each column at ``||r|| <= tol ||b||``.
 
     Columns are independent CG runs that share operator products: only the
     still-active columns go through the network each iteration.
+    ``preconditioner``: None, or a function M(R) ~ op^{-1} R on (d, k) blocks
+    (symmetric positive definite); the stopping rule stays the unpreconditioned
+    residual ``||r||``.
     """
     start = time.perf_counter()
     B2 = _columns(op, B)
@@ -188,8 +196,11 @@ def conjugate_gradient(op: CurvatureOperator, B: torch.Tensor, *, tol: float = 1
     # is compacted only when some column converges, not gathered every step.
     cols = (rs.sqrt() > target).nonzero().reshape(-1)
     Xa, Ra, rsa, ta = _take(X, cols), _take(R, cols), rs[cols], target[cols]
-    Pa = Ra.clone()
-    bar = _progress(max_iter, "cg", progress)
+    # rho = r^T M r (= r^T r without a preconditioner) drives the step sizes
+    Za = _precondition(preconditioner, Ra, cols)
+    rhoa = rsa if Za is Ra else (Ra * Za).sum(0)
+    Pa = Za.clone()
+    bar = _progress(max_iter, "pcg" if preconditioner is not None else "cg", progress)
     for _ in range(max_iter):
         if len(cols) == 0:
             break
@@ -205,21 +216,27 @@ def conjugate_gradient(op: CurvatureOperator, B: torch.Tensor, *, tol: float = 1
                 f"CG found non-positive curvature p^T A p in column {j}: the damped operator is "
                 "not positive definite; increase damping or use curvature='gnh'"
             )
-        alpha = rsa / curvature
+        alpha = rhoa / curvature
         Xa.addcmul_(Pa, alpha)
         Ra.addcmul_(APa, alpha, value=-1.0)
-        rs_new = (Ra * Ra).sum(0)
-        Pa.mul_(rs_new / rsa).add_(Ra)
-        rsa = rs_new
+        rsa = (Ra * Ra).sum(0)
+        if preconditioner is None:
+            rho_new, Za = rsa, Ra
+        else:
+            Za = _precondition(preconditioner, Ra, cols)
+            rho_new = (Ra * Za).sum(0)
+        Pa.mul_(rho_new / rhoa).add_(Za)
+        rhoa = rho_new
         iterations[cols] += 1
         bar.update(1)
-        still = rs_new.sqrt() > ta
+        still = rsa.sqrt() > ta
         if not bool(still.all()):  # write finished columns back, shrink the block
             done = (~still).nonzero().reshape(-1)
             X[:, cols[done]] = Xa[:, done]
             rs[cols[done]] = rsa[done]
             keep = still.nonzero().reshape(-1)
             cols, Xa, Ra, Pa, rsa, ta = cols[keep], Xa[:, keep], Ra[:, keep], Pa[:, keep], rsa[keep], ta[keep]
+            rhoa = rhoa[keep]
     bar.close()
     if len(cols) and Xa is not X:  # columns still running at max_iter, in a compacted block
         X[:, cols] = Xa
@@ -232,6 +249,76 @@ def conjugate_gradient(op: CurvatureOperator, B: torch.Tensor, *, tol: float = 1
                      residual_norms=estimate, converged=converged)
     result.info["recurrence_residuals"] = estimate
     return result
+
+
+def _precondition(preconditioner, R: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """M R for the active block (R itself without a preconditioner), checked: a
+    preconditioner must be positive definite for CG to converge."""
+    if preconditioner is None or R.shape[1] == 0:
+        return R
+    Z = preconditioner(R)
+    rho = (R * Z).sum(0)
+    bad = ~torch.isfinite(rho) | ((rho <= 0) & (R.norm(dim=0) > 0))
+    if bool(bad.any()):
+        j = int(cols[bad.nonzero()[0, 0]])
+        what = "non-finite" if not bool(torch.isfinite(rho[bad]).all()) else "non-positive"
+        raise IndefiniteOperatorError(f"PCG: the preconditioner gave {what} r^T M r in column {j}: it must be "
+                                      "symmetric positive definite (increase its damping)")
+    return Z
+
+
+# Preconditioners by name (the Kronecker module registers "kfac" and "ekfac" on import):
+# name -> factory(op, **options) returning an object with .inverse_matvec(V).
+PRECONDITIONERS: dict = {}
+
+
+def register_kronecker(kinds, factory) -> None:
+    """Called by :mod:`pbrf_fast.kronecker`: its inverses become PCG preconditioners, and
+    its operators are solved by their own inverse (``method="kronecker"``)."""
+    for kind in kinds:
+        PRECONDITIONERS[kind] = functools.partial(factory, kind=kind)
+
+
+def pcg(op: CurvatureOperator, B: torch.Tensor, *, preconditioner="ekfac", preconditioner_options: dict | None = None,
+        **options) -> SolveResult:
+    """Preconditioned block CG: the exact solve of ``op`` (e.g. the damped GNH) with the
+    K-FAC / EK-FAC inverse of the same problem, damping and weight decay as the
+    preconditioner. ``preconditioner``: ``"ekfac"``, ``"kfac"`` or an object with
+    ``inverse_matvec``; ``preconditioner_options`` go to
+    :class:`pbrf_fast.kronecker.KroneckerCurvature` (built once per operator and cached);
+    ``options`` (``tol``, ``max_iter``, ``x0``, ...) as :func:`conjugate_gradient`.
+    ``result.info`` records the preconditioner and the seconds spent building it.
+    """
+    start = time.perf_counter()
+    if isinstance(preconditioner, str):
+        if preconditioner not in PRECONDITIONERS:
+            raise InputError(f"unknown preconditioner {preconditioner!r}; choose one of {sorted(PRECONDITIONERS)} "
+                             "or pass an object with inverse_matvec")
+        if getattr(op, "problem", None) is None or op.kind not in ("gnh", "hessian"):
+            raise InputError(f"preconditioner {preconditioner!r} is built from the operator's problem: op must be "
+                             "a GaussNewton or Hessian operator")
+        name = preconditioner
+        preconditioner = PRECONDITIONERS[name](op, **dict(preconditioner_options or {}))
+        preconditioner.factors  # noqa: B018 -- build the factors now, timed apart from the iterations
+    else:
+        if preconditioner_options:
+            raise InputError("preconditioner_options apply to a preconditioner given by name")
+        name = type(preconditioner).__name__
+    if not callable(getattr(preconditioner, "inverse_matvec", None)):
+        raise InputTypeError(f"preconditioner must be 'ekfac', 'kfac' or have inverse_matvec, got {preconditioner!r}")
+    built = time.perf_counter() - start
+    result = conjugate_gradient(op, B, preconditioner=preconditioner.inverse_matvec, **options)
+    result.method = "pcg"
+    result.time += built
+    result.info.update({"preconditioner": name, "preconditioner_seconds": built})
+    return result
+
+
+def kronecker_inverse(op, B: torch.Tensor, **options) -> SolveResult:
+    """Solve with a K-FAC / EK-FAC operator's own exact inverse (``op.solve``)."""
+    if not callable(getattr(op, "inverse_matvec", None)):
+        raise InputError("method 'kronecker' needs a K-FAC / EK-FAC operator (curvature='kfac' or 'ekfac')")
+    return op.solve(B, **options)
 
 
 def _take(T: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -394,7 +481,8 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, leave=False)
 
 
-SOLVERS = {"direct": direct, "cg": conjugate_gradient, "lissa": lissa, "kernel": kernel}
+SOLVERS = {"direct": direct, "cg": conjugate_gradient, "pcg": pcg, "lissa": lissa, "kernel": kernel,
+           "kronecker": kronecker_inverse}
 
 
 def choose_method(op: CurvatureOperator) -> tuple[str, str]:
@@ -402,6 +490,8 @@ def choose_method(op: CurvatureOperator) -> tuple[str, str]:
 
     ``direct`` factorises d x d, ``kernel`` N*C x N*C (GNH only): take the smaller.
     """
+    if callable(getattr(op, "inverse_matvec", None)):
+        return "kronecker", f"{op.kind} operator: its own exact inverse, layer by layer in the Kronecker eigenbasis"
     d, outputs = op.dim, op.num_examples * op.problem.num_outputs
     kernel_ok = (op.kind == "gnh" and op.shift > 0 and op.problem.loss.kernel_kind in ("mse", "bce", "cross_entropy")
                  and 3 * 8 * outputs ** 2 <= KERNEL_MEMORY_BYTES)
@@ -420,8 +510,10 @@ def solve(op: CurvatureOperator, B: torch.Tensor, method: str = "auto", **option
     """Solve ``op X = B`` for B of shape (d,) or (d, m).
 
     ``method``: ``"auto"`` (see :func:`choose_method`: the cheaper exact
-    solver of ``direct`` and ``kernel`` by size, else ``cg``), ``"direct"``,
-    ``"kernel"``, ``"cg"`` or ``"lissa"``; ``options`` go to that solver.
+    solver of ``direct`` and ``kernel`` by size, else ``cg``; a K-FAC / EK-FAC
+    operator's own inverse), ``"direct"``, ``"kernel"``, ``"cg"``, ``"pcg"``
+    (``preconditioner="ekfac"`` or ``"kfac"``), ``"kronecker"`` or ``"lissa"``;
+    ``options`` go to that solver.
     """
     reason = None
     if method == "auto":

@@ -1,0 +1,620 @@
+"""K-FAC and EK-FAC: Kronecker-factored approximations of the Gauss-Newton Hessian.
+
+For a layer ``y = W a`` (``nn.Linear``; ``nn.Conv2d`` with its input unfolded into
+patches, one token per output position) the bias is folded in as a last input
+coordinate equal to 1, so the layer's parameters are one (o x i') matrix and
+example n's gradient with respect to them is ``G_n = sum_t s_{n,t} a_{n,t}^T``.
+The GNH block of the layer is ``1/N sum_n sum_k vec(G_nk) vec(G_nk)^T`` where
+``G_nk`` is the gradient for the pseudo-gradient ``q_nk`` at the outputs, with
+``sum_k q_nk q_nk^T = H_n`` the output Hessian of example n:
+
+* ``pseudo_gradients="exact"``: the columns of a square root of H_n (MSE: the unit
+  vectors; softmax cross-entropy: ``sqrt(p_k) (e_k - p)``, whose outer products sum
+  to ``diag(p) - p p^T``; BCE: ``sqrt(p (1 - p))``; other losses: eigh of H_n),
+  C backward passes per batch;
+* ``"sampled"``: ``samples`` draws from the model's predictive distribution (the
+  gradient of the loss at a sampled label: ``E[q q^T] = H``), seeded; one backward
+  pass per draw. ``"auto"``: exact for at most ``EXACT_MAX_OUTPUTS`` outputs.
+
+K-FAC replaces the block by ``A (x) S`` with ``A = 1/N sum_{n,t} a a^T`` and
+``S = 1/(N T) sum_{n,k,t} s s^T`` (for T = 1 tokens these are the block's factors
+exactly when the per-example terms factorise; for convolutions this is the KFC
+scaling of Grosse and Martens, 2016). With ``A = Q_A diag(l_A) Q_A^T`` and
+``S = Q_S diag(l_S) Q_S^T`` the block is ``(Q_A (x) Q_S) diag(l_S l_A^T) (...)^T``;
+EK-FAC keeps the eigenbasis and replaces ``l_S l_A^T`` by the second moments of
+the pseudo-gradients in it, ``Lambda = 1/N sum_{n,k} (Q_S^T G_nk Q_A)^2`` (George
+et al., 2018) -- with exact pseudo-gradients that is the diagonal of the exact GNH
+block in that basis.
+
+Parameters outside covered layers (BatchNorm, embeddings, ...) get a diagonal
+block, the diagonal of the GNH (``other="diagonal"``, computed exactly from
+per-example pseudo-gradients of those parameters only), or damping only
+(``other="damping"``), or are refused (``other="error"``); which parameters went
+where is in :attr:`KroneckerCurvature.coverage` and is warned about.
+
+Damping. The operator is ``K + (weight_decay + damping) I`` like every curvature
+in the library (absolute damping, added to every eigenvalue). With
+``relative_damping=r`` each block also adds ``r * mean(its eigenvalues)``
+(kronfluence's heuristic when its ``damping_factor`` is None is r = 0.1).
+
+Factors are accumulated batch by batch (``batch_size`` examples at a time), and
+summed over torch.distributed ranks when ``distributed=True`` (each rank holding
+its shard of the data). :meth:`KroneckerFactors.state_dict` /
+:meth:`KroneckerFactors.from_state_dict` store and restore them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import solvers
+from .curvature import CurvatureOperator
+from .errors import InputError, InputTypeError
+
+__all__ = ["KRONECKER_KINDS", "PSEUDO_GRADIENTS", "KroneckerCurvature", "KroneckerFactors", "KroneckerLayer",
+           "kronecker_layers", "output_hessian_factors", "compute_factors"]
+
+KRONECKER_KINDS = ("kfac", "ekfac")
+PSEUDO_GRADIENTS = ("auto", "exact", "sampled")
+OTHER_PARAMETERS = ("diagonal", "damping", "error")
+# "auto" pseudo-gradients are exact (C backward passes per batch) up to this many outputs.
+EXACT_MAX_OUTPUTS = 16
+# Elements of a transient per-example gradient block in the eigenvalue-correction pass.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# ------------------------------------------------------------------------------------ layers
+@dataclasses.dataclass
+class KroneckerLayer:
+    """One covered layer: where its weight and bias sit in the flat parameter vector."""
+
+    name: str
+    module: nn.Module
+    weight: tuple[int, int]
+    bias: tuple[int, int] | None
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.weight.shape[0]
+
+    @property
+    def in_dim(self) -> int:
+        """Columns of the layer's parameter matrix: inputs (x kernel) plus one for the bias."""
+        return self.module.weight[0].numel() + (self.bias is not None)
+
+    def tokens(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The layer input as (b, T, i'): patches for a convolution, a ones column for the bias."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            a = F.unfold(inputs, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            a = a.transpose(1, 2)
+        else:
+            a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+        if self.bias is not None:
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], 2)
+        return a
+
+    def output_tokens(self, grads: torch.Tensor, batch: int) -> torch.Tensor:
+        """Output gradients (K, b, ...) as (K, b, T, o)."""
+        K = grads.shape[0]
+        if isinstance(self.module, nn.Conv2d):
+            return grads.reshape(K, batch, self.out_dim, -1).transpose(2, 3)
+        return grads.reshape(K, batch, -1, self.out_dim)
+
+    def block(self, V: torch.Tensor) -> torch.Tensor:
+        """Rows of the (d, m) block V that belong to this layer, as (m, o, i')."""
+        m = V.shape[1]
+        lo, hi = self.weight
+        W = V[lo:hi].T.reshape(m, self.out_dim, -1)
+        if self.bias is None:
+            return W
+        lo, hi = self.bias
+        return torch.cat([W, V[lo:hi].T.unsqueeze(2)], 2)
+
+    def write(self, block: torch.Tensor, out: torch.Tensor) -> None:
+        """Store a (m, o, i') block into this layer's rows of out (d, m)."""
+        m = block.shape[0]
+        lo, hi = self.weight
+        if self.bias is None:
+            out[lo:hi] = block.reshape(m, -1).T
+            return
+        out[lo:hi] = block[:, :, :-1].reshape(m, -1).T
+        lo, hi = self.bias
+        out[lo:hi] = block[:, :, -1].T
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def kronecker_layers(problem) -> tuple[list[KroneckerLayer], list[str]]:
+    """The covered layers of the problem's model and the names of every other parameter."""
+    offsets, start = {}, 0
+    for name, size in zip(problem.param_names, problem.param_sizes):
+        offsets[name] = (start, start + size)
+        start += size
+    layers, covered = [], set()
+    for mod_name, module in problem.model.named_modules():
+        if not _supported(module):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        weight = offsets.get(prefix + "weight")
+        if weight is None:  # frozen weight: nothing of this layer to approximate
+            continue
+        bias = offsets.get(prefix + "bias") if module.bias is not None else None
+        layers.append(KroneckerLayer(mod_name, module, weight, bias))
+        covered.update({prefix + "weight"} | ({prefix + "bias"} if bias is not None else set()))
+    return layers, [n for n in problem.param_names if n not in covered]
+
+
+# ------------------------------------------------------------------------- pseudo-gradients
+def output_hessian_factors(loss, y: torch.Tensor, t: torch.Tensor, mode: str = "exact", samples: int = 1,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Q (K, b, C) with ``sum_k Q[k, n] Q[k, n]^T = H_n`` (``"exact"``), or K = ``samples``
+    draws with that expectation (``"sampled"``: loss gradients at labels drawn from the
+    model's predictive distribution, scaled by 1/sqrt(samples))."""
+    kind = loss.kernel_kind
+    b, C = y.shape
+    if mode == "exact":
+        if kind == "mse":
+            return torch.eye(C, dtype=y.dtype, device=y.device).unsqueeze(1).expand(C, b, C)
+        if kind == "cross_entropy":
+            p = torch.softmax(y, -1)
+            eye = torch.eye(C, dtype=y.dtype, device=y.device)
+            return p.T.sqrt().unsqueeze(2) * (eye.unsqueeze(1) - p.unsqueeze(0))
+        if kind == "bce":
+            p = torch.sigmoid(y)
+            root = (p * (1 - p)).sqrt()
+            return torch.diag_embed(root).permute(1, 0, 2)
+        return _hessian_root(loss, y, t).permute(2, 0, 1)
+    scale = 1.0 / math.sqrt(samples)
+    if kind == "cross_entropy":
+        p = torch.softmax(y, -1)
+        draws = torch.multinomial(p.cpu().double(), samples, replacement=True, generator=generator).T
+        onehot = F.one_hot(draws.to(y.device), C).to(y.dtype)           # (K, b, C)
+        return (p.unsqueeze(0) - onehot) * scale
+    if kind == "bce":
+        p = torch.sigmoid(y)
+        u = torch.rand(samples, b, C, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
+        return (p.unsqueeze(0) - (u < p).to(y.dtype)) * scale
+    z = torch.randn(samples, b, C, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
+    if kind == "mse":
+        return z * scale
+    root = _hessian_root(loss, y, t)                                      # (b, C, C)
+    return torch.einsum("bcr,kbr->kbc", root, z) * scale
+
+
+def _hessian_root(loss, y, t):
+    """R (b, C, C) with R R^T = H_n, from the loss's Hessian-vector product (any loss)."""
+    b, C = y.shape
+    eye = torch.eye(C, dtype=y.dtype, device=y.device).unsqueeze(1).expand(C, b, C)
+    H = loss.hvp(y, t, eye.contiguous()).permute(1, 2, 0)                 # (b, C, C): column k = H e_k
+    evals, evecs = torch.linalg.eigh(0.5 * (H + H.transpose(1, 2)))
+    return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
+
+
+class _LayerCapture:
+    """Forward hooks recording each covered layer's input and output for one batch."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.records = {}
+
+    def __enter__(self):
+        self.handles = []
+        for layer in self.layers:
+            def hook(module, inputs, output, name=layer.name):
+                if name in self.records:
+                    raise InputError(f"layer {name!r} ({type(module).__name__}) runs more than once per forward "
+                                     "pass (a shared layer); K-FAC needs each covered layer called once")
+                self.records[name] = (inputs[0].detach(), output)
+            self.handles.append(layer.module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _pseudo_gradient_pass(problem, layers, x, Q_fn):
+    """One forward pass over x; backpropagate every pseudo-gradient Q[k] (from
+    ``Q_fn(y) -> (K, b, C)``) to the layer outputs. Returns per layer (tokens (b, T, i'),
+    output gradients (K, b, T, o)) and Q."""
+    with _LayerCapture(layers) as capture, torch.enable_grad():
+        # theta requires grad only so that the layer outputs are in a graph; the backward
+        # pass below stops at them (no parameter gradient is formed)
+        y = problem.forward(problem.theta.detach().requires_grad_(), x)
+        Q = Q_fn(y.detach())
+        outs = [capture.records[layer.name][1] for layer in layers]
+        try:
+            grads = torch.autograd.grad(y, outs, grad_outputs=Q, is_grads_batched=True, allow_unused=True)
+        except RuntimeError:  # an op without a batching rule: one backward pass per pseudo-gradient
+            per_k = [torch.autograd.grad(y, outs, grad_outputs=Q[k], retain_graph=True, allow_unused=True)
+                     for k in range(Q.shape[0])]
+            grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]
+    b = x.shape[0]
+    parts = []
+    for layer, out, g in zip(layers, outs, grads):
+        a = layer.tokens(capture.records[layer.name][0])
+        g = torch.zeros(Q.shape[0], *out.shape, dtype=out.dtype, device=out.device) if g is None else g.detach()
+        parts.append((a, layer.output_tokens(g, b)))
+    return parts, Q
+
+
+def _other_gradient_squares(problem, names, x, Q):
+    """sum_k g_nk^2 (b, numel) for the parameters ``names`` (per-example pseudo-gradients by
+    torch.func restricted to those parameters: cheap for BatchNorm-sized tensors)."""
+    params = problem.unflatten(problem.theta)
+    fixed = {k: v for k, v in params.items() if k not in names}
+    chosen = {k: params[k] for k in names}
+
+    def outputs(sub, x_row):
+        out = torch.func.functional_call(problem.model, ({**fixed, **sub}, problem.buffers), (x_row.unsqueeze(0),))
+        return out.reshape(-1)
+
+    def one(x_row, q_rows):
+        _, pullback = torch.func.vjp(lambda sub: outputs(sub, x_row), chosen)
+        (g,) = torch.func.vmap(pullback)(q_rows)
+        return torch.cat([g[k].reshape(q_rows.shape[0], -1) for k in names], 1).pow(2).sum(0)
+
+    with torch.enable_grad():
+        return torch.func.vmap(one)(x, Q.transpose(0, 1)).detach()
+
+
+# ------------------------------------------------------------------------------------ factors
+@dataclasses.dataclass
+class KroneckerFactors:
+    """Per-layer factors of one model: covariances, their eigenpairs, EK-FAC's corrected
+    eigenvalues, the diagonal of the other parameters, and how they were made."""
+
+    kind: str
+    num_examples: int
+    pseudo_gradients: str
+    A: dict
+    S: dict
+    eigen: dict = dataclasses.field(default_factory=dict)   # name -> (l_A, Q_A, l_S, Q_S)
+    corrected: dict = dataclasses.field(default_factory=dict)  # name -> (o, i') EK-FAC eigenvalues
+    diagonal: torch.Tensor | None = None                    # other parameters' GNH diagonal (or None)
+    seconds: dict = dataclasses.field(default_factory=dict)
+
+    def eigenvalues(self, name: str) -> torch.Tensor:
+        """The (o, i') eigenvalues of layer ``name``'s block in its Kronecker eigenbasis."""
+        if self.kind == "ekfac":
+            return self.corrected[name]
+        l_A, _, l_S, _ = self.eigen[name]
+        return l_S.unsqueeze(1) * l_A.unsqueeze(0)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "KroneckerFactors":
+        state = dict(state)
+        state["eigen"] = {k: tuple(v) for k, v in state.get("eigen", {}).items()}
+        return cls(**state)
+
+
+def _accumulate(total: dict, key, value):
+    total[key] = value if key not in total else total[key].add_(value)
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+
+
+def compute_factors(problem, kind: str = "ekfac", *, pseudo_gradients: str = "auto", samples: int = 1,
+                    seed: int = 0, batch_size: int | None = None, other: str = "diagonal",
+                    distributed: bool = False, progress: bool = False) -> KroneckerFactors:
+    """K-FAC / EK-FAC factors of the problem's GNH over all its examples (see the module
+    docstring). With ``distributed=True`` every rank passes its shard and all get the
+    factors of the union (sums all-reduced)."""
+    layers, others = kronecker_layers(problem)
+    mode = _resolve_mode(pseudo_gradients, problem.num_outputs)
+    rank = _rank() if distributed else 0
+    generator = torch.Generator().manual_seed(int(seed) + 1_000_003 * rank)
+    step = batch_size or problem.batch_size
+    diag_names = others if other == "diagonal" else []
+
+    def q_for(t):
+        return lambda y: output_hessian_factors(problem.loss, y, t, mode, samples, generator)
+
+    # pass 1: covariances (and the other parameters' diagonal)
+    start = time.perf_counter()
+    A, S, count, diagonal = {}, {}, 0, None
+    for s in _batches(problem.n, step, progress, f"{kind} covariances"):
+        x, t = problem.inputs[s], problem.targets[s]
+        parts, Q = _pseudo_gradient_pass(problem, layers, x, q_for(t))
+        for layer, (a, g) in zip(layers, parts):
+            _accumulate(A, layer.name, torch.einsum("bti,btj->ij", a, a))
+            _accumulate(S, layer.name, torch.einsum("kbto,kbtp->op", g, g) / a.shape[1])
+        if diag_names:
+            part = _other_gradient_squares(problem, diag_names, x, Q).sum(0)
+            diagonal = part if diagonal is None else diagonal.add_(part)
+        count += x.shape[0]
+    names = [layer.name for layer in layers]
+    totals = [A[n] for n in names] + [S[n] for n in names] + ([diagonal] if diagonal is not None else [])
+    count_t = torch.tensor([float(count)], dtype=torch.float64)
+    if distributed:
+        _all_reduce(totals + [count_t])
+    N = int(count_t.item())
+    for n in names:
+        A[n] = A[n] / N
+        S[n] = S[n] / N
+    diagonal = None if diagonal is None else diagonal / N
+    factors = KroneckerFactors(kind, N, mode, A, S, diagonal=diagonal)
+    factors.seconds["covariances"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    for n in names:
+        l_A, Q_A = torch.linalg.eigh(0.5 * (A[n] + A[n].T).double())
+        l_S, Q_S = torch.linalg.eigh(0.5 * (S[n] + S[n].T).double())
+        dtype = A[n].dtype
+        factors.eigen[n] = (l_A.clamp_min(0).to(dtype), Q_A.to(dtype), l_S.clamp_min(0).to(dtype), Q_S.to(dtype))
+    factors.seconds["eigendecomposition"] = time.perf_counter() - start
+    if kind == "ekfac":
+        start = time.perf_counter()
+        _eigenvalue_corrections(problem, layers, factors, step, progress, q_for, distributed)
+        factors.seconds["corrections"] = time.perf_counter() - start
+    return factors
+
+
+def _eigenvalue_corrections(problem, layers, factors, step, progress, q_for_targets, distributed):
+    corrected = {}
+    for s in _batches(problem.n, step, progress, "ekfac eigenvalue corrections"):
+        x, t = problem.inputs[s], problem.targets[s]
+        parts, _ = _pseudo_gradient_pass(problem, layers, x, q_for_targets(t))
+        for layer, (a, g) in zip(layers, parts):
+            _, Q_A, _, Q_S = factors.eigen[layer.name]
+            _accumulate(corrected, layer.name, rotated_gradient_squares(a @ Q_A, g @ Q_S).sum(0))
+    names = [layer.name for layer in layers]
+    if distributed:
+        _all_reduce([corrected[n] for n in names])
+    factors.corrected = {n: corrected[n] / factors.num_examples for n in names}
+
+
+def rotated_gradient_squares(a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
+    """(b, o, i'): sum_k (sum_t g_rot[k, n, t] a_rot[n, t]^T)^2 per example n, in bounded memory."""
+    K, b, T, o = g_rot.shape
+    i = a_rot.shape[2]
+    if T == 1:  # the square of a rank-one matrix is the outer product of the squares
+        return torch.einsum("kbo,bi->boi", g_rot[:, :, 0].pow(2), a_rot[:, 0].pow(2))
+    out = a_rot.new_zeros(b, o, i)
+    rows = max(1, _CHUNK_ELEMENTS // max(K * o * i, 1))
+    for n in range(0, b, rows):
+        G = torch.einsum("kbto,bti->kboi", g_rot[:, n:n + rows], a_rot[n:n + rows])
+        out[n:n + rows] = G.pow(2).sum(0)
+    return out
+
+
+def _resolve_mode(pseudo_gradients, num_outputs):
+    if pseudo_gradients not in PSEUDO_GRADIENTS:
+        raise InputError(f"pseudo_gradients must be one of {PSEUDO_GRADIENTS}, got {pseudo_gradients!r}")
+    if pseudo_gradients == "auto":
+        return "exact" if num_outputs <= EXACT_MAX_OUTPUTS else "sampled"
+    return pseudo_gradients
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _batches(n, step, progress, desc):
+    slices = [slice(s, min(n, s + step)) for s in range(0, n, step)]
+    if not progress:
+        return slices
+    from tqdm.auto import tqdm
+
+    return tqdm(slices, desc=desc, leave=False)
+
+
+# ----------------------------------------------------------------------------------- operator
+class KroneckerCurvature(CurvatureOperator):
+    """``K + (weight_decay + damping) I`` with K the K-FAC or EK-FAC approximation of the GNH.
+
+    ``kind``: ``"kfac"`` or ``"ekfac"``. ``relative_damping``: r adds ``r * mean``
+    of each block's eigenvalues to that block (kronfluence's heuristic: r = 0.1).
+    ``pseudo_gradients`` (``"auto"`` / ``"exact"`` / ``"sampled"``), ``samples``,
+    ``seed``: how the output Hessian enters (module docstring). ``other``: what the
+    parameters outside covered layers get (``"diagonal"``, ``"damping"``, ``"error"``).
+    ``factors``: precomputed :class:`KroneckerFactors` (e.g. loaded from disk).
+
+    :meth:`solve` applies the exact inverse of this operator (two small matrix
+    products per layer and column); :meth:`matvec` its product, so the generic
+    solvers and :meth:`dense` work too. :attr:`coverage` reports what each parameter got.
+    """
+
+    kind = "ekfac"
+
+    def __init__(self, problem, damping: float = 0.0, kind: str = "ekfac", *, relative_damping: float | None = None,
+                 pseudo_gradients: str = "auto", samples: int = 1, seed: int = 0, batch_size: int | None = None,
+                 other: str = "diagonal", distributed: bool = False, factors: KroneckerFactors | None = None,
+                 progress: bool = False, _cache: dict | None = None):
+        if kind not in KRONECKER_KINDS:
+            raise InputError(f"kind must be one of {KRONECKER_KINDS}, got {kind!r}")
+        if other not in OTHER_PARAMETERS:
+            raise InputError(f"other must be one of {OTHER_PARAMETERS}, got {other!r}")
+        problem.loss.require_convex(f"the {kind} approximation of the Gauss-Newton Hessian")
+        if relative_damping is not None:
+            if isinstance(relative_damping, bool) or not isinstance(relative_damping, (int, float)):
+                raise InputTypeError(f"relative_damping must be a number or None, got {relative_damping!r}")
+            if not math.isfinite(relative_damping) or relative_damping < 0:
+                raise InputError(f"relative_damping must be finite and >= 0, got {relative_damping!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise InputError(f"samples must be a positive integer, got {samples!r}")
+        _resolve_mode(pseudo_gradients, problem.num_outputs)
+        super().__init__(problem, damping, batch_size=batch_size, _cache=_cache)
+        self.kind = kind
+        self.options = {"relative_damping": relative_damping, "pseudo_gradients": pseudo_gradients,
+                        "samples": samples, "seed": seed, "other": other, "distributed": distributed,
+                        "progress": progress}
+        self.layers, self.others = kronecker_layers(problem)
+        if not self.layers:
+            raise InputError(f"{kind}: the model has no nn.Linear or nn.Conv2d (groups=1, zero padding) layer "
+                             "with a trainable weight to factorise")
+        if self.others and other == "error":
+            raise InputError(f"{kind}: parameters {self.others} are not in an nn.Linear / nn.Conv2d layer "
+                             "(other='error'); use other='diagonal' or other='damping'")
+        if self.others:
+            treatment = "the exact GNH diagonal" if other == "diagonal" else "damping only"
+            warnings.warn(f"{kind}: parameters {self.others} are outside Linear/Conv2d layers and get "
+                          f"{treatment} (see .coverage)", stacklevel=2)
+        if factors is not None:
+            self._cache["kronecker_factors"] = (problem.version, factors)
+
+    # -------------------------------------------------------------------- factors
+    @property
+    def factors(self) -> KroneckerFactors:
+        """The factors (computed on first use, cached with the operator and its damping copies)."""
+        o = self.options
+        return self._cached("kronecker_factors", lambda: compute_factors(
+            self.problem, self.kind, pseudo_gradients=o["pseudo_gradients"], samples=o["samples"], seed=o["seed"],
+            batch_size=self.batch_size, other=o["other"], distributed=o["distributed"], progress=o["progress"]))
+
+    @property
+    def coverage(self) -> dict:
+        """Which parameters each treatment covers: Kronecker-factored layers (weight with bias
+        folded in) and the other parameters (diagonal GNH block, or damping only)."""
+        other = self.options["other"]
+        return {"kronecker": [layer.name or "<model>" for layer in self.layers],
+                "diagonal": list(self.others) if other == "diagonal" else [],
+                "damping_only": list(self.others) if other == "damping" else []}
+
+    @property
+    def num_examples(self) -> int:
+        return self.factors.num_examples if "kronecker_factors" in self._cache else self.problem.n
+
+    def with_damping(self, damping: float) -> "KroneckerCurvature":
+        o = dict(self.options)
+        return type(self)(self.problem, damping, self.kind, batch_size=self.batch_size, _cache=self._cache, **o)
+
+    def _other_slices(self):
+        offsets, start = {}, 0
+        for name, size in zip(self.problem.param_names, self.problem.param_sizes):
+            offsets[name] = (start, start + size)
+            start += size
+        return [offsets[n] for n in self.others]
+
+    def _blocks(self):
+        """Per layer (layer, Q_A, Q_S, eigenvalues + relative damping); and the other
+        parameters' (rows, diagonal + relative damping)."""
+        key = ("kronecker_blocks", self.options["relative_damping"])
+
+        def build():
+            f, r = self.factors, self.options["relative_damping"]
+            blocks = []
+            for layer in self.layers:
+                _, Q_A, _, Q_S = f.eigen[layer.name]
+                values = f.eigenvalues(layer.name)
+                if r:
+                    values = values + r * values.mean()
+                blocks.append((layer, Q_A, Q_S, values))
+            rows = torch.cat([torch.arange(lo, hi) for lo, hi in self._other_slices()]) if self.others else None
+            diag = None
+            if rows is not None:
+                diag = f.diagonal if f.diagonal is not None else torch.zeros(len(rows), dtype=self.dtype)
+                if r and f.diagonal is not None:
+                    diag = diag + r * diag.mean()
+            return blocks, (rows, diag)
+
+        return self._cached(key, build)
+
+    # -------------------------------------------------------------------- products
+    def _apply(self, V2: torch.Tensor, power: int, shift: float) -> torch.Tensor:
+        """(K + shift I)^power V2 for power 1 or -1, block by block."""
+        out = torch.empty_like(V2)
+        blocks, (rows, diag) = self._blocks()
+        for layer, Q_A, Q_S, values in blocks:
+            Vb = layer.block(V2)
+            rotated = Q_S.T @ Vb @ Q_A
+            scale = (values + shift) if power == 1 else 1.0 / (values + shift)
+            layer.write(Q_S @ (rotated * scale) @ Q_A.T, out)
+        if rows is not None:
+            d = (diag + shift).to(V2.dtype).unsqueeze(1)
+            out[rows] = V2[rows] * d if power == 1 else V2[rows] / d
+        return out
+
+    def data_matvec(self, V: torch.Tensor, idx=None) -> torch.Tensor:
+        """K V (relative damping included: it is part of each block). No mini-batches: the
+        approximation is one fixed matrix."""
+        if idx is not None:
+            raise InputError(f"{self.kind}: the Kronecker approximation has no mini-batch products (idx must be None)")
+        V2 = self.check_vectors(V)
+        with torch.no_grad():
+            return self._apply(V2, 1, 0.0).reshape(V.shape)
+
+    def inverse_matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """(K + (weight_decay + damping) I)^{-1} V for V (d,) or (d, m)."""
+        V2 = self.check_vectors(V)
+        shift = self.shift
+        if shift <= 0 and (self.options["relative_damping"] or 0) <= 0:
+            raise InputError(f"{self.kind}: the inverse needs damping > 0, weight decay or relative_damping "
+                             "(the Kronecker factors may be singular)")
+        with torch.no_grad():
+            return self._apply(V2, -1, shift).reshape(V.shape)
+
+    def solve(self, B: torch.Tensor, *, compute_residual: bool = False, tol: float = 1e-6):
+        """The exact inverse of this operator applied to B, as a :class:`~pbrf_fast.SolveResult`."""
+        start = time.perf_counter()
+        B2 = solvers._columns(self, B)
+        tol = solvers._positive_finite("tol", tol)
+        X2 = self.inverse_matvec(B2)
+        info = {"factor_seconds": dict(self.factors.seconds), "coverage": self.coverage,
+                "pseudo_gradients": self.factors.pseudo_gradients}
+        return solvers._finish(self, X2, B, B2, self.kind, 0, start, compute_residual, tol, info)
+
+    def quadratic_form_per_example(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """g_n^T (K + shift I)^{-1} g_n for each example's loss gradient g_n (b,), layer by
+        layer in the eigenbasis (no per-example gradient for the whole network)."""
+        blocks, (rows, diag) = self._blocks()
+        layers = [b[0] for b in blocks]
+        shift = self.shift
+        x, t = self.problem.check_data(x, t)
+        parts, Q = _pseudo_gradient_pass(self.problem, layers, x,
+                                         lambda y: self.problem.loss.grad(y, t).unsqueeze(0))
+        total = torch.zeros(x.shape[0], dtype=self.dtype, device=x.device)
+        for (layer, Q_A, Q_S, values), (a, g) in zip(blocks, parts):
+            total += (rotated_gradient_squares(a @ Q_A, g @ Q_S) / (values + shift)).sum((1, 2))
+        if rows is not None:
+            total += (_other_gradient_squares(self.problem, self.others, x, Q) / (diag + shift)).sum(1)
+        return total
+
+    def __repr__(self) -> str:
+        return (f"KroneckerCurvature(kind={self.kind!r}, d={self.dim}, damping={self.damping}, "
+                f"relative_damping={self.options['relative_damping']}, weight_decay={self.problem.weight_decay})")
+
+
+def make_kronecker(problem, curvature: str, damping: float = 0.0, **options) -> KroneckerCurvature:
+    """``make_curvature``'s counterpart for ``"kfac"`` / ``"ekfac"``."""
+    return KroneckerCurvature(problem, damping, curvature, **options)
+
+
+def _preconditioner(op, kind: str, **options) -> KroneckerCurvature:
+    """The K-FAC / EK-FAC inverse for an exact operator ``op`` (same problem, damping and
+    weight decay), cached on it: every solve with that operator reuses the factors."""
+    key = ("preconditioner", kind, tuple(sorted(options.items())))
+
+    def build():
+        opts = dict(options)
+        opts.setdefault("distributed", bool(getattr(op, "spans_processes", False)))
+        with warnings.catch_warnings():  # the coverage warning is for users of the operator itself
+            warnings.simplefilter("ignore")
+            return KroneckerCurvature(op.problem, op.damping, kind, batch_size=op.batch_size, **opts)
+
+    return op._cached(key, build)
+
+
+solvers.register_kronecker(KRONECKER_KINDS, _preconditioner)

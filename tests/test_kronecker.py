@@ -331,3 +331,59 @@ def test_two_ranks_give_the_factors_of_one_process(tmp_path):
         assert rel_err(two.A[name], one.A[name]) < 1e-12
         assert rel_err(two.S[name], one.S[name]) < 1e-12
         assert rel_err(two.corrected[name], one.corrected[name]) < 1e-12
+
+
+# ------------------------------------------------------------------------------ scale pipeline
+def _pipeline_setup():
+    from pbrf_fast.paper.models import mlp
+    from pbrf_fast.paper.scores_job import load_dataset
+
+    x_tr, y_tr, x_te, y_te = load_dataset("synthetic", n_train=40, n_test=3, seed=1)
+    return mlp(12, (6,), 4, seed=0, dtype=torch.float64), x_tr.double(), y_tr, x_te.double(), y_te
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_pipeline_scores_self_influence_and_resume(tmp_path, kind):
+    import numpy as np
+
+    from pbrf_fast.scale import compute_scores
+
+    model, x_tr, y_tr, x_te, y_te = _pipeline_setup()
+    options = dict(damping=1e-2, weight_decay=1e-3, curvature=kind, solver="auto", query_chunk=2, batch_size=16,
+                   curvature_batch_size=16, progress=False)
+    summary = compute_scores(model, "cross_entropy", x_tr, y_tr, x_te, y_te, tmp_path / "run", **options)
+    problem = pbrf_fast.Problem(model, "cross_entropy", x_tr, y_tr, weight_decay=1e-3)
+    influence = pbrf_fast.Influence(problem, damping=1e-2, curvature=kind)
+    expected = influence.scores(x_te, y_te).numpy()
+    scores = np.load(tmp_path / "run" / "scores.npy")
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    dense = influence.operator.dense()
+    grads = dense_gradients(problem, problem.inputs, problem.targets)
+    self_expected = (grads.T * torch.linalg.solve(dense, grads.T)).sum(0) / problem.n
+    np.testing.assert_allclose(np.load(tmp_path / "run" / "self_influence.npy"), self_expected.numpy(), rtol=1e-8)
+    assert (tmp_path / "run" / f"factors_{kind}.pt").exists() and "factors" in summary["stage_seconds"]
+    assert summary["self_influence_method"].startswith(kind)
+    # a rerun finds every stage on disk: no factors computed again, the same bytes
+    again = compute_scores(model, "cross_entropy", x_tr, y_tr, x_te, y_te, tmp_path / "run", **options)
+    assert "factors" not in again["stage_seconds"]
+    assert np.array_equal(np.load(tmp_path / "run" / "scores.npy"), scores)
+
+
+def test_pipeline_pcg_stores_its_preconditioner_and_matches_direct(tmp_path):
+    import numpy as np
+
+    from pbrf_fast.scale import ScoreArguments, compute_scores
+
+    model, x_tr, y_tr, x_te, y_te = _pipeline_setup()
+    compute_scores(model, "cross_entropy", x_tr, y_tr, x_te, y_te, tmp_path, damping=1e-2, solver="pcg",
+                   solver_options={"tol": 1e-12, "preconditioner": "kfac"}, query_chunk=3, batch_size=16,
+                   self_influence=False, progress=False)
+    problem = pbrf_fast.Problem(model, "cross_entropy", x_tr, y_tr)
+    expected = pbrf_fast.Influence(problem, damping=1e-2, solver="direct").scores(x_te, y_te).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), expected, rtol=1e-5,
+                               atol=1e-6 * np.abs(expected).max())
+    assert (tmp_path / "factors_kfac.pt").exists()
+    with pytest.raises(InputError, match="curvature"):
+        ScoreArguments(curvature="diag")
+    with pytest.raises(InputError, match="own exact inverse"):
+        ScoreArguments(curvature="ekfac", solver="lowrank")

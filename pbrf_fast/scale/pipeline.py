@@ -9,6 +9,8 @@ the output folder and is skipped when its result is already there:
                             arguments is refused unless ``overwrite=True``;
 2. ``eigenpairs.pt``        Lanczos top-k of the GNH (solver ``lowrank``, and for
                             self-influence), computed once, reused by every query;
+   ``factors_ekfac.pt``     K-FAC / EK-FAC factors (``curvature="kfac"`` / ``"ekfac"``,
+                            or the ``pcg`` solver's preconditioner), likewise;
 3. ``s_test/chunk_XXXX.pt`` (G + lambda I)^{-1} grad f(z_test) for one chunk of test points;
 4. ``scores.npy``           (n_train, N) float32 memmap, filled chunk by chunk;
                             ``chunks/chunk_XXXX.rankR.done`` marks finished ones;
@@ -45,6 +47,7 @@ from torch import nn
 from ..atomic_io import atomic_save_tensor, atomic_write_json, load_tensor, open_memmap
 from ..curvature import GaussNewton
 from ..errors import InputError
+from ..kronecker import KRONECKER_KINDS, KroneckerCurvature, KroneckerFactors
 from ..losses import Loss, get_loss
 from ..problem import Problem
 from ..results_folder import ResultsFolder
@@ -62,7 +65,8 @@ logger = logging.getLogger(__name__)
 # Arguments that change the numbers on disk (others -- progress, memory -- do not).
 RESULT_KEYS = ("model_fingerprint", "data_fingerprint", "loss", "measurement", "damping", "weight_decay", "solver",
                "solver_options", "rank", "curvature_samples", "query_chunk", "top_k", "seed",
-               "self_influence", "lanczos_iterations", "extra")
+               "self_influence", "lanczos_iterations", "extra", "curvature", "curvature_options")
+CURVATURES = ("gnh",) + KRONECKER_KINDS
 SCORE_SOLVERS = tuple(SOLVERS) + ("lowrank", "auto")
 
 
@@ -75,6 +79,12 @@ class ScoreArguments:
     Lanczos eigenpairs). ``query_chunk`` test points are solved and scored together
     (default: as many as ``memory_gb`` allows). Self-influence uses the rank-``rank``
     eigenpairs plus the exact remainder ||g||^2 / (weight_decay + damping).
+
+    ``curvature``: ``"gnh"`` (the exact damped GNH, solved by ``solver``) or ``"kfac"`` /
+    ``"ekfac"`` (:class:`pbrf_fast.kronecker.KroneckerCurvature`, ``curvature_options`` go
+    to it; s_test and self-influence are then its exact inverse, so ``solver`` must be
+    ``"auto"`` or the default ``"cg"``). The factors are computed once per checkpoint,
+    stored and reused on resume; solver ``"pcg"`` stores its preconditioner's the same way.
     """
 
     damping: float = 1e-3
@@ -92,10 +102,18 @@ class ScoreArguments:
     self_influence: bool = True
     seed: int = 0
     backend: str = "auto"
+    curvature: str = "gnh"
+    curvature_options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.solver not in SCORE_SOLVERS:
             raise InputError(f"solver must be one of {SCORE_SOLVERS}, got {self.solver!r}")
+        if self.curvature not in CURVATURES:
+            raise InputError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        if self.curvature != "gnh" and self.solver not in ("auto", "cg"):
+            raise InputError(f"curvature={self.curvature!r} solves with its own exact inverse; solver must be "
+                             f"'auto' (or the default 'cg'), got {self.solver!r}")
+        self.curvature_options = dict(self.curvature_options or {})
         for name in ("rank", "batch_size", "curvature_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -219,6 +237,7 @@ class ScorePipeline:
         self.checkpoints = [None] if task.checkpoints is None else list(task.checkpoints)
         self.row_lo, self.row_hi = D.shard_range(self.n_train, self.rank_, self.world)
         self.log = {"solves": []}
+        self.preconditioner = None  # solver "pcg": the K-FAC / EK-FAC operator of the current checkpoint
         task.model.eval()
         x1, t1 = task.train.range(0, 1)
         self.probe = Problem(task.model, task.loss, x1, t1, weight_decay=arguments.weight_decay)
@@ -267,8 +286,9 @@ class ScorePipeline:
         if error_text is not None:
             raise RuntimeError(f"rank 0 refused the results folder: {error_text}")
 
-    def curvature_operator(self) -> GaussNewton:
-        """The damped GNH over this rank's shard of the seeded curvature sample."""
+    def curvature_operator(self, k: int = 0) -> GaussNewton | KroneckerCurvature:
+        """The damped GNH (or its K-FAC / EK-FAC approximation, factors from
+        :meth:`kronecker_factors`) over this rank's shard of the seeded curvature sample."""
         a = self.args
         gen = torch.Generator().manual_seed(int(a.seed))
         sample = torch.randperm(self.n_train, generator=gen)[:self.curvature_samples].sort().values
@@ -276,13 +296,37 @@ class ScorePipeline:
         x, t = self.task.train.take(sample[lo:hi])
         problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=a.weight_decay,
                           batch_size=a.curvature_batch_size)
+        if a.curvature in KRONECKER_KINDS:
+            return self.kronecker_factors(k, problem, a.curvature, a.curvature_options)
         op_cls = D.DistributedGaussNewton if self.world > 1 else GaussNewton
-        return op_cls(problem, a.damping, backend=a.backend)
+        op = op_cls(problem, a.damping, backend=a.backend)
+        preconditioner = a.solver_options.get("preconditioner", "ekfac") if a.solver == "pcg" else None
+        if isinstance(preconditioner, str):
+            options = a.solver_options.get("preconditioner_options") or {}
+            self.preconditioner = self.kronecker_factors(k, problem, preconditioner, options)
+        return op
+
+    def kronecker_factors(self, k: int, problem: Problem, kind: str, options: dict) -> KroneckerCurvature:
+        """Stage 2': the K-FAC / EK-FAC operator of checkpoint k, its factors read from
+        ``factors_<kind>.pt`` or computed (summed over the ranks' shards) and written."""
+        path = self.folder(k) / f"factors_{kind}.pt"
+        factors = None
+        if path.exists():
+            factors = KroneckerFactors.from_state_dict(load_tensor(path))
+        op = KroneckerCurvature(problem, self.args.damping, kind, batch_size=self.args.curvature_batch_size,
+                                distributed=self.world > 1, factors=factors,
+                                progress=self.progress and self.rank_ == 0, **{"seed": self.args.seed, **options})
+        if factors is None:
+            self.stages.run("factors", lambda: op.factors)
+            if self.rank_ == 0:
+                atomic_save_tensor(path, op.factors.state_dict())
+            D.barrier()
+        return op
 
     def eigenpairs(self, k: int, op) -> LowRankInverse | None:
         """Stage 2: the top-``rank`` eigenpairs, when the solver or self-influence needs them."""
         a = self.args
-        if a.solver != "lowrank" and not a.self_influence:
+        if (a.solver != "lowrank" and not a.self_influence) or a.curvature in KRONECKER_KINDS:
             return None
         path = self.folder(k) / "eigenpairs.pt"
 
@@ -311,8 +355,7 @@ class ScorePipeline:
             test_problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=self.args.weight_decay)
             grads = measurement_gradients(test_problem, self.task.measurement_fn, test_problem.inputs,
                                           test_problem.targets)
-            result = (lowrank.solve(grads) if self.args.solver == "lowrank"
-                      else solve(op, grads, self.args.solver, **self.args.solver_options))
+            result = self._solve(op, lowrank, grads)
             info = {"checkpoint": k, "chunk": c, "method": result.method, "time": result.time,
                     "max_residual": None if result.residual_norms is None else float(result.residual_norms.max())}
             self.log["solves"].append(info)
@@ -322,6 +365,18 @@ class ScorePipeline:
             return result.solution
 
         return self.stages.run("s_test", get)
+
+    def _solve(self, op, lowrank, grads):
+        a = self.args
+        if a.solver == "lowrank":
+            return lowrank.solve(grads)
+        if a.curvature in KRONECKER_KINDS:
+            return op.solve(grads)
+        options = dict(a.solver_options)
+        if a.solver == "pcg" and isinstance(options.get("preconditioner", "ekfac"), str):
+            options.pop("preconditioner_options", None)
+            options["preconditioner"] = self.preconditioner  # the stored factors
+        return solve(op, grads, a.solver, **options)
 
     def _scorer(self) -> LayerScorer:
         x1, t1 = self.probe.inputs, self.probe.targets
@@ -355,8 +410,9 @@ class ScorePipeline:
         if self.on_chunk_done is not None:
             self.on_chunk_done(c)
 
-    def self_influence(self, k: int, scorer: LayerScorer, lowrank: LowRankInverse) -> None:
-        """Stage 5: g_i^T (G + lambda I)^{-1} g_i / N for this rank's rows."""
+    def self_influence(self, k: int, scorer: LayerScorer, lowrank: LowRankInverse | None, op=None) -> None:
+        """Stage 5: g_i^T (G + lambda I)^{-1} g_i / N for this rank's rows (the Kronecker
+        operator's exact quadratic form with curvature kfac / ekfac, else low-rank)."""
         folder = self.folder(k)
         marker = folder / "chunks" / f"self_influence.rank{self.rank_}.done"
         path = folder / "self_influence.npy"
@@ -366,15 +422,18 @@ class ScorePipeline:
         if marker.exists():
             return
         mm = open_memmap(path, (self.n_train,), np.float64)
-        _, V = lowrank.eigenpairs
+        V = None if lowrank is None else lowrank.eigenpairs[1]
         bar = _bar(self.row_hi - self.row_lo, "self-influence", self.progress and self.rank_ == 0)
+
+        def quadratic_form(x, t):
+            if lowrank is None:  # K-FAC / EK-FAC: layer by layer in the Kronecker eigenbasis
+                return op.quadratic_form_per_example(x, t)
+            return lowrank.quadratic_form(scorer.scores(x, t, V), scorer.norms_squared(x, t))
 
         def work():
             for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
                 x, t = self.probe.check_data(x, t)
-                coeff = scorer.scores(x, t, V)
-                norms = scorer.norms_squared(x, t)
-                mm[b0:b0 + len(x)] = (lowrank.quadratic_form(coeff, norms) / self.n_train).cpu().numpy()
+                mm[b0:b0 + len(x)] = (quadratic_form(x, t) / self.n_train).cpu().numpy()
                 if bar is not None:
                     bar.update(len(x))
             mm.flush()
@@ -412,7 +471,7 @@ class ScorePipeline:
         for k in range(len(self.checkpoints)):
             self.load_checkpoint(k)
             folder = self.folder(k)
-            op = self.curvature_operator()
+            op = self.curvature_operator(k)
             lowrank = self.eigenpairs(k, op)
             scorer = self._scorer()
             if self.rank_ == 0:
@@ -425,7 +484,7 @@ class ScorePipeline:
                 self.score_chunk(k, c, self.s_test(k, c, op, lowrank), scorer)
             D.barrier()
             if self.args.self_influence:
-                self.self_influence(k, scorer, lowrank)
+                self.self_influence(k, scorer, lowrank, op)
             D.barrier()
         if len(self.checkpoints) > 1:
             self.stages.run("combine", lambda: self.combine_checkpoints("scores.npy", (self.n_train, self.n_test),
@@ -446,8 +505,9 @@ class ScorePipeline:
             "chunks": len(self.chunks), "checkpoints": len(self.checkpoints),
             "measurement": self.task.measurement_name,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "self_influence_method": (f"low-rank: top-{a.rank} Lanczos eigenpairs + remainder ||g||^2/shift"
-                                      if a.self_influence else None),
+            "self_influence_method": (None if not a.self_influence else
+                                      f"{a.curvature}: exact quadratic form of its inverse" if a.curvature != "gnh"
+                                      else f"low-rank: top-{a.rank} Lanczos eigenpairs + remainder ||g||^2/shift"),
             "curvature_samples": self.curvature_samples, "world_size": self.world,
         }
         atomic_write_json(self.out / "summary.json", summary)

@@ -1,0 +1,269 @@
+"""EK-FAC / K-FAC of pbrf_fast beside kronfluence's, and the EK-FAC-preconditioned exact solve.
+
+A script, not a CI test (kronfluence is no dependency of pbrf_fast). Install it next to
+the CPU torch without letting pip touch torch:
+
+    .venv/bin/pip install --no-deps kronfluence accelerate einops einconv opt_einsum safetensors pyyaml psutil
+
+Run (one process, the same threads for both libraries; timings of one run, ratios matter):
+
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_kronfluence.py --task concrete mnist --threads 2
+
+Tasks: ``concrete`` (MLP 8-128-128-1, MSE, 930 train x 20 test, SGD 200 epochs, the
+output-space solver as exact reference) and ``mnist`` (MLP 784-64-10, cross-entropy,
+5,000 train x 100 test, 20 epochs SGD; exact reference: CG at tol 1e-7, the direct and
+output-space solvers do not fit). For each: kronfluence EK-FAC and K-FAC (its defaults:
+true-Fisher sampled labels, bias folded into the weight, damping = ours), pbrf_fast EK-FAC
+and K-FAC with kronfluence's conventions (sampled pseudo-gradients) and with exact
+pseudo-gradients, Pearson / Spearman of the scores against kronfluence's and against the
+exact solve. ``--pcg`` (mnist) adds plain CG and EK-FAC-preconditioned CG to the same
+residual: iterations and time. ``--json FILE`` saves every number.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import pbrf_fast
+from pbrf_fast.paper.data import load_concrete, load_mnist
+from pbrf_fast.paper.models import mlp
+from pbrf_fast.paper.training import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from factories import shared_data_dir  # noqa: E402
+
+DAMPING = 1e-3
+
+
+# ------------------------------------------------------------------------------------ tasks
+CACHE = Path(__file__).resolve().parent / ".runs"  # gitignored
+
+
+def _trained(problem, name, config):
+    """Train once and keep the parameters in bench/.runs (the same seeded run every time)."""
+    path = CACHE / f"kronfluence_{name}_theta.pt"
+    if path.exists():
+        problem.set_theta(torch.load(path))
+    else:
+        train(problem, config)
+        CACHE.mkdir(exist_ok=True)
+        torch.save(problem.theta, path)
+    return problem
+
+
+def concrete_task(data_dir):
+    x, y, x_test, y_test = load_concrete(data_dir)
+    problem = pbrf_fast.Problem(mlp(8, (128, 128), 1, seed=0), "mse", x, y, batch_size=1024)
+    _trained(problem, "concrete", TrainConfig(epochs=200, lr=0.03, batch_size=128))
+    return problem, x_test[:20], y_test[:20]
+
+
+def mnist_task(data_dir, n_train=5000, n_test=100):
+    x, y, x_test, y_test = load_mnist(data_dir)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(x), generator=g)[:n_train]
+    problem = pbrf_fast.Problem(mlp(784, (64,), 10, seed=0), "cross_entropy", x[idx], y[idx], batch_size=1024)
+    _trained(problem, "mnist", TrainConfig(epochs=20, lr=0.1, batch_size=128))
+    return problem, x_test[:n_test], y_test[:n_test]
+
+
+def exact_scores(problem, x_test, y_test, task):
+    """The damped-GNH scores in float64: output-space solver (Concrete) or tight CG (MNIST)."""
+    p64 = pbrf_fast.Problem(problem.model.double(), problem.loss, problem.inputs.double(),
+                            problem.targets.double() if problem.targets.is_floating_point() else problem.targets,
+                            batch_size=1024)
+    start = time.perf_counter()
+    if task == "concrete":
+        scores = pbrf_fast.Influence(p64, DAMPING, solver="kernel").scores(x_test.double(), y_test.double())
+    else:
+        influence = pbrf_fast.Influence(p64, DAMPING, solver="pcg", solver_options={"tol": 1e-7})
+        scores = influence.scores(x_test.double(), y_test)
+    seconds = time.perf_counter() - start
+    problem.model.float()
+    return scores.float(), seconds
+
+
+# ------------------------------------------------------------------------------ kronfluence
+def kronfluence_scores(problem, x_test, y_test, strategy, out_dir, damping=DAMPING):
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    regression = problem.loss.name == "mse"
+
+    class TrainTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, t = batch
+            out = model(x)
+            if regression:  # 1/2 ||y - t||^2 (output Hessian I), sampled targets y + N(0, I)
+                target = t if not sample else (out.detach() + torch.randn_like(out))
+                return 0.5 * (out - target).pow(2).sum()
+            if sample:
+                with torch.no_grad():
+                    t = torch.multinomial(torch.softmax(out.detach(), -1), 1).flatten()
+            return F.cross_entropy(out, t, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, t = batch
+            out = model(x)
+            if regression:
+                return 0.5 * (out - t).pow(2).sum()
+            return F.cross_entropy(out, t, reduction="sum")
+
+    x_test, y_test = problem.check_data(x_test, y_test)  # targets shaped as in training ((n, 1) for mse)
+    model = prepare_model(problem.model, TrainTask())
+    train_set = torch.utils.data.TensorDataset(problem.inputs, problem.targets)
+    query_set = torch.utils.data.TensorDataset(x_test, y_test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analyzer = Analyzer(f"bench_{strategy}", model, TrainTask(), cpu=True, disable_tqdm=True,
+                            output_dir=str(out_dir), disable_model_save=True)
+        start = time.perf_counter()
+        with _single_threaded_eigh():
+            analyzer.fit_all_factors("factors", train_set, per_device_batch_size=1024,
+                                     factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores("scores", "factors", query_set, train_set, per_device_query_batch_size=len(x_test),
+                                         per_device_train_batch_size=1024,
+                                         score_args=ScoreArguments(damping_factor=damping), overwrite_output_dir=True)
+        seconds = time.perf_counter() - start
+    scores = analyzer.load_pairwise_scores("scores")["all_modules"].T  # (n_train, n_test)
+    # kronfluence's hooks stay on the modules; the model is reused, so remove its wrappers
+    return scores / problem.n, seconds, model
+
+
+@contextlib.contextmanager
+def _single_threaded_eigh():
+    """Give kronfluence the same eigendecomposition treatment as pbrf_fast: on this busy
+    2-core box LAPACK's threaded eigh takes 23 s for a 785 x 785 factor that one thread
+    decomposes in 0.23 s; without this the comparison would measure that pathology."""
+    original = torch.linalg.eigh
+
+    def eigh(M, *args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return original(M, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    torch.linalg.eigh = eigh
+    try:
+        yield
+    finally:
+        torch.linalg.eigh = original
+
+
+# ------------------------------------------------------------------------------- pbrf_fast
+def ours(problem, x_test, y_test, kind, pseudo_gradients):
+    start = time.perf_counter()
+    influence = pbrf_fast.Influence(problem, DAMPING, curvature=kind,
+                                    curvature_options={"pseudo_gradients": pseudo_gradients, "seed": 0})
+    scores = influence.scores(x_test, y_test)
+    return scores, time.perf_counter() - start, influence.operator.factors.seconds
+
+
+def pearson(a, b):
+    return float(np.corrcoef(np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel())[0, 1])
+
+
+def spearman_mean(a, b):
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.mean([spearmanr(a[:, j], b[:, j])[0] for j in range(a.shape[1])]))
+
+
+def run_task(task, data_dir, with_pcg):
+    problem, x_test, y_test = concrete_task(data_dir) if task == "concrete" else mnist_task(data_dir)
+    rows, numbers = [], {"task": task, "n_train": problem.n, "n_test": len(x_test), "parameters": problem.dim}
+    exact, exact_seconds = exact_scores(problem, x_test, y_test, task)
+    numbers["exact_seconds"] = exact_seconds
+    with tempfile.TemporaryDirectory() as tmp:
+        import copy
+
+        for strategy in ("ekfac", "kfac"):
+            runs = []
+            for seed in (0, 1):  # kronfluence samples labels from torch's global generator
+                torch.manual_seed(seed)
+                twin = copy.deepcopy(problem)  # kronfluence wraps the model's modules in place
+                runs.append(kronfluence_scores(twin, x_test, y_test, strategy, Path(tmp))[:2])
+            (theirs, seconds), (again, _) = runs
+            floor = pearson(theirs, again)  # its own sampling noise: the best any other run can agree
+            numbers[f"kronfluence_{strategy}"] = {"seconds": seconds, "pearson_exact": pearson(theirs, exact),
+                                                  "spearman_exact": spearman_mean(theirs, exact),
+                                                  "pearson_own_rerun": floor}
+            rows.append((f"kronfluence {strategy}", seconds, f"{floor:.4f} (its rerun, other seed)",
+                         pearson(theirs, exact), ""))
+            for mode in ("sampled", "exact"):
+                mine, mine_seconds, parts = ours(problem, x_test, y_test, strategy, mode)
+                entry = {"seconds": mine_seconds, "factor_seconds": parts,
+                         "pearson_kronfluence": pearson(mine, theirs),
+                         "spearman_kronfluence": spearman_mean(mine, theirs),
+                         "pearson_exact": pearson(mine, exact), "spearman_exact": spearman_mean(mine, exact),
+                         "time_ratio_vs_kronfluence": mine_seconds / seconds}
+                numbers[f"pbrf_fast_{strategy}_{mode}"] = entry
+                rows.append((f"pbrf_fast {strategy} ({mode} pseudo-gradients)", mine_seconds,
+                             entry["pearson_kronfluence"], entry["pearson_exact"], entry["time_ratio_vs_kronfluence"]))
+    if with_pcg:
+        numbers["pcg"] = pcg_versus_cg(problem, x_test, y_test, exact, numbers["pbrf_fast_ekfac_sampled"]["seconds"])
+    print(f"\n## {task}: {problem.n} train x {len(x_test)} test, d = {problem.dim}, damping {DAMPING}")
+    print(f"exact reference: {exact_seconds:.2f} s\n")
+    print("| method | time (s) | Pearson vs kronfluence | Pearson vs exact | time / kronfluence |")
+    print("|---|---|---|---|---|")
+    for name, seconds, pk, pe, ratio in rows:
+        fmt = (lambda v: f"{v:.4f}" if isinstance(v, float) else v)
+        print(f"| {name} | {seconds:.2f} | {fmt(pk)} | {fmt(pe)} | {fmt(ratio)} |")
+    if with_pcg:
+        print(json.dumps(numbers["pcg"], indent=1))
+    return numbers
+
+
+def pcg_versus_cg(problem, x_test, y_test, exact, ekfac_seconds, cg_tol=1e-4):
+    """Plain CG to tol, then PCG to the residual CG reached; both in one run, and the
+    exact scores by PCG end to end (test gradients, factors, solve, layer scores)."""
+    influence = pbrf_fast.Influence(problem, DAMPING, solver="cg", solver_options={"tol": cg_tol, "max_iter": 2000})
+    G = influence.test_gradients(x_test, y_test)
+    op = influence.operator
+    cg = pbrf_fast.solve(op, G, "cg", tol=cg_tol, max_iter=2000)
+    reached = float(cg.residual_norms.max())
+    start = time.perf_counter()
+    pcg_influence = pbrf_fast.Influence(problem, DAMPING, solver="pcg", solver_options={"tol": reached})
+    scores = pcg_influence.scores(x_test, y_test)
+    pcg_seconds = time.perf_counter() - start
+    pcg = pcg_influence.last_solve
+    return {"cg_tol": cg_tol, "cg_iterations_max": int(cg.iterations.max()), "cg_seconds": cg.time,
+            "cg_max_residual": reached, "pcg_iterations_max": int(pcg.iterations.max()),
+            "pcg_max_residual": float(pcg.residual_norms.max()), "pcg_solve_seconds": pcg.time,
+            "pcg_preconditioner_seconds": pcg.info["preconditioner_seconds"],
+            "iteration_ratio": int(pcg.iterations.max()) / max(1, int(cg.iterations.max())),
+            "pcg_scores_seconds": pcg_seconds, "pcg_pearson_exact": pearson(scores, exact),
+            "pcg_time_over_ekfac": pcg_seconds / ekfac_seconds}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", nargs="+", choices=["concrete", "mnist"], default=["concrete", "mnist"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pcg", action="store_true", help="also CG versus EK-FAC-preconditioned CG (mnist)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--json", default=None, help="write every number here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data_dir = args.data_dir or shared_data_dir()
+    results = [run_task(task, data_dir, args.pcg and task == "mnist") for task in args.task]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

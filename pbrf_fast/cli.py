@@ -203,8 +203,12 @@ def _scores_parser(sub) -> None:
     p.add_argument("--test-points", type=POSITIVE_INT, default=10)
     p.add_argument("--memory-gb", type=POSITIVE, default=4.0, help="memory budget that sizes the query chunks")
     p.add_argument("--query-chunk", type=POSITIVE_INT, default=None, help="test points per chunk (overrides --memory-gb)")
-    p.add_argument("--solver", choices=["cg", "lissa", "lowrank", "direct", "kernel", "auto"], default="cg",
-                   help="s_test solver; direct / kernel / auto need a small model or data set")
+    p.add_argument("--solver", choices=["cg", "pcg", "lissa", "lowrank", "direct", "kernel", "auto"], default="cg",
+                   help="s_test solver; direct / kernel / auto need a small model or data set; pcg: CG "
+                        "preconditioned by EK-FAC")
+    p.add_argument("--curvature", choices=["gnh", "kfac", "ekfac"], default="gnh",
+                   help="gnh: the exact damped GNH (solved by --solver); kfac / ekfac: its Kronecker-factored "
+                        "approximation, solved by its own inverse (use with --solver cg or auto)")
     p.add_argument("--cg-iters", type=POSITIVE_INT, default=100)
     p.add_argument("--tol", type=POSITIVE, default=1e-4)
     p.add_argument("--lissa-depth", type=POSITIVE_INT, default=200)

@@ -387,3 +387,16 @@ def test_pipeline_pcg_stores_its_preconditioner_and_matches_direct(tmp_path):
         ScoreArguments(curvature="diag")
     with pytest.raises(InputError, match="own exact inverse"):
         ScoreArguments(curvature="ekfac", solver="lowrank")
+
+
+def test_scores_command_takes_a_curvature(tmp_path):
+    import json
+
+    from pbrf_fast.cli import main
+
+    base = ["scores", "--dataset", "synthetic", "--model", "mlp", "--train-points", "60", "--test-points", "2",
+            "--no-progress", "--threads", "1"]
+    assert main([*base, "--curvature", "ekfac", "--solver", "auto", "--out", str(tmp_path / "ok")]) == 0
+    arguments = json.loads((tmp_path / "ok" / "arguments.json").read_text())
+    assert arguments["curvature"] == "ekfac" and (tmp_path / "ok" / "factors_ekfac.pt").exists()
+    assert main([*base, "--curvature", "kfac", "--solver", "lowrank", "--out", str(tmp_path / "bad")]) == 2

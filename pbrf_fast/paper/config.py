@@ -82,6 +82,7 @@ class ScoresConfig:
     memory_gb: float = 4.0
     query_chunk: int | None = None
     solver: str = "cg"
+    curvature: str = "gnh"           # the exact GNH, or its "kfac" / "ekfac" approximation
     cg_iters: int = 100
     tol: float = 1e-4
     lissa_depth: int = 200

@@ -95,7 +95,7 @@ def _init_distributed(device: str) -> None:
 
 
 def _solver_options(config: ScoresConfig) -> dict:
-    if config.solver == "cg":
+    if config.solver in ("cg", "pcg"):
         return {"max_iter": config.cg_iters, "tol": config.tol}
     if config.solver == "lissa":
         return {"depth": config.lissa_depth}
@@ -180,7 +180,7 @@ def run_scores(config: ScoresConfig) -> dict:
         solver_options=_solver_options(config), rank=config.rank, memory_gb=config.memory_gb,
         query_chunk=config.query_chunk, curvature_samples=config.curvature_samples or None,
         batch_size=config.batch_size, curvature_batch_size=config.curvature_batch_size, top_k=config.top_k,
-        self_influence=not config.no_self_influence, seed=config.seed)
+        self_influence=not config.no_self_influence, seed=config.seed, curvature=config.curvature)
     summary = ScorePipeline(task, arguments, out, overwrite=config.overwrite, progress=not config.no_progress,
                             extra=extra).run()
     summary = dict(summary, setup_seconds=timings, train_log=train_log)

@@ -377,24 +377,33 @@ def _eigenvalue_corrections(problem, layers, factors, step, progress, q_for_targ
         parts, _ = _pseudo_gradient_pass(problem, layers, x, q_for_targets(t))
         for layer, (a, g) in zip(layers, parts):
             _, Q_A, _, Q_S = factors.eigen[layer.name]
-            _accumulate(corrected, layer.name, rotated_gradient_squares(a @ Q_A, g @ Q_S).sum(0))
+            _accumulate(corrected, layer.name, rotated_gradient_squares(a @ Q_A, g @ Q_S))
     names = [layer.name for layer in layers]
     if distributed:
         _all_reduce([corrected[n] for n in names])
     factors.corrected = {n: corrected[n] / factors.num_examples for n in names}
 
 
-def rotated_gradient_squares(a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
-    """(b, o, i'): sum_k (sum_t g_rot[k, n, t] a_rot[n, t]^T)^2 per example n, in bounded memory."""
+def rotated_gradient_squares(a_rot: torch.Tensor, g_rot: torch.Tensor, weights: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """Squares of the pseudo-gradients in the eigenbasis, ``G = sum_t g_rot[k, n, t] a_rot[n, t]^T``:
+    without ``weights`` their sum over k and the examples n, (o, i'); with ``weights`` (o, i')
+    the per-example ``sum_k sum(G^2 * weights)``, (b,). Per-example gradients exist only in
+    bounded chunks, and not at all for one token (the square of a rank-one matrix is the
+    outer product of the squares)."""
     K, b, T, o = g_rot.shape
     i = a_rot.shape[2]
-    if T == 1:  # the square of a rank-one matrix is the outer product of the squares
-        return torch.einsum("kbo,bi->boi", g_rot[:, :, 0].pow(2), a_rot[:, 0].pow(2))
-    out = a_rot.new_zeros(b, o, i)
+    if T == 1:
+        s2, a2 = g_rot[:, :, 0].pow(2).sum(0), a_rot[:, 0].pow(2)    # (b, o), (b, i')
+        return s2.T @ a2 if weights is None else ((s2 @ weights) * a2).sum(1)
+    out = a_rot.new_zeros(o, i) if weights is None else a_rot.new_zeros(b)
     rows = max(1, _CHUNK_ELEMENTS // max(K * o * i, 1))
     for n in range(0, b, rows):
-        G = torch.einsum("kbto,bti->kboi", g_rot[:, n:n + rows], a_rot[n:n + rows])
-        out[n:n + rows] = G.pow(2).sum(0)
+        squares = torch.einsum("kbto,bti->kboi", g_rot[:, n:n + rows], a_rot[n:n + rows]).pow(2).sum(0)
+        if weights is None:
+            out += squares.sum(0)
+        else:
+            out[n:n + rows] = (squares * weights).sum((1, 2))
     return out
 
 
@@ -602,7 +611,7 @@ class KroneckerCurvature(CurvatureOperator):
                                          lambda y: self.problem.loss.grad(y, t).unsqueeze(0))
         total = torch.zeros(x.shape[0], dtype=self.dtype, device=x.device)
         for (layer, Q_A, Q_S, values), (a, g) in zip(blocks, parts):
-            total += (rotated_gradient_squares(a @ Q_A, g @ Q_S) / (values + shift)).sum((1, 2))
+            total += rotated_gradient_squares(a @ Q_A, g @ Q_S, 1.0 / (values + shift))
         if rows is not None:
             total += (_other_gradient_squares(self.problem, self.others, x, Q) / (diag + shift)).sum(1)
         return total

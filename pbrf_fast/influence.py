@@ -63,6 +63,8 @@ class Influence:
         self.problem = problem
         if curvature in KRONECKER_KINDS:
             self.operator = make_kronecker(problem, curvature, damping, **dict(curvature_options or {}))
+        elif curvature not in ("gnh", "gauss_newton", "hessian"):
+            raise InputError(f"unknown curvature {curvature!r}; choose 'gnh', 'hessian', 'kfac' or 'ekfac'")
         elif curvature_options:
             raise InputError(f"curvature_options are for 'kfac' / 'ekfac', not {curvature!r}")
         else:

@@ -154,7 +154,7 @@ API_CASES = [
      "test inputs have per-example shape"),
     ("s_test of the wrong shape", lambda: influence().scores(X[:2], torch.tensor([0, 1]),
                                                              s_test=torch.zeros(4, 2, dtype=torch.float64)), "vectors must have shape"),
-    ("unknown curvature", lambda: influence(curvature="kfac"), "unknown curvature 'kfac'"),
+    ("unknown curvature", lambda: influence(curvature="fisher"), "unknown curvature 'fisher'"),
     ("negative damping", lambda: influence(damping=-1.0), "damping"),
     ("a measurement returning one number for the batch", lambda: __import__(
         "pbrf_fast.scale.measurement", fromlist=["x"]).measurement_gradients(

@@ -179,7 +179,7 @@ def spearman_mean(a, b):
     return float(np.mean([spearmanr(a[:, j], b[:, j])[0] for j in range(a.shape[1])]))
 
 
-def run_task(task, data_dir, with_pcg, pcg_columns):
+def run_task(task, data_dir, with_pcg, pcg_columns, exact_columns, pcg_full):
     problem, x_test, y_test = concrete_task(data_dir) if task == "concrete" else mnist_task(data_dir)
     rows, numbers = [], {"task": task, "n_train": problem.n, "n_test": len(x_test), "parameters": problem.dim}
     columns = slice(None)
@@ -190,6 +190,14 @@ def run_task(task, data_dir, with_pcg, pcg_columns):
         numbers["pcg"], exact = pcg_versus_cg(problem, x_test[:pcg_columns], y_test[:pcg_columns])
         columns = slice(0, pcg_columns)
         numbers["exact"] = f"CG to relative residual {numbers['pcg']['cg_max_residual']:.1e}, first {pcg_columns} test points"
+    elif exact_columns:
+        start = time.perf_counter()
+        influence = pbrf_fast.Influence(problem, DAMPING, solver="cg", solver_options={"tol": 1e-4, "max_iter": 3000})
+        exact = influence.scores(x_test[:exact_columns], y_test[:exact_columns])
+        numbers["exact_seconds"] = time.perf_counter() - start
+        columns = slice(0, exact_columns)
+        numbers["exact"] = (f"CG to relative residual {float(influence.last_solve.residual_norms.max()):.1e} "
+                            f"({int(influence.last_solve.iterations.max())} iterations), first {exact_columns} test points")
     else:
         exact = None
 
@@ -220,7 +228,7 @@ def run_task(task, data_dir, with_pcg, pcg_columns):
                 numbers[f"pbrf_fast_{strategy}_{mode}"] = entry
                 rows.append((f"pbrf_fast {strategy} ({mode} pseudo-gradients)", mine_seconds,
                              entry["pearson_kronfluence"], entry["pearson_exact"], entry["time_ratio_vs_kronfluence"]))
-    if with_pcg:
+    if with_pcg and pcg_full:
         numbers["pcg_full"] = pcg_all_test_points(problem, x_test, y_test, numbers["pcg"]["cg_max_residual"],
                                                   numbers["pbrf_fast_ekfac_sampled"]["seconds"])
     print(f"\n## {task}: {problem.n} train x {len(x_test)} test, d = {problem.dim}, damping {DAMPING}")
@@ -231,7 +239,7 @@ def run_task(task, data_dir, with_pcg, pcg_columns):
         fmt = (lambda v: f"{v:.4f}" if isinstance(v, float) else v)
         print(f"| {name} | {seconds:.2f} | {fmt(pk)} | {fmt(pe)} | {fmt(ratio)} |")
     if with_pcg:
-        print(json.dumps({"pcg": numbers["pcg"], "pcg_full": numbers["pcg_full"]}, indent=1))
+        print(json.dumps({"pcg": numbers["pcg"], "pcg_full": numbers.get("pcg_full")}, indent=1))
     return numbers
 
 
@@ -274,12 +282,17 @@ def main(argv=None):
     parser.add_argument("--pcg", action="store_true", help="also CG versus EK-FAC-preconditioned CG (mnist)")
     parser.add_argument("--pcg-columns", type=int, default=10,
                         help="test points of the CG / PCG iteration comparison (iterations are per column)")
+    parser.add_argument("--pcg-full", action="store_true",
+                        help="with --pcg: also exact scores for every test point by PCG (long on a busy box)")
+    parser.add_argument("--exact-columns", type=int, default=0,
+                        help="without --pcg (mnist): plain CG scores of the first N test points as exact reference")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default=None, help="write every number here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data_dir = args.data_dir or shared_data_dir()
-    results = [run_task(task, data_dir, args.pcg and task == "mnist", args.pcg_columns) for task in args.task]
+    results = [run_task(task, data_dir, args.pcg and task == "mnist", args.pcg_columns, args.exact_columns,
+                        args.pcg_full) for task in args.task]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

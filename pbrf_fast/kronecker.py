@@ -225,16 +225,19 @@ class _LayerCapture:
             h.remove()
 
 
-def _pseudo_gradient_pass(problem, layers, x, Q_fn):
+def _pseudo_gradient_pass(problem, layers, x, Q_fn, diagonal=None):
     """One forward pass over x; backpropagate every pseudo-gradient Q[k] (from
     ``Q_fn(y) -> (K, b, C)``) to the layer outputs. Returns per layer (tokens (b, T, i'),
-    output gradients (K, b, T, o)) and Q."""
-    with _LayerCapture(layers) as capture, torch.enable_grad():
+    output gradients (K, b, T, o)), Q, and (with a :class:`_Diagonal`) sum_k g_nk^2 of the
+    other parameters, (b, their numel)."""
+    extra = [] if diagonal is None else diagonal.batchnorms
+    layers = list(layers)
+    with _LayerCapture(layers + extra) as capture, torch.enable_grad():
         # theta requires grad only so that the layer outputs are in a graph; the backward
         # pass below stops at them (no parameter gradient is formed)
         y = problem.forward(problem.theta.detach().requires_grad_(), x)
         Q = Q_fn(y.detach())
-        outs = [capture.records[layer.name][1] for layer in layers]
+        outs = [capture.records[layer.name][1] for layer in layers + extra]
         try:
             grads = torch.autograd.grad(y, outs, grad_outputs=Q, is_grads_batched=True, allow_unused=True)
         except RuntimeError:  # an op without a batching rule: one backward pass per pseudo-gradient
@@ -242,12 +245,53 @@ def _pseudo_gradient_pass(problem, layers, x, Q_fn):
                      for k in range(Q.shape[0])]
             grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]
     b = x.shape[0]
-    parts = []
-    for layer, out, g in zip(layers, outs, grads):
-        a = layer.tokens(capture.records[layer.name][0])
-        g = torch.zeros(Q.shape[0], *out.shape, dtype=out.dtype, device=out.device) if g is None else g.detach()
-        parts.append((a, layer.output_tokens(g, b)))
-    return parts, Q
+    grads = [torch.zeros(Q.shape[0], *out.shape, dtype=out.dtype, device=out.device) if g is None else g.detach()
+             for out, g in zip(outs, grads)]
+    parts = [(layer.tokens(capture.records[layer.name][0]), layer.output_tokens(g, b))
+             for layer, g in zip(layers, grads)]
+    if diagonal is None:
+        return parts, Q, None
+    bn_parts = [(capture.records[layer.name][0], g) for layer, g in zip(extra, grads[len(layers):])]
+    return parts, Q, diagonal.squares(problem, x, Q, bn_parts)
+
+
+def _is_eval_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.affine and module.track_running_stats
+
+
+class _Diagonal:
+    """The parameters outside the Kronecker-factored layers, for their diagonal block:
+    eval-mode BatchNorm gamma / beta from the same hooks (per-example gradients
+    sum_t g x_hat and sum_t g, as in pbrf_fast.scale.layer_scores), anything else by
+    torch.func per-example pseudo-gradients restricted to those parameters."""
+
+    def __init__(self, problem, others: list[str]):
+        self.others = list(others)
+        self.sizes = dict(zip(problem.param_names, problem.param_sizes))
+        wanted, self.batchnorms = set(others), []
+        for mod_name, module in problem.model.named_modules():
+            prefix = f"{mod_name}." if mod_name else ""
+            names = [prefix + p for p in ("weight", "bias") if prefix + p in wanted]
+            if _is_eval_batchnorm(module) and names:
+                self.batchnorms.append(KroneckerLayer(mod_name, module, None, None))
+                wanted -= set(names)
+        self.by_torch_func = [n for n in others if n in wanted]
+
+    def squares(self, problem, x, Q, bn_parts) -> torch.Tensor:
+        columns = {}
+        for layer, (inputs, g) in zip(self.batchnorms, bn_parts):
+            m = layer.module
+            shape = (1, -1) + (1,) * (inputs.dim() - 2)
+            xhat = (inputs - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+            dims = tuple(range(3, g.dim()))
+            prefix = f"{layer.name}." if layer.name else ""
+            columns[prefix + "weight"] = ((g * xhat).sum(dims) if dims else g * xhat).pow(2).sum(0)
+            columns[prefix + "bias"] = (g.sum(dims) if dims else g).pow(2).sum(0)
+        if self.by_torch_func:
+            squares = _other_gradient_squares(problem, self.by_torch_func, x, Q)
+            pieces = squares.split([self.sizes[n] for n in self.by_torch_func], 1)
+            columns.update(zip(self.by_torch_func, pieces))
+        return torch.cat([columns[n] for n in self.others], 1)
 
 
 def _other_gradient_squares(problem, names, x, Q):
@@ -325,7 +369,7 @@ def compute_factors(problem, kind: str = "ekfac", *, pseudo_gradients: str = "au
     rank = _rank() if distributed else 0
     generator = torch.Generator().manual_seed(int(seed) + 1_000_003 * rank)
     step = batch_size or problem.batch_size
-    diag_names = others if other == "diagonal" else []
+    diagonal_block = _Diagonal(problem, others) if other == "diagonal" and others else None
 
     def q_for(t):
         return lambda y: output_hessian_factors(problem.loss, y, t, mode, samples, generator)
@@ -335,13 +379,12 @@ def compute_factors(problem, kind: str = "ekfac", *, pseudo_gradients: str = "au
     A, S, count, diagonal = {}, {}, 0, None
     for s in _batches(problem.n, step, progress, f"{kind} covariances"):
         x, t = problem.inputs[s], problem.targets[s]
-        parts, Q = _pseudo_gradient_pass(problem, layers, x, q_for(t))
+        parts, Q, squares = _pseudo_gradient_pass(problem, layers, x, q_for(t), diagonal_block)
         for layer, (a, g) in zip(layers, parts):
             _accumulate(A, layer.name, torch.einsum("bti,btj->ij", a, a))
             _accumulate(S, layer.name, torch.einsum("kbto,kbtp->op", g, g) / a.shape[1])
-        if diag_names:
-            part = _other_gradient_squares(problem, diag_names, x, Q).sum(0)
-            diagonal = part if diagonal is None else diagonal.add_(part)
+        if squares is not None:
+            diagonal = squares.sum(0) if diagonal is None else diagonal.add_(squares.sum(0))
         count += x.shape[0]
     names = [layer.name for layer in layers]
     totals = [A[n] for n in names] + [S[n] for n in names] + ([diagonal] if diagonal is not None else [])
@@ -374,7 +417,7 @@ def _eigenvalue_corrections(problem, layers, factors, step, progress, q_for_targ
     corrected = {}
     for s in _batches(problem.n, step, progress, "ekfac eigenvalue corrections"):
         x, t = problem.inputs[s], problem.targets[s]
-        parts, _ = _pseudo_gradient_pass(problem, layers, x, q_for_targets(t))
+        parts, _, _ = _pseudo_gradient_pass(problem, layers, x, q_for_targets(t))
         for layer, (a, g) in zip(layers, parts):
             _, Q_A, _, Q_S = factors.eigen[layer.name]
             _accumulate(corrected, layer.name, rotated_gradient_squares(a @ Q_A, g @ Q_S))
@@ -607,13 +650,14 @@ class KroneckerCurvature(CurvatureOperator):
         layers = [b[0] for b in blocks]
         shift = self.shift
         x, t = self.problem.check_data(x, t)
-        parts, Q = _pseudo_gradient_pass(self.problem, layers, x,
-                                         lambda y: self.problem.loss.grad(y, t).unsqueeze(0))
+        diagonal = _Diagonal(self.problem, self.others) if rows is not None else None
+        parts, _, squares = _pseudo_gradient_pass(self.problem, layers, x,
+                                                  lambda y: self.problem.loss.grad(y, t).unsqueeze(0), diagonal)
         total = torch.zeros(x.shape[0], dtype=self.dtype, device=x.device)
         for (layer, Q_A, Q_S, values), (a, g) in zip(blocks, parts):
             total += rotated_gradient_squares(a @ Q_A, g @ Q_S, 1.0 / (values + shift))
         if rows is not None:
-            total += (_other_gradient_squares(self.problem, self.others, x, Q) / (diag + shift)).sum(1)
+            total += (squares / (diag + shift)).sum(1)
         return total
 
     def __repr__(self) -> str:

@@ -206,25 +206,31 @@ def test_other_parameters_get_the_gnh_diagonal_and_are_reported():
             return x * self.gain
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), Scale(), nn.Tanh(), nn.Linear(4, 3)).double()
+    # eval-mode BatchNorm (served by the hooks) and a custom parameter (served by torch.func)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), Scale(), nn.Tanh(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
     g = torch.Generator().manual_seed(1)
     problem = pbrf_fast.Problem(model, "cross_entropy", torch.randn(10, 3, generator=g, dtype=torch.float64),
                                 torch.randint(3, (10,), generator=g), batch_size=4)
-    with pytest.warns(UserWarning, match="1.gain"):
+    others = ["1.weight", "1.bias", "2.gain"]
+    with pytest.warns(UserWarning, match="2.gain"):
         op = KroneckerCurvature(problem, 1e-2, "ekfac")
-    assert op.coverage == {"kronecker": ["0", "3"], "diagonal": ["1.gain"], "damping_only": []}
-    lo = problem.param_names.index("1.gain")
-    start = sum(problem.param_sizes[:lo])
-    rows = torch.arange(start, start + 4)
+    assert op.coverage == {"kronecker": ["0", "4"], "diagonal": others, "damping_only": []}
+    starts = [sum(problem.param_sizes[:problem.param_names.index(n)]) for n in others]
+    rows = torch.cat([torch.arange(start, start + 4) for start in starts])
     G = dense_gnh(problem)
     assert rel_err(op.factors.diagonal, torch.diagonal(G)[rows]) < 1e-12
     dense = op.dense()
     assert rel_err(dense[rows][:, rows], torch.diag(torch.diagonal(G)[rows] + 1e-2)) < 1e-12
     with pytest.warns(UserWarning, match="damping only"):
         bare = KroneckerCurvature(problem, 1e-2, "ekfac", other="damping")
-    assert bare.coverage["damping_only"] == ["1.gain"]
-    assert rel_err(bare.dense()[rows][:, rows], 1e-2 * torch.eye(4, dtype=torch.float64)) < 1e-14
-    with pytest.raises(InputError, match="1.gain"):
+    assert bare.coverage["damping_only"] == others
+    assert rel_err(bare.dense()[rows][:, rows], 1e-2 * torch.eye(12, dtype=torch.float64)) < 1e-14
+    with pytest.raises(InputError, match="2.gain"):
         KroneckerCurvature(problem, 1e-2, "ekfac", other="error")
     # the quadratic form g^T K^{-1} g, layer by layer, matches dense per-example gradients
     grads = dense_gradients(problem, problem.inputs, problem.targets)

@@ -199,8 +199,10 @@ class GaussNewton(CurvatureOperator):
         self.backend = backend
 
     def with_damping(self, damping: float) -> "GaussNewton":
-        return type(self)(self.problem, damping, batch_size=self.batch_size, _cache=self._cache,
-                          backend=self.backend)
+        op = type(self)(self.problem, damping, batch_size=self.batch_size, _cache=self._cache,
+                        backend=self.backend)
+        op._layerwise_spec = getattr(self, "_layerwise_spec", None)  # the model is the same: no re-trace
+        return op
 
     def mlp_spec(self):
         """(MlpSpec, "") if the model with this loss is an MLP the kernels of
@@ -224,40 +226,68 @@ class GaussNewton(CurvatureOperator):
         from .kernels import mlp_gnh
 
         columns = 1 if V.dim() == 1 else V.shape[1]
-        return mlp_gnh.plan_gnh_product(self.mlp_spec(), self.problem.theta, x, columns, self.backend)
+        mlp = self.mlp_spec()
+        layerwise = self.layerwise_spec() if mlp[0] is None and self.backend == "auto" else None
+        return mlp_gnh.plan_gnh_product(mlp, self.problem.theta, x, columns, self.backend, layerwise=layerwise)
 
-    def _mlp_forward(self, spec, x, slot):
-        """The MLP's forward state on data slice ``slot`` (None: not a fixed slice),
-        kept between products while the parameters and the data are unchanged:
-        solvers apply the operator hundreds of times to the same data, and at few
-        columns the forward pass is a quarter of a product's flops. Cached slices
-        stay under mlp_gnh.FORWARD_CACHE_BYTES in all."""
+    def layerwise_spec(self):
+        """(LayerwiseSpec, "") if pbrf_fast.kernels.layerwise_gnh serves the model exactly
+        (a traced network of Conv2d, eval BatchNorm, ReLU, pooling, Linear, residual
+        additions...), else (None, why not). Traced once, on the first product that asks."""
+        if getattr(self, "_layerwise_spec", None) is None:
+            from .kernels import layerwise_gnh
+
+            self._layerwise_spec = layerwise_gnh.parse_layerwise(self.problem)
+        return self._layerwise_spec
+
+    def _kept_forward(self, kind, compute, nbytes, x, slot):
+        """The forward state ``compute()`` of data slice ``slot`` (None: not a fixed slice),
+        kept between products while the parameters and the data are unchanged: solvers
+        apply the operator hundreds of times to the same data, and at few columns the
+        forward pass is a quarter of a product's flops. Cached slices of every kind
+        (MLP, layer-wise) stay under mlp_gnh.FORWARD_CACHE_BYTES in all."""
         from .kernels import mlp_gnh
 
-        theta = self.problem.theta
         if slot is None:
-            return mlp_gnh.mlp_forward_reference(spec, theta, x)
+            return compute()
+        theta = self.problem.theta
         stamp = (self.problem.version, theta.data_ptr(), theta._version, x.data_ptr(), x._version,
                  tuple(x.shape))
         slices = self._cache.setdefault("mlp_forward", {})  # shared with with_damping copies
-        key = (slot, self.batch_size)
+        key = (slot, self.batch_size) if kind == "mlp" else (kind, slot, self.batch_size)
         entry = slices.get(key)
         # The weak reference catches a reassigned problem.inputs even when the new
         # tensor reuses the freed one's address (same data_ptr, version 0 again).
         if entry is not None and entry[0] == stamp and entry[3]() is self.problem.inputs:
             return entry[1]
-        state = mlp_gnh.mlp_forward_reference(spec, theta, x)
+        state = compute()
         held = sum(value[2] for k, value in slices.items() if k != key)
-        size = sum(a.numel() * a.element_size() for a in [*state[0][1:], *state[1], state[2]])
+        size = nbytes(state)
         if held + size <= mlp_gnh.FORWARD_CACHE_BYTES:
             slices[key] = (stamp, state, size, weakref.ref(self.problem.inputs))
         else:
             slices.pop(key, None)
         return state
 
+    def _mlp_forward(self, spec, x, slot):
+        from .kernels import mlp_gnh
+
+        def nbytes(state):
+            return sum(a.numel() * a.element_size() for a in [*state[0][1:], *state[1], state[2]])
+
+        return self._kept_forward("mlp", lambda: mlp_gnh.mlp_forward_reference(spec, self.problem.theta, x),
+                                  nbytes, x, slot)
+
     def _batch_sum(self, V, x, t, slot=None):
         theta = self.problem.theta
         plan = self.plan_product(x, V)
+        if plan.implementation == "layerwise":
+            from .kernels import layerwise_gnh
+
+            spec = self.layerwise_spec()[0]
+            forward = self._kept_forward("layerwise", lambda: layerwise_gnh.layerwise_forward(spec, theta, x),
+                                         layerwise_gnh.forward_state_bytes, x, slot)
+            return layerwise_gnh.layerwise_gnh_product(spec, self.problem.loss, theta, x, t, V, forward)
         if plan.implementation != "torch.func":
             from .kernels import mlp_gnh
 

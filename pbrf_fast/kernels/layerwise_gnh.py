@@ -52,12 +52,14 @@ OP_NAME = "layerwise_gnh_product"
 TANGENT_CHUNK_BYTES = 1 << 30
 _PROBE_ROWS = 3  # > 1 and odd, so a reshape that mixes examples cannot pass by accident
 
-_PARAM_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 _POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ZeroPad2d)
 _LINEAR_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
 _RESHAPE_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous")
 _REDUCE_METHODS = ("mean", "sum")
-_RELU = (F.relu, torch.relu, torch.relu_)
+_POINTWISE_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", torch.tanh: "tanh",
+                        F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}
+_POINTWISE_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+_POINTWISE_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
 _ADD = (operator.add, operator.iadd, torch.add)
 _MUL = (operator.mul, operator.imul, torch.mul, operator.truediv, operator.neg)
 
@@ -67,7 +69,8 @@ class _Step:
     """One node of the traced graph and how its tangent is computed.
 
     kind: "input", "static" (a shape or other non-tensor value), "conv", "linear", "batchnorm",
-    "relu", "maxpool", "linear_op" (the node's own function applied to the tangents),
+    "folded" (an eval BatchNorm2d applied by the Conv2d before it, ``bn``), "pointwise"
+    (``function``: relu, tanh or sigmoid), "maxpool", "linear_op" (the node's own function applied to the tangents),
     "pad" (zero pad; the tangent pads with zeros whatever the constant), "reshape"
     (tangent reshaped to the node's per-example shape), "add", "scale", "output".
     """
@@ -78,6 +81,12 @@ class _Step:
     # role ("weight", "bias") -> (offset, numel) in the flat parameters; absent: frozen / none
     params: dict = field(default_factory=dict)
     example_shape: tuple = ()
+    function: str = ""
+    bn: "_Step | None" = None
+
+    @property
+    def relu(self) -> bool:
+        return self.function == "relu"
 
 
 @dataclass
@@ -123,8 +132,8 @@ def _classify(node: fx.Node, modules: dict) -> tuple[str, nn.Module | None]:
                 raise _Unsupported(f"{kind.__name__} {target} normalises by batch statistics "
                                    "(training mode or no running statistics)")
             return "batchnorm", module
-        if kind is nn.ReLU:
-            return "relu", module
+        if kind in _POINTWISE_MODULES:
+            return "pointwise", module
         if kind is nn.MaxPool2d:
             return "maxpool", module
         if kind in _POOL_MODULES:
@@ -135,8 +144,8 @@ def _classify(node: fx.Node, modules: dict) -> tuple[str, nn.Module | None]:
             return ("reshape" if kind is nn.Flatten else "pad" if kind is nn.ZeroPad2d else "linear_op"), module
         raise _Unsupported(f"{kind.__name__} ({target}) is not supported")
     if op == "call_function":
-        if target in _RELU:
-            return "relu", None
+        if target in _POINTWISE_FUNCTIONS:
+            return "pointwise", None
         if target is F.max_pool2d:
             return "maxpool", None
         if target is F.pad:
@@ -156,8 +165,8 @@ def _classify(node: fx.Node, modules: dict) -> tuple[str, nn.Module | None]:
             return "linear_op", None  # getitem/getattr on shapes become "static" at the probe
         raise _Unsupported(f"function {getattr(target, '__name__', target)} ({node.name}) is not supported")
     if op == "call_method":
-        if target in ("relu", "relu_"):
-            return "relu", None
+        if target in _POINTWISE_METHODS:
+            return "pointwise", None
         if target in _RESHAPE_METHODS:
             return "reshape", None
         if target in _REDUCE_METHODS:
@@ -201,9 +210,10 @@ def parse_layerwise(problem) -> tuple[LayerwiseSpec | None, str]:
             kind, module = _classify(node, modules)
             params = _module_params(module, node.target, offsets) if kind in ("conv", "linear", "batchnorm") else {}
             used.update(f"{node.target}.{role}" for role in params)
-            steps.append(_Step(node, kind, module, params))
+            steps.append(_Step(node, kind, module, params, function=_pointwise_function(node, module)))
     except _Unsupported as exc:
         return None, str(exc)
+    _fold_batchnorms(steps)
     unused = [n for n in problem.param_names if n not in used]
     if unused:
         return None, f"trainable parameters used outside supported layers: {', '.join(unused[:3])}"
@@ -212,6 +222,26 @@ def parse_layerwise(problem) -> tuple[LayerwiseSpec | None, str]:
     spec = LayerwiseSpec(gm, steps, tuple(problem.inputs.shape[1:]), 0, tuple(problem.param_names))
     reason = _probe(spec, problem)
     return (spec, "") if not reason else (None, reason)
+
+
+def _pointwise_function(node: fx.Node, module) -> str:
+    if module is not None:
+        return _POINTWISE_MODULES.get(type(module), "")
+    if node.op == "call_method":
+        return _POINTWISE_METHODS.get(node.target, "")
+    return _POINTWISE_FUNCTIONS.get(node.target, "") if node.op == "call_function" else ""
+
+
+def _fold_batchnorms(steps: list) -> None:
+    """A BatchNorm2d whose input is a Conv2d used nowhere else is applied by that conv's
+    tangent (its per-channel slope scales the weights, not the activations)."""
+    by_node = {s.node: s for s in steps}
+    for step in steps:
+        if step.kind == "batchnorm" and type(step.module) is nn.BatchNorm2d:
+            source = step.node.args[0]
+            conv = by_node.get(source)
+            if conv is not None and conv.kind == "conv" and len(source.users) == 1:
+                conv.bn, step.kind = step, "folded"
 
 
 def _probe(spec: LayerwiseSpec, problem) -> str:
@@ -303,11 +333,6 @@ def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(1, -1, *([1] * (ndim - 2)))
 
 
-def _batchnorm_scale(module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1 / sqrt(running_var + eps), running_mean): eval BatchNorm is x_hat * gamma + beta."""
-    return torch.rsqrt(module.running_var + module.eps), module.running_mean
-
-
 def _maxpool_args(step: _Step, node_args, node_kwargs):
     if step.module is not None:
         m = step.module
@@ -320,10 +345,41 @@ def _maxpool_args(step: _Step, node_args, node_kwargs):
     return kwargs
 
 
+def _primal_batchnorm(step, a, theta, saved, constants):
+    """Eval BatchNorm = x_hat * gamma + beta with x_hat = (a - running_mean) / sqrt(running_var + eps).
+    Keeps x_hat (the tangent of gamma) and the per-channel slope gamma / sqrt(var + eps)."""
+    m = step.module
+    inv_std = torch.rsqrt(m.running_var + m.eps).to(a.dtype)
+    gamma, beta = _param(step, "weight", theta), _param(step, "bias", theta)
+    x_hat = (a - _channel_view(m.running_mean.to(a.dtype), a.dim())) * _channel_view(inv_std, a.dim())
+    out = x_hat * _channel_view(gamma, a.dim()) if gamma is not None else x_hat
+    if beta is not None:
+        out = out + _channel_view(beta, a.dim())
+    constants[step.node] = inv_std * gamma if gamma is not None else inv_std
+    if "weight" in step.params:
+        saved[step.node] = x_hat
+    return out
+
+
+def _primal_pointwise(step, a, saved):
+    """ReLU keeps its output (also the next layer's kept input: no extra memory) for
+    threshold_backward; tanh and sigmoid keep their slope."""
+    if step.function == "tanh":
+        out = torch.tanh(a)
+        saved[step.node] = 1 - out * out
+    elif step.function == "sigmoid":
+        out = torch.sigmoid(a)
+        saved[step.node] = out * (1 - out)
+    else:
+        out = torch.relu(a)
+        saved[step.node] = out
+    return out
+
+
 def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_values: bool = False):
     """(outputs (B, C), per-example saved tensors, per-channel constants, all node values if asked)."""
     env, saved, constants = {}, {}, {}
-    modules = None
+    modules = _qualified_modules(spec.graph_module)
 
     def value_of(a):
         return fx.node.map_arg(a, lambda n: env[n])
@@ -339,10 +395,9 @@ def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_valu
             break
         args, kwargs = value_of(node.args), value_of(node.kwargs)
         if kind == "conv":
-            m = step.module
-            a = args[0]
-            w = _param(step, "weight", theta)
-            out = F.conv2d(a, w, _param(step, "bias", theta), m.stride, m.padding, m.dilation)
+            m, a = step.module, args[0]
+            out = F.conv2d(a, _param(step, "weight", theta), _param(step, "bias", theta), m.stride, m.padding,
+                           m.dilation)
             if "weight" in step.params:
                 saved[node] = a
         elif kind == "linear":
@@ -352,28 +407,15 @@ def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_valu
             out = F.linear(a, _param(step, "weight", theta), _param(step, "bias", theta))
             if "weight" in step.params:
                 saved[node] = a
-        elif kind == "batchnorm":
-            m = step.module
-            a = args[0]
-            inv_std, mean = _batchnorm_scale(m)
-            gamma, beta = _param(step, "weight", theta), _param(step, "bias", theta)
-            x_hat = (a - _channel_view(mean, a.dim())) * _channel_view(inv_std, a.dim())
-            out = x_hat * _channel_view(gamma, a.dim()) if gamma is not None else x_hat
-            if beta is not None:
-                out = out + _channel_view(beta, a.dim())
-            constants[node] = inv_std * gamma if gamma is not None else inv_std
-            if "weight" in step.params:
-                saved[node] = x_hat
-        elif kind == "relu":
-            out = torch.relu(args[0])
-            saved[node] = out > 0
+        elif kind in ("batchnorm", "folded"):
+            out = _primal_batchnorm(step, args[0], theta, saved, constants)
+        elif kind == "pointwise":
+            out = _primal_pointwise(step, args[0], saved)
         elif kind == "maxpool":
-            out, indices = F.max_pool2d(args[0], return_indices=True,
-                                        **_maxpool_args(step, args, kwargs))
+            out, indices = F.max_pool2d(args[0], return_indices=True, **_maxpool_args(step, args, kwargs))
             saved[node] = indices
         else:  # linear ops, pads, reshapes, additions, scalings, shapes: the node's own code
             if node.op == "call_module":
-                modules = modules or _qualified_modules(spec.graph_module)
                 out = modules[node.target](*args, **kwargs)
             elif node.op == "call_method":
                 out = getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -394,20 +436,13 @@ def layerwise_forward(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor)
 
 
 def forward_state_bytes(state) -> int:
+    """Memory a kept state holds (a tensor kept for two layers counts once)."""
     y, saved, constants = state
-    tensors = [y, *saved.values(), *constants.values()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    unique = {t.data_ptr(): t for t in [y, *saved.values(), *constants.values()]}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 # ---- tangent pass (and, through autograd, the backward pass) ------------------------------------
-
-def _columns_of(Vt: torch.Tensor, step: _Step, role: str) -> torch.Tensor | None:
-    """The m columns' block of one parameter, (m, *shape), from V^T (m, d); None if frozen."""
-    if role not in step.params:
-        return None
-    offset, size = step.params[role]
-    return Vt[:, offset : offset + size].reshape(len(Vt), *getattr(step.module, role).shape)
-
 
 def _fold(t: torch.Tensor, rows: int) -> torch.Tensor:
     """(rows, m, ...) -> (rows * m, ...): tangents keep each example's m columns together."""
@@ -431,60 +466,95 @@ def _bias_tangent(db: torch.Tensor, rows: int, example_shape: tuple) -> torch.Te
     return _fold(view.expand(rows, m, *example_shape), rows)
 
 
-def _tangent_conv(step, t_in, a, Vt, theta, rows):
-    m = step.module
-    out = None
-    if t_in is not None:
-        out = F.conv2d(t_in, _param(step, "weight", theta), None, m.stride, m.padding, m.dilation)
-    dW, db = _columns_of(Vt, step, "weight"), _columns_of(Vt, step, "bias")
-    if dW is not None:
-        # the m columns' weights as m x C_out output channels of one convolution of the shared input
-        term = F.conv2d(a, dW.reshape(-1, *dW.shape[2:]), None if db is None else db.reshape(-1),
-                        m.stride, m.padding, m.dilation)
-        out = _add(out, term.reshape(rows * len(Vt), m.out_channels, *term.shape[2:]))
-    elif db is not None:
-        out = _add(out, _bias_tangent(db, rows, step.example_shape))
-    return out
+class _Tangents:
+    """One chunk's tangent pass: the primal state of its rows and the m columns of V as
+    one autograd leaf per parameter block (m, *shape), so the backward pass writes each
+    parameter's block of J^T u and nothing else (slicing one (m, d) leaf would make the
+    backward add a zero-padded (m, d) copy per parameter)."""
+
+    def __init__(self, spec, theta, state, blocks, rows):
+        self.spec, self.theta, self.rows = spec, theta, rows
+        self.saved, self.constants = state[1], state[2]
+        self.blocks = blocks
+        self.m = next(iter(blocks.values())).shape[0]
+
+    def block(self, step, role):
+        return self.blocks.get((step.node, role))
+
+    def conv(self, step, t_in):
+        """conv(t, W) + conv(a, dW) (+ bias columns), with a following eval BatchNorm folded in:
+        its slope scales W and dW (small) instead of the activations, its beta columns
+        become the second convolution's bias, and its gamma columns add x_hat * dgamma."""
+        m, rows, conv, bn = self.m, self.rows, step.module, step.bn
+        scale = self.constants[bn.node] if bn is not None else None
+        out = None
+        if t_in is not None:
+            W = _param(step, "weight", self.theta)
+            out = F.conv2d(t_in, W if scale is None else W * scale.view(-1, 1, 1, 1), None, conv.stride,
+                           conv.padding, conv.dilation)
+        dW, bias = self.block(step, "weight"), self.block(step, "bias")
+        if bias is not None and scale is not None:
+            bias = bias * scale
+        if bn is not None:
+            bias = _add(bias, self.block(bn, "bias"))
+        if dW is not None:
+            if scale is not None:
+                dW = dW * scale.view(1, -1, 1, 1, 1)
+            # the m columns' weights as m x C_out output channels of one convolution of the shared input:
+            # its (rows, m * C_out, H, W) result is the folded (rows * m, C_out, H, W) tangent
+            term = F.conv2d(self.saved[step.node], dW.reshape(-1, *dW.shape[2:]),
+                            None if bias is None else bias.reshape(-1), conv.stride, conv.padding, conv.dilation)
+            term = term.view(rows * m, conv.out_channels, *term.shape[2:])
+            out = term if out is None else out.add_(term)
+        elif bias is not None:
+            out = _add(out, _bias_tangent(bias, rows, step.example_shape))
+        dgamma = self.block(bn, "weight") if bn is not None else None
+        if dgamma is not None:
+            x_hat = self.saved[bn.node].unsqueeze(1)
+            dgamma = dgamma.view(1, m, -1, 1, 1)
+            out = _fold(x_hat * dgamma, rows) if out is None else \
+                _per_example(out, rows).addcmul_(x_hat, dgamma).view(out.shape)
+        return out
+
+    def linear(self, step, t_in):
+        out = None if t_in is None else t_in @ _param(step, "weight", self.theta).T
+        dW, db = self.block(step, "weight"), self.block(step, "bias")
+        if dW is not None:
+            term = F.linear(self.saved[step.node], dW.reshape(-1, dW.shape[-1]),
+                            None if db is None else db.reshape(-1))           # (rows, m * out)
+            term = term.view(self.rows * self.m, -1)
+            out = term if out is None else out.add_(term)
+        elif db is not None:
+            out = _add(out, _bias_tangent(db, self.rows, step.example_shape))
+        return out
+
+    def batchnorm(self, step, t_in):
+        out = None if t_in is None else t_in * _channel_view(self.constants[step.node], t_in.dim())
+        dgamma, dbeta = self.block(step, "weight"), self.block(step, "bias")
+        if dgamma is not None:
+            spatial = [1] * (len(step.example_shape) - 1)
+            term = self.saved[step.node].unsqueeze(1) * dgamma.view(1, self.m, -1, *spatial)
+            out = _add(out, _fold(term, self.rows))
+        if dbeta is not None:
+            out = _add(out, _bias_tangent(dbeta, self.rows, step.example_shape))
+        return out
+
+    def pointwise(self, step, t_in):
+        kept = self.saved[step.node].unsqueeze(1)
+        per = _per_example(t_in, self.rows)
+        if step.relu:
+            return torch.ops.aten.threshold_backward(per, kept, 0).view(t_in.shape)
+        return (per * kept).view(t_in.shape)
+
+    def maxpool(self, step, t_in):
+        indices = self.saved[step.node]
+        per = _per_example(t_in, self.rows)                                   # (rows, m, C, H, W)
+        idx = indices.flatten(2).unsqueeze(1).expand(-1, per.shape[1], -1, -1)
+        return _fold(per.flatten(3).gather(3, idx), self.rows).view(len(t_in), *indices.shape[1:])
 
 
-def _tangent_linear(step, t_in, a, Vt, theta, rows):
-    out = None if t_in is None else t_in @ _param(step, "weight", theta).T
-    dW, db = _columns_of(Vt, step, "weight"), _columns_of(Vt, step, "bias")
-    if dW is not None:
-        term = a @ dW.reshape(-1, dW.shape[-1]).T                       # (rows, m * out)
-        if db is not None:
-            term = term + db.reshape(-1)
-        out = _add(out, term.view(rows * len(Vt), -1))
-    elif db is not None:
-        out = _add(out, _bias_tangent(db, rows, step.example_shape))
-    return out
-
-
-def _tangent_batchnorm(step, t_in, x_hat, scale, Vt, rows):
-    m_cols = len(Vt)
-    out = None if t_in is None else t_in * _channel_view(scale, t_in.dim())
-    dgamma, dbeta = _columns_of(Vt, step, "weight"), _columns_of(Vt, step, "bias")
-    spatial = [1] * (len(step.example_shape) - 1)
-    term = None
-    if dgamma is not None:
-        term = x_hat.unsqueeze(1) * dgamma.view(1, m_cols, -1, *spatial)
-    if term is not None:
-        out = _add(out, _fold(term, rows))
-    if dbeta is not None:
-        out = _add(out, _bias_tangent(dbeta, rows, step.example_shape))
-    return out
-
-
-def _tangent_maxpool(t_in, indices, rows):
-    per = _per_example(t_in, rows)                                       # (rows, m, C, H, W)
-    flat = per.flatten(3)
-    idx = indices.flatten(2).unsqueeze(1).expand(-1, per.shape[1], -1, -1)
-    return _fold(flat.gather(3, idx), rows).view(rows * per.shape[1], *indices.shape[1:])
-
-
-def _tangent(spec: LayerwiseSpec, theta, state, Vt: torch.Tensor, rows: int) -> torch.Tensor:
-    """J V for the rows of ``state``: (rows * m, C), each example's m columns together."""
-    _, saved, constants = state
+def _tangent(spec: LayerwiseSpec, tangents: _Tangents) -> torch.Tensor:
+    """J V for the chunk's rows: (rows * m, C), each example's m columns together."""
     env = {}
     modules = None
     for step in spec.steps:
@@ -496,43 +566,34 @@ def _tangent(spec: LayerwiseSpec, theta, state, Vt: torch.Tensor, rows: int) -> 
             out = env[node.args[0]]
             return out.reshape(len(out), -1)
         first = env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-        if kind == "conv":
-            out = _tangent_conv(step, first, saved.get(node), Vt, theta, rows)
-        elif kind == "linear":
-            out = _tangent_linear(step, first, saved.get(node), Vt, theta, rows)
-        elif kind == "batchnorm":
-            out = _tangent_batchnorm(step, first, saved.get(node), constants[node], Vt, rows)
-        elif first is None and kind not in ("add",):
-            out = None  # zero tangent through a linear or masking op stays zero
-        elif kind == "relu":
-            mask = saved[node]
-            out = _fold(_per_example(first, rows) * mask.unsqueeze(1), rows)
-        elif kind == "maxpool":
-            out = _tangent_maxpool(first, saved[node], rows)
-        elif kind == "reshape":
-            out = first.reshape(len(first), *step.example_shape)
+        if kind == "folded":
+            out = first  # the conv before it applied it
+        elif kind in ("conv", "linear", "batchnorm"):
+            out = getattr(tangents, kind)(step, first)
         elif kind == "add":
             out = None
             for arg in (*node.args, *node.kwargs.values()):
                 if isinstance(arg, fx.Node):
                     out = _add(out, env[arg])
+        elif first is None:
+            out = None  # a zero tangent through a linear or masking op stays zero
+        elif kind in ("pointwise", "maxpool"):
+            out = getattr(tangents, kind)(step, first)
+        elif kind == "reshape":
+            out = first.reshape(len(first), *step.example_shape)
         elif kind == "pad":
-            if step.module is not None:
-                out = F.pad(first, step.module.padding)
-            else:
-                pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
-                out = F.pad(first, pad)
+            pad = step.module.padding if step.module is not None else \
+                node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+            out = F.pad(first, pad)  # zeros, whatever constant the primal pads with
         elif kind == "scale":
             out = _scaled(node, env, first)
-        else:  # linear_op: the node's own (linear, batch-preserving) function on the tangent
-            args = (first, *node.args[1:])
-            if node.op == "call_module":
-                modules = modules or _qualified_modules(spec.graph_module)
-                out = modules[node.target](first)
-            elif node.op == "call_method":
-                out = getattr(first, node.target)(*node.args[1:], **node.kwargs)
-            else:
-                out = node.target(*args, **node.kwargs)
+        elif node.op == "call_module":  # linear_op: the node's own linear, per-example function
+            modules = modules or _qualified_modules(spec.graph_module)
+            out = modules[node.target](first)
+        elif node.op == "call_method":
+            out = getattr(first, node.target)(*node.args[1:], **node.kwargs)
+        else:
+            out = node.target(first, *node.args[1:], **node.kwargs)
         env[node] = out
     raise RuntimeError("traced graph has no output")
 
@@ -542,11 +603,7 @@ def _scaled(node, env, first):
     if node.target is operator.neg:
         return -first
     a, b = node.args[0], node.args[1]
-    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
-        raise _Unsupported(f"{node.name} multiplies two tensors (not linear)")
     if node.target is operator.truediv:
-        if not isinstance(a, fx.Node):
-            raise _Unsupported(f"{node.name} divides by a tensor")
         return first / b
     constant = b if isinstance(a, fx.Node) else a
     tangent = env[a] if isinstance(a, fx.Node) else env[b]
@@ -559,28 +616,47 @@ def tangent_rows(spec: LayerwiseSpec, columns: int, element_size: int) -> int:
     return max(1, TANGENT_CHUNK_BYTES // per_row)
 
 
+def _parameter_blocks(spec: LayerwiseSpec, V2: torch.Tensor) -> dict:
+    """(node, role) -> the m columns' block of that parameter, (m, *shape), an autograd leaf."""
+    m = V2.shape[1]
+    blocks = {}
+    for step in spec.steps:
+        for role, (offset, size) in step.params.items():
+            shape = getattr(step.module, role).shape
+            blocks[(step.node, role)] = V2[offset : offset + size].T.reshape(m, *shape).requires_grad_(True)
+    return blocks
+
+
 def layerwise_gnh_product(spec: LayerwiseSpec, loss, theta: torch.Tensor, x: torch.Tensor,
                           targets: torch.Tensor, V: torch.Tensor, forward=None) -> torch.Tensor:
-    """sum over the batch of J_i^T H_i J_i V for V (d, m), as (d, m).
+    """sum over the batch of J_i^T H_i J_i V for V (d,) or (d, m), same shape as V.
 
     ``loss``: a :class:`pbrf_fast.losses.Loss` (its ``hvp`` is the output Hessian);
     ``forward``: this batch's :func:`layerwise_forward` state, if kept. The tangent pass
     runs for all m columns at once, in row chunks of :func:`tangent_rows`.
     """
-    V2 = V.unsqueeze(1) if V.dim() == 1 else V
+    V2 = (V.unsqueeze(1) if V.dim() == 1 else V).detach()
     m = V2.shape[1]
     state = forward if forward is not None else layerwise_forward(spec, theta, x)
     y, saved, constants = state
     rows = tangent_rows(spec, m, V2.element_size())
-    Vt = V2.T.detach().contiguous().requires_grad_(True)               # (m, d)
-    total = None
+    blocks = _parameter_blocks(spec, V2)
+    places = list(_block_offsets(spec))
+    out = torch.zeros_like(V2)
     with torch.enable_grad():
         for r0 in range(0, len(x), rows):
             r1 = min(len(x), r0 + rows)
-            chunk = (y[r0:r1], {k: v[r0:r1] for k, v in saved.items()}, constants)
-            JV = _tangent(spec, theta, chunk, Vt, r1 - r0)                # (rows * m, C)
+            chunk = (None, {k: v[r0:r1] for k, v in saved.items()}, constants)
+            JV = _tangent(spec, _Tangents(spec, theta, chunk, blocks, r1 - r0))   # (rows * m, C)
             JV3 = JV.view(r1 - r0, m, -1)
             HJV = loss.hvp(y[r0:r1], targets[r0:r1], JV3.detach().transpose(0, 1).contiguous())  # (m, rows, C)
-            (part,) = torch.autograd.grad(JV3, Vt, HJV.transpose(0, 1))
-            total = part if total is None else total.add_(part)
-    return total.T.contiguous() if V.dim() == 2 else total.reshape(V.shape)
+            grads = torch.autograd.grad(JV3, [blocks[key] for key, _ in places], HJV.transpose(0, 1))
+            for ((key, (offset, size)), g) in zip(places, grads):
+                out[offset : offset + size].add_(g.reshape(m, size).T)
+    return out.reshape(V.shape)
+
+
+def _block_offsets(spec: LayerwiseSpec):
+    for step in spec.steps:
+        for role, place in step.params.items():
+            yield (step.node, role), place

@@ -349,7 +349,7 @@ GNH_PRODUCT = "gnh_product"
 
 
 def plan_gnh_product(mlp: tuple[MlpSpec | None, str], theta: torch.Tensor, x: torch.Tensor, columns: int,
-                     backend: str = "auto") -> registry.Plan:
+                     backend: str = "auto", *, layerwise: tuple | None = None) -> registry.Plan:
     """How ``GaussNewton`` computes sum_i J_i^T H_i J_i V over the batch ``x`` for V with
     ``columns`` columns, and why. All implementations are exact; they differ in speed.
 
@@ -363,7 +363,13 @@ def plan_gnh_product(mlp: tuple[MlpSpec | None, str], theta: torch.Tensor, x: to
       output Hessian and backward in one call): "auto" for small products, or the
       explicit ``backend="cpu"`` / ``"cuda"``.
 
-    ``mlp``: the model's ``(MlpSpec, "")`` or ``(None, why it is not a supported MLP)``.
+    - ``layerwise``: :func:`pbrf_fast.kernels.layerwise_gnh.layerwise_gnh_product`, the exact
+      layer-wise product of a conv net (one kept primal pass, one tangent pass over all
+      columns, one backward): "auto" for a model that is not a supported MLP but whose
+      traced graph has only supported layers (torch ops: CPU or CUDA tensors alike).
+
+    ``mlp``: the model's ``(MlpSpec, "")`` or ``(None, why it is not a supported MLP)``;
+    ``layerwise``: ``(LayerwiseSpec, "")`` or ``(None, why not)``, asked only for non-MLPs.
     An explicit compiled backend that cannot serve the product raises BackendUnavailable.
     """
     if backend == "torch":
@@ -374,7 +380,15 @@ def plan_gnh_product(mlp: tuple[MlpSpec | None, str], theta: torch.Tensor, x: to
     if spec is None:
         if backend != "auto":
             raise registry.BackendUnavailable(f"fused MLP product: {reason}")
-        return registry.Plan(GNH_PRODUCT, "torch.func", "torch", f"not a supported MLP: {reason}")
+        network, why = layerwise or (None, "not asked")
+        if network is not None and (tuple(x.shape[1:]) != network.input_shape or x.dtype != theta.dtype):
+            network, why = None, f"inputs of shape {tuple(x.shape)} and dtype {x.dtype} do not fit the traced network"
+        if network is not None:
+            return registry.Plan(GNH_PRODUCT, "layerwise", "torch",
+                                 f"not an MLP ({reason}); every traced layer is supported: one kept primal "
+                                 f"pass, one tangent pass for all {columns} column(s), one backward")
+        return registry.Plan(GNH_PRODUCT, "torch.func", "torch",
+                             f"not a supported MLP: {reason}; not a layer-wise network: {why}")
     work = len(x) * columns * spec.num_params
     if backend == "auto":
         if columns >= BLAS_MIN_COLUMNS:

@@ -345,9 +345,10 @@ def _maxpool_args(step: _Step, node_args, node_kwargs):
     return kwargs
 
 
-def _primal_batchnorm(step, a, theta, saved, constants):
+def _primal_batchnorm(step, a, theta, saved, constants, keep_x_hat=True):
     """Eval BatchNorm = x_hat * gamma + beta with x_hat = (a - running_mean) / sqrt(running_var + eps).
-    Keeps x_hat (the tangent of gamma) and the per-channel slope gamma / sqrt(var + eps)."""
+    Keeps the per-channel slope gamma / sqrt(var + eps) and, unless the conv before it applies
+    it (then no per-example state at all), x_hat: the tangent of gamma."""
     m = step.module
     inv_std = torch.rsqrt(m.running_var + m.eps).to(a.dtype)
     gamma, beta = _param(step, "weight", theta), _param(step, "bias", theta)
@@ -356,7 +357,7 @@ def _primal_batchnorm(step, a, theta, saved, constants):
     if beta is not None:
         out = out + _channel_view(beta, a.dim())
     constants[step.node] = inv_std * gamma if gamma is not None else inv_std
-    if "weight" in step.params:
+    if keep_x_hat and "weight" in step.params:
         saved[step.node] = x_hat
     return out
 
@@ -398,7 +399,7 @@ def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_valu
             m, a = step.module, args[0]
             out = F.conv2d(a, _param(step, "weight", theta), _param(step, "bias", theta), m.stride, m.padding,
                            m.dilation)
-            if "weight" in step.params:
+            if "weight" in step.params or (step.bn is not None and "weight" in step.bn.params):
                 saved[node] = a
         elif kind == "linear":
             a = args[0]
@@ -408,7 +409,7 @@ def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_valu
             if "weight" in step.params:
                 saved[node] = a
         elif kind in ("batchnorm", "folded"):
-            out = _primal_batchnorm(step, args[0], theta, saved, constants)
+            out = _primal_batchnorm(step, args[0], theta, saved, constants, keep_x_hat=kind == "batchnorm")
         elif kind == "pointwise":
             out = _primal_pointwise(step, args[0], saved)
         elif kind == "maxpool":
@@ -482,38 +483,44 @@ class _Tangents:
         return self.blocks.get((step.node, role))
 
     def conv(self, step, t_in):
-        """conv(t, W) + conv(a, dW) (+ bias columns), with a following eval BatchNorm folded in:
-        its slope scales W and dW (small) instead of the activations, its beta columns
-        become the second convolution's bias, and its gamma columns add x_hat * dgamma."""
+        """conv(t, W) + conv(a, dW) + db, with a following eval BatchNorm folded in exactly.
+        With z = conv(a, W) + b and BN(z) = (z - mu) r gamma + beta (r = 1/sqrt(var + eps)):
+
+            dBN = conv(t, r gamma W) + conv(a, r gamma dW + r dgamma W) + r gamma db + r (b - mu) dgamma + dbeta
+
+        so the whole BatchNorm tangent costs no pass over the activations: its slope scales
+        the weights, its gamma columns join the weight columns, its beta columns the bias."""
         m, rows, conv, bn = self.m, self.rows, step.module, step.bn
-        scale = self.constants[bn.node] if bn is not None else None
+        W, b = _param(step, "weight", self.theta), _param(step, "bias", self.theta)
+        dW, db = self.block(step, "weight"), self.block(step, "bias")
+        scale = None
+        if bn is not None:
+            r = torch.rsqrt(bn.module.running_var + bn.module.eps).to(W.dtype)
+            scale = self.constants[bn.node]                                  # r * gamma
+            dgamma, dbeta = self.block(bn, "weight"), self.block(bn, "bias")
+            if dW is not None:
+                dW = dW * scale.view(1, -1, 1, 1, 1)
+            if db is not None:
+                db = db * scale
+            if dgamma is not None:
+                rdg = dgamma * r                                             # (m, C_out)
+                dW = _add(dW, rdg.view(m, -1, 1, 1, 1) * W)
+                shift = -bn.module.running_mean.to(W.dtype) if b is None else b - bn.module.running_mean
+                db = _add(db, rdg * shift)
+            db = _add(db, dbeta)
         out = None
         if t_in is not None:
-            W = _param(step, "weight", self.theta)
             out = F.conv2d(t_in, W if scale is None else W * scale.view(-1, 1, 1, 1), None, conv.stride,
                            conv.padding, conv.dilation)
-        dW, bias = self.block(step, "weight"), self.block(step, "bias")
-        if bias is not None and scale is not None:
-            bias = bias * scale
-        if bn is not None:
-            bias = _add(bias, self.block(bn, "bias"))
         if dW is not None:
-            if scale is not None:
-                dW = dW * scale.view(1, -1, 1, 1, 1)
             # the m columns' weights as m x C_out output channels of one convolution of the shared input:
             # its (rows, m * C_out, H, W) result is the folded (rows * m, C_out, H, W) tangent
             term = F.conv2d(self.saved[step.node], dW.reshape(-1, *dW.shape[2:]),
-                            None if bias is None else bias.reshape(-1), conv.stride, conv.padding, conv.dilation)
+                            None if db is None else db.reshape(-1), conv.stride, conv.padding, conv.dilation)
             term = term.view(rows * m, conv.out_channels, *term.shape[2:])
             out = term if out is None else out.add_(term)
-        elif bias is not None:
-            out = _add(out, _bias_tangent(bias, rows, step.example_shape))
-        dgamma = self.block(bn, "weight") if bn is not None else None
-        if dgamma is not None:
-            x_hat = self.saved[bn.node].unsqueeze(1)
-            dgamma = dgamma.view(1, m, -1, 1, 1)
-            out = _fold(x_hat * dgamma, rows) if out is None else \
-                _per_example(out, rows).addcmul_(x_hat, dgamma).view(out.shape)
+        elif db is not None:
+            out = _add(out, _bias_tangent(db, rows, step.example_shape))
         return out
 
     def linear(self, step, t_in):

@@ -517,7 +517,7 @@ class _Tangents:
             # its (rows, m * C_out, H, W) result is the folded (rows * m, C_out, H, W) tangent
             term = F.conv2d(self.saved[step.node], dW.reshape(-1, *dW.shape[2:]),
                             None if db is None else db.reshape(-1), conv.stride, conv.padding, conv.dilation)
-            term = term.view(rows * m, conv.out_channels, *term.shape[2:])
+            term = term.reshape(rows * m, conv.out_channels, *term.shape[2:])
             out = term if out is None else out.add_(term)
         elif db is not None:
             out = _add(out, _bias_tangent(db, rows, step.example_shape))
@@ -550,14 +550,14 @@ class _Tangents:
         kept = self.saved[step.node].unsqueeze(1)
         per = _per_example(t_in, self.rows)
         if step.relu:
-            return torch.ops.aten.threshold_backward(per, kept, 0).view(t_in.shape)
-        return (per * kept).view(t_in.shape)
+            return torch.ops.aten.threshold_backward(per, kept, 0).reshape(t_in.shape)
+        return (per * kept).reshape(t_in.shape)
 
     def maxpool(self, step, t_in):
         indices = self.saved[step.node]
         per = _per_example(t_in, self.rows)                                   # (rows, m, C, H, W)
         idx = indices.flatten(2).unsqueeze(1).expand(-1, per.shape[1], -1, -1)
-        return _fold(per.flatten(3).gather(3, idx), self.rows).view(len(t_in), *indices.shape[1:])
+        return _fold(per.flatten(3).gather(3, idx), self.rows).reshape(len(t_in), *indices.shape[1:])
 
 
 def _tangent(spec: LayerwiseSpec, tangents: _Tangents) -> torch.Tensor:
@@ -582,6 +582,8 @@ def _tangent(spec: LayerwiseSpec, tangents: _Tangents) -> torch.Tensor:
             for arg in (*node.args, *node.kwargs.values()):
                 if isinstance(arg, fx.Node):
                     out = _add(out, env[arg])
+        elif kind == "scale":
+            out = _scaled(node, env, first)
         elif first is None:
             out = None  # a zero tangent through a linear or masking op stays zero
         elif kind in ("pointwise", "maxpool"):
@@ -592,8 +594,6 @@ def _tangent(spec: LayerwiseSpec, tangents: _Tangents) -> torch.Tensor:
             pad = step.module.padding if step.module is not None else \
                 node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
             out = F.pad(first, pad)  # zeros, whatever constant the primal pads with
-        elif kind == "scale":
-            out = _scaled(node, env, first)
         elif node.op == "call_module":  # linear_op: the node's own linear, per-example function
             modules = modules or _qualified_modules(spec.graph_module)
             out = modules[node.target](first)
@@ -608,10 +608,10 @@ def _tangent(spec: LayerwiseSpec, tangents: _Tangents) -> torch.Tensor:
 def _scaled(node, env, first):
     """x * c, c * x, x / c, -x for a constant c (a product of two activations is refused)."""
     if node.target is operator.neg:
-        return -first
+        return None if first is None else -first
     a, b = node.args[0], node.args[1]
     if node.target is operator.truediv:
-        return first / b
+        return None if first is None else first / b
     constant = b if isinstance(a, fx.Node) else a
     tangent = env[a] if isinstance(a, fx.Node) else env[b]
     return None if tangent is None else tangent * constant
@@ -655,7 +655,7 @@ def layerwise_gnh_product(spec: LayerwiseSpec, loss, theta: torch.Tensor, x: tor
             r1 = min(len(x), r0 + rows)
             chunk = (None, {k: v[r0:r1] for k, v in saved.items()}, constants)
             JV = _tangent(spec, _Tangents(spec, theta, chunk, blocks, r1 - r0))   # (rows * m, C)
-            JV3 = JV.view(r1 - r0, m, -1)
+            JV3 = JV.reshape(r1 - r0, m, -1)
             HJV = loss.hvp(y[r0:r1], targets[r0:r1], JV3.detach().transpose(0, 1).contiguous())  # (m, rows, C)
             grads = torch.autograd.grad(JV3, [blocks[key] for key, _ in places], HJV.transpose(0, 1))
             for ((key, (offset, size)), g) in zip(places, grads):

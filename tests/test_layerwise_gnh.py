@@ -101,8 +101,8 @@ def pair(problem, damping=0.0):
     return pbrf_fast.GaussNewton(problem, damping), pbrf_fast.GaussNewton(problem, damping, backend="torch")
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
+@pytest.mark.parametrize("name,loss", [("resnet-blocks", "cross_entropy"), ("resnet-2-per-stage", "mse"),
+                                       ("mixed", "bce"), ("mixed", "cross_entropy"), ("lenet-like", "mse")])
 def test_matches_torch_func(name, loss):
     problem = conv_problem(name, loss, weight_decay=0.03)
     op, reference = pair(problem, damping=0.2)
@@ -116,10 +116,10 @@ def test_matches_torch_func(name, loss):
 
 
 def test_index_subsets_chunks_and_kept_forward(monkeypatch):
-    problem = conv_problem("resnet-blocks", n=13, batch_size=5)
+    problem = conv_problem("resnet-blocks", n=7, batch_size=3)
     op, reference = pair(problem, damping=1e-3)
     V = torch.randn(problem.dim, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    for idx in ([3, 0, 12, 7], torch.tensor([-1, 4]), slice(2, 11)):
+    for idx in ([3, 0, 6], torch.tensor([-1, 4])):
         assert rel_err(op.matvec(V, idx), reference.matvec(V, idx)) < TOL
     # a tiny tangent budget: one row per chunk, same answer
     monkeypatch.setattr(layerwise_gnh, "TANGENT_CHUNK_BYTES", 1)
@@ -127,7 +127,7 @@ def test_index_subsets_chunks_and_kept_forward(monkeypatch):
     expected = reference.matvec(V)
     assert rel_err(op.matvec(V), expected) < TOL
     slices = op._cache["mlp_forward"]
-    assert sorted(k[1] for k in slices) == [0, 5, 10]  # each data slice's primal pass is kept
+    assert sorted(k[1] for k in slices) == [0, 3, 6]  # each data slice's primal pass is kept
     assert rel_err(op.with_damping(1e-3).matvec(V), expected) < TOL
     # new parameters: the kept states are stale and must not be used
     problem.set_theta(problem.theta * 0.9)

@@ -17,6 +17,7 @@ import weakref
 
 import torch
 
+from .kernels import layerwise_gnh, mlp_gnh, registry
 from .problem import Problem, as_index
 from .errors import InputError, InputTypeError
 
@@ -109,7 +110,7 @@ class CurvatureOperator:
                       for s in range(0, count, step))
         else:
             idx, rows = self._index_rows(idx)
-            count = len(idx)
+            count = idx.shape[0]
             chunks = [(None, *rows)] if rows is not None else \
                 ((None, problem.inputs[c], problem.targets[c]) for c in idx.split(self.batch_size))
         total = None
@@ -228,8 +229,6 @@ class GaussNewton(CurvatureOperator):
         pbrf_fast.kernels.mlp_gnh serve, else (None, why not). Parsed once: the
         model's structure never changes."""
         if getattr(self, "_mlp_spec", None) is None:
-            from .kernels import mlp_gnh, registry
-
             model, loss = self.problem.model, self.problem.loss
             spec = mlp_gnh.parse_mlp(model)
             reason = "" if spec is not None else mlp_gnh.mlp_unsupported_reason(model)
@@ -242,8 +241,6 @@ class GaussNewton(CurvatureOperator):
         """Which implementation computes this operator's product over inputs ``x`` for the
         block ``V``, and why: the one place that decides it (see
         :func:`pbrf_fast.kernels.mlp_gnh.plan_gnh_product` for the rule)."""
-        from .kernels import mlp_gnh, registry
-
         columns = 1 if V.dim() == 1 else V.shape[1]
         # Plans depend only on these (the model, loss and backend are fixed per operator):
         # kept, so a solver's hundreds of small products do not re-plan each time.
@@ -262,8 +259,6 @@ class GaussNewton(CurvatureOperator):
         (a traced network of Conv2d, eval BatchNorm, ReLU, pooling, Linear, residual
         additions...), else (None, why not). Traced once, on the first product that asks."""
         if getattr(self, "_layerwise_spec", None) is None:
-            from .kernels import layerwise_gnh
-
             self._layerwise_spec = layerwise_gnh.parse_layerwise(self.problem)
         return self._layerwise_spec
 
@@ -273,8 +268,6 @@ class GaussNewton(CurvatureOperator):
         apply the operator hundreds of times to the same data, and at few columns the
         forward pass is a quarter of a product's flops. Cached slices of every kind
         (MLP, layer-wise) stay under mlp_gnh.FORWARD_CACHE_BYTES in all."""
-        from .kernels import mlp_gnh
-
         if slot is None:
             return compute()
         theta = self.problem.theta
@@ -297,8 +290,6 @@ class GaussNewton(CurvatureOperator):
         return state
 
     def _mlp_forward(self, spec, x, slot):
-        from .kernels import mlp_gnh
-
         def nbytes(state):
             return sum(a.numel() * a.element_size() for a in [*state[0][1:], *state[1], state[2]])
 
@@ -309,15 +300,11 @@ class GaussNewton(CurvatureOperator):
         theta = self.problem.theta
         plan = self.plan_product(x, V)
         if plan.implementation == "layerwise":
-            from .kernels import layerwise_gnh
-
             spec = self.layerwise_spec()[0]
             forward = self._kept_forward("layerwise", lambda: layerwise_gnh.layerwise_forward(spec, theta, x),
                                          layerwise_gnh.forward_state_bytes, x, slot)
             return layerwise_gnh.layerwise_gnh_product(spec, self.problem.loss, theta, x, t, V, forward)
         if plan.implementation != "torch.func":
-            from .kernels import mlp_gnh
-
             spec = self.mlp_spec()[0]
             forward = None if plan.implementation == "mlp-fused" else self._mlp_forward(spec, x, slot)
             return mlp_gnh.run_gnh_product(plan, spec, self.problem.loss.kernel_kind, theta, x, V, forward)

@@ -2,7 +2,8 @@
 
 ``pbrf_fast.explain(model, loss, inputs)`` asks each op's planning function the
 question its caller would ask for this model: the GNH product of
-``GaussNewton.matvec`` (:meth:`GaussNewton.plan_product`), the LiSSA recursion
+``GaussNewton.matvec`` (:meth:`GaussNewton.plan_product`: a fused MLP kernel, the
+layer-wise product of a conv net, or torch.func), the LiSSA recursion
 (:func:`pbrf_fast.solvers.plan_lissa`), the fused LiSSA update, the
 output-Hessian product and Bregman divergence on the model's outputs, and the
 score contraction of every ``nn.Linear`` / ``nn.Conv2d`` layer (the scale

@@ -44,6 +44,24 @@ def gnh_not_mlp():
     return op.plan_product(problem.inputs, torch.zeros(op.dim, 2))
 
 
+def gnh_conv_net():
+    """A residual conv block with eval BatchNorm, pooling and a Linear head."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.conv(x)) + x))
+
+    problem = pbrf_fast.Problem(Block(), "cross_entropy", torch.randn(6, 2, 5, 5), torch.randint(3, (6,)))
+    op = pbrf_fast.GaussNewton(problem, 0.1)
+    return op.plan_product(problem.inputs, torch.zeros(op.dim, 2))
+
+
 def lissa_plan(engine="auto", columns=1, batch_size=16, widths=(8, 16, 16, 1)):
     op = mlp_operator(widths)
     return plan_lissa(op, torch.zeros(op.dim, columns), batch_size=batch_size, engine=engine)
@@ -75,10 +93,12 @@ BIG = (784, 1024, 1024, 10)  # 1.9M parameters: one column at batch 64 is > 1e8 
 
 # (README row, plan, expected implementation, expected backend, needs)
 CASES = [
-    ("| `gnh_product` (`GaussNewton.matvec`) | `backend=\"torch\"`, or not a supported MLP | `torch.func` |",
+    ("| `gnh_product` (`GaussNewton.matvec`) | `backend=\"torch\"`, or neither a supported MLP nor a layer-wise network | `torch.func` |",
      lambda: gnh(2, backend="torch"), "torch.func", "torch", None),
-    ("| `gnh_product` (`GaussNewton.matvec`) | `backend=\"torch\"`, or not a supported MLP | `torch.func` |",
+    ("| `gnh_product` (`GaussNewton.matvec`) | `backend=\"torch\"`, or neither a supported MLP nor a layer-wise network | `torch.func` |",
      gnh_not_mlp, "torch.func", "torch", None),
+    ("| `gnh_product` | not an MLP, `\"auto\"`, every traced layer Conv2d, eval BatchNorm, ReLU / tanh / sigmoid, pooling, Linear, flatten, pad or residual add | `layerwise` |",
+     gnh_conv_net, "layerwise", "torch", None),
     ("| `gnh_product` | supported MLP, `\"auto\"`, 12 or more columns | `mlp-blas` |",
      lambda: gnh(12), "mlp-blas", "torch", None),
     ("| `gnh_product` | supported MLP, `\"auto\"`, fewer columns, batch x columns x parameters > 1e8 | `mlp-matmul` |",
@@ -173,7 +193,9 @@ def test_explain_covers_every_op_for_an_mlp_and_a_cnn():
     assert plans[0] == op.plan_product(op.problem.inputs, torch.zeros(op.dim, 3))
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
     plans = pbrf_fast.explain(cnn, "cross_entropy", torch.randn(5, 1, 6, 6))
-    assert plans[0].implementation == "torch.func"
+    assert plans[0].implementation == "layerwise"
+    plans_torch = pbrf_fast.explain(cnn, "cross_entropy", torch.randn(5, 1, 6, 6), backend="torch")
+    assert plans_torch[0].implementation == "torch.func"
     assert [p.op for p in plans[-2:]] == ["conv2d_score_contraction [0]", "score_contraction [3]"]
     assert "gnh_product" in pbrf_fast.format_plans(plans)
     with pytest.raises(ValueError, match="columns"):
@@ -191,5 +213,5 @@ def test_backends_explain_command():
     assert plans[0]["op"] == "gnh_product" and all(p["reason"] for p in plans)
     done = run("--explain", "--model", "lenet", "--inputs", "1,28,28", "--outputs", "10", "--loss", "cross_entropy")
     assert done.returncode == 0, done.stderr
-    assert "conv2d_score_contraction" in done.stdout and "torch.func" in done.stdout
+    assert "conv2d_score_contraction" in done.stdout and "layerwise" in done.stdout
     assert run("--explain", "--inputs", "a,b").returncode != 0

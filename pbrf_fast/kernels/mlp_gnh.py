@@ -22,6 +22,7 @@ OpenMP team, no Python per layer), the cuda backend in ``pbrf_fast._C_cuda``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -59,12 +60,17 @@ class MlpSpec:
             out.append((w, b))
         return out
 
-    @property
+    # cached: read on every product (cached_property writes the instance dict, frozen or not)
+    @cached_property
     def num_params(self) -> int:
         return sum(self.dims[l] * self.dims[l + 1] + (self.dims[l + 1] if self.has_bias[l] else 0)
                    for l in range(self.layers))
 
     def kernel_args(self) -> tuple[list[int], list[int], list[int]]:
+        return self._kernel_args
+
+    @cached_property
+    def _kernel_args(self) -> tuple[list[int], list[int], list[int]]:
         return (list(self.dims), [ACTIVATION_CODES[a] for a in self.activations],
                 [int(b) for b in self.has_bias])
 
@@ -349,7 +355,7 @@ GNH_PRODUCT = "gnh_product"
 
 
 def plan_gnh_product(mlp: tuple[MlpSpec | None, str], theta: torch.Tensor, x: torch.Tensor, columns: int,
-                     backend: str = "auto") -> registry.Plan:
+                     backend: str = "auto", *, layerwise: tuple | None = None) -> registry.Plan:
     """How ``GaussNewton`` computes sum_i J_i^T H_i J_i V over the batch ``x`` for V with
     ``columns`` columns, and why. All implementations are exact; they differ in speed.
 
@@ -363,7 +369,13 @@ def plan_gnh_product(mlp: tuple[MlpSpec | None, str], theta: torch.Tensor, x: to
       output Hessian and backward in one call): "auto" for small products, or the
       explicit ``backend="cpu"`` / ``"cuda"``.
 
-    ``mlp``: the model's ``(MlpSpec, "")`` or ``(None, why it is not a supported MLP)``.
+    - ``layerwise``: :func:`pbrf_fast.kernels.layerwise_gnh.layerwise_gnh_product`, the exact
+      layer-wise product of a conv net (one kept primal pass, one tangent pass over all
+      columns, one backward): "auto" for a model that is not a supported MLP but whose
+      traced graph has only supported layers (torch ops: CPU or CUDA tensors alike).
+
+    ``mlp``: the model's ``(MlpSpec, "")`` or ``(None, why it is not a supported MLP)``;
+    ``layerwise``: ``(LayerwiseSpec, "")`` or ``(None, why not)``, asked only for non-MLPs.
     An explicit compiled backend that cannot serve the product raises BackendUnavailable.
     """
     if backend == "torch":
@@ -374,7 +386,15 @@ def plan_gnh_product(mlp: tuple[MlpSpec | None, str], theta: torch.Tensor, x: to
     if spec is None:
         if backend != "auto":
             raise registry.BackendUnavailable(f"fused MLP product: {reason}")
-        return registry.Plan(GNH_PRODUCT, "torch.func", "torch", f"not a supported MLP: {reason}")
+        network, why = layerwise or (None, "not asked")
+        if network is not None and (tuple(x.shape[1:]) != network.input_shape or x.dtype != theta.dtype):
+            network, why = None, f"inputs of shape {tuple(x.shape)} and dtype {x.dtype} do not fit the traced network"
+        if network is not None:
+            return registry.Plan(GNH_PRODUCT, "layerwise", "torch",
+                                 f"not an MLP ({reason}); every traced layer is supported: one kept primal "
+                                 f"pass, one tangent pass for all {columns} column(s), one backward")
+        return registry.Plan(GNH_PRODUCT, "torch.func", "torch",
+                             f"not a supported MLP: {reason}; not a layer-wise network: {why}")
     work = len(x) * columns * spec.num_params
     if backend == "auto":
         if columns >= BLAS_MIN_COLUMNS:
@@ -397,7 +417,8 @@ def run_gnh_product(plan: registry.Plan, spec: MlpSpec, loss_kind: str, theta: t
     """Run an MLP implementation chosen by :func:`plan_gnh_product` (not ``torch.func``,
     which lives with the operator). ``forward``: the batch's forward state, if kept."""
     if plan.implementation == "mlp-fused":
-        return mlp_gnh_product(spec, loss_kind, theta, x, V, backend=plan.backend)
+        # the operator has checked V, theta and x (and planned): straight to the kernel
+        return _fused(spec, registry.LOSS_KIND_CODES[loss_kind], theta, x, V, plan.backend)
     product = {"mlp-blas": mlp_gnh_product_blas, "mlp-matmul": mlp_gnh_product_matmul}[plan.implementation]
     return product(spec, loss_kind, theta, x, V, forward=forward)
 
@@ -432,11 +453,16 @@ def mlp_gnh_product(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch
     chosen = plan_mlp_gnh_product(theta, x, V, backend).backend
     if chosen == "torch":
         return mlp_gnh_product_reference(spec, loss_kind, theta, x, V)
-    vectors = V.contiguous()
-    x2 = x.reshape(len(x), -1).contiguous()
-    out = registry.cuda_scratch(vectors.shape, vectors) if chosen == "cuda" else torch.empty_like(vectors)
-    registry.implementation(OP_NAME, chosen)(spec, registry.loss_kind_code(loss_kind),
-                                             theta.contiguous(), x2, vectors, out)
+    return _fused(spec, registry.loss_kind_code(loss_kind), theta, x, V, chosen)
+
+
+def _fused(spec: MlpSpec, code: int, theta, x, V, backend: str) -> torch.Tensor:
+    """The compiled kernel of ``backend`` on checked arguments."""
+    vectors = V if V.is_contiguous() else V.contiguous()
+    x2 = x.view(len(x), -1) if x.is_contiguous() else x.reshape(len(x), -1).contiguous()
+    out = registry.cuda_scratch(vectors.shape, vectors) if backend == "cuda" else torch.empty_like(vectors)
+    registry.implementation(OP_NAME, backend)(spec, code, theta if theta.is_contiguous() else theta.contiguous(),
+                                              x2, vectors, out)
     return out
 
 

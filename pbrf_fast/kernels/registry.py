@@ -125,6 +125,12 @@ def use_cuda_runtime(runtime: CudaRuntime) -> CudaRuntime:
     return previous
 
 
+def cuda_runtime() -> CudaRuntime:
+    """The runtime now serving "cuda": part of the key of any cached plan, since
+    :func:`use_cuda_runtime` can change what an explicit or "auto" backend gets."""
+    return _cuda
+
+
 def __getattr__(name):
     # registry.cuda_extension always names the module the current runtime serves.
     if name == "cuda_extension":

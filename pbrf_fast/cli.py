@@ -279,6 +279,8 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--lissa-batch-size", type=POSITIVE_INT, default=128)
     p.add_argument("--rank", type=POSITIVE_INT, default=64, help="Lanczos eigenpairs of the lowrank solver")
     p.add_argument("--chunk", type=POSITIVE_INT, default=50, help="subset models trained together")
+    p.add_argument("--lbfgs-iters", type=POSITIVE_INT, default=500,
+                   help="L-BFGS iterations of each subset model and PBRF (logreg; warm-started at theta^s)")
     p.add_argument("--seed", type=COUNT, default=0)
     p.add_argument("--data-dir", default=None, help="data sets folder (default: $PBRF_DATA)")
     p.add_argument("--out", default="pbrf-fast-out/evaluate", help="results folder")

@@ -136,6 +136,7 @@ class EvaluateConfig:
     lissa_batch_size: int = 128
     rank: int = 64
     chunk: int = 50                     # subset models trained together
+    lbfgs_iters: int = 500              # L-BFGS iterations of subset models (convex recipes)
     seed: int = 0
     data_dir: str | None = None
 

@@ -23,14 +23,15 @@ digits / logreg    1000 train (of 1500), 297 test; multinomial LR, float64, L-BF
 digits / mlp       64-width one-hidden-layer ReLU MLP, SGD lr 0.1, 30 epochs
 mnist / logreg     5000 train / 500 test (seeded); multinomial LR as above
 mnist / mlp        784-``width``-10 ReLU MLP, float32, SGD lr 0.1, batch 128,
-                   20 epochs, weight decay 1e-3
+                   10 epochs, weight decay 1e-3
 cifar10 / resnet20 1000 train / 100 test; SGD momentum 0.9, lr 0.05, 10 epochs,
                    weight decay 5e-4
 =================  ================================================================
 
 Everything is written into the results folder as it finishes (base models,
 each subset's measurements, each score matrix) and a rerun with ``resume``
-skips it. Outputs: ``table.md``, ``results.json``, ``lds.png``.
+skips it; a rerun may name other ``solvers`` / ``checkpoints`` (they change
+no stored piece) and reuses what is there. Outputs: ``table.md``, ``results.json``, ``lds.png``.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ from .training import TrainConfig, TrainResult, train
 
 __all__ = ["Setting", "build_setting", "run_evaluate", "solver_scores", "EVALUATE_SETTINGS"]
 
+REPORT_ONLY = ("solvers", "checkpoints")
 EVALUATE_SETTINGS = {("digits", "logreg"), ("digits", "mlp"), ("mnist", "logreg"), ("mnist", "mlp"),
                      ("cifar10", "resnet20")}
 
@@ -76,8 +78,10 @@ class Setting:
     weight_decay: float
 
     def problem(self, seed: int) -> Problem:
+        # Full-batch L-BFGS objectives run over the whole set at once: one chunk.
+        chunk = len(self.x) if self.train.optimizer == "lbfgs" else 1024
         return Problem(self.make_model(seed), self.loss, self.x, self.y, weight_decay=self.weight_decay,
-                       batch_size=1024)
+                       batch_size=chunk)
 
     def theta0(self, seed: int) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.make_model(seed).parameters() if p.requires_grad])
@@ -125,7 +129,7 @@ def build_setting(config: EvaluateConfig) -> Setting:
         def make_model(s):
             return mlp(d_in, (width,), 10, seed=s)
 
-        train_config = TrainConfig(epochs=config.epochs or (20 if config.dataset == "mnist" else 30),
+        train_config = TrainConfig(epochs=config.epochs or (10 if config.dataset == "mnist" else 30),
                                    lr=config.lr or 0.1, batch_size=config.batch_size, seed=seed)
         wd = 1e-3
     else:
@@ -241,7 +245,8 @@ def _loo_changes(setting, config, base_problem, folder, progress):
     masks = np.ones((len(points) + 1, n), dtype=bool)
     for row, i in enumerate(points):
         masks[row, i] = False
-    common = dict(repeats=config.repeats, seed=config.seed, chunk=config.chunk, progress=progress, shared_seeds=True)
+    common = dict(repeats=config.repeats, seed=config.seed, chunk=config.chunk, progress=progress, shared_seeds=True,
+                  lbfgs_max_iter=config.lbfgs_iters)
     loo = retraining_ground_truth(base_problem, setting.train, masks[:-1], _starts(setting, base_problem), setting.x_test,
                                   setting.y_test, folder=folder, kind="loo", **common)
     full = retraining_ground_truth(base_problem, setting.train, masks[-1:], _starts(setting, base_problem), setting.x_test,
@@ -261,7 +266,10 @@ def run_evaluate(config: EvaluateConfig, run: RunOptions) -> dict:
         raise ConfigError(f"need 0 < alpha < 1, at least 3 subsets and 1 repeat; got alpha {config.alpha}, "
                           f"{config.subsets} subsets, {config.repeats} repeats")
     setting = build_setting(config)
-    folder = ResultsFolder(run.out, config.arguments() | {"setting": setting.name},
+    arguments = config.arguments() | {"setting": setting.name}
+    # Which solvers and ensembles are reported changes no stored piece (each score matrix
+    # is kept per solver and checkpoint): a rerun with others reuses everything on disk.
+    folder = ResultsFolder(run.out, arguments, result_keys=[k for k in arguments if k not in REPORT_ONLY],
                            resume=run.resume, overwrite=run.overwrite)
     progress = run.progress
     models = _base_models(setting, max(config.checkpoints), config.seed, folder, progress)
@@ -271,12 +279,12 @@ def run_evaluate(config: EvaluateConfig, run: RunOptions) -> dict:
     truths, timing = {}, {}
     retrain = retraining_ground_truth(problem0, setting.train, masks, _starts(setting, problem0), setting.x_test, setting.y_test,
                                       repeats=config.repeats, seed=config.seed, chunk=config.chunk, folder=folder,
-                                      progress=progress)
+                                      progress=progress, lbfgs_max_iter=config.lbfgs_iters)
     truths["retraining"], timing["retraining"] = retrain["truth"], retrain
     if config.pbrf:
         solver = ResponseSolver(problem0, base0, ResponseSettings(damping=config.damping))
         pbrf = pbrf_ground_truth(solver, masks, setting.x_test, setting.y_test, chunk=config.chunk, folder=folder,
-                                 progress=progress)
+                                 progress=progress, lbfgs_max_iter=config.lbfgs_iters)
         truths["pbrf"], timing["pbrf"] = pbrf["truth"], pbrf
     loo = _loo_changes(setting, config, problem0, folder, progress) if config.loo else None
     scores = _all_scores(models, config, setting, folder, progress)

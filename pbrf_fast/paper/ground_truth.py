@@ -51,7 +51,8 @@ def stacked_measurements(problem: Problem, params: torch.Tensor, x_test, t_test)
 
 
 def train_on_subsets(problem: Problem, config: TrainConfig, masks: torch.Tensor, theta0: torch.Tensor,
-                     seeds: Sequence[int], progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                     seeds: Sequence[int], progress: Callable[[int], None] | None = None,
+                     lbfgs_max_iter: int = 500) -> torch.Tensor:
     """Train one model per row of ``masks`` (P, n) on that subset only, all at once.
 
     ``theta0``: (P, d) starting points; ``seeds[p]``: replica p's batch order.
@@ -70,7 +71,8 @@ def train_on_subsets(problem: Problem, config: TrainConfig, masks: torch.Tensor,
         # reaches every subset's optimum together.
         weights = (masks.to(problem.dtype) * (problem.n / sizes.to(problem.dtype)).unsqueeze(1)).to(problem.device)
         per_replica = torch.func.vmap(lambda theta, w: weighted_objective(problem, theta, w))
-        return fit_lbfgs(problem, theta0, objective=lambda stack: per_replica(stack, weights).sum())
+        return fit_lbfgs(problem, theta0, objective=lambda stack: per_replica(stack, weights).sum(),
+                         max_iter=lbfgs_max_iter)
     if not bool((sizes == sizes[0]).all()):
         raise ValueError("vectorised subset training needs subsets of one size")
     members = torch.stack([torch.nonzero(row).squeeze(1) for row in masks]).to(problem.device)  # (P, s)
@@ -111,7 +113,7 @@ def _resumed(folder: ResultsFolder | None, kind: str, count: int) -> tuple[dict[
 def retraining_ground_truth(problem: Problem, config: TrainConfig, masks, make_theta0: Callable[[int], torch.Tensor],
                             x_test, t_test, *, repeats: int = 1, seed: int = 0, chunk: int = 20,
                             folder: ResultsFolder | None = None, progress: bool = True, kind: str = "retrain",
-                            shared_seeds: bool = False) -> dict:
+                            shared_seeds: bool = False, lbfgs_max_iter: int = 500) -> dict:
     """Test losses of models trained on each subset, averaged over ``repeats`` seeds.
 
     ``make_theta0(seed)``: a fresh initial parameter vector. Returns
@@ -131,7 +133,8 @@ def retraining_ground_truth(problem: Problem, config: TrainConfig, masks, make_t
         part = jobs[first : first + chunk]
         seeds = [replica_seed(seed, 0 if shared_seeds else k, r) for k, r in part]
         theta0 = torch.stack([make_theta0(s) for s in seeds])
-        params = train_on_subsets(problem, config, masks[[k for k, _ in part]], theta0, seeds)
+        params = train_on_subsets(problem, config, masks[[k for k, _ in part]], theta0, seeds,
+                                  lbfgs_max_iter=lbfgs_max_iter)
         losses = stacked_measurements(problem, params, x_test, t_test)
         for (k, _), row in zip(part, losses):
             per_repeat[k].append(row.tolist())
@@ -146,7 +149,7 @@ def retraining_ground_truth(problem: Problem, config: TrainConfig, masks, make_t
 
 
 def pbrf_ground_truth(solver: ResponseSolver, masks, x_test, t_test, *, chunk: int = 20,
-                      folder: ResultsFolder | None = None, progress: bool = True) -> dict:
+                      folder: ResultsFolder | None = None, progress: bool = True, lbfgs_max_iter: int = 500) -> dict:
     """Test losses at the PBRF response to removing each subset's complement: (K, m).
 
     Returns ``{"truth", "seconds", "computed"}`` like :func:`retraining_ground_truth`.
@@ -157,7 +160,7 @@ def pbrf_ground_truth(solver: ResponseSolver, masks, x_test, t_test, *, chunk: i
     start = time.perf_counter()
     for first in range(0, len(todo), chunk):
         part = todo[first : first + chunk]
-        params = solver.pbrf_mask(~masks[part])
+        params = solver.pbrf_mask(~masks[part], lbfgs_max_iter=lbfgs_max_iter)
         for k, row in zip(part, stacked_measurements(solver.problem, params, x_test, t_test)):
             done[k] = {"truth": row.tolist()}
             if folder is not None:

@@ -182,7 +182,7 @@ class ResponseSolver:
         return self._retrain("pbrf", self.removal(removed), self.theta_s, self._response_range(),
                              self.settings.bregman_lr_factor)
 
-    def pbrf_mask(self, removed: torch.Tensor) -> torch.Tensor:
+    def pbrf_mask(self, removed: torch.Tensor, lbfgs_max_iter: int = 500) -> torch.Tensor:
         """The PBRF response to removing each row's points together: ``removed`` is (P, n) 0/1 or boolean.
 
         Each removed point has weight epsilon (default 1/N), as in :meth:`pbrf` with a
@@ -207,7 +207,8 @@ class ResponseSolver:
                 return sum(batch_value(theta, chunk, w) * (len(chunk) / n) for chunk in self.problem.batches())
 
             per_row = torch.func.vmap(full)
-            return fit_lbfgs(self.problem, params, objective=lambda stack: per_row(stack, weights).sum())
+            return fit_lbfgs(self.problem, params, objective=lambda stack: per_row(stack, weights).sum(),
+                             max_iter=lbfgs_max_iter)
         grad = torch.func.grad(self._pbrf_mask_objective())
         batched = torch.func.vmap(grad, in_dims=(0, None, 0))
 

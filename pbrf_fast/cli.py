@@ -267,6 +267,10 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--test-points", type=POSITIVE_INT, default=None)
     p.add_argument("--no-pbrf", action="store_true", help="skip the PBRF ground truth")
     p.add_argument("--loo", type=COUNT, default=0, help="training points retrained leave-one-out (LOO correlation)")
+    p.add_argument("--brittleness", type=COUNT, default=0,
+                   help="correctly classified test points checked for brittleness (retraining per k and solver)")
+    p.add_argument("--brittleness-ks", type=_int_list, default=(10, 20, 40, 80),
+                   help="top-proponent counts removed, e.g. 10,20,40,80")
     p.add_argument("--damping", type=NONNEGATIVE, default=1e-3)
     p.add_argument("--weight-decay", type=NONNEGATIVE, default=None)
     p.add_argument("--epochs", type=POSITIVE_INT, default=None)

@@ -227,18 +227,22 @@ def test_ground_truths_resume_subset_by_subset(tmp_path):
 # -------------------------------------------------------------------------------- command
 def test_evaluate_command_writes_table_results_and_figure(tmp_path):
     args = ["evaluate", "--dataset", "digits", "--model", "logreg", "--train-points", "150", "--test-points", "12",
-            "--subsets", "6", "--solvers", "direct,identity,kernel", "--checkpoints", "1,2", "--loo", "4",
-            "--lbfgs-iters", "100", "--out", str(tmp_path)]
+            "--subsets", "5", "--solvers", "direct,kernel", "--checkpoints", "1,2", "--loo", "4",
+            "--brittleness", "1", "--brittleness-ks", "3,60", "--lbfgs-iters", "60", "--out", str(tmp_path)]
     assert cli.main(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "lds.png").exists()
     table = (tmp_path / "table.md").read_text()
-    assert "LDS vs PBRF" in table and "identity" in table
+    assert "LDS vs PBRF" in table and "kernel" in table
     direct = results["methods"]["direct"]
     assert set(direct) == {"1", "2"} and "lds_pbrf" in direct["1"] and "lds_pbrf" not in direct["2"]
     # the two exact solvers agree
     assert direct["1"]["lds_retraining"]["mean"] == pytest.approx(
         results["methods"]["kernel"]["1"]["lds_retraining"]["mean"], abs=1e-6)
+    fragile = results["brittleness"]["direct"]
+    assert len(fragile["test_points"]) == 1 and set(fragile["flipped_fraction"]) == {"3", "60"}
+    assert fragile["flipped_fraction"]["3"] <= fragile["flipped_fraction"]["60"]
+    assert "Brittleness" in table
     # a rerun with --resume recomputes nothing, whichever solvers it reports
     assert cli.main(args[:-2] + ["--solvers", "direct", "--out", str(tmp_path), "--resume"]) == 0
     again = json.loads((tmp_path / "results.json").read_text())
@@ -255,3 +259,22 @@ def test_evaluate_bad_input_exits_2(argv, tmp_path, capsys):
     except SystemExit as exc:  # argparse usage errors
         code = exc.code
     assert code == 2
+
+
+def test_solver_scores_match_a_dense_float64_reference():
+    from pbrf_fast.paper.config import EvaluateConfig
+    from pbrf_fast.paper.evaluate_job import solver_scores
+
+    problem, xt, yt = _logistic_problem(n=80, features=4, classes=3)
+    train(problem, TrainConfig(optimizer="lbfgs", epochs=0))
+    config = EvaluateConfig(damping=1e-2, rank=problem.dim, cg_iters=500, tol=1e-12)
+    train_grads = problem.per_example_gradients(problem.inputs, problem.targets)
+    test_grads = problem.per_example_gradients(xt, yt)
+    A = pbrf_fast.GaussNewton(problem, 1e-2).dense()
+    exact = train_grads @ torch.linalg.solve(A, test_grads.T) / problem.n
+    for solver, atol in (("direct", 1e-10), ("kernel", 1e-9), ("cg", 1e-8), ("lowrank", 1e-8)):
+        scores, info = solver_scores(problem, solver, config, xt, yt)
+        np.testing.assert_allclose(scores, exact.numpy(), rtol=0, atol=atol * float(exact.abs().max()), err_msg=solver)
+        assert info["seconds"] >= 0
+    identity, _ = solver_scores(problem, "identity", config, xt, yt)
+    np.testing.assert_allclose(identity, (train_grads @ test_grads.T / problem.n).numpy(), rtol=1e-12, atol=1e-14)

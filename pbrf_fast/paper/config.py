@@ -124,6 +124,8 @@ class EvaluateConfig:
     test_points: int | None = None
     pbrf: bool = True
     loo: int = 0                        # leave-one-out retrainings for the LOO correlation (0: none)
+    brittleness: int = 0                # test points checked for brittleness (0: none)
+    brittleness_ks: tuple[int, ...] = (10, 20, 40, 80)
     damping: float = 1e-3
     weight_decay: float | None = None
     epochs: int | None = None
@@ -143,6 +145,7 @@ class EvaluateConfig:
     def __post_init__(self):
         object.__setattr__(self, "solvers", tuple(self.solvers))
         object.__setattr__(self, "checkpoints", tuple(sorted(set(self.checkpoints))))
+        object.__setattr__(self, "brittleness_ks", tuple(sorted(set(self.brittleness_ks))))
 
     def arguments(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,7 +13,9 @@ For one setting (data set x model, trained by its recipe below) it
    model; an ensemble of c checkpoints averages the first c score matrices;
 4. reports the linear datamodeling score (LDS) of each solver and ensemble
    against retraining and against the PBRF, the leave-one-out correlation when
-   ``loo`` points are retrained, and each solver's time.
+   ``loo`` points are retrained, each solver's time, and with ``brittleness``
+   the share of test predictions flipped by removing (and retraining without)
+   each solver's top-k proponents.
 
 Settings (``None`` fields of :class:`~.config.EvaluateConfig` take these):
 
@@ -43,14 +45,14 @@ import numpy as np
 import torch
 
 from ..atomic_io import atomic_save_tensor, atomic_write, atomic_write_json, atomic_write_text, load_tensor
-from ..evaluation import linear_datamodeling_score, loo_correlation, random_subsets
+from ..evaluation import brittleness, linear_datamodeling_score, loo_correlation, random_subsets
 from ..influence import Influence
 from ..problem import Problem
 from ..results_folder import ResultsFolder
 from ..scale.lowrank import LowRankInverse
 from ..solvers import DIRECT_MAX_DIM, KERNEL_MEMORY_BYTES
 from .config import EVALUATE_SOLVERS, EvaluateConfig, RunOptions
-from .ground_truth import pbrf_ground_truth, retraining_ground_truth
+from .ground_truth import pbrf_ground_truth, replica_seed, retraining_ground_truth, train_on_subsets
 from .jobs import ConfigError
 from .report import _pyplot, _save, markdown_table
 from .responses import ResponseSettings, ResponseSolver
@@ -254,6 +256,57 @@ def _loo_changes(setting, config, base_problem, folder, progress):
     return points, loo["truth"] - full["truth"], loo["seconds"] + full["seconds"]
 
 
+def _predictions(problem: Problem, params: torch.Tensor, x) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.func.vmap(lambda th: problem.forward(th, x.to(problem.device)).argmax(1))(params).cpu()
+
+
+def _brittleness(setting, config, problem0, scores, folder, progress) -> dict:
+    """Per solver: the fewest top proponents (of ``config.brittleness_ks``) whose removal flips
+    the prediction of each of ``config.brittleness`` seeded, correctly classified test points,
+    each removal retrained with the base recipe from the base model's own start."""
+    from tqdm.auto import tqdm
+
+    base_prediction = _predictions(problem0, problem0.theta[None], setting.x_test)[0]
+    correct = torch.nonzero(base_prediction == setting.y_test).squeeze(1).numpy()
+    rng = np.random.default_rng(config.seed + 307)
+    tests = sorted(rng.choice(correct, size=min(config.brittleness, len(correct)), replace=False).tolist())
+    start = _starts(setting, problem0)
+    seed = replica_seed(config.seed, 0, 0)
+    n = problem0.n
+
+    def flips(j, removal_sets):
+        masks = torch.ones(len(removal_sets), n, dtype=torch.bool)
+        for row, removed in enumerate(removal_sets):
+            masks[row, torch.as_tensor(removed)] = False
+        # one stack when the recipe allows subsets of different sizes (L-BFGS), else one at a time
+        groups = [range(len(masks))] if setting.train.optimizer == "lbfgs" else [[r] for r in range(len(masks))]
+        params = torch.cat([train_on_subsets(problem0, setting.train, masks[list(g)],
+                                             torch.stack([start(seed) for _ in g]), [seed] * len(g),
+                                             lbfgs_max_iter=config.lbfgs_iters) for g in groups])
+        return (_predictions(problem0, params, setting.x_test[j : j + 1])[:, 0] != base_prediction[j]).tolist()
+
+    out = {}
+    for solver, entry in scores.items():
+        if "skipped" in entry:
+            continue
+        path = folder.file(f"brittleness/{solver}.json")
+        if path.exists():
+            out[solver] = json.loads(path.read_text())
+            continue
+        bar = tqdm(total=len(tests), desc=f"brittleness {solver}", leave=False, disable=not progress)
+
+        def counted(j, sets):
+            bar.update(1)
+            return flips(j, sets)
+
+        result = brittleness(entry["scores"][0], counted, config.brittleness_ks, test_points=tests).as_dict()
+        bar.close()
+        out[solver] = result | {"test_points": tests}
+        atomic_write_json(path, out[solver])
+    return out
+
+
 # ------------------------------------------------------------------------------- job
 def run_evaluate(config: EvaluateConfig, run: RunOptions) -> dict:
     """Run the evaluation of ``config`` into ``run.out``; returns the results dict."""
@@ -289,6 +342,8 @@ def run_evaluate(config: EvaluateConfig, run: RunOptions) -> dict:
     loo = _loo_changes(setting, config, problem0, folder, progress) if config.loo else None
     scores = _all_scores(models, config, setting, folder, progress)
     results = _evaluate(config, setting, masks, truths, scores, loo)
+    if config.brittleness:
+        results["brittleness"] = _brittleness(setting, config, problem0, scores, folder, progress)
     results["ground_truth_seconds"] = {k: v["seconds"] for k, v in timing.items()}
     results["ground_truth_computed_subsets"] = {k: v["computed"] for k, v in timing.items()}
     if loo is not None:
@@ -357,11 +412,19 @@ def _table(name: str, config: EvaluateConfig, results: dict) -> str:
                 cells += [_cell(row.get("loo_pearson")), _cell(row.get("loo_spearman"))]
             rows.append(cells + [f"{row['seconds']:.1f}"])
     seconds = results["ground_truth_seconds"]
+    fragile = ""
+    if results.get("brittleness"):
+        ks = config.brittleness_ks
+        fragile = ("\n\n**Brittleness** (share of correctly classified test points whose prediction flips "
+                   "when the top-k proponents are removed and the model retrained):\n\n"
+                   + markdown_table(["solver"] + [f"k = {k}" for k in ks],
+                                    [[solver] + [f"{r['flipped_fraction'][str(k)]:.2f}" for k in ks]
+                                     for solver, r in results["brittleness"].items()]))
     text = (f"**Attribution quality, {name}**: {config.subsets} subsets at alpha = {config.alpha}, "
             f"{config.repeats} retraining run(s) per subset; damping {config.damping}; measurement: test loss\n\n"
             + markdown_table(header, rows)
             + "\n\nGround truth time (s, this run): "
-            + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "\n")
+            + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + fragile + "\n")
     return text
 
 

@@ -52,7 +52,7 @@ from ..results_folder import ResultsFolder
 from ..scale.lowrank import LowRankInverse
 from ..solvers import DIRECT_MAX_DIM, KERNEL_MEMORY_BYTES
 from .config import EVALUATE_SOLVERS, EvaluateConfig, RunOptions
-from .ground_truth import pbrf_ground_truth, replica_seed, retraining_ground_truth, train_on_subsets
+from .ground_truth import pbrf_ground_truth, retraining_ground_truth, train_on_subsets
 from .jobs import ConfigError
 from .report import _pyplot, _save, markdown_table
 from .responses import ResponseSettings, ResponseSolver
@@ -261,19 +261,20 @@ def _predictions(problem: Problem, params: torch.Tensor, x) -> torch.Tensor:
         return torch.func.vmap(lambda th: problem.forward(th, x.to(problem.device)).argmax(1))(params).cpu()
 
 
-def _brittleness(setting, config, problem0, scores, folder, progress) -> dict:
+def _brittleness(setting, config, problem0, base0, scores, folder, progress) -> dict:
     """Per solver: the fewest top proponents (of ``config.brittleness_ks``) whose removal flips
     the prediction of each of ``config.brittleness`` seeded, correctly classified test points,
-    each removal retrained with the base recipe from the base model's own start."""
+    each removal retrained with the base recipe from the base run's start and seed. The row
+    ``random`` removes random points instead: with a stochastic recipe, retraining itself
+    flips some predictions, and that row is the floor a solver must beat."""
     from tqdm.auto import tqdm
 
     base_prediction = _predictions(problem0, problem0.theta[None], setting.x_test)[0]
     correct = torch.nonzero(base_prediction == setting.y_test).squeeze(1).numpy()
     rng = np.random.default_rng(config.seed + 307)
     tests = sorted(rng.choice(correct, size=min(config.brittleness, len(correct)), replace=False).tolist())
-    start = _starts(setting, problem0)
-    seed = replica_seed(config.seed, 0, 0)
-    n = problem0.n
+    start = problem0.theta if setting.train.optimizer == "lbfgs" else base0.theta0
+    seed, n = base0.config.seed, problem0.n
 
     def flips(j, removal_sets):
         masks = torch.ones(len(removal_sets), n, dtype=torch.bool)
@@ -281,15 +282,14 @@ def _brittleness(setting, config, problem0, scores, folder, progress) -> dict:
             masks[row, torch.as_tensor(removed)] = False
         # one stack when the recipe allows subsets of different sizes (L-BFGS), else one at a time
         groups = [range(len(masks))] if setting.train.optimizer == "lbfgs" else [[r] for r in range(len(masks))]
-        params = torch.cat([train_on_subsets(problem0, setting.train, masks[list(g)],
-                                             torch.stack([start(seed) for _ in g]), [seed] * len(g),
-                                             lbfgs_max_iter=config.lbfgs_iters) for g in groups])
+        params = torch.cat([train_on_subsets(problem0, base0.config, masks[list(g)], start.repeat(len(g), 1),
+                                             [seed] * len(g), lbfgs_max_iter=config.lbfgs_iters) for g in groups])
         return (_predictions(problem0, params, setting.x_test[j : j + 1])[:, 0] != base_prediction[j]).tolist()
 
+    rankings = {solver: entry["scores"][0] for solver, entry in scores.items() if "skipped" not in entry}
+    rankings["random"] = rng.random((n, len(setting.x_test)))
     out = {}
-    for solver, entry in scores.items():
-        if "skipped" in entry:
-            continue
+    for solver, ranking in rankings.items():
         path = folder.file(f"brittleness/{solver}.json")
         if path.exists():
             out[solver] = json.loads(path.read_text())
@@ -300,9 +300,9 @@ def _brittleness(setting, config, problem0, scores, folder, progress) -> dict:
             bar.update(1)
             return flips(j, sets)
 
-        result = brittleness(entry["scores"][0], counted, config.brittleness_ks, test_points=tests).as_dict()
+        out[solver] = brittleness(ranking, counted, config.brittleness_ks, test_points=tests).as_dict()
+        out[solver]["test_points"] = tests
         bar.close()
-        out[solver] = result | {"test_points": tests}
         atomic_write_json(path, out[solver])
     return out
 
@@ -343,7 +343,7 @@ def run_evaluate(config: EvaluateConfig, run: RunOptions) -> dict:
     scores = _all_scores(models, config, setting, folder, progress)
     results = _evaluate(config, setting, masks, truths, scores, loo)
     if config.brittleness:
-        results["brittleness"] = _brittleness(setting, config, problem0, scores, folder, progress)
+        results["brittleness"] = _brittleness(setting, config, problem0, base0, scores, folder, progress)
     results["ground_truth_seconds"] = {k: v["seconds"] for k, v in timing.items()}
     results["ground_truth_computed_subsets"] = {k: v["computed"] for k, v in timing.items()}
     if loo is not None:

@@ -32,8 +32,8 @@ cifar10 / resnet20 1000 train / 100 test; SGD momentum 0.9, lr 0.05, 10 epochs,
 
 Everything is written into the results folder as it finishes (base models,
 each subset's measurements, each score matrix) and a rerun with ``resume``
-skips it; a rerun may name other ``solvers`` / ``checkpoints`` (they change
-no stored piece) and reuses what is there. Outputs: ``table.md``, ``results.json``, ``lds.png``.
+skips it; a rerun may name other ``solvers`` / ``checkpoints`` / solver options
+(score files are named by solver and options) and reuses everything else. Outputs: ``table.md``, ``results.json``, ``lds.png``.
 """
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ from .training import TrainConfig, TrainResult, train
 
 __all__ = ["Setting", "build_setting", "run_evaluate", "solver_scores", "EVALUATE_SETTINGS"]
 
-REPORT_ONLY = ("solvers", "checkpoints")
+# Settings that change no stored piece, or only score matrices, whose file names carry
+# them (see _solver_tag): a rerun with other values reuses everything else on disk.
+REPORT_ONLY = ("solvers", "checkpoints", "cg_iters", "tol", "lissa_depth", "lissa_batch_size", "rank")
 EVALUATE_SETTINGS = {("digits", "logreg"), ("digits", "mlp"), ("mnist", "logreg"), ("mnist", "mlp"),
                      ("cifar10", "resnet20")}
 
@@ -167,6 +169,14 @@ def _base_models(setting: Setting, count: int, seed: int, folder: ResultsFolder,
     return models
 
 
+def _solver_tag(solver: str, config: EvaluateConfig) -> str:
+    """The solver and the options its scores depend on, as a file-name stem."""
+    options = {"cg": f"iters{config.cg_iters}-tol{config.tol:g}",
+               "lissa": f"depth{config.lissa_depth}-batch{config.lissa_batch_size}",
+               "lowrank": f"rank{config.rank}"}.get(solver)
+    return f"{solver}-{options}" if options else solver
+
+
 def _skip_reason(solver: str, problem: Problem) -> str | None:
     outputs = problem.n * problem.num_outputs
     if solver == "direct" and problem.dim > 2 * DIRECT_MAX_DIM:
@@ -217,7 +227,8 @@ def _all_scores(models, config: EvaluateConfig, setting: Setting, folder: Result
             continue
         entry = {"scores": [], "info": []}
         for c, (problem, _) in enumerate(models):
-            path, meta = folder.file(f"scores/{solver}-{c}.npy"), folder.file(f"scores/{solver}-{c}.json")
+            stem = f"scores/{_solver_tag(solver, config)}-{c}"
+            path, meta = folder.file(f"{stem}.npy"), folder.file(f"{stem}.json")
             if path.exists() and meta.exists():
                 scores, info = np.load(path), json.loads(meta.read_text())
             else:
@@ -290,7 +301,7 @@ def _brittleness(setting, config, problem0, base0, scores, folder, progress) -> 
     rankings["random"] = rng.random((n, len(setting.x_test)))
     out = {}
     for solver, ranking in rankings.items():
-        path = folder.file(f"brittleness/{solver}.json")
+        path = folder.file(f"brittleness/{_solver_tag(solver, config) if solver in scores else solver}.json")
         if path.exists():
             out[solver] = json.loads(path.read_text())
             continue
@@ -407,7 +418,7 @@ def _table(name: str, config: EvaluateConfig, results: dict) -> str:
             rows.append([solver, "-", f"skipped: {entry['skipped']}", "-"] + ["-"] * (2 if config.loo else 0) + ["-"])
             continue
         for count, row in entry.items():
-            cells = [solver, count, _cell(row.get("lds_retraining")), _cell(row.get("lds_pbrf"))]
+            cells = [_solver_tag(solver, config), count, _cell(row.get("lds_retraining")), _cell(row.get("lds_pbrf"))]
             if config.loo:
                 cells += [_cell(row.get("loo_pearson")), _cell(row.get("loo_spearman"))]
             rows.append(cells + [f"{row['seconds']:.1f}"])

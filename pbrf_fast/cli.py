@@ -116,6 +116,14 @@ def _cmd_scores(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from .paper.config import EvaluateConfig
+    from .paper.evaluate_job import run_evaluate
+
+    run_evaluate(_fields(EvaluateConfig, args, pbrf=not args.no_pbrf), _run_options(args))
+    return 0
+
+
 def _cmd_show(args) -> int:
     from .paper.show import show_scores
 
@@ -232,6 +240,64 @@ def _scores_parser(sub) -> None:
     p.set_defaults(func=_cmd_scores)
 
 
+def _solver_list(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated solver names of the evaluate job."""
+    from .paper.config import EVALUATE_SOLVERS
+
+    names = tuple(s for s in text.split(",") if s)
+    unknown = [s for s in names if s not in EVALUATE_SOLVERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected comma-separated solvers from {','.join(EVALUATE_SOLVERS)}, got {text!r}")
+    return names
+
+
+def _evaluate_parser(sub) -> None:
+    from .paper.config import EVALUATE_SOLVERS
+    from .paper.evaluate_job import __doc__ as evaluate_doc
+
+    p = sub.add_parser("evaluate", help="attribution quality of each solver: LDS against retraining and the PBRF, "
+                                        "LOO correlation, time", description=evaluate_doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["digits", "mnist", "cifar10"], default="digits")
+    p.add_argument("--model", choices=["logreg", "mlp", "resnet20"], default="logreg")
+    p.add_argument("--solvers", type=_solver_list, default=EVALUATE_SOLVERS,
+                   help="comma-separated: cg,lissa,lowrank,kernel,direct,identity (identity: gradient dot product)")
+    p.add_argument("--subsets", type=POSITIVE_INT, default=100, help="random training subsets K")
+    p.add_argument("--alpha", type=POSITIVE, default=0.5, help="fraction of the training set in each subset")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=1, help="retraining runs per subset (averaged)")
+    p.add_argument("--checkpoints", type=_int_list, default=(1,),
+                   help="ensemble sizes, e.g. 1,3,5: scores averaged over that many base models")
+    p.add_argument("--train-points", type=POSITIVE_INT, default=None)
+    p.add_argument("--test-points", type=POSITIVE_INT, default=None)
+    p.add_argument("--no-pbrf", action="store_true", help="skip the PBRF ground truth")
+    p.add_argument("--loo", type=COUNT, default=0, help="training points retrained leave-one-out (LOO correlation)")
+    p.add_argument("--brittleness", type=COUNT, default=0,
+                   help="correctly classified test points checked for brittleness (retraining per k and solver)")
+    p.add_argument("--brittleness-ks", type=_int_list, default=(10, 20, 40, 80),
+                   help="top-proponent counts removed, e.g. 10,20,40,80")
+    p.add_argument("--damping", type=NONNEGATIVE, default=1e-3)
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=None)
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None)
+    p.add_argument("--lr", type=POSITIVE, default=None)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=128)
+    p.add_argument("--width", type=POSITIVE_INT, default=128, help="hidden width of --model mlp")
+    p.add_argument("--cg-iters", type=POSITIVE_INT, default=200)
+    p.add_argument("--tol", type=POSITIVE, default=1e-4)
+    p.add_argument("--lissa-depth", type=POSITIVE_INT, default=1000)
+    p.add_argument("--lissa-batch-size", type=POSITIVE_INT, default=128)
+    p.add_argument("--rank", type=POSITIVE_INT, default=64, help="Lanczos eigenpairs of the lowrank solver")
+    p.add_argument("--chunk", type=POSITIVE_INT, default=50, help="subset models trained together")
+    p.add_argument("--lbfgs-iters", type=POSITIVE_INT, default=500,
+                   help="L-BFGS iterations of each subset model and PBRF (logreg; warm-started at theta^s)")
+    p.add_argument("--seed", type=COUNT, default=0)
+    p.add_argument("--data-dir", default=None, help="data sets folder (default: $PBRF_DATA)")
+    p.add_argument("--out", default="pbrf-fast-out/evaluate", help="results folder")
+    p.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished work")
+    p.add_argument("--overwrite", action="store_true", help="discard results in --out made with other arguments")
+    p.add_argument("--threads", type=COUNT, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
 def _backends_parser(sub) -> None:
     p = sub.add_parser("backends", help="which compute backends are usable here; with --explain, "
                                         "which implementation each op runs for a model and why")
@@ -294,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _backends_parser(sub)
     _scores_parser(sub)
+    _evaluate_parser(sub)
     show = sub.add_parser("show", help="figures of a finished scores run: self-influence histogram, "
                                        "test images beside their top proponents and opponents")
     show.add_argument("out", help="the scores run's --out folder")

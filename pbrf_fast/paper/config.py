@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-__all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "ScoresConfig", "SWEEP_PARAMETERS"]
+__all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "ScoresConfig", "EvaluateConfig", "SWEEP_PARAMETERS",
+           "EVALUATE_SOLVERS"]
 
+EVALUATE_SOLVERS = ("cg", "lissa", "lowrank", "kernel", "direct", "identity")
 SWEEP_PARAMETERS = ("width", "depth", "epochs", "weight_decay", "damping", "fraction_removed")
 
 
@@ -101,3 +103,50 @@ class ScoresConfig:
     device: str = "cpu"
     overwrite: bool = False
     no_progress: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``evaluate`` job: attribution quality (LDS, LOO) of each solver against
+    retraining on random subsets and against the PBRF of each subset's complement.
+
+    ``None`` means the setting's default (see :mod:`.evaluate_job`). Every field
+    but ``threads`` changes the results and is saved beside them.
+    """
+
+    dataset: str = "digits"
+    model: str = "logreg"
+    solvers: tuple[str, ...] = EVALUATE_SOLVERS
+    subsets: int = 100
+    alpha: float = 0.5
+    repeats: int = 1
+    checkpoints: tuple[int, ...] = (1,)
+    train_points: int | None = None
+    test_points: int | None = None
+    pbrf: bool = True
+    loo: int = 0                        # leave-one-out retrainings for the LOO correlation (0: none)
+    brittleness: int = 0                # test points checked for brittleness (0: none)
+    brittleness_ks: tuple[int, ...] = (10, 20, 40, 80)
+    damping: float = 1e-3
+    weight_decay: float | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int = 128
+    width: int = 128
+    cg_iters: int = 200
+    tol: float = 1e-4
+    lissa_depth: int = 1000
+    lissa_batch_size: int = 128
+    rank: int = 64
+    chunk: int = 50                     # subset models trained together
+    lbfgs_iters: int = 500              # L-BFGS iterations of subset models (convex recipes)
+    seed: int = 0
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "solvers", tuple(self.solvers))
+        object.__setattr__(self, "checkpoints", tuple(sorted(set(self.checkpoints))))
+        object.__setattr__(self, "brittleness_ks", tuple(sorted(set(self.brittleness_ks))))
+
+    def arguments(self) -> dict:
+        return dataclasses.asdict(self)

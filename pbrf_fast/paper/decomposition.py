@@ -1,5 +1,5 @@
-"""Measurements of the paper: the five-term decomposition, test-loss correlations,
-and mislabel detection.
+"""Measurements of the paper: the five-term decomposition and test-loss correlations
+(mislabel detection's curve is :func:`pbrf_fast.evaluation.detection_curve`).
 
 Decomposition (Table 5): for each removed point, five distances between
 consecutive responses, each the mean over training inputs of the L2 distance
@@ -19,7 +19,7 @@ import torch
 from ..problem import Problem
 
 __all__ = ["GAPS", "output_distance", "decomposition_gaps", "test_loss_changes", "predicted_test_loss_changes",
-           "correlation", "detection_curve"]
+           "correlation"]
 
 GAPS = (
     ("warm_start_gap", "cold_start", "warm_start"),
@@ -87,11 +87,3 @@ def correlation(predicted: torch.Tensor, actual: torch.Tensor) -> dict[str, floa
                 "spearman_std": float("nan")}
     return {"pearson": float(np.mean(pearson)), "pearson_std": float(np.std(pearson)),
             "spearman": float(np.mean(spearman)), "spearman_std": float(np.std(spearman))}
-
-
-def detection_curve(scores: torch.Tensor, is_corrupted: torch.Tensor, fractions) -> list[float]:
-    """Share of corrupted examples found when inspecting the top fraction by score."""
-    order = torch.argsort(scores, descending=True)
-    total = max(int(is_corrupted.sum()), 1)
-    return [float(is_corrupted[order[: int(round(f * len(scores)))]].sum()) / total for f in fractions]
-

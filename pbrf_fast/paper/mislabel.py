@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .decomposition import detection_curve
+from ..evaluation import detection_auc, detection_curve
 from ..atomic_io import atomic_write_json, atomic_write_text
 from .report import figure_detection, markdown_table
 from .responses import ResponseSolver
@@ -53,14 +53,16 @@ def run_mislabel(config: ExperimentConfig, run: RunOptions) -> dict:
     candidates = sorted(np.random.default_rng(config.seed + 41).choice(n, size=count, replace=False).tolist())
     scores = _scores_with_resume(solver, candidates, folder, config.chunk, run.progress)
     corrupted = exp.corrupted[candidates]
-    curves = {name: detection_curve(torch.tensor([scores[i][name] for i in candidates]), corrupted, FRACTIONS)
-              for name in ("influence", "pbrf")}
+    ranked = {name: torch.tensor([scores[i][name] for i in candidates]) for name in ("influence", "pbrf")}
+    curves = {name: detection_curve(values, corrupted, FRACTIONS) for name, values in ranked.items()}
+    aucs = {name: detection_auc(values, corrupted) for name, values in ranked.items()}
     rows = [[f"{int(100 * f)}%"] + [f"{100 * curves[k][j]:.1f}%" for k in curves] + [f"{100 * f:.0f}%"]
             for j, f in enumerate(FRACTIONS)]
     md = (f"**Mislabel detection, {exp.name}** ({int(corrupted.sum())} corrupted among {len(candidates)} scored)\n\n"
-          + markdown_table(["inspected", "influence", "PBRF", "random"], rows))
+          + markdown_table(["inspected", "influence", "PBRF", "random"], rows)
+          + f"\n\nArea under the curve: influence {aucs['influence']:.3f}, PBRF {aucs['pbrf']:.3f}, random 0.5\n")
     atomic_write_text(out / "table.md", md)
-    atomic_write_json(out / "results.json", {"arguments": folder.arguments, "fractions": FRACTIONS, "curves": curves,
+    atomic_write_json(out / "results.json", {"arguments": folder.arguments, "fractions": FRACTIONS, "curves": curves, "auc": aucs,
                                              "candidates": candidates, "corrupted": corrupted.tolist()})
     figure_detection(out / "mislabel.png", FRACTIONS, curves, exp.name)
     print(md)

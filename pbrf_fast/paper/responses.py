@@ -182,6 +182,55 @@ class ResponseSolver:
         return self._retrain("pbrf", self.removal(removed), self.theta_s, self._response_range(),
                              self.settings.bregman_lr_factor)
 
+    def pbrf_mask(self, removed: torch.Tensor, lbfgs_max_iter: int = 500) -> torch.Tensor:
+        """The PBRF response to removing each row's points together: ``removed`` is (P, n) 0/1 or boolean.
+
+        Each removed point has weight epsilon (default 1/N), as in :meth:`pbrf` with a
+        group, so the linearized optimum is theta^s + eps (G + (wd + lam) I)^{-1} sum of
+        the members' gradients. With mini-batch training the removal term
+        eps sum_{i removed} L_i is estimated on each batch as N eps mean_{i in B} r_i L_i
+        (unbiased, and it costs nothing beyond the batch); full-batch L-BFGS
+        minimises the exact objective.
+        """
+        removed = torch.as_tensor(removed)
+        if removed.dim() != 2 or removed.shape[1] != self.problem.n:
+            raise ValueError(f"removed must be a (P, {self.problem.n}) mask, got shape {tuple(removed.shape)}")
+        weights = removed.to(self.problem.dtype).to(self.problem.device) * (self.epsilon * self.problem.n)
+        params = self.theta_s.unsqueeze(0).repeat(len(removed), 1)
+        if self.base.config.optimizer == "lbfgs":
+            # The exact objective (chunk means weighted to the full-set mean); the rows are
+            # independent, so one L-BFGS on their vmapped sum optimises all of them.
+            batch_value = self._pbrf_mask_objective()
+            n = self.problem.n
+
+            def full(theta, w):
+                return sum(batch_value(theta, chunk, w) * (len(chunk) / n) for chunk in self.problem.batches())
+
+            per_row = torch.func.vmap(full)
+            return fit_lbfgs(self.problem, params, objective=lambda stack: per_row(stack, weights).sum(),
+                             max_iter=lbfgs_max_iter)
+        grad = torch.func.grad(self._pbrf_mask_objective())
+        batched = torch.func.vmap(grad, in_dims=(0, None, 0))
+
+        def gradient(params, batch):
+            return batched(params, batch, weights)
+
+        return run_epochs(params, gradient, self.base.config, self.problem.n, self._response_range(),
+                          self.settings.bregman_lr_factor, self.progress)
+
+    def _pbrf_mask_objective(self):
+        """Eq. 8 on a batch, the removal term estimated from per-example weights (n,): one forward pass."""
+        p, lam, wd, theta_s = self.problem, self.settings.damping, self.problem.weight_decay, self.theta_s
+
+        def value(theta, batch, weights):
+            x, t = p.inputs[batch], p.targets[batch]   # plain indexing: this runs under vmap
+            outputs = p.forward(theta, x)
+            divergence = p.loss.bregman(outputs, self.reference_outputs[batch], t).mean()
+            removal = (weights[batch] * p.loss.value(outputs, t)).mean()
+            return divergence + 0.5 * (wd + lam) * (theta - theta_s).pow(2).sum() - removal
+
+        return value
+
     def two_stage(self, removed) -> torch.Tensor:
         if self._warm_full is None:
             nothing = Removal(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=self.problem.dtype))

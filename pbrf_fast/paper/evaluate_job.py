@@ -1,0 +1,462 @@
+"""The ``evaluate`` job: how good is each solver's attribution, against retraining and
+against the PBRF?
+
+For one setting (data set x model, trained by its recipe below) it
+
+1. trains ``max(checkpoints)`` base models (seeds ``seed``, ``seed + 1``, ...);
+2. draws ``subsets`` seeded random training subsets of fraction ``alpha`` and
+   retrains a model on each (``repeats`` seeds, averaged; vectorised), and
+   computes the PBRF response to removing each subset's complement at the first
+   base model (Eq. 8, warm-started at theta^s);
+3. scores every training point against every test point with each solver
+   (``identity`` is the gradient dot product: no curvature at all) at each base
+   model; an ensemble of c checkpoints averages the first c score matrices;
+4. reports the linear datamodeling score (LDS) of each solver and ensemble
+   against retraining and against the PBRF, the leave-one-out correlation when
+   ``loo`` points are retrained, each solver's time, and with ``brittleness``
+   the share of test predictions flipped by removing (and retraining without)
+   each solver's top-k proponents.
+
+Settings (``None`` fields of :class:`~.config.EvaluateConfig` take these):
+
+=================  ================================================================
+digits / logreg    1000 train (of 1500), 297 test; multinomial LR, float64, L-BFGS
+                   to convergence, weight decay 1e-3
+digits / mlp       64-width one-hidden-layer ReLU MLP, SGD lr 0.1, 30 epochs
+mnist / logreg     5000 train / 500 test (seeded); multinomial LR as above
+mnist / mlp        784-``width``-10 ReLU MLP, float32, SGD lr 0.1, batch 128,
+                   10 epochs, weight decay 1e-3
+cifar10 / resnet20 1000 train / 100 test; SGD momentum 0.9, lr 0.05, 10 epochs,
+                   weight decay 5e-4
+=================  ================================================================
+
+Everything is written into the results folder as it finishes (base models,
+each subset's measurements, each score matrix) and a rerun with ``resume``
+skips it; a rerun may name other ``solvers`` / ``checkpoints`` / solver options
+(score files are named by solver and options) and reuses everything else. Outputs: ``table.md``, ``results.json``, ``lds.png``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import torch
+
+from ..atomic_io import atomic_save_tensor, atomic_write, atomic_write_json, atomic_write_text, load_tensor
+from ..evaluation import brittleness, linear_datamodeling_score, loo_correlation, random_subsets
+from ..influence import Influence
+from ..problem import Problem
+from ..results_folder import ResultsFolder
+from ..scale.lowrank import LowRankInverse
+from ..solvers import DIRECT_MAX_DIM, KERNEL_MEMORY_BYTES
+from .config import EVALUATE_SOLVERS, EvaluateConfig, RunOptions
+from .ground_truth import pbrf_ground_truth, retraining_ground_truth, train_on_subsets
+from .jobs import ConfigError
+from .report import _pyplot, _save, markdown_table
+from .responses import ResponseSettings, ResponseSolver
+from .training import TrainConfig, TrainResult, train
+
+__all__ = ["Setting", "build_setting", "run_evaluate", "solver_scores", "EVALUATE_SETTINGS"]
+
+# Settings that change no stored piece, or only score matrices, whose file names carry
+# them (see _solver_tag): a rerun with other values reuses everything else on disk.
+REPORT_ONLY = ("solvers", "checkpoints", "cg_iters", "tol", "lissa_depth", "lissa_batch_size", "rank")
+EVALUATE_SETTINGS = {("digits", "logreg"), ("digits", "mlp"), ("mnist", "logreg"), ("mnist", "mlp"),
+                     ("cifar10", "resnet20")}
+
+
+@dataclasses.dataclass
+class Setting:
+    """A data set, a model family (``make_model(seed)``) and its training recipe."""
+
+    name: str
+    make_model: object
+    loss: str
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    train: TrainConfig
+    weight_decay: float
+
+    def problem(self, seed: int) -> Problem:
+        # Full-batch L-BFGS objectives run over the whole set at once: one chunk.
+        chunk = len(self.x) if self.train.optimizer == "lbfgs" else 1024
+        return Problem(self.make_model(seed), self.loss, self.x, self.y, weight_decay=self.weight_decay,
+                       batch_size=chunk)
+
+    def theta0(self, seed: int) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.make_model(seed).parameters() if p.requires_grad])
+
+
+def _seeded_rows(n_total: int, count: int | None, default: int, seed: int) -> torch.Tensor:
+    count = min(n_total, count or default)
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:count]
+
+
+def build_setting(config: EvaluateConfig) -> Setting:
+    """The data, model family and training recipe of ``config`` (see the module docstring)."""
+    from .data import load_digits, load_mnist
+    from .models import mlp, resnet20
+
+    key = (config.dataset, config.model)
+    if key not in EVALUATE_SETTINGS:
+        raise ConfigError(f"evaluate supports --dataset/--model {sorted(EVALUATE_SETTINGS)}, got {key}")
+    seed = config.seed
+    if config.dataset == "digits":
+        x, y, xt, yt = load_digits(seed=seed, dtype=torch.float64 if config.model == "logreg" else torch.float32)
+        defaults = (1000, len(xt))
+    elif config.dataset == "mnist":
+        x, y, xt, yt = load_mnist(config.data_dir, dtype=torch.float64 if config.model == "logreg" else torch.float32)
+        defaults = (5000, 500)
+    else:
+        from .data.cifar import load_cifar10
+
+        x, y, xt, yt = load_cifar10(config.data_dir)
+        defaults = (1000, 100)
+    rows = _seeded_rows(len(x), config.train_points, defaults[0], seed + 3)
+    cols = _seeded_rows(len(xt), config.test_points, defaults[1], seed + 5)
+    x, y, xt, yt = x[rows], y[rows], xt[cols], yt[cols]
+    d_in = int(np.prod(x.shape[1:]))
+    if config.model == "logreg":
+        def make_model(s):
+            torch.manual_seed(s)
+            return torch.nn.Linear(d_in, 10).double()
+
+        train_config = TrainConfig(optimizer="lbfgs", epochs=0, seed=seed)
+        wd = 1e-3
+    elif config.model == "mlp":
+        width = config.width if config.dataset == "mnist" else min(config.width, 64)
+
+        def make_model(s):
+            return mlp(d_in, (width,), 10, seed=s)
+
+        train_config = TrainConfig(epochs=config.epochs or (10 if config.dataset == "mnist" else 30),
+                                   lr=config.lr or 0.1, batch_size=config.batch_size, seed=seed)
+        wd = 1e-3
+    else:
+        def make_model(s):
+            return resnet20(10, seed=s)
+
+        train_config = TrainConfig(epochs=config.epochs or 10, lr=config.lr or 0.05, batch_size=config.batch_size,
+                                   optimizer="momentum", seed=seed)
+        wd = 5e-4
+    wd = wd if config.weight_decay is None else config.weight_decay
+    name = f"{config.dataset} / {config.model} ({len(x)} train, {len(xt)} test)"
+    return Setting(name, make_model, "cross_entropy", x, y, xt, yt, train_config, wd)
+
+
+# ----------------------------------------------------------------------------- pieces
+def _base_models(setting: Setting, count: int, seed: int, folder: ResultsFolder, progress: bool):
+    """``count`` trained base models: [(problem at theta^s, TrainResult)], loaded when on disk."""
+    models = []
+    for c in range(count):
+        problem = setting.problem(seed + c)
+        path = folder.file(f"base/{c}.pt")
+        if path.exists():
+            saved = load_tensor(path)
+            problem.set_theta(saved["theta"])
+            result = TrainResult(saved["theta0"], problem.theta.clone(), TrainConfig(**saved["config"]),
+                                 saved["final_objective"])
+        else:
+            result = train(problem, dataclasses.replace(setting.train, seed=seed + c))
+            atomic_save_tensor(path, {"theta0": result.theta0, "theta": result.theta,
+                                      "config": dataclasses.asdict(result.config),
+                                      "final_objective": result.final_objective})
+        models.append((problem, result))
+    return models
+
+
+def _solver_tag(solver: str, config: EvaluateConfig) -> str:
+    """The solver and the options its scores depend on, as a file-name stem."""
+    options = {"cg": f"iters{config.cg_iters}-tol{config.tol:g}",
+               "lissa": f"depth{config.lissa_depth}-batch{config.lissa_batch_size}",
+               "lowrank": f"rank{config.rank}"}.get(solver)
+    return f"{solver}-{options}" if options else solver
+
+
+def _skip_reason(solver: str, problem: Problem) -> str | None:
+    outputs = problem.n * problem.num_outputs
+    if solver == "direct" and problem.dim > 2 * DIRECT_MAX_DIM:
+        return f"d = {problem.dim} > {2 * DIRECT_MAX_DIM}: no dense eigendecomposition"
+    if solver == "kernel" and 3 * 8 * outputs ** 2 > KERNEL_MEMORY_BYTES:
+        return f"N*C = {outputs} training outputs: the output-space Gram matrix exceeds the memory budget"
+    return None
+
+
+def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test, t_test) -> tuple[np.ndarray, dict]:
+    """Scores (n_train, m) of one solver at the problem's parameters, and what it did."""
+    if solver not in EVALUATE_SOLVERS:
+        raise ConfigError(f"unknown solver {solver!r}; choose from {EVALUATE_SOLVERS}")
+    options = {"cg": {"tol": config.tol, "max_iter": config.cg_iters},
+               "lissa": {"depth": config.lissa_depth, "batch_size": config.lissa_batch_size, "scale": "auto",
+                         "seed": config.seed}}.get(solver, {})
+    influence = Influence(problem, config.damping, solver=solver if solver in ("cg", "lissa", "direct", "kernel")
+                          else "cg", solver_options=options)
+    start = time.perf_counter()
+    if solver in ("identity", "lowrank"):
+        G = influence.test_gradients(x_test, t_test)
+        S = G if solver == "identity" else LowRankInverse(influence.operator, config.rank, seed=config.seed).solve(G).solution
+        scores = influence.scores_from_s_test(S)
+    else:
+        scores = influence.scores(x_test, t_test)
+    info = {"seconds": time.perf_counter() - start}
+    last = influence.last_solve
+    if solver in ("cg", "lissa") and last is not None:
+        info["iterations"] = int(torch.as_tensor(last.iterations).max())
+        if last.converged is not None:
+            info["converged_columns"] = int(torch.as_tensor(last.converged).sum())
+        if last.residual_norms is not None:
+            info["max_relative_residual"] = float(torch.as_tensor(last.residual_norms).max())
+    return scores.detach().double().cpu().numpy(), info
+
+
+def _all_scores(models, config: EvaluateConfig, setting: Setting, folder: ResultsFolder, progress: bool) -> dict:
+    """{solver: {"scores": [per checkpoint (n, m)], "info": [...]} or {"skipped": reason}}."""
+    from tqdm.auto import tqdm
+
+    out = {}
+    bar = tqdm(total=len(config.solvers) * len(models), desc="scores", leave=False, disable=not progress)
+    for solver in config.solvers:
+        reason = _skip_reason(solver, models[0][0])
+        if reason:
+            out[solver] = {"skipped": reason}
+            bar.update(len(models))
+            continue
+        entry = {"scores": [], "info": []}
+        for c, (problem, _) in enumerate(models):
+            stem = f"scores/{_solver_tag(solver, config)}-{c}"
+            path, meta = folder.file(f"{stem}.npy"), folder.file(f"{stem}.json")
+            if path.exists() and meta.exists():
+                scores, info = np.load(path), json.loads(meta.read_text())
+            else:
+                scores, info = solver_scores(problem, solver, config, setting.x_test, setting.y_test)
+                atomic_write(path, lambda handle: np.save(handle, scores))
+                atomic_write_json(meta, info)
+            entry["scores"].append(scores)
+            entry["info"].append(info)
+            bar.update(1)
+        out[solver] = entry
+    bar.close()
+    return out
+
+
+def _starts(setting: Setting, base_problem: Problem):
+    """Where subset models start: fresh initialisations, or theta^s for a convex
+    L-BFGS recipe (its optimum does not depend on the start; this is only faster)."""
+    if setting.train.optimizer == "lbfgs":
+        return lambda seed: base_problem.theta.clone()
+    return setting.theta0
+
+
+def _loo_changes(setting, config, base_problem, folder, progress):
+    """Measured leave-one-out changes of the test losses for ``config.loo`` seeded points: (points, (k, m))."""
+    n = base_problem.n
+    points = sorted(np.random.default_rng(config.seed + 211).choice(n, size=min(config.loo, n), replace=False).tolist())
+    masks = np.ones((len(points) + 1, n), dtype=bool)
+    for row, i in enumerate(points):
+        masks[row, i] = False
+    common = dict(repeats=config.repeats, seed=config.seed, chunk=config.chunk, progress=progress, shared_seeds=True,
+                  lbfgs_max_iter=config.lbfgs_iters)
+    loo = retraining_ground_truth(base_problem, setting.train, masks[:-1], _starts(setting, base_problem), setting.x_test,
+                                  setting.y_test, folder=folder, kind="loo", **common)
+    full = retraining_ground_truth(base_problem, setting.train, masks[-1:], _starts(setting, base_problem), setting.x_test,
+                                   setting.y_test, folder=folder, kind="loo_full", **common)
+    return points, loo["truth"] - full["truth"], loo["seconds"] + full["seconds"]
+
+
+def _predictions(problem: Problem, params: torch.Tensor, x) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.func.vmap(lambda th: problem.forward(th, x.to(problem.device)).argmax(1))(params).cpu()
+
+
+def _brittleness(setting, config, problem0, base0, scores, folder, progress) -> dict:
+    """Per solver: the fewest top proponents (of ``config.brittleness_ks``) whose removal flips
+    the prediction of each of ``config.brittleness`` seeded, correctly classified test points,
+    each removal retrained with the base recipe from the base run's start and seed. The row
+    ``random`` removes random points instead: with a stochastic recipe, retraining itself
+    flips some predictions, and that row is the floor a solver must beat."""
+    from tqdm.auto import tqdm
+
+    base_prediction = _predictions(problem0, problem0.theta[None], setting.x_test)[0]
+    correct = torch.nonzero(base_prediction == setting.y_test).squeeze(1).numpy()
+    rng = np.random.default_rng(config.seed + 307)
+    tests = sorted(rng.choice(correct, size=min(config.brittleness, len(correct)), replace=False).tolist())
+    start = problem0.theta if setting.train.optimizer == "lbfgs" else base0.theta0
+    seed, n = base0.config.seed, problem0.n
+
+    def flips(j, removal_sets):
+        masks = torch.ones(len(removal_sets), n, dtype=torch.bool)
+        for row, removed in enumerate(removal_sets):
+            masks[row, torch.as_tensor(removed)] = False
+        # one stack when the recipe allows subsets of different sizes (L-BFGS), else one at a time
+        groups = [range(len(masks))] if setting.train.optimizer == "lbfgs" else [[r] for r in range(len(masks))]
+        params = torch.cat([train_on_subsets(problem0, base0.config, masks[list(g)], start.repeat(len(g), 1),
+                                             [seed] * len(g), lbfgs_max_iter=config.lbfgs_iters) for g in groups])
+        return (_predictions(problem0, params, setting.x_test[j : j + 1])[:, 0] != base_prediction[j]).tolist()
+
+    rankings = {solver: entry["scores"][0] for solver, entry in scores.items() if "skipped" not in entry}
+    rankings["random"] = rng.random((n, len(setting.x_test)))
+    out = {}
+    for solver, ranking in rankings.items():
+        path = folder.file(f"brittleness/{_solver_tag(solver, config) if solver in scores else solver}.json")
+        if path.exists():
+            out[solver] = json.loads(path.read_text())
+            continue
+        bar = tqdm(total=len(tests), desc=f"brittleness {solver}", leave=False, disable=not progress)
+
+        def counted(j, sets):
+            bar.update(1)
+            return flips(j, sets)
+
+        out[solver] = brittleness(ranking, counted, config.brittleness_ks, test_points=tests).as_dict()
+        out[solver]["test_points"] = tests
+        bar.close()
+        atomic_write_json(path, out[solver])
+    return out
+
+
+# ------------------------------------------------------------------------------- job
+def run_evaluate(config: EvaluateConfig, run: RunOptions) -> dict:
+    """Run the evaluation of ``config`` into ``run.out``; returns the results dict."""
+    for solver in config.solvers:
+        if solver not in EVALUATE_SOLVERS:
+            raise ConfigError(f"unknown solver {solver!r}; choose from {', '.join(EVALUATE_SOLVERS)}")
+    if not config.checkpoints or min(config.checkpoints) < 1:
+        raise ConfigError(f"checkpoints must be positive counts, got {config.checkpoints}")
+    if not 0 < config.alpha < 1 or config.subsets < 3 or config.repeats < 1:
+        raise ConfigError(f"need 0 < alpha < 1, at least 3 subsets and 1 repeat; got alpha {config.alpha}, "
+                          f"{config.subsets} subsets, {config.repeats} repeats")
+    setting = build_setting(config)
+    arguments = config.arguments() | {"setting": setting.name}
+    # Which solvers and ensembles are reported changes no stored piece (each score matrix
+    # is kept per solver and checkpoint): a rerun with others reuses everything on disk.
+    folder = ResultsFolder(run.out, arguments, result_keys=[k for k in arguments if k not in REPORT_ONLY],
+                           resume=run.resume, overwrite=run.overwrite)
+    progress = run.progress
+    models = _base_models(setting, max(config.checkpoints), config.seed, folder, progress)
+    problem0, base0 = models[0]
+    masks = random_subsets(problem0.n, config.subsets, config.alpha, config.seed + 101)
+    atomic_write(folder.file("masks.npy"), lambda handle: np.save(handle, masks))
+    truths, timing = {}, {}
+    retrain = retraining_ground_truth(problem0, setting.train, masks, _starts(setting, problem0), setting.x_test, setting.y_test,
+                                      repeats=config.repeats, seed=config.seed, chunk=config.chunk, folder=folder,
+                                      progress=progress, lbfgs_max_iter=config.lbfgs_iters)
+    truths["retraining"], timing["retraining"] = retrain["truth"], retrain
+    if config.pbrf:
+        solver = ResponseSolver(problem0, base0, ResponseSettings(damping=config.damping))
+        pbrf = pbrf_ground_truth(solver, masks, setting.x_test, setting.y_test, chunk=config.chunk, folder=folder,
+                                 progress=progress, lbfgs_max_iter=config.lbfgs_iters)
+        truths["pbrf"], timing["pbrf"] = pbrf["truth"], pbrf
+    loo = _loo_changes(setting, config, problem0, folder, progress) if config.loo else None
+    scores = _all_scores(models, config, setting, folder, progress)
+    results = _evaluate(config, setting, masks, truths, scores, loo)
+    if config.brittleness:
+        results["brittleness"] = _brittleness(setting, config, problem0, base0, scores, folder, progress)
+    results["ground_truth_seconds"] = {k: v["seconds"] for k, v in timing.items()}
+    results["ground_truth_computed_subsets"] = {k: v["computed"] for k, v in timing.items()}
+    if loo is not None:
+        results["ground_truth_seconds"]["loo"] = loo[2]
+    results["base_models"] = [{"final_objective": r.final_objective,
+                               "test_accuracy": _accuracy(p, setting.x_test, setting.y_test)} for p, r in models]
+    results["arguments"] = folder.arguments
+    md = _table(setting.name, config, results)
+    atomic_write_text(folder.file("table.md"), md)
+    atomic_write_json(folder.file("results.json"), results)
+    _figure(folder.file("lds.png"), setting.name, results)
+    if progress:
+        print(md)
+        print(f"results in {folder.path}/ (table.md, results.json, lds.png)")
+    return results
+
+
+def _accuracy(problem: Problem, x, t) -> float:
+    with torch.no_grad():
+        return float((problem.forward(problem.theta, x.to(problem.device)).argmax(1).cpu() == t).double().mean())
+
+
+def _evaluate(config, setting, masks, truths, scores, loo) -> dict:
+    methods = {}
+    for solver, entry in scores.items():
+        if "skipped" in entry:
+            methods[solver] = {"skipped": entry["skipped"]}
+            continue
+        rows = {}
+        for count in config.checkpoints:
+            mean_scores = np.mean(entry["scores"][:count], 0)
+            row = {"seconds": float(sum(i["seconds"] for i in entry["info"][:count])), "info": entry["info"][:count]}
+            for name, truth in truths.items():
+                # The PBRF is the response of the first base model: its LDS is reported for one checkpoint.
+                if name == "pbrf" and count != 1:
+                    continue
+                row[f"lds_{name}"] = linear_datamodeling_score(mean_scores, masks, truth).as_dict()
+            if loo is not None:
+                points, changes, _ = loo
+                for method in ("pearson", "spearman"):
+                    row[f"loo_{method}"] = loo_correlation(mean_scores[points], changes, method).as_dict()
+            rows[str(count)] = row
+        methods[solver] = rows
+    return {"setting": setting.name, "methods": methods}
+
+
+def _cell(result: dict | None) -> str:
+    if result is None:
+        return "-"
+    text = "nan" if result["mean"] is None or not np.isfinite(result["mean"]) else f"{result['mean']:.3f}"
+    return text + (f" ({result['n_undefined']} undefined)" if result["n_undefined"] else "")
+
+
+def _table(name: str, config: EvaluateConfig, results: dict) -> str:
+    header = ["solver", "checkpoints", "LDS vs retraining", "LDS vs PBRF"]
+    header += ["LOO Pearson", "LOO Spearman"] if config.loo else []
+    header += ["seconds"]
+    rows = []
+    for solver, entry in results["methods"].items():
+        if "skipped" in entry:
+            rows.append([solver, "-", f"skipped: {entry['skipped']}", "-"] + ["-"] * (2 if config.loo else 0) + ["-"])
+            continue
+        for count, row in entry.items():
+            cells = [_solver_tag(solver, config), count, _cell(row.get("lds_retraining")), _cell(row.get("lds_pbrf"))]
+            if config.loo:
+                cells += [_cell(row.get("loo_pearson")), _cell(row.get("loo_spearman"))]
+            rows.append(cells + [f"{row['seconds']:.1f}"])
+    seconds = results["ground_truth_seconds"]
+    fragile = ""
+    if results.get("brittleness"):
+        ks = config.brittleness_ks
+        fragile = ("\n\n**Brittleness** (share of correctly classified test points whose prediction flips "
+                   "when the top-k proponents are removed and the model retrained):\n\n"
+                   + markdown_table(["solver"] + [f"k = {k}" for k in ks],
+                                    [[solver] + [f"{r['flipped_fraction'][str(k)]:.2f}" for k in ks]
+                                     for solver, r in results["brittleness"].items()]))
+    text = (f"**Attribution quality, {name}**: {config.subsets} subsets at alpha = {config.alpha}, "
+            f"{config.repeats} retraining run(s) per subset; damping {config.damping}; measurement: test loss\n\n"
+            + markdown_table(header, rows)
+            + "\n\nGround truth time (s, this run): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + fragile + "\n")
+    return text
+
+
+def _figure(path, name: str, results: dict) -> None:
+    plt = _pyplot()
+    labels, values, colours = [], [], []
+    for solver, entry in results["methods"].items():
+        if "skipped" in entry:
+            continue
+        for count, row in entry.items():
+            for truth, colour in (("retraining", "tab:blue"), ("pbrf", "tab:orange")):
+                if f"lds_{truth}" in row:
+                    labels.append(f"{solver} x{count}\nvs {truth}")
+                    mean = row[f"lds_{truth}"]["mean"]
+                    values.append(mean if mean is not None and np.isfinite(mean) else 0.0)
+                    colours.append(colour)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels)), 4))
+    ax.bar(range(len(values)), values, color=colours)
+    ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("LDS (Spearman)")
+    ax.set_title(f"LDS, {name}")
+    ax.axhline(0, color="black", linewidth=0.5)
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""Ground truths for attribution metrics: models retrained on training subsets, and
+the PBRF response to removing each subset's complement.
+
+*Retraining.* A subset S is trained with the base model's recipe
+(:class:`~.training.TrainConfig`: optimiser, epochs, learning-rate schedule,
+batch size) on S alone, from a fresh initialisation: each epoch walks S in
+batches of ``batch_size``, so every subset (all of one size) takes the same
+number of steps, and many subset models advance together as one stack of
+parameter vectors through ``torch.func.vmap`` (each replica gathers its own
+batch). Full-batch L-BFGS recipes minimise the subset's mean loss instead
+(``fit_lbfgs`` with weights n/|S| on S, 0 elsewhere). Repeats use other
+initialisations and batch orders; the measurement is averaged over them.
+
+*PBRF for groups.* :meth:`.responses.ResponseSolver.pbrf_mask` warm-starts at
+theta^s and removes the complement of S with weight 1/N per point.
+
+Both are written one subset at a time (``points/<kind>/<k>.json``, atomically)
+and a rerun resumes from what is on disk.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic_io import atomic_write_json
+from ..problem import Problem
+from ..results_folder import ResultsFolder
+from .responses import ResponseSolver
+from .training import FunctionalOptimizer, TrainConfig, batch_order, fit_lbfgs, weighted_objective
+
+__all__ = ["stacked_measurements", "train_on_subsets", "retraining_ground_truth", "pbrf_ground_truth",
+           "replica_seed"]
+
+
+def replica_seed(seed: int, subset: int, repeat: int) -> int:
+    """The seed of one subset model (its initialisation and batch order)."""
+    return int(seed) * 1_000_003 + 7_919 * int(repeat) + int(subset) + 1
+
+
+def stacked_measurements(problem: Problem, params: torch.Tensor, x_test, t_test) -> torch.Tensor:
+    """Test losses of each parameter vector of a stack: (P, m), float64 on the CPU."""
+    x, t = problem.check_data(x_test, t_test)
+    with torch.no_grad():
+        losses = torch.func.vmap(lambda th: problem.example_losses(th, x, t))(params.to(problem.device))
+    return losses.double().cpu()
+
+
+def train_on_subsets(problem: Problem, config: TrainConfig, masks: torch.Tensor, theta0: torch.Tensor,
+                     seeds: Sequence[int], progress: Callable[[int], None] | None = None,
+                     lbfgs_max_iter: int = 500) -> torch.Tensor:
+    """Train one model per row of ``masks`` (P, n) on that subset only, all at once.
+
+    ``theta0``: (P, d) starting points; ``seeds[p]``: replica p's batch order.
+    A full-batch L-BFGS recipe (a convex model) minimises each subset's mean loss
+    to convergence; its answer does not depend on the start, so the caller may
+    warm-start it.
+    Every subset must have the same size (as :func:`pbrf_fast.evaluation.random_subsets`
+    makes them). Returns the trained stack (P, d).
+    """
+    masks = torch.as_tensor(masks, dtype=torch.bool)
+    sizes = masks.sum(1)
+    if masks.shape[1] != problem.n or len(theta0) != len(masks) or len(seeds) != len(masks):
+        raise ValueError("masks (P, n), theta0 (P, d) and seeds (P,) must agree with each other and the problem")
+    if config.optimizer == "lbfgs":
+        # The P objectives are independent, so one L-BFGS on their sum (vmapped)
+        # reaches every subset's optimum together.
+        weights = (masks.to(problem.dtype) * (problem.n / sizes.to(problem.dtype)).unsqueeze(1)).to(problem.device)
+        per_replica = torch.func.vmap(lambda theta, w: weighted_objective(problem, theta, w))
+        return fit_lbfgs(problem, theta0, objective=lambda stack: per_replica(stack, weights).sum(),
+                         max_iter=lbfgs_max_iter)
+    if not bool((sizes == sizes[0]).all()):
+        raise ValueError("vectorised subset training needs subsets of one size")
+    members = torch.stack([torch.nonzero(row).squeeze(1) for row in masks]).to(problem.device)  # (P, s)
+    wd = problem.weight_decay
+
+    def objective(theta, batch):
+        # Plain indexing: under vmap each replica gathers its own batch.
+        x, t = problem.inputs[batch], problem.targets[batch]
+        return problem.example_losses(theta, x, t).mean() + 0.5 * wd * theta.pow(2).sum()
+
+    gradient = torch.func.vmap(torch.func.grad(objective))
+    params = theta0.detach().clone().to(problem.device)
+    optimiser = FunctionalOptimizer(config, params)
+    size = int(sizes[0])
+    for epoch in range(config.epochs):
+        order = torch.stack([batch_order(size, s, epoch) for s in seeds]).to(problem.device)
+        walk = torch.gather(members, 1, order)
+        for batch in walk.split(config.batch_size, dim=1):
+            optimiser.step(params, gradient(params, batch), config.lr_at(epoch))
+        if not torch.isfinite(params).all():
+            raise FloatingPointError(f"subset training diverged at epoch {epoch}: lower the learning rate")
+        if progress is not None:
+            progress(1)
+    return params
+
+
+def _resumed(folder: ResultsFolder | None, kind: str, count: int) -> tuple[dict[int, dict], list[int]]:
+    done, todo = {}, []
+    for k in range(count):
+        path = folder.point_file(kind, k) if folder is not None else None
+        if path is not None and path.exists():
+            done[k] = json.loads(path.read_text())
+        else:
+            todo.append(k)
+    return done, todo
+
+
+def retraining_ground_truth(problem: Problem, config: TrainConfig, masks, make_theta0: Callable[[int], torch.Tensor],
+                            x_test, t_test, *, repeats: int = 1, seed: int = 0, chunk: int = 20,
+                            folder: ResultsFolder | None = None, progress: bool = True, kind: str = "retrain",
+                            shared_seeds: bool = False, lbfgs_max_iter: int = 500) -> dict:
+    """Test losses of models trained on each subset, averaged over ``repeats`` seeds.
+
+    ``make_theta0(seed)``: a fresh initial parameter vector. Returns
+    ``{"truth": (K, m) float64, "seconds": training time of this call}``;
+    with ``folder`` each finished subset is written as ``points/retrain/<k>.json``
+    and skipped on a rerun (``kind`` names the folder). ``shared_seeds``: every
+    subset's repeat r uses the same seed (common random numbers: leave-one-out
+    changes then differ by the removed point, not by the initialisation).
+    """
+    masks = torch.as_tensor(np.asarray(masks), dtype=torch.bool)
+    done, todo = _resumed(folder, kind, len(masks))
+    jobs = [(k, r) for k in todo for r in range(repeats)]
+    per_repeat: dict[int, list] = {k: [] for k in todo}
+    bar = tqdm(total=len(jobs), desc=f"{kind} subsets", leave=False, disable=not progress)
+    start = time.perf_counter()
+    for first in range(0, len(jobs), chunk):
+        part = jobs[first : first + chunk]
+        seeds = [replica_seed(seed, 0 if shared_seeds else k, r) for k, r in part]
+        theta0 = torch.stack([make_theta0(s) for s in seeds])
+        params = train_on_subsets(problem, config, masks[[k for k, _ in part]], theta0, seeds,
+                                  lbfgs_max_iter=lbfgs_max_iter)
+        losses = stacked_measurements(problem, params, x_test, t_test)
+        for (k, _), row in zip(part, losses):
+            per_repeat[k].append(row.tolist())
+            if len(per_repeat[k]) == repeats:
+                done[k] = {"truth": np.mean(per_repeat[k], 0).tolist(), "repeats": per_repeat[k]}
+                if folder is not None:
+                    atomic_write_json(folder.point_file(kind, k), done[k])
+        bar.update(len(part))
+    bar.close()
+    return {"truth": np.array([done[k]["truth"] for k in range(len(masks))]),
+            "seconds": time.perf_counter() - start, "computed": len(todo)}
+
+
+def pbrf_ground_truth(solver: ResponseSolver, masks, x_test, t_test, *, chunk: int = 20,
+                      folder: ResultsFolder | None = None, progress: bool = True, lbfgs_max_iter: int = 500) -> dict:
+    """Test losses at the PBRF response to removing each subset's complement: (K, m).
+
+    Returns ``{"truth", "seconds", "computed"}`` like :func:`retraining_ground_truth`.
+    """
+    masks = torch.as_tensor(np.asarray(masks), dtype=torch.bool)
+    done, todo = _resumed(folder, "pbrf", len(masks))
+    bar = tqdm(total=len(masks), initial=len(done), desc="PBRF subsets", leave=False, disable=not progress)
+    start = time.perf_counter()
+    for first in range(0, len(todo), chunk):
+        part = todo[first : first + chunk]
+        params = solver.pbrf_mask(~masks[part], lbfgs_max_iter=lbfgs_max_iter)
+        for k, row in zip(part, stacked_measurements(solver.problem, params, x_test, t_test)):
+            done[k] = {"truth": row.tolist()}
+            if folder is not None:
+                atomic_write_json(folder.point_file("pbrf", k), done[k])
+        bar.update(len(part))
+    bar.close()
+    return {"truth": np.array([done[k]["truth"] for k in range(len(masks))]),
+            "seconds": time.perf_counter() - start, "computed": len(todo)}

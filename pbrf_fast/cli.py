@@ -299,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = sub.add_parser("reproduce", help="run the paper's table rows and figure panels, and write "
                                                  "REPRODUCTION.md (ours beside the paper's)")
-    reproduce.add_argument("target", help="table2, table4-8, figure1, figure4-6, all (every row), or report "
-                                          "(write the markdown from --out)")
+    reproduce.add_argument("target", help="table2, table4-8, figure1, figure4-6, all (every row), report "
+                                          "(write the markdown from --out), or steps (measure each network's "
+                                          "per-step cost into --out, for the expected times of rows not run)")
     reproduce.add_argument("--row", default=None, help="one row of the target, e.g. resnet20-cifar10 (see --list)")
     reproduce.add_argument("--preset", choices=["quick", "paper"], default="quick")
     reproduce.add_argument("--out", default="pbrf-fast-out/reproduce", help="results go to OUT/<target>/<row>/")

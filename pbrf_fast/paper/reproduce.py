@@ -200,11 +200,19 @@ def _decomposition_jobs() -> dict[str, tuple[Job, Job]]:
             "autoencoder-mnist": (_job(dataset="mnist", model="autoencoder", removed=5),
                                   _job(dataset="mnist", model="autoencoder")),
             "transformer-ptb": (_job(dataset="ptb", model="transformer"), _job(dataset="ptb", model="transformer"))}
-    for model in ("lenet", "alexnet", "vgg13", "resnet20"):
-        jobs[f"{model}-mnist"] = (_job(dataset="mnist", model=model, removed=8),
-                                  _job(dataset="mnist", model=model))
-        jobs[f"{model}-cifar10"] = (_job(dataset="cifar10", model=model, removed=5),
-                                    _job(dataset="cifar10", model=model))
+    # The convolutional nets: LiSSA dominates their quick cost (a GNH product per example of its batch per
+    # step and column), so quick runs a shorter, smaller-batch LiSSA (its scale matched again); the big
+    # nets (AlexNet and VGG13 take 4-7 s per 128-example step here, ResNet-20 0.5-2.5 s) run on 1% of
+    # the data for 2 epochs.
+    small = {"lenet": (0.02, 4, 8, 200, 32), "alexnet": (0.01, 2, 5, 100, 32), "vgg13": (0.01, 2, 5, 100, 32),
+             "resnet20": (0.01, 2, 5, 100, 32)}
+    small_cifar = {"lenet": (0.04, 4, 5, 200, 32), "alexnet": (0.01, 2, 3, 50, 16), "vgg13": (0.01, 2, 3, 50, 16),
+                   "resnet20": (0.01, 2, 3, 50, 16)}
+    for dataset, table in (("mnist", small), ("cifar10", small_cifar)):
+        for model, (fraction, epochs, removed, depth, batch) in table.items():
+            overrides = {"fraction": fraction, "epochs": epochs, "lissa_depth": depth, "lissa_batch_size": batch}
+            jobs[f"{model}-{dataset}"] = (_job(dataset=dataset, model=model, removed=removed, overrides=overrides),
+                                          _job(dataset=dataset, model=model))
     return jobs
 
 
@@ -257,10 +265,10 @@ TARGETS = tuple(dict.fromkeys(r.target for r in ROWS))
 # `reproduce all` order: the issue's priorities, cheapest first within them.
 PRIORITY = ("table5/cancer", "table5/diabetes", "table5/concrete", "table5/energy", "table5/mlp-mnist",
             "figure6/mnist", "table5/lenet-mnist", "table5/transformer-ptb", "table5/mlp-fashion_mnist",
-            "table4/concrete", "table4/energy", "table4/mlp-mnist", "table4/mlp-fashion_mnist",
+            "table4/concrete", "table4/energy", "table4/mlp-mnist", "table5/lenet-cifar10",
             "table5/autoencoder-mnist", "figure5/damping", "figure5/width", "figure5/epochs", "figure5/weight_decay",
-            "figure5/fraction_removed", "figure5/depth", "table5/resnet20-cifar10", "table5/lenet-cifar10",
-            "table5/alexnet-mnist", "table5/resnet20-mnist", "table5/vgg13-mnist", "table5/alexnet-cifar10",
+            "figure5/fraction_removed", "figure5/depth", "table4/mlp-fashion_mnist", "table5/resnet20-mnist",
+            "table5/resnet20-cifar10", "table5/alexnet-mnist", "table5/vgg13-mnist", "table5/alexnet-cifar10",
             "table5/vgg13-cifar10")
 
 
@@ -292,7 +300,7 @@ def select_rows(target: str, row: str | None = None) -> list[Row]:
         order = {name: k for k, name in enumerate(PRIORITY)}
         return sorted(ROWS, key=lambda r: order.get(r.id, len(order)))
     if target not in TARGETS:
-        raise ReproduceError(f"unknown target {target!r}; choose from all, report, {', '.join(TARGETS)}")
+        raise ReproduceError(f"unknown target {target!r}; choose from all, report, steps, {', '.join(TARGETS)}")
     rows = [r for r in ROWS if r.target == target]
     if row is None:
         return rows
@@ -418,11 +426,14 @@ def _dimension(dataset: str, model: str, width: int | None = None, depth: int | 
     return sum(p.numel() for p in net.parameters() if isinstance(p, torch.Tensor))
 
 
-# Training-set size, epochs and removed points of the paper preset (Appendix E.3), per data set / model.
-PAPER_SIZES = {"cancer": (455, 0, 20), "diabetes": (614, 0, 20), "concrete": (824, 1000, 20),
-               "energy": (614, 1000, 20), "mnist-mlp": (6000, 1000, 20), "fashion_mnist-mlp": (6000, 1000, 20),
-               "mnist-autoencoder": (60000, 1000, 20), "mnist-cnn": (6000, 200, 20), "cifar10-cnn": (50000, 200, 20),
-               "ptb-transformer": (25357, 10, 20)}
+# The paper preset's training-set size, epochs, removed points, LiSSA depth x repeats and LiSSA batch
+# (Appendix E.3), per data set / model.
+PAPER_SIZES = {"cancer": (400, 0, 20, 0, 0), "diabetes": (691, 0, 20, 0, 0),
+               "concrete": (930, 1000, 20, 25000, 128), "energy": (691, 1000, 20, 25000, 128),
+               "mnist-mlp": (6000, 1000, 20, 25000, 128), "fashion_mnist-mlp": (6000, 1000, 20, 25000, 128),
+               "mnist-autoencoder": (60000, 1000, 20, 50000, 128), "mnist-cnn": (6000, 200, 20, 50000, 128),
+               "cifar10-cnn": (50000, 200, 20, 50000, 128), "ptb-transformer": (25357, 10, 20, 25000, 20)}
+STEP_COSTS = "step_costs.json"
 
 
 def _size_key(dataset: str, model: str) -> str:
@@ -437,53 +448,114 @@ def _size_key(dataset: str, model: str) -> str:
     return f"{dataset}-cnn"
 
 
-def _work(n: int, dim: int, epochs: int, removed: int, tokens: int = 1) -> float:
-    """Relative cost of a decomposition: examples x parameters (x tokens) over the base run (K epochs)
-    and, per removed point, cold start (1.5K), warm start, proximal, PBRF, two-stage (0.5K each) and the
-    trained linearized PBRF (0.5K of GNH products, ~3 training steps each): about 5K epochs."""
-    return float(n) * dim * tokens * max(epochs, 1) * (1 + 5 * removed)
+def _passes(n: int, epochs: int, removed: int, lissa_steps: int = 0, lissa_batch: int = 0) -> float:
+    """Example passes (forward + backward) of a decomposition: the base run (K epochs) and, per removed
+    point, cold start (1.5K), warm start, proximal, PBRF, two-stage (0.5K each) and the trained linearized
+    PBRF (0.5K epochs of GNH products, ~3 passes each): about 5K epochs; plus LiSSA, a GNH product
+    (~3 passes) per example of its batch per step and column."""
+    return float(n) * max(epochs, 1) * (1 + 5 * removed) + 3.0 * removed * lissa_steps * lissa_batch
+
+
+def _cost_scale(dim: int, tokens: int) -> float:
+    """A pass's relative cost between presets of one model: parameters x tokens (the MLP width and the
+    Transformer's width and sequence length change between presets; a CNN's do not)."""
+    return float(dim) * tokens
 
 
 def _quick_work(folder: Path, row: Row) -> float | None:
+    """The finished quick run's work, in example passes x cost scale, from its arguments.json."""
     args = folder / "arguments.json"
     if row.measure == "sweep":
         args = next(iter(sorted(folder.glob("*=*/arguments.json"))), None)
     if args is None or not Path(args).exists():
         return None
     exp = json.loads(Path(args).read_text())["experiment"]
+    options = exp["responses"].get("influence_options", {}) if "responses" in exp else {}
     tokens = 20 if dict(row.quick.config).get("dataset") == "ptb" else 1
-    work = _work(exp["n_train"], exp["dim"], exp["train"]["epochs"], exp["n_removed"], tokens)
-    if row.measure == "sweep":
-        work *= len(row.quick.sweep[1])
-    return work
+    steps = options.get("depth", 0) * options.get("repeats", 1)
+    if row.measure == "mislabel":
+        count = dict(row.quick.config).get("candidates") or min(exp["n_train"], 300)
+        passes = (exp["n_train"] * exp["train"]["epochs"] * (1 + count / 20)
+                  + 3.0 * count * steps * options.get("batch_size", 0))
+    else:
+        passes = _passes(exp["n_train"], exp["train"]["epochs"], exp["n_removed"], steps, options.get("batch_size", 0))
+    work = passes * _cost_scale(exp["dim"], tokens)
+    return work * len(row.quick.sweep[1]) if row.measure == "sweep" else work
 
 
 def _paper_work(row: Row) -> float:
+    """The paper preset's work in the same units."""
     c = dict(row.paper_job.config)
     dataset, model = c["dataset"], c.get("model", "auto")
-    n, epochs, removed = PAPER_SIZES[_size_key(dataset, model)]
+    n, epochs, removed, steps, batch = PAPER_SIZES[_size_key(dataset, model)]
     tokens = 35 if dataset == "ptb" else 1
-    if row.measure == "mislabel":
-        return _work(n, _dimension(dataset, model), epochs, n // 5, tokens)   # every point scored, ~K/2 each
+    scale = _cost_scale(_dimension(dataset, model), tokens)
+    if row.measure == "mislabel":   # every training point scored: a PBRF run of K/2 epochs per chunk of 10 and LiSSA
+        return scale * (n * epochs * (1 + n / 20) + 3.0 * n * steps * batch)
     if row.measure != "sweep":
-        return _work(n, _dimension(dataset, model), epochs, removed, tokens)
+        return scale * _passes(n, epochs, removed, steps, batch)
     parameter, values = row.paper_job.sweep
     total = 0.0
     for v in values:
         width = int(v) if parameter == "width" else None
         depth = int(v) if parameter == "depth" else None
-        total += _work(n, _dimension(dataset, model, width, depth), int(v) if parameter == "epochs" else epochs,
-                       removed)
+        total += _cost_scale(_dimension(dataset, model, width, depth), 1) * _passes(
+            n, int(v) if parameter == "epochs" else epochs, removed, steps, batch)
     return total
 
 
 def expected_paper_seconds(row: Row, folder: Path, quick_seconds: float) -> float | None:
     """The paper preset's expected time on this machine: the quick run's seconds per unit of work
-    (examples x parameters x epochs, see :func:`_work`) times the paper preset's work."""
+    (example passes x parameters x tokens, see :func:`_passes`) times the paper preset's work."""
     quick = _quick_work(folder, row)
     if not quick or row.paper_job is None:
         return None
     return quick_seconds / quick * _paper_work(row)
+
+
+def measure_step_costs(rows: list[Row], out, steps: int = 2) -> dict:
+    """Seconds of one training step (batch 128, forward + backward) of each row's quick network, written to
+    ``out/step_costs.json``: the per-step cost behind the expected time of rows that did not run here."""
+    import torch
+
+    from .jobs import build_experiment
+
+    costs = {}
+    for row in rows:
+        job = row.job("quick")
+        if job is None or job.kind != "decompose" or row.id in costs:
+            continue
+        exp = build_experiment(job.experiment_config("quick", None), **dict(job.overrides))
+        p = exp.problem
+        x, t = p.batch(torch.arange(min(128, p.n)))
+        grad = torch.func.grad(lambda th: p.example_losses(th, x, t).mean())
+        grad(p.theta)
+        start = time.perf_counter()
+        for _ in range(steps):
+            grad(p.theta)
+        costs[owner(row, "quick").id] = {"seconds_per_step": (time.perf_counter() - start) / steps,
+                                         "batch": len(x), "dim": p.dim}
+    atomic_write_json(Path(out) / STEP_COSTS, costs)
+    return costs
+
+
+def expected_seconds_from_step(row: Row, out, preset: str) -> float | None:
+    """A row that has not run: its expected time at ``preset`` from the measured per-step cost."""
+    path = Path(out) / STEP_COSTS
+    if not path.exists() or row.job(preset) is None or row.measure not in ("gaps", "correlations", "two_stage"):
+        return None
+    cost = json.loads(path.read_text()).get(owner(row, "quick").id)
+    if cost is None:
+        return None
+    per_pass = cost["seconds_per_step"] / cost["batch"]
+    if preset == "paper":
+        return per_pass * _paper_work(row) / _cost_scale(cost["dim"], 1)
+    c = dict(row.quick.config)
+    o = dict(row.quick.overrides)
+    # quick settings of the not-run row, from its overrides (the rows that need this set them all)
+    n = round(o.get("fraction", 0.02) * (50000 if c["dataset"] == "cifar10" else 60000))
+    return per_pass * _passes(n, o.get("epochs", 4), c.get("removed", 10), o.get("lissa_depth", 500),
+                              o.get("lissa_batch_size", 128))
 
 
 # ------------------------------------------------------------------------------------------ collecting
@@ -567,15 +639,24 @@ def _not_run(row: Row, out, preset: str) -> str:
     failed = job_folder(out, row, preset) / "failed.json"
     if failed.exists():
         return f"failed here ({json.loads(failed.read_text())['error']}): {command}"
-    return f"not run here: {command}"
+    seconds = expected_seconds_from_step(row, out, preset)
+    expected = f", expected ~{_duration(seconds)} here (from the measured per-step cost)" if seconds else ""
+    return f"not run here: {command}{expected}"
 
 
 def _paper_time(row: Row, measured: dict | None, out) -> str:
     if row.paper_job is None:
         return "-"
-    seconds = (expected_paper_seconds(row, Path(measured["folder"]), measured["seconds"]) if measured else None)
+    if measured:
+        seconds = expected_paper_seconds(row, Path(measured["folder"]), measured["seconds"])
+        basis = "from the quick run's seconds per unit of work"
+    else:
+        seconds = expected_seconds_from_step(row, out, "paper")
+        basis = "from the measured per-step cost"
     command = row.paper_job.command(row.target, row.name, "paper")
-    return f"paper preset not run here: `{command}`, expected ~{_duration(seconds)} on this box"
+    if seconds is None:
+        return f"paper preset not run here: `{command}`"
+    return f"paper preset not run here: `{command}`, expected ~{_duration(seconds)} on this box ({basis})"
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -858,6 +939,10 @@ def reproduce(target: str, row: str | None, preset: str, out, data_dir: str | No
         raise ReproduceError(f"--preset must be quick or paper, got {preset!r}")
     if target == "report":
         log(str(write_report(out, markdown, figures, preset)))
+        return 0
+    if target == "steps":
+        costs = measure_step_costs(select_rows("all"), out)
+        log("\n".join(f"{k:32s} {v['seconds_per_step']:.3f} s per {v['batch']}-example step" for k, v in costs.items()))
         return 0
     rows = select_rows(target, row)
     if list_only:

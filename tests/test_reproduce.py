@@ -31,7 +31,10 @@ def test_registry_covers_every_target_with_both_presets_and_a_paper_value():
         ExperimentConfig(**dict(quick.config), preset="quick")   # both describe a valid experiment
         ExperimentConfig(**dict(paper.config), preset="paper")
     # Table 5 has all 16 rows of the paper, Tables 4/6/7/8 the four MLP data sets, Table 2 five MNIST models
-    assert len(rp.select_rows("table5")) == 16 and len(rp.select_rows("table2")) == 5
+    table5 = {r.name for r in rp.select_rows("table5")}
+    assert table5 == set(rp.TABLE5) | {f"{n}-fresh-order" for n in rp.FRESH_ORDER_ROWS}
+    assert len(rp.TABLE5) == 16 and len(rp.select_rows("table2")) == 5
+    assert dict(rows["table5/concrete-fresh-order"].job("paper").config)["cold_start_order"] == "fresh"
     assert all(len(rp.select_rows(t)) == 4 for t in ("table4", "table6", "table7", "table8"))
     assert {r.name for r in rp.select_rows("figure5")} == {"width", "depth", "epochs", "weight_decay", "damping",
                                                          "fraction_removed"}

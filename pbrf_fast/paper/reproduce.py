@@ -560,10 +560,11 @@ def expected_seconds_from_step(row: Row, out, preset: str) -> float | None:
     if cost is None:
         return None
     per_pass = cost["seconds_per_step"] / cost["batch"]
+    c, o = dict(row.quick.config), dict(row.quick.overrides)
     if preset == "paper":
-        return per_pass * _paper_work(row) / _cost_scale(cost["dim"], 1)
-    c = dict(row.quick.config)
-    o = dict(row.quick.overrides)
+        return per_pass * _paper_work(row) / _cost_scale(cost["dim"], 20 if c["dataset"] == "ptb" else 1)
+    if "fraction" not in o:
+        return None
     # quick settings of the not-run row, from its overrides (the rows that need this set them all)
     n = round(o.get("fraction", 0.02) * (50000 if c["dataset"] == "cifar10" else 60000))
     return per_pass * _passes(n, o.get("epochs", 4), c.get("removed", 10), o.get("lissa_depth", 500),
@@ -687,6 +688,8 @@ def _figure_scatter(path: Path, panels: list[tuple[str, list, str]]) -> Path:
         r = np.corrcoef(actual, predicted)[0, 1] if actual.std() > 0 and predicted.std() > 0 else float("nan")
         ax.set_title(f"{title}\n(pooled Pearson {r:.2f})", fontsize=9)
         ax.set_xlabel(f"actual change ({response.replace('_', ' ')})", fontsize=8)
+        ax.locator_params(nbins=4)
+        ax.tick_params(labelsize=7)
     np.atleast_1d(axes)[0].set_ylabel("influence estimate")
     out = _save(fig, path)
     plt.close(fig)

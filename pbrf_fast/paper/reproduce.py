@@ -179,7 +179,8 @@ FIGURE5 = {
 
 NOTE_WARM = ("Our cold start replays theta^0 and the base run's batch order exactly (as Appendix E.2 says), "
              "so it differs from the base run only through the removed point; this keeps the warm-start gap "
-             "smaller than the paper's. `--cold-start-order fresh` gives the other reading.")
+             "smaller than the paper's. `--cold-start-order fresh` gives the other reading (Table 5's "
+             "`concrete-fresh-order` and `energy-fresh-order` rows).")
 NOTE_PTB = ("Proximity gap larger than the paper's: under Adam's scale invariance a small proximal gradient on "
             "parameters with no data gradient (unused embeddings) still moves them by about lr per step; the quick "
             "setting (200 sequences, width 64) makes it worse.")

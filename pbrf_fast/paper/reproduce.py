@@ -713,10 +713,13 @@ stored in the registry (`pbrf_fast/paper/reproduce.py`), so rerunning refreshes 
 - **Presets.** `quick` is each experiment's reduced setting (below, per row: data fraction, epochs,
   removed points; LiSSA's scale matched to the PBRF's truncation), sized for a 2-core CPU. `paper` is
   Appendix E.3's setting (1000 epochs for the MLPs, 200 for the CNNs, 20 removed points, LiSSA depth
-  5000–10000 × 5 repeats), meant for a GPU machine, unchanged. Its expected time here is the quick run's
-  measured seconds per unit of work (examples × parameters × epochs, × (1 + 5 × removed points): base
-  run, cold start 1.5K epochs, four 0.5K-epoch responses, the trained linearized PBRF) times the paper
-  preset's work — a linear extrapolation on this CPU, not a GPU figure.
+  5000–10000 × 5 repeats). Its expected time here is the quick run's measured seconds per unit of work
+  (example passes × parameters × tokens; passes = n·K·(1 + 5·removed points) for the base run, cold
+  start (1.5K epochs), four 0.5K-epoch responses and the trained linearized PBRF, plus 3 per LiSSA
+  example, step and removed point) times the paper preset's work, or for rows that did not run, the
+  measured per-step cost (`pbrf-fast reproduce steps`) times the paper's passes — a linear extrapolation
+  on this CPU, not a GPU figure. The harness builds its networks and data on the CPU (no device option
+  yet), so on a GPU machine the paper preset runs unchanged, but on its CPU cores.
 - **Run times** were measured on the project's shared 2-core box while other jobs ran; treat them as
   upper bounds.
 - **Verdicts** check the paper's claims, not its digits: quick settings train for fewer epochs on less

@@ -145,6 +145,9 @@ def test_report_from_a_fake_results_folder(tmp_path):
     assert "not run here: `pbrf-fast reproduce table5 --row resnet20-cifar10 --preset quick`" in md
     assert "paper preset not run here: `pbrf-fast reproduce table5 --row concrete --preset paper`, expected ~" in md
     assert "![Figure 1, ours](figures/figure1.png)" in md and (tmp_path / "figures" / "figure4.png").exists()
+    # the summary counts each table's verdicts
+    assert "| table5 | 1 | 0 | 0 | 0 | 0 | 17 |" in md and "| table4 | 0 | 0 | 1 | 0 | 0 | 3 |" in md
+    assert "| table8 | 0 | 0 | 1 | 0 | 0 | 3 |" in md and "| figure1 | 2 | 0 | 0 | 0 | 0 | 1 |" in md
     # the paper preset's time: the quick run's seconds per unit of work times the paper's work
     row = rows["table5/concrete"]
     expected = rp.expected_paper_seconds(row, rp.job_folder(tmp_path, row, "quick"), 120.0)

@@ -938,29 +938,59 @@ def _figure6_section(rows, out, preset, figures, markdown) -> str:
     return "\n".join(lines) + "\n"
 
 
+VERDICTS = ("reproduces", "partly", "differs", "no trend claimed", "failed here", "not run here")
+
+
+def _tally(section: str) -> dict[str, int]:
+    """How many of a section's rows (table lines `| | ours |`, figure bullets) got each verdict."""
+    counts = dict.fromkeys(VERDICTS, 0)
+    for line in section.splitlines():
+        if line.startswith("|  | ours |"):
+            verdict = line.rstrip(" |").rsplit("|", 1)[-1].strip()
+        elif line.startswith("- **"):
+            verdict = line.split("Ours", 1)[-1].split("paper preset not run here", 1)[0]
+        else:
+            continue
+        first = min(VERDICTS, key=lambda v: (verdict.find(v) if v in verdict else len(verdict) + 1))
+        if first in verdict:
+            counts[first] += 1
+    return counts
+
+
+def _summary(sections: dict[str, str]) -> str:
+    from .report import markdown_table
+
+    rows = [[t, *[str(c[v]) for v in VERDICTS]] for t, c in ((t, _tally(text)) for t, text in sections.items())]
+    return ("\n## Summary: the verdicts per table and figure (quick preset)\n\n"
+            + markdown_table(["target", *VERDICTS], rows)
+            + "\n\"partly\": some of the paper's claims for the row hold and some do not (each row says which).\n")
+
+
 def write_report(out, markdown=None, figures=None, preset: str = "quick") -> Path:
     """REPRODUCTION.md from the results under ``out``: every row, paper beside ours, with verdicts."""
     out = Path(out)
     markdown = Path(markdown) if markdown else out / "REPRODUCTION.md"
     figures = Path(figures) if figures else markdown.parent / "figures"
-    parts = [HEADER]
+    parts, sections = [], {}
     for target in ("table5", "figure4", "table4", "table2", "table6", "table7", "table8", "figure1", "figure5",
                    "figure6"):
         rows = [r for r in ROWS if r.target == target]
-        parts.append(_target_header(target))
         if rows[0].measure == "gaps":
-            parts.append(_gap_section(rows, out, preset))
+            text = _gap_section(rows, out, preset)
         elif rows[0].measure in ("correlations", "two_stage"):
-            parts.append(_corr_section(rows, out, preset))
+            text = _corr_section(rows, out, preset)
         elif target == "figure1":
-            parts.append(_figure1_section(rows, out, preset, figures, markdown))
+            text = _figure1_section(rows, out, preset, figures, markdown)
         elif target == "figure4":
-            parts.append(_figure4_section(rows[0], out, preset, figures, markdown))
+            text = _figure4_section(rows[0], out, preset, figures, markdown)
         elif target == "figure5":
-            parts.append(_figure5_section(rows, out, preset, figures, markdown))
+            text = _figure5_section(rows, out, preset, figures, markdown)
         else:
-            parts.append(_figure6_section(rows, out, preset, figures, markdown))
-    atomic_write_text(markdown, "".join(parts))
+            text = _figure6_section(rows, out, preset, figures, markdown)
+        parts.append(_target_header(target) + text)
+        if target != "figure4":
+            sections[target] = text
+    atomic_write_text(markdown, HEADER + _summary(sections) + "".join(parts))
     return markdown
 
 

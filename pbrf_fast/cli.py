@@ -100,6 +100,13 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_reproduce(args) -> int:
+    from .paper.reproduce import reproduce
+
+    return reproduce(args.target, args.row, args.preset, args.out, data_dir=args.data_dir, list_only=args.list,
+                     markdown=args.markdown, figures=args.figures, progress=not args.no_progress)
+
+
 def _cmd_demo(args) -> int:
     from .paper.demo import run_demo
 
@@ -185,6 +192,8 @@ def _points_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curvature", choices=["gnh", "hessian"], default="gnh")
     parser.add_argument("--solver", choices=["lissa", "cg", "direct", "kernel", "auto"], default=None,
                         help="influence estimate's solver (default: preset's)")
+    parser.add_argument("--cold-start-order", choices=["replay", "fresh"], default="replay",
+                        help="cold-start retraining replays the base run's batch order (default) or draws a fresh one")
 
 
 def _scores_parser(sub) -> None:
@@ -357,6 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--parameter", required=True, choices=SWEEP_PARAMETERS)
     sweep.add_argument("--values", required=True, type=float, nargs="+")
     sweep.set_defaults(func=_cmd_sweep)
+
+    reproduce = sub.add_parser("reproduce", help="run the paper's table rows and figure panels, and write "
+                                                 "REPRODUCTION.md (ours beside the paper's)")
+    reproduce.add_argument("target", help="table2, table4-8, figure1, figure4-6, all (every row), report "
+                                          "(write the markdown from --out), or steps (measure each network's "
+                                          "per-step cost into --out, for the expected times of rows not run)")
+    reproduce.add_argument("--row", default=None, help="one row of the target, e.g. resnet20-cifar10 (see --list)")
+    reproduce.add_argument("--preset", choices=["quick", "paper"], default="quick")
+    reproduce.add_argument("--out", default="pbrf-fast-out/reproduce", help="results go to OUT/<target>/<row>/")
+    reproduce.add_argument("--data-dir", default=None, help="data sets folder (default: $PBRF_DATA)")
+    reproduce.add_argument("--list", action="store_true", help="print the rows and their settings; run nothing")
+    reproduce.add_argument("--markdown", default=None, help="report file (default OUT/REPRODUCTION.md)")
+    reproduce.add_argument("--figures", default=None, help="report figures folder (default: beside the markdown)")
+    reproduce.add_argument("--threads", type=COUNT, default=0, help="torch threads (0: torch's default)")
+    reproduce.add_argument("--no-progress", action="store_true")
+    reproduce.set_defaults(func=_cmd_reproduce)
 
     _backends_parser(sub)
     _scores_parser(sub)

@@ -7,9 +7,10 @@ import dataclasses
 from pathlib import Path
 
 __all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "ScoresConfig", "EvaluateConfig", "SWEEP_PARAMETERS",
-           "EVALUATE_SOLVERS"]
+           "EVALUATE_SOLVERS", "COLD_START_ORDERS"]
 
 EVALUATE_SOLVERS = ("cg", "lissa", "lowrank", "kernel", "direct", "identity")
+COLD_START_ORDERS = ("replay", "fresh")
 SWEEP_PARAMETERS = ("width", "depth", "epochs", "weight_decay", "damping", "fraction_removed")
 
 
@@ -33,6 +34,11 @@ class ExperimentConfig:
     solver: str | None = None           # the influence estimate's solver
     corrupt: float = 0.0                # mislabel: fraction of labels corrupted
     candidates: int | None = None       # mislabel: training points scored by the PBRF
+    cold_start_order: str = "replay"    # cold start's batch order: "replay" the base run's, or "fresh"
+
+    def __post_init__(self):
+        if self.cold_start_order not in COLD_START_ORDERS:
+            raise ValueError(f"cold_start_order must be one of {COLD_START_ORDERS}, got {self.cold_start_order!r}")
 
     def arguments(self) -> dict:
         return dataclasses.asdict(self)

@@ -37,6 +37,7 @@ def build_experiment(config: ExperimentConfig, **overrides) -> Experiment:
     if config.damping is not None:
         exp.responses.damping = config.damping
     exp.responses.curvature = config.curvature
+    exp.responses.cold_start_order = config.cold_start_order
     if config.solver:
         exp.responses.influence_solver = config.solver
         if config.solver != "lissa":

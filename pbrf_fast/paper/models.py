@@ -96,7 +96,7 @@ def build_model(name: str, in_shape, num_outputs: int, seed: int | None = None, 
     if name in ("lenet", "alexnet", "vgg13"):
         return {"lenet": lenet, "alexnet": alexnet, "vgg13": vgg13}[name](tuple(in_shape), num_outputs, seed=seed)
     if name == "resnet20":
-        return resnet20(num_outputs, seed=seed)
+        return resnet20(num_outputs, seed=seed, in_channels=int(in_shape[0]) if len(in_shape) == 3 else 3)
     if name == "logreg":
         return logistic_regression(int(torch.tensor(in_shape).prod()), seed=seed)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")

@@ -43,9 +43,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCIFAR(nn.Module):
-    def __init__(self, blocks_per_stage: int = 3, widths=(16, 32, 64), num_classes: int = 10):
+    def __init__(self, blocks_per_stage: int = 3, widths=(16, 32, 64), num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.conv = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.conv = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(widths[0])
         layers, channels = [], widths[0]
         for stage, width in enumerate(widths):
@@ -64,10 +64,10 @@ class ResNetCIFAR(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
-def resnet20(num_classes: int = 10, seed: int | None = None, widths=(16, 32, 64)) -> ResNetCIFAR:
-    """ResNet-20 (0.27M parameters); ``seed`` makes the initialisation reproducible."""
+def resnet20(num_classes: int = 10, seed: int | None = None, widths=(16, 32, 64), in_channels: int = 3) -> ResNetCIFAR:
+    """ResNet-20 (0.27M parameters); ``seed`` makes the initialisation reproducible; ``in_channels`` 1 for MNIST."""
     if seed is not None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return ResNetCIFAR(3, widths, num_classes)
-    return ResNetCIFAR(3, widths, num_classes)
+            return ResNetCIFAR(3, widths, num_classes, in_channels)
+    return ResNetCIFAR(3, widths, num_classes, in_channels)

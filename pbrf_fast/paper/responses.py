@@ -45,6 +45,9 @@ from .training import TrainConfig, TrainResult, fit_lbfgs, run_epochs
 
 __all__ = ["RESPONSES", "ResponseSettings", "Removal", "ResponseSolver"]
 
+# Cold start with a fresh batch order uses the base seed plus this offset.
+FRESH_ORDER_SEED_OFFSET = 7919
+
 RESPONSES = ("cold_start", "warm_start", "proximal", "pbrf", "linearized_pbrf", "influence", "two_stage")
 
 
@@ -60,6 +63,7 @@ class ResponseSettings:
     influence_solver: str = "lissa"
     influence_options: dict = dataclasses.field(default_factory=dict)
     curvature: str = "gnh"                   # the influence estimate's curvature: "gnh" or "hessian"
+    cold_start_order: str = "replay"         # "replay" the base run's batch order, or a "fresh" one
 
 
 @dataclasses.dataclass
@@ -152,8 +156,10 @@ class ResponseSolver:
 
         return full
 
-    def _retrain(self, kind: str, removal: Removal, start: torch.Tensor, epochs: range, lr_scale: float):
-        if self.base.config.optimizer == "lbfgs":
+    def _retrain(self, kind: str, removal: Removal, start: torch.Tensor, epochs: range, lr_scale: float,
+                 config: TrainConfig | None = None):
+        config = config or self.base.config
+        if config.optimizer == "lbfgs":
             return torch.stack([
                 fit_lbfgs(self.problem, start, objective=self._full_objective(kind, removal.index[p], removal.weight[p]))
                 for p in range(len(removal))
@@ -165,12 +171,27 @@ class ResponseSolver:
             return batched(params, batch, removal.index, removal.weight)
 
         params = start.unsqueeze(0).repeat(len(removal), 1)
-        return run_epochs(params, gradient, self.base.config, self.problem.n, epochs, lr_scale, self.progress)
+        return run_epochs(params, gradient, config, self.problem.n, epochs, lr_scale, self.progress)
 
     # ------------------------------------------------------------- responses
     def cold_start(self, removed) -> torch.Tensor:
+        """K + K/2 epochs from theta^0, replaying the base run's batch order (Appendix E.2), or with
+        ``cold_start_order="fresh"`` another seeded order, so that the retraining differs from the base
+        run also by its batch noise, not only by the removed point."""
         K = self.base.config.epochs
-        return self._retrain("loo", self.removal(removed), self.base.theta0, range(K + self.response_epochs), 1.0)
+        config = self.cold_start_config()
+        return self._retrain("loo", self.removal(removed), self.base.theta0, range(K + self.response_epochs), 1.0,
+                             config=config)
+
+    def cold_start_config(self) -> TrainConfig:
+        """The training config cold start runs with: the base run's, or the same with a fresh order seed."""
+        order = self.settings.cold_start_order
+        if order == "replay":
+            return self.base.config
+        if order == "fresh":
+            # batch_order(n, seed, epoch) is a pure function of (seed, epoch): another seed is another order
+            return dataclasses.replace(self.base.config, seed=self.base.config.seed + FRESH_ORDER_SEED_OFFSET)
+        raise ValueError(f"cold_start_order must be 'replay' or 'fresh', got {order!r}")
 
     def warm_start(self, removed) -> torch.Tensor:
         return self._retrain("loo", self.removal(removed), self.theta_s, self._response_range(), 1.0)

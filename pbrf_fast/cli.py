@@ -270,7 +270,8 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--dataset", choices=["digits", "mnist", "cifar10"], default="digits")
     p.add_argument("--model", choices=["logreg", "mlp", "resnet20"], default="logreg")
     p.add_argument("--solvers", type=_solver_list, default=EVALUATE_SOLVERS,
-                   help="comma-separated: cg,lissa,lowrank,kernel,direct,identity (identity: gradient dot product)")
+                   help="comma-separated: cg,lissa,lowrank,kernel,direct,kfac,ekfac,identity (kfac/ekfac: the "
+                        "Kronecker approximations; identity: gradient dot product)")
     p.add_argument("--subsets", type=POSITIVE_INT, default=100, help="random training subsets K")
     p.add_argument("--alpha", type=POSITIVE, default=0.5, help="fraction of the training set in each subset")
     p.add_argument("--repeats", type=POSITIVE_INT, default=1, help="retraining runs per subset (averaged)")

@@ -276,5 +276,11 @@ def test_solver_scores_match_a_dense_float64_reference():
         scores, info = solver_scores(problem, solver, config, xt, yt)
         np.testing.assert_allclose(scores, exact.numpy(), rtol=0, atol=atol * float(exact.abs().max()), err_msg=solver)
         assert info["seconds"] >= 0
+    for kind in ("kfac", "ekfac"):  # the approximation's own inverse, densely
+        K = pbrf_fast.KroneckerCurvature(problem, 1e-2, kind, seed=config.seed).dense()
+        approx = train_grads @ torch.linalg.solve(K, test_grads.T) / problem.n
+        scores, _ = solver_scores(problem, kind, config, xt, yt)
+        np.testing.assert_allclose(scores, approx.numpy(), rtol=0, atol=1e-9 * float(approx.abs().max()), err_msg=kind)
+        assert np.corrcoef(scores.ravel(), exact.numpy().ravel())[0, 1] > 0.5  # an approximation of the same thing
     identity, _ = solver_scores(problem, "identity", config, xt, yt)
     np.testing.assert_allclose(identity, (train_grads @ test_grads.T / problem.n).numpy(), rtol=1e-12, atol=1e-14)

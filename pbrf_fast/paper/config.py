@@ -9,7 +9,8 @@ from pathlib import Path
 __all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "ScoresConfig", "EvaluateConfig", "SWEEP_PARAMETERS",
            "EVALUATE_SOLVERS", "COLD_START_ORDERS"]
 
-EVALUATE_SOLVERS = ("cg", "lissa", "lowrank", "kernel", "direct", "identity")
+# kfac / ekfac: the Kronecker approximations of the GNH (pbrf_fast.kronecker), each with its own exact inverse.
+EVALUATE_SOLVERS = ("cg", "lissa", "lowrank", "kernel", "direct", "kfac", "ekfac", "identity")
 COLD_START_ORDERS = ("replay", "fresh")
 SWEEP_PARAMETERS = ("width", "depth", "epochs", "weight_decay", "damping", "fraction_removed")
 

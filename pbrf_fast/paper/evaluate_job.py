@@ -193,8 +193,13 @@ def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test,
     options = {"cg": {"tol": config.tol, "max_iter": config.cg_iters},
                "lissa": {"depth": config.lissa_depth, "batch_size": config.lissa_batch_size, "scale": "auto",
                          "seed": config.seed}}.get(solver, {})
-    influence = Influence(problem, config.damping, solver=solver if solver in ("cg", "lissa", "direct", "kernel")
-                          else "cg", solver_options=options)
+    if solver in ("kfac", "ekfac"):
+        # Exact pseudo-gradients up to 16 outputs (kronecker's "auto"), sampled ones seeded by the run.
+        influence = Influence(problem, config.damping, curvature=solver, solver="auto",
+                              curvature_options={"seed": config.seed})
+    else:
+        influence = Influence(problem, config.damping, solver=solver if solver in ("cg", "lissa", "direct", "kernel")
+                              else "cg", solver_options=options)
     start = time.perf_counter()
     if solver in ("identity", "lowrank"):
         G = influence.test_gradients(x_test, t_test)

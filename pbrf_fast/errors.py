@@ -5,6 +5,11 @@ class PBRFError(Exception):
     """Base class of every error pbrf_fast raises on purpose."""
 
 
+class TrainingDivergedError(PBRFError, FloatingPointError):
+    """Training (a base run, a retraining or a response) reached non-finite parameters;
+    the message says which run and what to lower."""
+
+
 class DivergenceError(PBRFError, RuntimeError):
     """An iterative solver (LiSSA) blew up: its iterate went non-finite or grew
     past what a convergent recursion can reach. The message names the column

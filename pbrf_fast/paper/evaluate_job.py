@@ -140,7 +140,9 @@ def build_setting(config: EvaluateConfig) -> Setting:
         def make_model(s):
             return resnet20(10, seed=s)
 
-        train_config = TrainConfig(epochs=config.epochs or 10, lr=config.lr or 0.05, batch_size=config.batch_size,
+        # The library's ResNet-20 keeps batch norm in eval mode (fixed statistics), so it trains as an
+        # unnormalised 20-layer net: lr 0.05 with momentum diverges in the first epoch, 0.003 trains.
+        train_config = TrainConfig(epochs=config.epochs or 10, lr=config.lr or 0.003, batch_size=config.batch_size,
                                    optimizer="momentum", seed=seed)
         wd = 5e-4
     wd = wd if config.weight_decay is None else config.weight_decay

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic_io import atomic_write_json
+from ..errors import TrainingDivergedError
 from ..problem import Problem
 from ..results_folder import ResultsFolder
 from .responses import ResponseSolver
@@ -93,7 +94,7 @@ def train_on_subsets(problem: Problem, config: TrainConfig, masks: torch.Tensor,
         for batch in walk.split(config.batch_size, dim=1):
             optimiser.step(params, gradient(params, batch), config.lr_at(epoch))
         if not torch.isfinite(params).all():
-            raise FloatingPointError(f"subset training diverged at epoch {epoch}: lower the learning rate")
+            raise TrainingDivergedError(f"subset training diverged at epoch {epoch}: lower the learning rate")
         if progress is not None:
             progress(1)
     return params

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import TrainingDivergedError
 from ..problem import Problem
 
 __all__ = ["TrainConfig", "TrainResult", "batch_order", "FunctionalOptimizer", "run_epochs", "train",
@@ -116,7 +117,7 @@ def run_epochs(params: torch.Tensor, gradient: Callable[[torch.Tensor, torch.Ten
         if progress is not None:
             progress(1)
         if not torch.isfinite(params).all():
-            raise FloatingPointError(f"training diverged at epoch {epoch}: lower the learning rate")
+            raise TrainingDivergedError(f"training diverged at epoch {epoch}: lower the learning rate")
     return params
 
 
@@ -183,5 +184,5 @@ def fit_lbfgs(problem: Problem, theta0: torch.Tensor | None = None, weights: tor
     optimiser.step(closure)
     result = theta.detach()
     if not torch.isfinite(result).all():
-        raise FloatingPointError("L-BFGS produced non-finite parameters")
+        raise TrainingDivergedError("L-BFGS produced non-finite parameters")
     return result

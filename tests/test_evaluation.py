@@ -261,6 +261,13 @@ def test_evaluate_bad_input_exits_2(argv, tmp_path, capsys):
     assert code == 2
 
 
+def test_a_diverging_recipe_is_a_named_error_not_a_traceback(tmp_path, capsys):
+    argv = ["evaluate", "--dataset", "digits", "--model", "mlp", "--lr", "1e30", "--train-points", "50",
+            "--test-points", "5", "--subsets", "3", "--epochs", "2", "--solvers", "identity", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert "training diverged at epoch" in capsys.readouterr().err
+
+
 def test_solver_scores_match_a_dense_float64_reference():
     from pbrf_fast.paper.config import EvaluateConfig
     from pbrf_fast.paper.evaluate_job import solver_scores

@@ -394,21 +394,25 @@ class ScorePipeline:
         bar = _bar(self.row_hi - self.row_lo, f"scores {c + 1}/{len(self.chunks)}", self.progress and self.rank_ == 0)
         epsilon = 1.0 / self.n_train
 
-        def work():
-            for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
-                x, t = self.probe.check_data(x, t)
-                block = scorer.scores(x, t, S) * epsilon
-                scores_mm[b0:b0 + len(x), c0:c1] = block.to(torch.float32).cpu().numpy()
-                if bar is not None:
-                    bar.update(len(x))
-            scores_mm.flush()
+        def write(b0, x, t):
+            block = scorer.scores(x, t, S) * epsilon
+            scores_mm[b0:b0 + len(x), c0:c1] = block.to(torch.float32).cpu().numpy()
 
-        self.stages.run("scores", work)
+        self.stages.run("scores", lambda: self._over_rows(write, scores_mm, bar))
         if bar is not None:
             bar.close()
         atomic_write_json(marker, {"chunk": c, "columns": [c0, c1], "rows": [self.row_lo, self.row_hi]})
         if self.on_chunk_done is not None:
             self.on_chunk_done(c)
+
+    def _over_rows(self, write, memmap, bar) -> None:
+        """``write(b0, x, t)`` for every checked training batch of this rank's rows, then flush ``memmap``."""
+        for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
+            x, t = self.probe.check_data(x, t)
+            write(b0, x, t)
+            if bar is not None:
+                bar.update(len(x))
+        memmap.flush()
 
     def self_influence(self, k: int, scorer: LayerScorer, lowrank: LowRankInverse | None, op=None) -> None:
         """Stage 5: g_i^T (G + lambda I)^{-1} g_i / N for this rank's rows (the Kronecker
@@ -430,15 +434,10 @@ class ScorePipeline:
                 return op.quadratic_form_per_example(x, t)
             return lowrank.quadratic_form(scorer.scores(x, t, V), scorer.norms_squared(x, t))
 
-        def work():
-            for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
-                x, t = self.probe.check_data(x, t)
-                mm[b0:b0 + len(x)] = (quadratic_form(x, t) / self.n_train).cpu().numpy()
-                if bar is not None:
-                    bar.update(len(x))
-            mm.flush()
+        def write(b0, x, t):
+            mm[b0:b0 + len(x)] = (quadratic_form(x, t) / self.n_train).cpu().numpy()
 
-        self.stages.run("self_influence", work)
+        self.stages.run("self_influence", lambda: self._over_rows(write, mm, bar))
         if bar is not None:
             bar.close()
         atomic_write_json(marker, {"rows": [self.row_lo, self.row_hi]})

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .errors import PBRFError
+from .errors import InputError, PBRFError
 
 __all__ = ["main", "build_parser"]
 
@@ -103,6 +103,11 @@ def _cmd_sweep(args) -> int:
 def _cmd_reproduce(args) -> int:
     from .paper.reproduce import reproduce
 
+    if args.target is None:
+        if not args.list:
+            raise InputError("reproduce: give a target (table2, table4-8, figure1, figure4-6, all, report, steps); "
+                             "--list prints every row")
+        args.target = "all"  # --list alone lists every row
     return reproduce(args.target, args.row, args.preset, args.out, data_dir=args.data_dir, list_only=args.list,
                      markdown=args.markdown, figures=args.figures, progress=not args.no_progress)
 
@@ -370,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = sub.add_parser("reproduce", help="run the paper's table rows and figure panels, and write "
                                                  "REPRODUCTION.md (ours beside the paper's)")
-    reproduce.add_argument("target", help="table2, table4-8, figure1, figure4-6, all (every row), report "
+    reproduce.add_argument("target", nargs="?", default=None, help="table2, table4-8, figure1, figure4-6, all (every row), report "
                                           "(write the markdown from --out), or steps (measure each network's "
                                           "per-step cost into --out, for the expected times of rows not run)")
     reproduce.add_argument("--row", default=None, help="one row of the target, e.g. resnet20-cifar10 (see --list)")

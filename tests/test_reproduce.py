@@ -52,6 +52,10 @@ def test_list_exits_0_and_names_every_row(capsys):
     assert cli.main(["reproduce", "all", "--list"]) == 0
     listed = capsys.readouterr().out
     assert all(row.id in listed for row in rp.ROWS)
+    assert cli.main(["reproduce", "--list"]) == 0  # --list alone: every row
+    assert capsys.readouterr().out == listed
+    assert cli.main(["reproduce"]) == 2  # no target, no --list: a named error
+    assert "give a target" in capsys.readouterr().err
     assert cli.main(["reproduce", "table5", "--row", "resnet20-cifar10", "--preset", "paper", "--list"]) == 0
     assert "cifar10 resnet20" in capsys.readouterr().out
 

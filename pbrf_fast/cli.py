@@ -67,7 +67,7 @@ def _experiment_config(args):
 def _run_options(args):
     from .paper.config import RunOptions
 
-    return RunOptions(args.out, resume=args.resume, overwrite=args.overwrite)
+    return RunOptions(args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -109,7 +109,7 @@ def _cmd_reproduce(args) -> int:
                              "--list prints every row")
         args.target = "all"  # --list alone lists every row
     return reproduce(args.target, args.row, args.preset, args.out, data_dir=args.data_dir, list_only=args.list,
-                     markdown=args.markdown, figures=args.figures, progress=not args.no_progress)
+                     markdown=args.markdown, figures=args.figures, progress=not args.no_progress, device=args.device)
 
 
 def _cmd_demo(args) -> int:
@@ -174,6 +174,10 @@ def _explain_model(args):
 
 
 # ------------------------------------------------------------------------------------ parser
+DEVICE_HELP = ("where the experiment computes: cpu, cuda or cuda:N (networks and data are built on the CPU, "
+               "then moved; results do not depend on it beyond rounding)")
+
+
 def _common(parser: argparse.ArgumentParser, dataset_default: str = "concrete") -> None:
     from .paper.experiments import DATASETS, PRESETS
 
@@ -187,6 +191,7 @@ def _common(parser: argparse.ArgumentParser, dataset_default: str = "concrete") 
     parser.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished work")
     parser.add_argument("--overwrite", action="store_true", help="discard results in --out made with other arguments")
     parser.add_argument("--threads", type=COUNT, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
 
 
 def _points_args(parser: argparse.ArgumentParser) -> None:
@@ -386,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--markdown", default=None, help="report file (default OUT/REPRODUCTION.md)")
     reproduce.add_argument("--figures", default=None, help="report figures folder (default: beside the markdown)")
     reproduce.add_argument("--threads", type=COUNT, default=0, help="torch threads (0: torch's default)")
+    reproduce.add_argument("--device", default="cpu", help=DEVICE_HELP)
     reproduce.add_argument("--no-progress", action="store_true")
     reproduce.set_defaults(func=_cmd_reproduce)
 

@@ -164,7 +164,7 @@ def test_report_from_a_fake_results_folder(tmp_path):
 def test_a_failed_row_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
     calls = []
 
-    def execute(job, folder, preset, data_dir, progress):
+    def execute(job, folder, preset, data_dir, progress, device="cpu"):
         calls.append(folder.name)
         if folder.name == "cancer":
             raise FloatingPointError("diverged")
@@ -220,3 +220,48 @@ def test_the_fresh_order_flag_reaches_the_responses_through_the_config():
         ExperimentConfig(cold_start_order="random")
     args = cli.build_parser().parse_args(["decompose", "--cold-start-order", "fresh"])
     assert cli._experiment_config(args).cold_start_order == "fresh"
+
+
+@pytest.mark.parametrize("argv", [
+    ["reproduce", "table5", "--row", "cancer"],
+    ["decompose", "--dataset", "cancer"],
+])
+@pytest.mark.parametrize("device, message", [
+    ("tpu:0", "--device must be"),
+    ("not a device", "--device must be a torch device"),
+    pytest.param("cuda", "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_a_bad_device_exits_2_before_any_work(argv, device, message, capsys, tmp_path):
+    assert cli.main(argv + ["--out", str(tmp_path), "--device", device, "--no-progress"]
+                    if argv[0] == "reproduce" else argv + ["--out", str(tmp_path), "--device", device]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.rglob("base.pt"))
+
+
+def test_the_device_option_moves_the_experiment_and_leaves_cpu_runs_as_they_were():
+    from pbrf_fast.paper.experiments import to_device
+    from pbrf_fast.paper.jobs import build_experiment, resolve_device
+
+    config = ExperimentConfig(dataset="cancer")
+    exp = build_experiment(config, device="cpu")
+    assert to_device(exp, resolve_device("cpu")) is exp          # nothing copied on the CPU
+    assert exp.problem.device == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_a_row_on_cuda_matches_the_cpu_and_resumes_on_the_cpu(tmp_path, one_thread):
+    # the same row on both devices: the same question, so the same gaps up to rounding
+    args = ["reproduce", "table5", "--row", "cancer", "--no-progress", "--threads", "1"]
+    assert cli.main(args + ["--out", str(tmp_path / "cpu")]) == 0
+    assert cli.main(args + ["--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
+    cpu = json.loads((tmp_path / "cpu" / "table5" / "cancer" / "results.json").read_text())
+    gpu = json.loads((tmp_path / "gpu" / "table5" / "cancer" / "results.json").read_text())
+    for gap in rp.GAP_NAMES:
+        assert gpu["gaps"][gap]["mean"] == pytest.approx(cpu["gaps"][gap]["mean"], rel=1e-4, abs=1e-10)
+    assert json.loads((tmp_path / "gpu" / "table5" / "cancer" / "row.json").read_text())["device"] == "cuda"
+    # base.pt is device-neutral: the GPU run's folder resumes on the CPU (a removed point redone there)
+    folder = tmp_path / "gpu" / "table5" / "cancer"
+    (folder / "row.json").unlink()
+    sorted((folder / "points" / "removed").iterdir())[0].unlink()
+    assert cli.main(args + ["--out", str(tmp_path / "gpu")]) == 0

@@ -1,4 +1,6 @@
 """The Table 1 responses: vectorised retraining, replayed cold start, exact optima."""
+import copy
+
 import pytest
 import torch
 
@@ -89,3 +91,32 @@ def test_responses_need_the_trained_parameters():
     problem.set_theta(base.theta0)
     with pytest.raises(ValueError, match="theta"):
         ResponseSolver(problem, base)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_test_loss_changes_of_a_float32_network_are_evaluated_in_float64(loss):
+    # A float32 network's test losses change by far less than one float32 rounding step
+    # when one point is removed; the changes must come from a float64 evaluation.
+    from pbrf_fast.paper.decomposition import test_loss_changes
+
+    p64 = make_problem(loss, n=9, outputs=3)
+    model32 = copy.deepcopy(p64.model).float()
+    p32 = pbrf_fast.Problem(model32, loss, p64.inputs.float(),
+                            p64.targets.float() if p64.targets.is_floating_point() else p64.targets)
+    g = torch.Generator().manual_seed(3)
+    # parameter rows representable in float32, moved from theta^s by ~1e-6 per entry
+    params32 = p32.theta + 1e-6 * torch.randn(4, p32.dim, generator=g).float()
+    # inputs and targets as float32 holds them, so the reference differs only in the arithmetic
+    x = p64.inputs[:5].float().double()
+    t = p64.targets[:5].float().double() if p64.targets.is_floating_point() else p64.targets[:5]
+    got = test_loss_changes(p32, params32, x.float(), t.float() if t.is_floating_point() else t)
+    p64.set_theta(p32.theta.double())
+    reference = torch.stack([p64.example_losses(th, x, t) for th in params32.double()]) \
+        - p64.example_losses(p64.theta, x, t)
+    assert got.dtype == torch.float64
+    assert rel_err(got, reference) < 1e-10
+    # the float32 subtraction this replaces is off by rounding at this size
+    naive = torch.stack([p32.example_losses(th, x.float(), t.float() if t.is_floating_point() else t)
+                         for th in params32]) - p32.example_losses(p32.theta, x.float(),
+                                                                   t.float() if t.is_floating_point() else t)
+    assert rel_err(naive.double(), reference) > 1e-4

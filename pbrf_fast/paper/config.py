@@ -53,6 +53,7 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    device: str = "cpu"     # where the harness computes (e.g. cuda): the same question, so not saved as an argument
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))

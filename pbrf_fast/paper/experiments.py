@@ -23,7 +23,7 @@ from ..problem import Problem
 from .responses import ResponseSettings
 from .training import TrainConfig
 
-__all__ = ["Experiment", "build", "DATASETS", "PRESETS", "matched_lissa_scale"]
+__all__ = ["Experiment", "build", "to_device", "DATASETS", "PRESETS", "matched_lissa_scale"]
 
 DATASETS = ("cancer", "diabetes", "concrete", "energy", "digits", "mnist", "fashion_mnist", "cifar10", "ptb")
 PRESETS = ("quick", "paper")
@@ -46,6 +46,17 @@ class Experiment:
                 "loss": self.problem.loss.name, "weight_decay": self.problem.weight_decay,
                 "train": dataclasses.asdict(self.train), "responses": dataclasses.asdict(self.responses),
                 "n_removed": self.n_removed, "n_test_points": self.n_test_points}
+
+
+def to_device(exp: Experiment, device: torch.device) -> Experiment:
+    """The experiment with its network, training and test data on ``device`` (a new Problem;
+    ``exp`` is left as it was). The presets build everything on the CPU, where the data sets load."""
+    p = exp.problem
+    if p.device == device:
+        return exp
+    problem = Problem(p.model.to(device), p.loss, p.inputs.to(device), p.targets.to(device),
+                      weight_decay=p.weight_decay, batch_size=p.batch_size)
+    return dataclasses.replace(exp, problem=problem, x_test=exp.x_test.to(device), t_test=exp.t_test.to(device))
 
 
 def matched_lissa_scale(train: TrainConfig, n: int, response_epochs: int, depth: int,

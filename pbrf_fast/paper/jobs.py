@@ -14,21 +14,41 @@ from ..atomic_io import atomic_write_json
 from ..errors import PBRFError
 from ..results_folder import ResultsFolder
 from .config import ExperimentConfig, RunOptions
-from .experiments import Experiment, build
+from .experiments import Experiment, build, to_device
 
-__all__ = ["ConfigError", "build_experiment", "open_results", "run_decomposition", "run_train"]
+__all__ = ["ConfigError", "resolve_device", "build_experiment", "open_results", "run_decomposition", "run_train"]
 
 
 class ConfigError(PBRFError, ValueError):
     """Settings that do not describe an experiment the harness can run."""
 
 
-def build_experiment(config: ExperimentConfig, **overrides) -> Experiment:
-    """The experiment of ``config``: its preset, with the config's overrides applied.
+def resolve_device(device: str) -> torch.device:
+    """``--device`` as a torch device that this machine has, or a ConfigError that says why not."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device must be a torch device such as cpu, cuda or cuda:1; got {device!r}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: this torch build or machine has no CUDA device "
+                              f"(torch {torch.__version__}); use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if resolved.index is None:  # one device, so the problem's tensors and its parameters compare equal
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    elif resolved.type != "cpu":
+        raise ConfigError(f"--device must be cpu or cuda[:N]; got {device!r}")
+    return resolved
+
+
+def build_experiment(config: ExperimentConfig, device: str = "cpu", **overrides) -> Experiment:
+    """The experiment of ``config``: its preset, with the config's overrides applied, on ``device``.
 
     ``overrides`` go to :func:`.experiments.build` (width, depth, epochs, weight_decay,
     corrupt_fraction: the sweeps and mislabel detection use them).
     """
+    target = resolve_device(device)  # before loading any data: a bad --device fails at once
     if config.model == "logreg" and config.dataset not in ("cancer", "diabetes"):
         raise ConfigError("--model logreg is available for cancer and diabetes")
     if config.model == "mlp" and config.dataset in ("cancer", "diabetes"):
@@ -46,7 +66,7 @@ def build_experiment(config: ExperimentConfig, **overrides) -> Experiment:
         exp.n_removed = config.removed
     if config.test_points:
         exp.n_test_points = config.test_points
-    return exp
+    return to_device(exp, target)
 
 
 def open_results(config: ExperimentConfig, exp: Experiment, run: RunOptions, **extra) -> ResultsFolder:
@@ -65,7 +85,7 @@ def run_decomposition(config: ExperimentConfig, run: RunOptions, exp: Experiment
     from .report import correlation_table, figure_gap_bars, figure_scatter, gap_table, write_tables
     from .runner import choose_removed_points, choose_test_points, run_points, train_base
 
-    exp = exp or build_experiment(config)
+    exp = exp or build_experiment(config, device=run.device)
     folder = open_results(config, exp, run)
     progress = run.progress and not quiet
     base = train_base(exp, folder, progress=progress)
@@ -89,7 +109,7 @@ def run_train(config: ExperimentConfig, run: RunOptions) -> dict:
     """Train (or load) the base network; writes and returns train.json's summary."""
     from .runner import train_base
 
-    exp = build_experiment(config)
+    exp = build_experiment(config, device=run.device)
     folder = open_results(config, exp, run)
     base = train_base(exp, folder, progress=run.progress)
     x, t = exp.problem.check_data(exp.x_test, exp.t_test)

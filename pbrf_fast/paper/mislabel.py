@@ -43,7 +43,7 @@ def run_mislabel(config: ExperimentConfig, run: RunOptions) -> dict:
     if config.dataset not in MULTICLASS_DATASETS or not 0 < config.corrupt < 1:
         raise ConfigError(f"mislabel needs a classification data set ({', '.join(MULTICLASS_DATASETS)}) and "
                           f"0 < --corrupt < 1; got --dataset {config.dataset} --corrupt {config.corrupt}")
-    exp = build_experiment(config, corrupt_fraction=config.corrupt)
+    exp = build_experiment(config, device=run.device, corrupt_fraction=config.corrupt)
     folder = open_results(config, exp, run)
     out = folder.path
     base = train_base(exp, folder, progress=run.progress)

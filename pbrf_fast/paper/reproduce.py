@@ -342,13 +342,14 @@ def list_rows(rows: list[Row], preset: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- running
-def _execute(job: Job, folder: Path, preset: str, data_dir: str | None, progress: bool) -> None:
+def _execute(job: Job, folder: Path, preset: str, data_dir: str | None, progress: bool, device: str = "cpu") -> None:
     config = job.experiment_config(preset, data_dir)
-    run = RunOptions(folder, resume=True, overwrite=False, progress=progress)
+    run = RunOptions(folder, resume=True, overwrite=False, progress=progress, device=device)
     if job.kind == "decompose":
         from .jobs import build_experiment, run_decomposition
 
-        run_decomposition(config, run, exp=build_experiment(config, **dict(job.overrides)), quiet=not progress)
+        run_decomposition(config, run, exp=build_experiment(config, device=device, **dict(job.overrides)),
+                          quiet=not progress)
     elif job.kind == "mislabel":
         from .mislabel import run_mislabel
 
@@ -371,7 +372,7 @@ def _finished(folder: Path, key: str) -> dict | None:
 
 
 def run_rows(rows: list[Row], out, preset: str = "quick", data_dir: str | None = None, progress: bool = True,
-             log=print, keep_going: bool = False) -> tuple[list[dict], list[str]]:
+             log=print, keep_going: bool = False, device: str = "cpu") -> tuple[list[dict], list[str]]:
     """Run each row's job into ``out/<target>/<row>/`` unless it already finished.
 
     A killed row resumes from its results folder (finished removed points, the trained base network);
@@ -398,7 +399,7 @@ def run_rows(rows: list[Row], out, preset: str = "quick", data_dir: str | None =
         log(f"{row.id}: running {job.describe()} ({preset} preset) into {folder}")
         start = time.perf_counter()
         try:
-            _execute(job, folder, preset, data_dir, progress)
+            _execute(job, folder, preset, data_dir, progress, device)
         except Exception as exc:  # noqa: BLE001 - one failed row must not stop the others
             if not keep_going:
                 raise
@@ -411,7 +412,8 @@ def run_rows(rows: list[Row], out, preset: str = "quick", data_dir: str | None =
         (folder / "failed.json").unlink(missing_ok=True)
         marker = {"job": key, "row": row.id, "preset": preset, "seconds": seconds, "resumed": resumed,
                   "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "command": job.command(row.target, row.name, preset), "settings": job.describe()}
+                  "command": job.command(row.target, row.name, preset), "settings": job.describe(),
+                  "device": device}
         atomic_write_json(folder / "row.json", marker)
         log(f"{row.id}: done in {seconds:.0f} s")
         markers.append(marker)
@@ -727,8 +729,10 @@ stored in the registry (`pbrf_fast/paper/reproduce.py`), so rerunning refreshes 
   start (1.5K epochs), four 0.5K-epoch responses and the trained linearized PBRF, plus 3 per LiSSA
   example, step and removed point) times the paper preset's work, or for rows that did not run, the
   measured per-step cost (`pbrf-fast reproduce steps`) times the paper's passes — a linear extrapolation
-  on this CPU, not a GPU figure. The harness builds its networks and data on the CPU (no device option
-  yet), so on a GPU machine the paper preset runs unchanged, but on its CPU cores.
+  on this CPU, not a GPU figure. On a GPU machine add `--device cuda`: networks and data are built on the
+  CPU, moved to the GPU, and every response, solve and measurement runs there (the test losses are
+  always evaluated in float64, see Table 2's note); `base.pt` is saved device-neutral, so a row started on
+  one device resumes on another.
 - **Run times** were measured on the project's shared 2-core box while other jobs ran; treat them as
   upper bounds.
 - **Verdicts** check the paper's claims, not its digits: quick settings train for fewer epochs on less
@@ -1007,7 +1011,8 @@ def write_report(out, markdown=None, figures=None, preset: str = "quick") -> Pat
 
 
 def reproduce(target: str, row: str | None, preset: str, out, data_dir: str | None = None,
-              list_only: bool = False, markdown=None, figures=None, progress: bool = True, log=print) -> int:
+              list_only: bool = False, markdown=None, figures=None, progress: bool = True, log=print,
+              device: str = "cpu") -> int:
     """The ``pbrf-fast reproduce`` command: list, run or report."""
     if preset not in ("quick", "paper"):
         raise ReproduceError(f"--preset must be quick or paper, got {preset!r}")
@@ -1019,10 +1024,15 @@ def reproduce(target: str, row: str | None, preset: str, out, data_dir: str | No
         log("\n".join(f"{k:32s} {v['seconds_per_step']:.3f} s per {v['batch']}-example step" for k, v in costs.items()))
         return 0
     rows = select_rows(target, row)
+    if not list_only:
+        from .jobs import resolve_device
+
+        resolve_device(device)  # a bad --device fails before any row starts, not once per row
     if list_only:
         log(list_rows(rows, preset))
         return 0
-    _, failures = run_rows(rows, out, preset, data_dir, progress=progress, log=log, keep_going=len(rows) > 1)
+    _, failures = run_rows(rows, out, preset, data_dir, progress=progress, log=log, keep_going=len(rows) > 1,
+                           device=device)
     if target == "all":
         log(str(write_report(out, markdown, figures, preset)))
     if failures:

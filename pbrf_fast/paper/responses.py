@@ -74,7 +74,7 @@ class Removal:
     weight: torch.Tensor   # (P, k), epsilon per member, 0 for padding
 
     @classmethod
-    def from_points(cls, removed, epsilon: float, n: int, dtype) -> "Removal":
+    def from_points(cls, removed, epsilon: float, n: int, dtype, device=None) -> "Removal":
         groups = [[int(i)] if not isinstance(i, (Sequence, torch.Tensor)) else [int(j) for j in i] for i in removed]
         if not groups or any(len(g) == 0 for g in groups):
             raise ValueError("removed must be a non-empty list of indices or non-empty index groups")
@@ -86,7 +86,8 @@ class Removal:
         for p, g in enumerate(groups):
             index[p, : len(g)] = torch.tensor(g)
             weight[p, : len(g)] = epsilon
-        return cls(index, weight)
+        # on the problem's device: the weights multiply its losses inside the vmapped step
+        return cls(index.to(device), weight.to(device))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -116,7 +117,7 @@ class ResponseSolver:
         self._warm_full = None
 
     def removal(self, removed) -> Removal:
-        return Removal.from_points(removed, self.epsilon, self.problem.n, self.problem.dtype)
+        return Removal.from_points(removed, self.epsilon, self.problem.n, self.problem.dtype, self.problem.device)
 
     # ------------------------------------------------------------ objectives
     def _removal_term(self, theta, removal_index, removal_weight):
@@ -254,7 +255,9 @@ class ResponseSolver:
 
     def two_stage(self, removed) -> torch.Tensor:
         if self._warm_full is None:
-            nothing = Removal(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=self.problem.dtype))
+            device = self.problem.device
+            nothing = Removal(torch.zeros(1, 1, dtype=torch.long, device=device),
+                              torch.zeros(1, 1, dtype=self.problem.dtype, device=device))
             self._warm_full = self._retrain("loo", nothing, self.theta_s, self._response_range(), 1.0)[0]
         return self.theta_s + (self.warm_start(removed) - self._warm_full)
 

@@ -32,13 +32,14 @@ def train_base(exp: Experiment, folder: ResultsFolder | None = None, progress: b
     if path is not None and path.exists():
         saved = load_tensor(path)
         exp.problem.set_theta(saved["theta"].to(exp.problem.device))
-        return TrainResult(saved["theta0"], exp.problem.theta.clone(), TrainConfig(**saved["config"]),
-                           saved["final_objective"])
+        return TrainResult(saved["theta0"].to(exp.problem.device), exp.problem.theta.clone(),
+                           TrainConfig(**saved["config"]), saved["final_objective"])
     bar = tqdm(total=exp.train.epochs, desc=f"train {exp.name}", leave=False, disable=not progress)
     result = train(exp.problem, exp.train, progress=bar.update)
     bar.close()
     if path is not None:
-        atomic_save_tensor(path, {"theta0": result.theta0, "theta": result.theta,
+        # saved from the CPU, so a run started on a GPU resumes on a CPU and the other way round
+        atomic_save_tensor(path, {"theta0": result.theta0.cpu(), "theta": result.theta.cpu(),
                             "config": dataclasses.asdict(result.config),
                             "final_objective": result.final_objective})
     return result

@@ -32,7 +32,7 @@ def run_sweep(config: ExperimentConfig, sweep: SweepConfig, run: RunOptions) -> 
     for value in sweep.values:
         overrides = ({sweep.parameter: _BUILD_OVERRIDES[sweep.parameter](value)}
                      if sweep.parameter in _BUILD_OVERRIDES else {})
-        exp = build_experiment(config, **overrides)
+        exp = build_experiment(config, device=run.device, **overrides)
         if sweep.parameter == "damping":
             exp.responses.damping = value
         if sweep.parameter == "fraction_removed":

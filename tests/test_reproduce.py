@@ -265,3 +265,16 @@ def test_a_row_on_cuda_matches_the_cpu_and_resumes_on_the_cpu(tmp_path, one_thre
     (folder / "row.json").unlink()
     sorted((folder / "points" / "removed").iterdir())[0].unlink()
     assert cli.main(args + ["--out", str(tmp_path / "gpu")]) == 0
+
+
+def test_rows_subtracted_in_float32_with_a_small_spread_are_flagged_in_the_report():
+    # spread between removed points of 1e-7 on a loss of 2.5: under one float32 rounding step (3e-7)
+    records = [{"test_loss_change": {"pbrf": [1e-6 + 1e-7 * (k % 2), 2e-6]}} for k in range(4)]
+    steps = rp.rounding_steps({"records": records, "base_objective": 2.5})
+    assert steps == pytest.approx((0.5e-7 + 0) / 2 / (2.5 * 2.0 ** -23), rel=1e-9)   # mean over the 2 tests
+    assert rp.rounding_steps({"records": records}) is None            # no base objective: no judgement
+    row = rp.select_rows("table5", "cancer")[0]
+    measured = {"settings": "s", "command": "c", "seconds": 1.0, "results": {"records": records,
+                                                                            "base_objective": 2.5}}
+    assert "rounding-limited" in rp._detail(row, measured, "/nonexistent", "quick")
+    assert "rounding-limited" not in rp._detail(row, dict(measured, float64_losses=True), "/nonexistent", "quick")

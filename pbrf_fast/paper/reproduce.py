@@ -23,6 +23,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..atomic_io import atomic_write_json, atomic_write_text
 from ..errors import InputError
 from .config import ExperimentConfig, RunOptions, SweepConfig
@@ -413,7 +415,7 @@ def run_rows(rows: list[Row], out, preset: str = "quick", data_dir: str | None =
         marker = {"job": key, "row": row.id, "preset": preset, "seconds": seconds, "resumed": resumed,
                   "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "command": job.command(row.target, row.name, preset), "settings": job.describe(),
-                  "device": device}
+                  "device": device, "test_loss_changes": "float64"}
         atomic_write_json(folder / "row.json", marker)
         log(f"{row.id}: done in {seconds:.0f} s")
         markers.append(marker)
@@ -593,8 +595,27 @@ def collect(row: Row, out, preset: str = "quick") -> dict | None:
         return None
     results = json.loads((folder / "results.json").read_text())
     measured = {"seconds": done["seconds"], "resumed": done.get("resumed", False), "folder": str(folder),
-                "settings": job.describe(), "command": job.command(row.target, row.name, preset), "results": results}
+                "settings": job.describe(), "command": job.command(row.target, row.name, preset), "results": results,
+                "float64_losses": done.get("test_loss_changes") == "float64"}
     return measured
+
+
+# Rows whose PBRF test-loss changes differ between removed points by fewer float32 rounding steps of the
+# loss than this, and were subtracted in float32 (run before the float64 evaluation), are flagged.
+ROUNDING_STEPS_FLAGGED = 100.0
+
+
+def rounding_steps(results: dict) -> float | None:
+    """How many float32 rounding steps of the test loss separate the removed points' PBRF test-loss
+    changes (their std across removed points, mean over test points), or None without PBRF records."""
+    records = results.get("records") or []
+    if not records or "pbrf" not in records[0].get("test_loss_change", {}) or "base_objective" not in results:
+        return None
+    changes = np.asarray([r["test_loss_change"]["pbrf"] for r in records], dtype=np.float64)
+    if len(changes) < 2:
+        return None
+    step = abs(results["base_objective"]) * 2.0 ** -23
+    return float(changes.std(0).mean() / step) if step > 0 else None
 
 
 def _fmt(x: float) -> str:
@@ -733,6 +754,12 @@ stored in the registry (`pbrf_fast/paper/reproduce.py`), so rerunning refreshes 
   CPU, moved to the GPU, and every response, solve and measurement runs there (the test losses are
   always evaluated in float64, see Table 2's note); `base.pt` is saved device-neutral, so a row started on
   one device resumes on another.
+- **Test-loss changes are evaluated in float64**, whatever the network's dtype. A removed point moves a
+  barely trained float32 CNN's test losses by ~1e-6 and the differences between removed points (what the
+  correlations compare) by ~1e-8, while one float32 rounding step of a loss near 2.5 is 2.4e-7: subtracting
+  float32 losses measured rounding. VGG13 on CIFAR-10 went from IF-vs-PBRF Pearson 0.23 to 1.00 with the
+  float64 evaluation, the same trained networks and responses otherwise. Rows run before it are flagged
+  below where their spread is under 100 rounding steps.
 - **Run times** were measured on the project's shared 2-core box while other jobs ran; treat them as
   upper bounds.
 - **Verdicts** check the paper's claims, not its digits: quick settings train for fewer epochs on less
@@ -824,6 +851,11 @@ def _detail(row: Row, measured: dict | None, out, preset: str) -> str:
             lines[0] += f" (the run of {shared.id})"
         if "base_objective" in measured["results"]:   # how far the base network trained
             lines[0] += f"; base training objective {measured['results']['base_objective']:.4g}"
+        steps = rounding_steps(measured["results"])
+        if not measured.get("float64_losses") and steps is not None and steps < ROUNDING_STEPS_FLAGGED:
+            lines[0] += (f"; run before test-loss changes were evaluated in float64, and its removed points' "
+                         f"PBRF changes differ by only ~{steps:.0f} float32 rounding steps of the loss, so its "
+                         f"correlations may be rounding-limited (rerun it to refresh)")
         lines[0] += f"; {_paper_time(row, measured, out)}."
     else:
         lines[0] += f"{preset} preset ({row.job(preset).describe()}) not run here; {_paper_time(row, None, out)}."

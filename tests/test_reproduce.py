@@ -274,7 +274,7 @@ def test_rows_subtracted_in_float32_with_a_small_spread_are_flagged_in_the_repor
     assert steps == pytest.approx((0.5e-7 + 0) / 2 / (2.5 * 2.0 ** -23), rel=1e-9)   # mean over the 2 tests
     assert rp.rounding_steps({"records": records}) is None            # no base objective: no judgement
     row = rp.select_rows("table5", "cancer")[0]
-    measured = {"settings": "s", "command": "c", "seconds": 1.0, "results": {"records": records,
-                                                                            "base_objective": 2.5}}
+    measured = {"settings": "s", "command": "c", "seconds": 1.0, "folder": "/nonexistent",
+                "results": {"records": records, "base_objective": 2.5}}
     assert "rounding-limited" in rp._detail(row, measured, "/nonexistent", "quick")
     assert "rounding-limited" not in rp._detail(row, dict(measured, float64_losses=True), "/nonexistent", "quick")

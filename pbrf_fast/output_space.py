@@ -186,6 +186,7 @@ class _RowStream:
 
     def __init__(self, problem, memory_bytes: int):
         self.problem = problem
+        self.version = problem.version
         self.rows = JacobianRows(problem, chunk_bytes=max(1, memory_bytes // 8))
         self.chunk = self.rows.examples_per_chunk
         c, item = problem.num_outputs, problem.theta.element_size()
@@ -292,7 +293,7 @@ class OutputSpaceSolver:
         return state, (self.jacobian_products(V) if JV is None else JV)
 
     def _row_stream(self) -> _RowStream:
-        if self._stream is None:
+        if self._stream is None or self._stream.version != self.problem.version:  # kept rows go stale
             self._stream = _RowStream(self.problem, self.memory_bytes)
         return self._stream
 

@@ -226,3 +226,14 @@ def test_memory_budget_must_be_a_positive_integer(bad):
         jacobian_gram(op.problem, memory_bytes=bad)
     with pytest.raises(InputError, match="chunk_bytes"):
         JacobianRows(op.problem, chunk_bytes=bad)
+
+
+def test_kept_rows_follow_a_new_theta():
+    problem = conv_problem("lenet-like", n=6)
+    op = pbrf_fast.GaussNewton(problem, 0.1)
+    solver = OutputSpaceSolver(op)
+    B = torch.randn(problem.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    solver.solve(B)
+    assert solver._stream.kept is not None  # six examples' rows fit the default budget
+    problem.set_theta(problem.theta * 0.9)
+    assert rel_err(solver.solve(B), torch.linalg.solve(dense_gnh(problem, 0.1), B)) < 1e-9

@@ -150,7 +150,13 @@ def _instrument(module, timings):
         return wrapper
 
     module._RowStream.compute = timed("rows", module._RowStream.compute)
-    module._mm64 = timed("gemm", module._mm64)
+    gemm = timed("gemm", module._mm64)
+
+    def counted(A, B):  # the multiply-adds actually run (diagonal tiles are full squares)
+        timings["gemm_flop"] = timings.get("gemm_flop", 0.0) + 2.0 * len(A) * len(B) * A.shape[1]
+        return gemm(A, B)
+
+    module._mm64 = counted
     module.torch.linalg.cholesky = timed("cholesky", module.torch.linalg.cholesky)
 
 
@@ -225,18 +231,20 @@ def main_resnet(args):
             results[name] = json.loads(line)
             scores[name] = torch.load(out)
             r = results[name]
-            gemm_flops = 2 * (r["n"] * 10) ** 2 * r["d"] / 2  # upper triangle only
+            gemm_flops = r["timings"].pop("gemm_flop", 0.0)
             rate = gemm_flops / r["timings"]["gemm"] / 1e9 if r["timings"].get("gemm") else float("nan")
             print(f"{name:8s} N={r['n']:4d}: {r['seconds']:7.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB, "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in r["timings"].items())
-                  + (f", Gram GEMM {rate:.1f} GFLOP/s (upper triangle, {gemm_flops:.2e} flop)" if rate == rate else ""),
+                  + (f", GEMMs {rate:.1f} GFLOP/s ({gemm_flops:.2e} flop run)" if rate == rate else ""),
                   flush=True)
     ceiling32 = ceilings[str(torch.float32)]
     if "new" in results:
         r = results["new"]
         floor = 2 * (r["n"] * 10) ** 2 * r["d"] / 2 / ceiling32 / 1e9
-        print(f"GEMM floor of the Gram at this run's float32 ceiling: {floor:.1f} s")
-        print(f"target <= 60 s: {'met' if r['seconds'] <= 60 else 'missed'} ({r['seconds']:.1f} s)")
+        print(f"GEMM floor of the Gram (upper triangle, {(r['n'] * 10) ** 2 * r['d']:.2e} flop) at this run's "
+              f"float32 ceiling: {floor:.1f} s")
+        if (r["n"], args.test) == (500, 20):  # the case
+            print(f"target <= 60 s: {'met' if r['seconds'] <= 60 else 'missed'} ({r['seconds']:.1f} s)")
     for a, b in (("new", "float64"), ("new@old", "old")):
         if a in scores and b in scores:
             pearson, max_rel, rel = _compare(scores[a], scores[b])

@@ -15,8 +15,22 @@ When N*C is much smaller than d (the paper's UCI experiments: 930 outputs vs
   float64. For networks whose trainable parameters all sit in ``nn.Linear``
   layers, Theta is summed layer by layer from activations and output gradients
   ((Delta Delta^T) * (A A^T + 1)), which costs N^2 (fan_in + fan_out) per layer
-  instead of N^2 fan_in fan_out; other models use explicit per-example
-  Jacobians.
+  instead of N^2 fan_in fan_out. Other models (convolutional networks) form
+  J's rows explicitly, a chunk of examples at a time (:mod:`pbrf_fast.jacobian_rows`),
+  and Theta is one GEMM over them (below); J V and J^T W then come from the same rows.
+
+Theta from J's rows (the N*C x d matrix): the GEMM is the cost (ResNet-20, 500
+images: 5,000^2 x 270k = 6.7e12 multiply-adds), so
+
+* only the upper triangle is computed (recursive halving: two diagonal halves and
+  one off-diagonal GEMM, down to tiles), then mirrored: ~half the flops;
+* float32 rows are multiplied in float32 (twice float64's rate on CPU) over column
+  slices of ``_GEMM_SLICE`` parameters, the slices summed in float64, so the
+  rounding error is that of an 8k-long float32 dot product, not a 270k-long one;
+  float64 models multiply in float64;
+* the rows are kept in memory when they fit ``memory_bytes`` (one pass; J V of the
+  test vectors is taken from them in the same pass); otherwise a panel of them is
+  kept, and the rows after it are recomputed chunk by chunk against it.
 
 The Gram matrix is factorised once per parameter vector (Cholesky per shift;
 an eigendecomposition once a second shift is asked for, after which every
@@ -29,8 +43,17 @@ from torch import nn
 
 from .curvature import CurvatureOperator
 from .errors import InputError
+from .jacobian_rows import JacobianRows
 
-__all__ = ["OutputSpaceSolver", "jacobian_gram", "output_hessian_factors"]
+__all__ = ["OutputSpaceSolver", "jacobian_gram", "output_hessian_factors", "JACOBIAN_ROWS_BYTES"]
+
+# Memory for J's rows (kept panel + one chunk in flight): the same 4 GiB as
+# solvers.KERNEL_MEMORY_BYTES, which sizes the Gram matrices (importing it would be a cycle).
+JACOBIAN_ROWS_BYTES = 4 << 30
+# float32 GEMMs run over this many parameters at a time, their results summed in float64.
+_GEMM_SLICE = 8192
+# Diagonal tiles of the upper-triangle Gram at or below this many rows are one GEMM.
+_SYRK_TILE = 1024
 
 
 def output_hessian_factors(loss_name: str, y: torch.Tensor) -> torch.Tensor:
@@ -122,44 +145,178 @@ def _gram_by_jacobians(problem, x) -> torch.Tensor:
     return J @ J.T
 
 
-def jacobian_gram(problem) -> torch.Tensor:
-    """J J^T over all training outputs, (N*C, N*C) in float64, rows ordered (example, output)."""
+def _check_memory_bytes(memory_bytes) -> int:
+    if memory_bytes is None:
+        return JACOBIAN_ROWS_BYTES
+    if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes < 1:
+        raise InputError(f"memory_bytes must be a positive integer number of bytes, got {memory_bytes!r}")
+    return memory_bytes
+
+
+def _mm64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A @ B^T in float64 (A (a, d), B (b, d)); float32 inputs by float32 GEMMs over column slices."""
+    if A.dtype == torch.float64:
+        return A @ B.T
+    out = torch.zeros(len(A), len(B), dtype=torch.float64, device=A.device)
+    part = torch.empty(len(A), len(B), dtype=A.dtype, device=A.device)
+    for lo in range(0, A.shape[1], _GEMM_SLICE):
+        torch.mm(A[:, lo:lo + _GEMM_SLICE], B[:, lo:lo + _GEMM_SLICE].T, out=part)
+        out += part
+    return out
+
+
+def _upper_gram_into(A: torch.Tensor, out: torch.Tensor) -> None:
+    """out's upper triangle (and some of its lower one) += A A^T, by recursive halving."""
+    n = len(A)
+    if n <= _SYRK_TILE:
+        out += _mm64(A, A)
+        return
+    h = n // 2
+    _upper_gram_into(A[:h], out[:h, :h])
+    _upper_gram_into(A[h:], out[h:, h:])
+    out[:h, h:] += _mm64(A[:h], A[h:])
+
+
+class _RowStream:
+    """J's rows over the training set, chunk by chunk, within ``memory_bytes``.
+
+    A panel of consecutive examples' rows is kept (all of them when they fit), the
+    rest recomputed when needed; see :func:`_gram_and_products`.
+    """
+
+    def __init__(self, problem, memory_bytes: int):
+        self.problem = problem
+        self.version = problem.version
+        self.rows = JacobianRows(problem, chunk_bytes=max(1, memory_bytes // 8))
+        self.chunk = self.rows.examples_per_chunk
+        c, item = problem.num_outputs, problem.theta.element_size()
+        room = memory_bytes - memory_bytes // 8 - 8 * (problem.n * c) ** 2
+        per_example = c * problem.dim * item
+        self.panel = max(self.chunk, room // per_example // self.chunk * self.chunk)
+        self.kept = None  # all rows (N*C, d), once computed, when one panel holds them
+
+    def compute(self, lo: int, hi: int) -> torch.Tensor:
+        return self.rows(self.problem.inputs[lo:hi])
+
+    def chunks(self, lo: int = 0):
+        """(first example, rows) for the chunks from example lo on."""
+        c = self.problem.num_outputs
+        for start in range(lo, self.problem.n, self.chunk):
+            stop = min(start + self.chunk, self.problem.n)
+            if self.kept is not None:
+                yield start, self.kept[start * c:stop * c]
+            else:
+                yield start, self.compute(start, stop)
+
+
+def _gram_and_products(stream: _RowStream, V: torch.Tensor | None = None):
+    """Theta = J J^T (float64) and, for V (d, m), J V (N*C, m) float64, in one pass over J's rows.
+
+    Panel by panel: the panel's rows are kept and give their diagonal block; every later chunk
+    is computed once per earlier panel and gives its block of the panel's rows. The first
+    panel's pass sees every row once, so J V is taken there.
+    """
+    p = stream.problem
+    n, c = p.n, p.num_outputs
+    theta = torch.zeros(n * c, n * c, dtype=torch.float64, device=p.device)
+    JV = None if V is None else torch.zeros(n * c, V.shape[1], dtype=torch.float64, device=p.device)
+    Vt = None if V is None else V.to(p.dtype).T
+    buffer = None
+    for lo in range(0, n, stream.panel):
+        hi = min(n, lo + stream.panel)
+        if buffer is None:
+            buffer = torch.empty((hi - lo) * c, p.dim, dtype=p.dtype, device=p.device)
+        panel = buffer[:(hi - lo) * c]
+        for start in range(lo, hi, stream.chunk):
+            stop = min(hi, start + stream.chunk)
+            rows = panel[(start - lo) * c:(stop - lo) * c]
+            rows.copy_(stream.compute(start, stop))
+            if JV is not None and lo == 0:
+                JV[start * c:stop * c] = _mm64(rows, Vt)
+        _upper_gram_into(panel, theta[lo * c:hi * c, lo * c:hi * c])
+        for start, rows in stream.chunks(hi):
+            theta[lo * c:hi * c, start * c:start * c + len(rows)] = _mm64(panel, rows)
+            if JV is not None and lo == 0:
+                JV[start * c:start * c + len(rows)] = _mm64(rows, Vt)
+        if lo == 0 and hi == n:
+            stream.kept = panel  # every row fits: later products reuse them
+    upper = torch.triu(theta)
+    return upper + torch.triu(theta, 1).T, JV
+
+
+def jacobian_gram(problem, memory_bytes: int | None = None) -> torch.Tensor:
+    """J J^T over all training outputs, (N*C, N*C) in float64, rows ordered (example, output).
+
+    ``memory_bytes`` bounds J's rows held at once for models beyond Linear layers
+    (default :data:`JACOBIAN_ROWS_BYTES`).
+    """
+    memory_bytes = _check_memory_bytes(memory_bytes)
     linears = _linear_modules_cover(problem)
     if linears is not None:
         gram = _gram_by_layers(problem, problem.inputs, linears)
         if gram is not None:
             return gram
-    return _gram_by_jacobians(problem, problem.inputs)
+    return _gram_and_products(_RowStream(problem, memory_bytes))[0]
 
 
 class OutputSpaceSolver:
-    """Exact (G + s I)^{-1} for a GaussNewton operator through an N*C x N*C system."""
+    """Exact (G + s I)^{-1} for a GaussNewton operator through an N*C x N*C system.
 
-    def __init__(self, op: CurvatureOperator):
+    ``memory_bytes`` bounds J's rows held at once for models beyond Linear layers
+    (default :data:`JACOBIAN_ROWS_BYTES`); within it they are kept for the solver's life.
+    """
+
+    def __init__(self, op: CurvatureOperator, memory_bytes: int | None = None):
         if op.kind != "gnh":
             raise InputError("the output-space (kernel) solver needs curvature='gnh'")
         if op.shift <= 0:
             raise InputError("the output-space (kernel) solver needs weight_decay + damping > 0")
         self.op = op
         self.problem = op.problem
+        self.memory_bytes = _check_memory_bytes(memory_bytes)
+        self._stream = None
 
     # ------------------------------------------------------------ factors
     def _state(self) -> dict:
-        return self.op._cached("output_space", self._build_state)
+        return self.op._cached("output_space", lambda: self._build_state()[0])
 
-    def _build_state(self) -> dict:
+    def _state_and_products(self, V: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """The cached state and J V (N, C, m); a state built now shares its pass over J's rows with J V."""
+        fused = {}
+
+        def build():
+            state, fused["JV"] = self._build_state(V)
+            return state
+
+        state = self.op._cached("output_space", build)
+        JV = fused.get("JV")
+        return state, (self.jacobian_products(V) if JV is None else JV)
+
+    def _row_stream(self) -> _RowStream:
+        if self._stream is None or self._stream.version != self.problem.version:  # kept rows go stale
+            self._stream = _RowStream(self.problem, self.memory_bytes)
+        return self._stream
+
+    def _build_state(self, V: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:
         p = self.problem
         y = p.outputs().double()
         if p.loss.kernel_kind is None:  # what the loss is, not what it is called
             raise InputError(f"the output-space solver needs a built-in loss's closed-form output Hessian; "
                              f"{p.loss!r} has none: use method='cg' or 'direct'")
         L = output_hessian_factors(p.loss.kernel_kind, y)      # (N, C, C)
-        theta = jacobian_gram(p)                               # (N*C, N*C)
         n, c = y.shape
+        theta, JV, path = None, None, "rows"
+        linears = _linear_modules_cover(p)
+        if linears is not None:
+            theta, path = _gram_by_layers(p, p.inputs, linears), "layers"
+        if theta is None:  # J's rows: J V of the caller's vectors comes from the same pass
+            path = "rows"
+            theta, JV = _gram_and_products(self._row_stream(), None if V is None else V.reshape(p.dim, -1))
+            JV = None if JV is None else JV.reshape(n, c, -1)
         theta4 = theta.reshape(n, c, n, c)
         M = torch.einsum("ikc,ikjl,jld->icjd", L, theta4, L).reshape(n * c, n * c)
-        return {"L": L, "theta": theta, "gram": 0.5 * (M + M.T), "cholesky": {}, "eigh": None}
-
+        state = {"L": L, "theta": theta, "gram": 0.5 * (M + M.T), "cholesky": {}, "eigh": None, "path": path}
+        return state, JV
     def _solve_gram(self, rhs: torch.Tensor) -> torch.Tensor:
         """(N s I + K K^T)^{-1} rhs in float64."""
         state, n, s = self._state(), self.problem.n, self.op.shift
@@ -178,6 +335,10 @@ class OutputSpaceSolver:
         """J V over all training examples: (N, C, m) in float64."""
         p = self.problem
         V = V.to(p.dtype)
+        if self._state()["path"] == "rows":  # a jvp per column would cost m passes, the rows C
+            c, Vt = p.num_outputs, V.reshape(p.dim, -1).T
+            JV = torch.cat([_mm64(rows, Vt) for _, rows in self._row_stream().chunks()])
+            return JV.reshape(p.n, c, -1)
         parts = []
         for chunk in p.batches():
             x, _ = p.batch(chunk)
@@ -192,6 +353,12 @@ class OutputSpaceSolver:
         """J^T W for W of shape (N, C, m): (d, m) in the problem's dtype."""
         p = self.problem
         out = torch.zeros(p.dim, W.shape[-1], dtype=torch.float64, device=p.device)
+        if self._state()["path"] == "rows":
+            c = p.num_outputs
+            for start, rows in self._row_stream().chunks():
+                w = W[start:start + len(rows) // c].reshape(len(rows), -1).to(p.dtype)
+                out += (rows.T @ w).double()
+            return out
         for chunk in p.batches():
             x, _ = p.batch(chunk)
             _, pullback = torch.func.vjp(lambda th: p.forward(th, x), p.theta)
@@ -210,7 +377,7 @@ class OutputSpaceSolver:
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
         """(G + s I)^{-1} B for B of shape (d, m)."""
-        LW = self._output_weights(self.jacobian_products(B))
+        LW = self._output_weights(self._state_and_products(B)[1])
         X = (B.double() - self.jacobian_transpose_products(LW)) / self.op.shift
         return X.to(B.dtype)
 
@@ -221,7 +388,7 @@ class OutputSpaceSolver:
         J X = (J V - Theta L W) / s: no per-example gradient, no J^T product.
         """
         p = self.problem
-        JV = self.jacobian_products(V)
+        JV = self._state_and_products(V)[1]
         LW = self._output_weights(JV)
         n, c, m = JV.shape
         JX = (JV - (self._state()["theta"] @ LW.reshape(n * c, m)).reshape(n, c, m)) / self.op.shift

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import pbrf_fast
-from pbrf_fast.output_space import _gram_by_jacobians, jacobian_gram
+from pbrf_fast.output_space import _gram_and_products, _gram_by_jacobians, jacobian_gram
 from pbrf_fast.solvers import choose_method
 
 from factories import LOSSES, dense_gnh, dense_gradients, make_problem, make_targets, rel_err
@@ -91,3 +91,149 @@ def test_kernel_refuses_hessian_and_zero_shift():
         pbrf_fast.solve(pbrf_fast.Hessian(problem, 0.1), torch.zeros(problem.dim, dtype=torch.float64), method="kernel")
     with pytest.raises(ValueError, match="> 0"):
         pbrf_fast.solve(pbrf_fast.GaussNewton(problem, 0.0), torch.zeros(problem.dim, dtype=torch.float64), method="kernel")
+
+
+# ------------------------------------------------- conv nets: J's rows, chunked Gram
+from pbrf_fast.errors import InputError  # noqa: E402
+from pbrf_fast.jacobian_rows import JacobianRows  # noqa: E402
+from pbrf_fast.output_space import OutputSpaceSolver, _RowStream  # noqa: E402
+from test_layerwise_gnh import MODELS, conv_problem  # noqa: E402
+
+
+def dense_jacobian(problem):
+    J = torch.autograd.functional.jacobian(lambda th: problem.forward(th, problem.inputs), problem.theta.clone())
+    return J.reshape(-1, problem.dim)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_layer_rows_equal_the_dense_jacobian(name):
+    problem = conv_problem(name, n=5)
+    rows = JacobianRows(problem, chunk_bytes=1 << 24)
+    got = rows(problem.inputs)
+    assert rows.source == "layers", rows.reason
+    assert rel_err(got, dense_jacobian(problem)) < 1e-12
+
+
+def forced_stream(problem, chunk, panel):
+    stream = _RowStream(problem, 1 << 30)
+    stream.chunk, stream.panel = chunk, panel
+    return stream
+
+
+@pytest.mark.parametrize("chunk, panel", [(2, 4), (3, 9), (1, 1), (9, 9)])
+def test_chunked_gram_and_products_equal_dense(chunk, panel):
+    # N*C = 9 * 5 = 45 rows; chunks of 2 examples and panels of 4 divide neither
+    problem = conv_problem("resnet-blocks", n=9)
+    J = dense_jacobian(problem)
+    V = torch.randn(problem.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    theta, JV = _gram_and_products(forced_stream(problem, chunk, panel), V)
+    assert rel_err(theta, J @ J.T) < 1e-12
+    assert torch.equal(theta, theta.T)
+    assert rel_err(JV, J @ V) < 1e-12
+    assert rel_err(jacobian_gram(problem), _gram_by_jacobians(problem, problem.inputs)) < 1e-12
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
+def test_kernel_solve_and_scores_on_a_resnet_equal_dense(loss):
+    problem = conv_problem("resnet-blocks", loss, n=9, weight_decay=0.01)
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(problem.dim, 4, dtype=torch.float64, generator=g)
+    dense = dense_gnh(problem, 0.02)
+    op = pbrf_fast.GaussNewton(problem, 0.02)
+    solver = OutputSpaceSolver(op)
+    solver._stream = forced_stream(problem, 2, 4)
+    assert rel_err(solver.solve(B), torch.linalg.solve(dense, B)) < 1e-9
+    assert op._cache["output_space"][1]["path"] == "rows"
+    # the scores from a fresh operator: the state is built in the same pass as J V
+    op = pbrf_fast.GaussNewton(problem, 0.02)
+    scores = OutputSpaceSolver(op, memory_bytes=1).training_scores(B)  # 1 byte: one example at a time
+    expected = dense_gradients(problem, *problem.batch(None)) @ torch.linalg.solve(dense, B) / problem.n
+    assert rel_err(scores, expected) < 1e-9
+    # the cached state serves another damping: J V then comes from a fresh pass over the rows
+    other = op.with_damping(0.5)
+    assert rel_err(OutputSpaceSolver(other).solve(B), torch.linalg.solve(dense_gnh(problem, 0.5), B)) < 1e-9
+
+
+def test_influence_kernel_on_a_conv_net_equals_dense():
+    problem = conv_problem("mixed", n=6, weight_decay=0.0)
+    x_test, t_test = problem.inputs[:2] + 0.1, problem.targets[:2]
+    expected = (dense_gradients(problem, *problem.batch(None))
+                @ torch.linalg.solve(dense_gnh(problem, 0.05), dense_gradients(problem, x_test, t_test).T)) / problem.n
+    assert rel_err(pbrf_fast.Influence(problem, 0.05, solver="kernel").scores(x_test, t_test), expected) < 1e-9
+
+
+class ParameterOutsideForward(nn.Module):
+    """Reads conv.weight in its own forward: the hooks would miss that use."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)) + torch.nn.functional.conv2d(x, self.conv.weight).tanh()
+        return self.fc(h.mean((2, 3)))
+
+
+class SharedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.out = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4, 2))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+INPLACE = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(inplace=True), nn.Flatten(),
+                        nn.Linear(3 * 3 * 3, 2))
+
+
+@pytest.mark.parametrize("model, shape, source, reason", [
+    (ParameterOutsideForward(), (2, 5, 5), "torch.func", "disagree"),
+    (SharedLayer(), (4, 3), "torch.func", "more than once"),
+    (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), (3,), "torch.func", "LayerNorm"),
+    (INPLACE, (2, 5, 5), "layers", "every trainable"),
+])
+def test_rows_fall_back_to_torch_func_where_the_hooks_cannot_see(model, shape, source, reason):
+    torch.manual_seed(0)
+    model = model.double()
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    problem = pbrf_fast.Problem(model, "mse", x, torch.randn(5, 2, dtype=torch.float64))
+    rows = JacobianRows(problem, chunk_bytes=1 << 24)
+    got = rows(problem.inputs)
+    assert (rows.source, reason in rows.reason) == (source, True), rows.reason
+    assert rel_err(got, dense_jacobian(problem)) < 1e-12
+
+
+def test_float32_conv_net_rows_path_is_exact_to_float32_precision():
+    problem64 = conv_problem("resnet-2-per-stage", n=8, weight_decay=0.01)
+    model32 = conv_problem("resnet-2-per-stage", n=8).model.float()
+    problem32 = pbrf_fast.Problem(model32, "cross_entropy", problem64.inputs.float(), problem64.targets,
+                                  weight_decay=0.01)
+    B = torch.randn(problem64.dim, 3, dtype=torch.float64)
+    exact = torch.linalg.solve(dense_gnh(problem64, 1e-3), B)
+    got = OutputSpaceSolver(pbrf_fast.GaussNewton(problem32, 1e-3)).solve(B.float())
+    assert rel_err(got.double(), exact) < 1e-4
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1GB"])
+def test_memory_budget_must_be_a_positive_integer(bad):
+    op = pbrf_fast.GaussNewton(conv_problem("lenet-like", n=3), 0.1)
+    with pytest.raises(InputError, match="memory_bytes"):
+        OutputSpaceSolver(op, memory_bytes=bad)
+    with pytest.raises(InputError, match="memory_bytes"):
+        jacobian_gram(op.problem, memory_bytes=bad)
+    with pytest.raises(InputError, match="chunk_bytes"):
+        JacobianRows(op.problem, chunk_bytes=bad)
+
+
+def test_kept_rows_follow_a_new_theta():
+    problem = conv_problem("lenet-like", n=6)
+    op = pbrf_fast.GaussNewton(problem, 0.1)
+    solver = OutputSpaceSolver(op)
+    B = torch.randn(problem.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    solver.solve(B)
+    assert solver._stream.kept is not None  # six examples' rows fit the default budget
+    problem.set_theta(problem.theta * 0.9)
+    assert rel_err(solver.solve(B), torch.linalg.solve(dense_gnh(problem, 0.1), B)) < 1e-9

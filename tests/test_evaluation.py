@@ -249,6 +249,14 @@ def test_evaluate_command_writes_table_results_and_figure(tmp_path):
     assert again["ground_truth_computed_subsets"] == {"retraining": 0, "pbrf": 0}
     assert again["methods"]["direct"]["1"]["lds_retraining"] == direct["1"]["lds_retraining"]
     assert set(again["methods"]) == {"direct"}
+    # more LOO points add to the run (each stored by its removed point); the old ones are reused
+    assert cli.main(args[:-2] + ["--solvers", "direct", "--loo", "6", "--out", str(tmp_path), "--resume"]) == 0
+    stored = sorted(int(f.stem) for f in (tmp_path / "points" / "loo").glob("*.json"))
+    for count in (4, 6):
+        points = np.random.default_rng(211).choice(150, size=count, replace=False)
+        assert set(points.tolist()) <= set(stored)
+    assert len(json.loads((tmp_path / "results.json").read_text())["methods"]["direct"]["1"]["loo_pearson"]
+               ["per_test"]) == 12
 
 
 @pytest.mark.parametrize("argv", [["--solvers", "cg,bogus"], ["--alpha", "1.5"], ["--checkpoints", "0"],

@@ -271,7 +271,7 @@ def _solver_list(text: str) -> tuple[str, ...]:
 
 
 def _evaluate_parser(sub) -> None:
-    from .paper.config import EVALUATE_SOLVERS
+    from .paper.config import DEFAULT_EVALUATE_SOLVERS
     from .paper.evaluate_job import __doc__ as evaluate_doc
 
     p = sub.add_parser("evaluate", help="attribution quality of each solver: LDS against retraining and the PBRF, "
@@ -279,9 +279,10 @@ def _evaluate_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["digits", "mnist", "cifar10"], default="digits")
     p.add_argument("--model", choices=["logreg", "mlp", "resnet20"], default="logreg")
-    p.add_argument("--solvers", type=_solver_list, default=EVALUATE_SOLVERS,
-                   help="comma-separated: cg,lissa,lowrank,kernel,direct,kfac,ekfac,identity (kfac/ekfac: the "
-                        "Kronecker approximations; identity: gradient dot product)")
+    p.add_argument("--solvers", type=_solver_list, default=DEFAULT_EVALUATE_SOLVERS,
+                   help="comma-separated: cg,pcg,lissa,lowrank,kernel,direct,kfac,ekfac,identity (pcg: CG "
+                        "preconditioned by EK-FAC, --cg-iters/--tol as cg; kfac/ekfac: the Kronecker "
+                        "approximations; identity: gradient dot product; default: all but pcg)")
     p.add_argument("--subsets", type=POSITIVE_INT, default=100, help="random training subsets K")
     p.add_argument("--alpha", type=POSITIVE, default=0.5, help="fraction of the training set in each subset")
     p.add_argument("--repeats", type=POSITIVE_INT, default=1, help="retraining runs per subset (averaged)")

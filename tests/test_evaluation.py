@@ -249,6 +249,14 @@ def test_evaluate_command_writes_table_results_and_figure(tmp_path):
     assert again["ground_truth_computed_subsets"] == {"retraining": 0, "pbrf": 0}
     assert again["methods"]["direct"]["1"]["lds_retraining"] == direct["1"]["lds_retraining"]
     assert set(again["methods"]) == {"direct"}
+    # more LOO points add to the run (each stored by its removed point); the old ones are reused
+    assert cli.main(args[:-2] + ["--solvers", "direct", "--loo", "6", "--out", str(tmp_path), "--resume"]) == 0
+    stored = sorted(int(f.stem) for f in (tmp_path / "points" / "loo").glob("*.json"))
+    for count in (4, 6):
+        points = np.random.default_rng(211).choice(150, size=count, replace=False)
+        assert set(points.tolist()) <= set(stored)
+    assert len(json.loads((tmp_path / "results.json").read_text())["methods"]["direct"]["1"]["loo_pearson"]
+               ["per_test"]) == 12
 
 
 @pytest.mark.parametrize("argv", [["--solvers", "cg,bogus"], ["--alpha", "1.5"], ["--checkpoints", "0"],
@@ -291,3 +299,21 @@ def test_solver_scores_match_a_dense_float64_reference():
         assert np.corrcoef(scores.ravel(), exact.numpy().ravel())[0, 1] > 0.5  # an approximation of the same thing
     identity, _ = solver_scores(problem, "identity", config, xt, yt)
     np.testing.assert_allclose(identity, (train_grads @ test_grads.T / problem.n).numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_subset_training_of_the_whole_set_equals_the_base_recipe():
+    # One replica on every point walks the same batches as train(): the vectorised
+    # path (per-tensor gradients, weight decay added in place) must reproduce it.
+    torch.manual_seed(3)
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    problem = pbrf_fast.Problem(model, "cross_entropy", x, y, weight_decay=1e-2)
+    for optimizer in ("sgd", "momentum", "adam"):
+        config = TrainConfig(epochs=3, lr=0.05, batch_size=6, optimizer=optimizer, seed=4)
+        theta0 = problem.theta.clone()
+        reference = train(problem, config, theta0=theta0).theta
+        problem.set_theta(theta0)
+        stacked = train_on_subsets(problem, config, torch.ones(2, 20, dtype=torch.bool), theta0.repeat(2, 1), [4, 4])
+        torch.testing.assert_close(stacked[0], reference, rtol=0, atol=1e-12)
+        torch.testing.assert_close(stacked[1], reference, rtol=0, atol=1e-12)
+        assert not torch.allclose(reference, theta0)

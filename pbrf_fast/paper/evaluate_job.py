@@ -61,8 +61,11 @@ from .training import TrainConfig, TrainResult, train
 __all__ = ["Setting", "build_setting", "run_evaluate", "solver_scores", "EVALUATE_SETTINGS"]
 
 # Settings that change no stored piece, or only score matrices, whose file names carry
-# them (see _solver_tag): a rerun with other values reuses everything else on disk.
-REPORT_ONLY = ("solvers", "checkpoints", "cg_iters", "tol", "lissa_depth", "lissa_batch_size", "rank")
+# them (see _solver_tag), or that only add pieces of their own (the PBRF subsets; LOO
+# retrainings, stored by the removed point's index; brittleness files, which record
+# their test points and k): a rerun with other values reuses everything else on disk.
+REPORT_ONLY = ("solvers", "checkpoints", "cg_iters", "tol", "lissa_depth", "lissa_batch_size", "rank",
+               "pbrf", "loo", "brittleness", "brittleness_ks")
 EVALUATE_SETTINGS = {("digits", "logreg"), ("digits", "mlp"), ("mnist", "logreg"), ("mnist", "mlp"),
                      ("cifar10", "resnet20")}
 
@@ -173,7 +176,7 @@ def _base_models(setting: Setting, count: int, seed: int, folder: ResultsFolder,
 
 def _solver_tag(solver: str, config: EvaluateConfig) -> str:
     """The solver and the options its scores depend on, as a file-name stem."""
-    options = {"cg": f"iters{config.cg_iters}-tol{config.tol:g}",
+    options = {"cg": f"iters{config.cg_iters}-tol{config.tol:g}", "pcg": f"iters{config.cg_iters}-tol{config.tol:g}",
                "lissa": f"depth{config.lissa_depth}-batch{config.lissa_batch_size}",
                "lowrank": f"rank{config.rank}"}.get(solver)
     return f"{solver}-{options}" if options else solver
@@ -193,6 +196,8 @@ def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test,
     if solver not in EVALUATE_SOLVERS:
         raise ConfigError(f"unknown solver {solver!r}; choose from {EVALUATE_SOLVERS}")
     options = {"cg": {"tol": config.tol, "max_iter": config.cg_iters},
+               "pcg": {"tol": config.tol, "max_iter": config.cg_iters, "preconditioner": "ekfac",
+                       "preconditioner_options": {"seed": config.seed}},
                "lissa": {"depth": config.lissa_depth, "batch_size": config.lissa_batch_size, "scale": "auto",
                          "seed": config.seed}}.get(solver, {})
     if solver in ("kfac", "ekfac"):
@@ -200,7 +205,7 @@ def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test,
         influence = Influence(problem, config.damping, curvature=solver, solver="auto",
                               curvature_options={"seed": config.seed})
     else:
-        influence = Influence(problem, config.damping, solver=solver if solver in ("cg", "lissa", "direct", "kernel")
+        influence = Influence(problem, config.damping, solver=solver if solver in ("cg", "pcg", "lissa", "direct", "kernel")
                               else "cg", solver_options=options)
     start = time.perf_counter()
     if solver in ("identity", "lowrank"):
@@ -211,7 +216,7 @@ def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test,
         scores = influence.scores(x_test, t_test)
     info = {"seconds": time.perf_counter() - start}
     last = influence.last_solve
-    if solver in ("cg", "lissa") and last is not None:
+    if solver in ("cg", "pcg", "lissa") and last is not None:
         info["iterations"] = int(torch.as_tensor(last.iterations).max())
         if last.converged is not None:
             info["converged_columns"] = int(torch.as_tensor(last.converged).sum())
@@ -267,8 +272,9 @@ def _loo_changes(setting, config, base_problem, folder, progress):
         masks[row, i] = False
     common = dict(repeats=config.repeats, seed=config.seed, chunk=config.chunk, progress=progress, shared_seeds=True,
                   lbfgs_max_iter=config.lbfgs_iters)
+    # stored by the removed point's index: another --loo count reuses the points it shares
     loo = retraining_ground_truth(base_problem, setting.train, masks[:-1], _starts(setting, base_problem), setting.x_test,
-                                  setting.y_test, folder=folder, kind="loo", **common)
+                                  setting.y_test, folder=folder, kind="loo", keys=points, **common)
     full = retraining_ground_truth(base_problem, setting.train, masks[-1:], _starts(setting, base_problem), setting.x_test,
                                    setting.y_test, folder=folder, kind="loo_full", **common)
     return points, loo["truth"] - full["truth"], loo["seconds"] + full["seconds"]
@@ -309,8 +315,10 @@ def _brittleness(setting, config, problem0, base0, scores, folder, progress) -> 
     out = {}
     for solver, ranking in rankings.items():
         path = folder.file(f"brittleness/{_solver_tag(solver, config) if solver in scores else solver}.json")
-        if path.exists():
-            out[solver] = json.loads(path.read_text())
+        stored = json.loads(path.read_text()) if path.exists() else None
+        # another --brittleness count or --brittleness-ks recomputes; the same ones reuse the file
+        if stored is not None and stored.get("test_points") == tests and stored.get("ks") == list(config.brittleness_ks):
+            out[solver] = stored
             continue
         bar = tqdm(total=len(tests), desc=f"brittleness {solver}", leave=False, disable=not progress)
 
@@ -320,6 +328,7 @@ def _brittleness(setting, config, problem0, base0, scores, folder, progress) -> 
 
         out[solver] = brittleness(ranking, counted, config.brittleness_ks, test_points=tests).as_dict()
         out[solver]["test_points"] = tests
+        out[solver]["ks"] = list(config.brittleness_ks)
         bar.close()
         atomic_write_json(path, out[solver])
     return out

@@ -26,7 +26,7 @@ digits / mlp       64-width one-hidden-layer ReLU MLP, SGD lr 0.1, 30 epochs
 mnist / logreg     5000 train / 500 test (seeded); multinomial LR as above
 mnist / mlp        784-``width``-10 ReLU MLP, float32, SGD lr 0.1, batch 128,
                    10 epochs, weight decay 1e-3
-cifar10 / resnet20 1000 train / 100 test; SGD momentum 0.9, lr 0.05, 10 epochs,
+cifar10 / resnet20 1000 train / 100 test; SGD momentum 0.9, lr 0.003, 10 epochs,
                    weight decay 5e-4
 =================  ================================================================
 

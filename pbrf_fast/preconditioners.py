@@ -82,11 +82,8 @@ def nystrom_sketch(op, rank: int, *, seed: int = 0, power_iterations: int = 0) -
             omega = torch.linalg.qr(_blockwise(apply, omega).double()).Q.to(op.dtype)
         Y = _blockwise(apply, omega).double()
         omega = omega.double()
-        # nu: a shift at the rounding level of the products, so that the Cholesky factor exists
-        nu = torch.finfo(op.dtype).eps * op.dim ** 0.5 * float(Y.norm())
+        L, nu = _shifted_cholesky(omega, Y, op.dtype)
         Y += nu * omega
-        core = omega.T @ Y
-        L = torch.linalg.cholesky(0.5 * (core + core.T))
         B = torch.linalg.solve_triangular(L, Y.T, upper=False).T   # Y L^{-T}: C_hat + nu I = B B^T
         del Y
         Q, R = torch.linalg.qr(B)
@@ -95,6 +92,23 @@ def nystrom_sketch(op, rank: int, *, seed: int = 0, power_iterations: int = 0) -
         U = (Q @ V).to(op.dtype)
     eigenvalues = (s.pow(2) - nu).clamp_min(0).to(op.dtype)
     return NystromSketch(U, eigenvalues, rank * (power_iterations + 1), time.perf_counter() - start)
+
+
+def _shifted_cholesky(omega: torch.Tensor, Y: torch.Tensor, dtype) -> tuple[torch.Tensor, float]:
+    """The Cholesky factor of ``omega^T (Y + nu omega)`` and nu: a shift at the rounding level
+    of the products, grown tenfold while rounding (float32 products of a deep net are not
+    exactly symmetric) still leaves the small core matrix indefinite."""
+    nu = torch.finfo(dtype).eps * omega.shape[0] ** 0.5 * float(Y.norm())
+    core = omega.T @ Y
+    core = 0.5 * (core + core.T)
+    eye = torch.eye(core.shape[0], dtype=core.dtype, device=core.device)
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(core + nu * eye)
+        if int(info) == 0:
+            return L, nu
+        nu *= 10.0
+    raise InputError("Nystrom sketch: the operator's products are not positive semi-definite (the core matrix "
+                     f"stays indefinite at shift {nu:.3g}); the preconditioner needs the GNH, not the Hessian")
 
 
 def _shift(op) -> float:

@@ -98,7 +98,8 @@ def _shifted_cholesky(omega: torch.Tensor, Y: torch.Tensor, dtype) -> tuple[torc
     """The Cholesky factor of ``omega^T (Y + nu omega)`` and nu: a shift at the rounding level
     of the products, grown tenfold while rounding (float32 products of a deep net are not
     exactly symmetric) still leaves the small core matrix indefinite."""
-    nu = torch.finfo(dtype).eps * omega.shape[0] ** 0.5 * float(Y.norm())
+    # (a floor for a zero sketch, e.g. a saturated network: C_hat = 0 is then the right answer)
+    nu = torch.finfo(dtype).eps * omega.shape[0] ** 0.5 * max(float(Y.norm()), torch.finfo(dtype).tiny)
     core = omega.T @ Y
     core = 0.5 * (core + core.T)
     eye = torch.eye(core.shape[0], dtype=core.dtype, device=core.device)

@@ -74,8 +74,8 @@ def nystrom_sketch(op, rank: int, *, seed: int = 0, power_iterations: int = 0) -
         raise InputError(f"power_iterations must be an integer >= 0, got {power_iterations!r}")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
-    omega = torch.randn(op.dim, rank, generator=generator, dtype=torch.float64)
-    omega = torch.linalg.qr(omega).Q.to(op.device, op.dtype)
+    omega = _cholesky_orthonormal(torch.randn(op.dim, rank, generator=generator, dtype=torch.float64))
+    omega = omega.to(op.device, op.dtype)
     apply = lambda V: op.data_matvec(V)  # noqa: E731
     with torch.no_grad():
         for _ in range(power_iterations):  # subspace iteration: omega <- orth(C omega)
@@ -86,12 +86,21 @@ def nystrom_sketch(op, rank: int, *, seed: int = 0, power_iterations: int = 0) -
         Y += nu * omega
         B = torch.linalg.solve_triangular(L, Y.T, upper=False).T   # Y L^{-T}: C_hat + nu I = B B^T
         del Y
-        Q, R = torch.linalg.qr(B)
-        del B
-        V, s, _ = torch.linalg.svd(R)
-        U = (Q @ V).to(op.dtype)
-    eigenvalues = (s.pow(2) - nu).clamp_min(0).to(op.dtype)
+        # B B^T's eigenpairs from the small r x r Gram matrix B^T B = V S^2 V^T: U = B V S^{-1}.
+        # GEMMs only (a Householder QR of the d x r block took 6.4 s of 7 at d = 50,890, r = 500);
+        # S^2 >= nu > 0 keeps the division safe in float64.
+        s2, V = torch.linalg.eigh(B.T @ B)
+        s2, V = s2.flip(0).clamp_min(nu), V.flip(1)
+        U = (B @ (V / s2.sqrt())).to(op.dtype)
+    eigenvalues = (s2 - nu).clamp_min(0).to(op.dtype)
     return NystromSketch(U, eigenvalues, rank * (power_iterations + 1), time.perf_counter() - start)
+
+
+def _cholesky_orthonormal(M: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of a well-conditioned tall block (a Gaussian one: condition
+    ~ (1 + sqrt(r/d)) / (1 - sqrt(r/d))) by Cholesky QR: two GEMMs instead of Householder."""
+    L = torch.linalg.cholesky(M.T @ M)
+    return torch.linalg.solve_triangular(L, M.T, upper=False).T
 
 
 def _shifted_cholesky(omega: torch.Tensor, Y: torch.Tensor, dtype) -> tuple[torch.Tensor, float]:

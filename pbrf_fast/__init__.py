@@ -13,6 +13,7 @@ from .errors import DivergenceError, NonConvexLossError, PBRFError
 from .explain import explain, format_plans
 from .influence import Influence
 from .kronecker import KroneckerCurvature, KroneckerFactors
+from .preconditioners import NystromSketch  # noqa: F401 -- registers the Nystrom preconditioners
 from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss, get_loss
 from .problem import Problem
 from .solvers import SolveResult, solve

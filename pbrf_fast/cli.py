@@ -16,6 +16,7 @@ import sys
 import torch
 
 from .errors import InputError, PBRFError
+from .solvers import PRECONDITIONERS
 
 __all__ = ["main", "build_parser"]
 
@@ -232,7 +233,14 @@ def _scores_parser(sub) -> None:
     p.add_argument("--query-chunk", type=POSITIVE_INT, default=None, help="test points per chunk (overrides --memory-gb)")
     p.add_argument("--solver", choices=["cg", "pcg", "lissa", "lowrank", "direct", "kernel", "auto"], default="cg",
                    help="s_test solver; direct / kernel / auto need a small model or data set; pcg: CG "
-                        "preconditioned by EK-FAC")
+                        "preconditioned by --preconditioner")
+    p.add_argument("--preconditioner", choices=sorted(PRECONDITIONERS), default="ekfac",
+                   help="with --solver pcg: ekfac / kfac (the Kronecker inverse), nystrom (rank "
+                        "--preconditioner-rank sketch of the GNH that flattens its top eigenvalues; the "
+                        "choice that cuts CG's iterations on an MLP), nystrom+ekfac / nystrom+kfac (the sketch's "
+                        "top eigenspace exactly, the Kronecker inverse on the rest)")
+    p.add_argument("--preconditioner-rank", type=POSITIVE_INT, default=200,
+                   help="columns of the Nystrom sketch (that many GNH products to build it, once)")
     p.add_argument("--curvature", choices=["gnh", "kfac", "ekfac"], default="gnh",
                    help="gnh: the exact damped GNH (solved by --solver); kfac / ekfac: its Kronecker-factored "
                         "approximation, solved by its own inverse (use with --solver cg or auto)")

@@ -53,9 +53,10 @@ class Influence:
         ``"auto"`` solves by their exact inverse and scores contract layer by layer
         (no per-example gradient of the whole network).
     solver:
-        ``"auto"``, ``"direct"``, ``"cg"``, ``"pcg"`` (CG preconditioned by EK-FAC:
-        ``solver_options={"preconditioner": "ekfac"}``) or ``"lissa"``;
-        ``solver_options`` go to it.
+        ``"auto"``, ``"direct"``, ``"cg"``, ``"pcg"`` (preconditioned CG on the exact
+        operator: ``solver_options={"preconditioner": "nystrom", "preconditioner_options":
+        {"rank": 200}}``, or ``"ekfac"`` / ``"kfac"`` / ``"nystrom+ekfac"``; see
+        :func:`pbrf_fast.solvers.pcg`) or ``"lissa"``; ``solver_options`` go to it.
     """
 
     def __init__(self, problem: Problem, damping: float = 1e-3, curvature: str = "gnh",

@@ -248,6 +248,8 @@ def conjugate_gradient(op: CurvatureOperator, B: torch.Tensor, *, tol: float = 1
     result = _finish(op, X, B, B2, "cg", iterations, start, compute_residual, tol, {},
                      residual_norms=estimate, converged=converged)
     result.info["recurrence_residuals"] = estimate
+    # column products of the operator: one per active column per iteration (+ the warm start's)
+    result.info["operator_products"] = int(iterations.sum()) + (m if x0 is not None else 0)
     return result
 
 
@@ -267,50 +269,77 @@ def _precondition(preconditioner, R: torch.Tensor, cols: torch.Tensor) -> torch.
     return Z
 
 
-# Preconditioners by name (the Kronecker module registers "kfac" and "ekfac" on import):
-# name -> factory(op, **options) returning an object with .inverse_matvec(V).
+# Preconditioners by name: name -> factory(op, **options) returning an object with
+# .inverse_matvec(V). pbrf_fast.kronecker registers "kfac" / "ekfac" on import,
+# pbrf_fast.preconditioners "nystrom", "nystrom+ekfac" and "nystrom+kfac".
 PRECONDITIONERS: dict = {}
+
+
+def register_preconditioner(name: str, factory) -> None:
+    """Make ``factory(op, **options)`` available as ``solve(op, B, "pcg", preconditioner=name)``."""
+    PRECONDITIONERS[name] = factory
 
 
 def register_kronecker(kinds, factory) -> None:
     """Called by :mod:`pbrf_fast.kronecker`: its inverses become PCG preconditioners, and
     its operators are solved by their own inverse (``method="kronecker"``)."""
     for kind in kinds:
-        PRECONDITIONERS[kind] = functools.partial(factory, kind=kind)
+        register_preconditioner(kind, functools.partial(factory, kind=kind))
+
+
+def _build_preconditioner(op, preconditioner, options):
+    """The preconditioner object for a name (built now, so its cost is timed apart from the
+    iterations) or the object itself; and its name."""
+    if not isinstance(preconditioner, str):
+        if options:
+            raise InputError("preconditioner_options apply to a preconditioner given by name")
+        return preconditioner, type(preconditioner).__name__
+    if preconditioner not in PRECONDITIONERS:
+        raise InputError(f"unknown preconditioner {preconditioner!r}; choose one of {sorted(PRECONDITIONERS)} "
+                         "or pass an object with inverse_matvec")
+    if getattr(op, "problem", None) is None or op.kind not in ("gnh", "hessian"):
+        raise InputError(f"preconditioner {preconditioner!r} is built from the operator's problem: op must be "
+                         "a GaussNewton or Hessian operator")
+    if not isinstance(options, dict):
+        raise InputTypeError(f"preconditioner_options must be a dict, got {options!r}")
+    built = PRECONDITIONERS[preconditioner](op, **options)
+    getattr(built, "factors", None)  # a Kronecker preconditioner computes its factors on first use
+    return built, preconditioner
 
 
 def pcg(op: CurvatureOperator, B: torch.Tensor, *, preconditioner="ekfac", preconditioner_options: dict | None = None,
         **options) -> SolveResult:
-    """Preconditioned block CG: the exact solve of ``op`` (e.g. the damped GNH) with the
-    K-FAC / EK-FAC inverse of the same problem, damping and weight decay as the
-    preconditioner. ``preconditioner``: ``"ekfac"``, ``"kfac"`` or an object with
-    ``inverse_matvec``; ``preconditioner_options`` go to
-    :class:`pbrf_fast.kronecker.KroneckerCurvature` (built once per operator and cached);
-    ``options`` (``tol``, ``max_iter``, ``x0``, ...) as :func:`conjugate_gradient`.
-    ``result.info`` records the preconditioner and the seconds spent building it.
+    """Preconditioned block CG: the exact solve of ``op`` (e.g. the damped GNH), built from
+    the same problem, damping and weight decay. ``preconditioner``:
+
+    * ``"ekfac"`` / ``"kfac"``: the Kronecker inverse (``preconditioner_options`` go to
+      :class:`pbrf_fast.kronecker.KroneckerCurvature`);
+    * ``"nystrom"``: a rank-r randomized Nystrom approximation of the GNH that flattens its
+      top r eigenvalues (options ``rank``, ``seed``, ``power_iterations``;
+      :mod:`pbrf_fast.preconditioners`); r column products to build;
+    * ``"nystrom+ekfac"`` / ``"nystrom+kfac"``: the sketch's top eigenspace inverted exactly,
+      EK-FAC / K-FAC on its complement (also ``kronecker_options``);
+    * or any object with ``inverse_matvec`` (symmetric positive definite).
+
+    Built once per operator and cached. ``options`` (``tol``, ``max_iter``, ``x0``, ...) as
+    :func:`conjugate_gradient`. ``result.info`` records the preconditioner, the seconds and
+    the operator column products spent building it (``preconditioner_products``; 0 when
+    reused) beside the iterations' ``operator_products``.
     """
     start = time.perf_counter()
-    if isinstance(preconditioner, str):
-        if preconditioner not in PRECONDITIONERS:
-            raise InputError(f"unknown preconditioner {preconditioner!r}; choose one of {sorted(PRECONDITIONERS)} "
-                             "or pass an object with inverse_matvec")
-        if getattr(op, "problem", None) is None or op.kind not in ("gnh", "hessian"):
-            raise InputError(f"preconditioner {preconditioner!r} is built from the operator's problem: op must be "
-                             "a GaussNewton or Hessian operator")
-        name = preconditioner
-        preconditioner = PRECONDITIONERS[name](op, **dict(preconditioner_options or {}))
-        preconditioner.factors  # noqa: B018 -- build the factors now, timed apart from the iterations
-    else:
-        if preconditioner_options:
-            raise InputError("preconditioner_options apply to a preconditioner given by name")
-        name = type(preconditioner).__name__
+    preconditioner, name = _build_preconditioner(op, preconditioner, {} if preconditioner_options is None
+                                                 else preconditioner_options)
     if not callable(getattr(preconditioner, "inverse_matvec", None)):
-        raise InputTypeError(f"preconditioner must be 'ekfac', 'kfac' or have inverse_matvec, got {preconditioner!r}")
+        raise InputTypeError(f"preconditioner must be one of {sorted(PRECONDITIONERS)} or have inverse_matvec, "
+                             f"got {preconditioner!r}")
     built = time.perf_counter() - start
     result = conjugate_gradient(op, B, preconditioner=preconditioner.inverse_matvec, **options)
     result.method = "pcg"
     result.time += built
-    result.info.update({"preconditioner": name, "preconditioner_seconds": built})
+    # honest cost: operator column products of the iterations and of the preconditioner's build
+    build_products = int(getattr(preconditioner, "products", 0))
+    result.info.update({"preconditioner": name, "preconditioner_seconds": built,
+                        "preconditioner_products": build_products})
     return result
 
 

@@ -5,6 +5,7 @@ from torch import nn
 
 import pbrf_fast
 from pbrf_fast.errors import IndefiniteOperatorError, InputError, NonFiniteError
+from pbrf_fast.solvers import PRECONDITIONERS
 
 from factories import dense_gnh, make_problem, rel_err
 
@@ -21,19 +22,24 @@ def ill_conditioned_problem(loss="cross_entropy", seed=0, n=80):
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy", "bce"])
-@pytest.mark.parametrize("preconditioner", ["ekfac", "kfac"])
+@pytest.mark.parametrize("preconditioner", ["ekfac", "kfac", "nystrom", "nystrom+ekfac"])
 def test_pcg_equals_direct_solve(loss, preconditioner):
     problem = make_problem(loss, n=20, hidden=(5,), outputs=3, weight_decay=1e-3)
     op = pbrf_fast.GaussNewton(problem, 1e-3)
     B = torch.randn(problem.dim, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    result = pbrf_fast.solve(op, B, "pcg", preconditioner=preconditioner, tol=1e-12)
+    options = {"rank": 10} if preconditioner.startswith("nystrom") else None
+    result = pbrf_fast.solve(op, B, "pcg", preconditioner=preconditioner, preconditioner_options=options, tol=1e-12)
     expected = torch.linalg.solve(dense_gnh(problem, 1e-3), B)
     assert result.method == "pcg" and result.info["preconditioner"] == preconditioner
     assert bool(result.converged.all()) and float(result.residual_norms.max()) <= 1e-12
     assert rel_err(result.solution, expected) < 1e-9
+    # honest counts: one product per active column per iteration, r more to build a sketch
+    assert result.info["operator_products"] == int(result.iterations.sum())
+    assert result.info["preconditioner_products"] == (10 if options else 0)
     # the preconditioner is built once per operator and reused
-    again = pbrf_fast.solve(op, B[:, 0], "pcg", preconditioner=preconditioner, tol=1e-12)
-    assert again.solution.shape == (problem.dim,)
+    again = pbrf_fast.solve(op, B[:, 0], "pcg", preconditioner=preconditioner, preconditioner_options=options,
+                            tol=1e-12)
+    assert again.solution.shape == (problem.dim,) and again.info["preconditioner_products"] == 0
     assert again.info["preconditioner_seconds"] < result.info["preconditioner_seconds"]
 
 
@@ -117,3 +123,115 @@ def test_bad_pcg_inputs_give_named_errors():
         pbrf_fast.solve(kfac, B, "pcg")
     with pytest.raises(NonFiniteError, match="right-hand side"):
         pbrf_fast.solve(op, torch.full_like(B, float("nan")), "pcg")
+
+
+# ------------------------------------------------------------------ Nystrom preconditioners
+from pbrf_fast.preconditioners import nystrom_sketch  # noqa: E402
+
+
+def _dense(apply, d):
+    return apply(torch.eye(d, dtype=torch.float64))
+
+
+def test_nystrom_sketch_of_full_rank_is_the_data_term_and_below_it_otherwise():
+    problem = make_problem("cross_entropy", n=12, hidden=(4,), outputs=3, weight_decay=1e-2)
+    op = pbrf_fast.GaussNewton(problem, 1e-3)
+    C = dense_gnh(problem) - 1e-2 * torch.eye(problem.dim, dtype=torch.float64)  # data term, no weight decay
+    full = nystrom_sketch(op, problem.dim, seed=1)
+    assert rel_err(full.U @ torch.diag(full.eigenvalues) @ full.U.T, C) < 1e-9
+    assert full.products == problem.dim
+    for q in (0, 2):
+        part = nystrom_sketch(op, 7, seed=3, power_iterations=q)
+        assert part.products == 7 * (q + 1) and part.U.shape == (problem.dim, 7)
+        assert torch.allclose(part.U.T @ part.U, torch.eye(7, dtype=torch.float64), atol=1e-10)
+        approx = part.U @ torch.diag(part.eigenvalues) @ part.U.T
+        assert float(torch.linalg.eigvalsh(C - approx).min()) > -1e-10  # Nystrom never overshoots C
+        assert bool((part.eigenvalues[:-1] >= part.eigenvalues[1:]).all())
+    # power iterations sharpen the top eigenvalue towards C's
+    top = float(torch.linalg.eigvalsh(C)[-1])
+    assert abs(nystrom_sketch(op, 7, seed=3, power_iterations=2).eigenvalues[0] - top) <= \
+        abs(nystrom_sketch(op, 7, seed=3).eigenvalues[0] - top) + 1e-12
+
+
+@pytest.mark.parametrize("kind", ["nystrom", "nystrom+ekfac", "nystrom+kfac"])
+def test_nystrom_preconditioners_are_their_dense_formulas(kind):
+    problem = make_problem("mse", n=15, hidden=(4,), outputs=2, weight_decay=1e-2)
+    op = pbrf_fast.GaussNewton(problem, 1e-3)
+    mu = 1e-2 + 1e-3  # the operator's weight decay + damping
+    pre = PRECONDITIONERS[kind](op, rank=6, seed=2)
+    U, lam = pre.sketch.U, pre.sketch.eigenvalues
+    eye = torch.eye(problem.dim, dtype=torch.float64)
+    complement = eye - U @ U.T
+    if kind == "nystrom":
+        expected = U @ torch.diag((lam[-1] + mu) / (lam + mu)) @ U.T + complement
+    else:
+        kron = pbrf_fast.KroneckerCurvature(problem, 1e-3, kind.split("+")[1])
+        M_inv = torch.linalg.inv(kron.dense())
+        expected = U @ torch.diag(1 / (lam + mu)) @ U.T + complement @ M_inv @ complement
+    P_inv = _dense(pre.inverse_matvec, problem.dim)
+    assert rel_err(P_inv, expected) < 1e-10
+    assert rel_err(P_inv, P_inv.T) < 1e-10 and float(torch.linalg.eigvalsh(P_inv).min()) > 0
+
+
+def test_full_rank_nystrom_pcg_takes_one_iteration_and_damping_copies_use_their_own_mu():
+    """With r = d the sketch is C itself, so P^{-1} is a multiple of (C + mu I)^{-1}: one
+    step. A damping copy of the operator reuses the sketch with its own mu."""
+    problem = make_problem("cross_entropy", n=10, hidden=(3,), outputs=3, weight_decay=1e-2)
+    op = pbrf_fast.GaussNewton(problem, 1e-3)
+    B = torch.randn(problem.dim, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    options = {"rank": problem.dim}
+    assert pbrf_fast.solve(op, B, "pcg", preconditioner="nystrom", preconditioner_options=options,
+                           tol=1e-9).iterations.tolist() == [1, 1, 1]
+    other = op.with_damping(1e-1)
+    result = pbrf_fast.solve(other, B, "pcg", preconditioner="nystrom", preconditioner_options=options, tol=1e-9)
+    assert result.iterations.tolist() == [1, 1, 1] and result.info["preconditioner_products"] == 0
+    assert rel_err(result.solution, torch.linalg.solve(dense_gnh(problem, 1e-1), B)) < 1e-8
+
+
+def test_nystrom_lowers_the_condition_number_and_the_iterations():
+    problem = make_problem("cross_entropy", n=60, d_in=6, hidden=(8,), outputs=4, seed=3)
+    op = pbrf_fast.GaussNewton(problem, 1e-4)
+    A = dense_gnh(problem, 1e-4)
+    pre = PRECONDITIONERS["nystrom"](op, rank=30, power_iterations=1)
+    L = torch.linalg.cholesky(_dense(pre.inverse_matvec, problem.dim))
+    kappa = torch.linalg.cond(A)
+    kappa_pre = torch.linalg.cond(L.T @ A @ L)
+    assert kappa_pre * 10 < kappa
+    B = torch.randn(problem.dim, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cg = pbrf_fast.solve(op, B, "cg", tol=1e-8)
+    pcg = pbrf_fast.solve(op, B, "pcg", preconditioner="nystrom",
+                          preconditioner_options={"rank": 30, "power_iterations": 1}, tol=1e-8)
+    assert bool(pcg.converged.all()) and int(pcg.iterations.max()) * 2 < int(cg.iterations.min())
+
+
+def test_bad_nystrom_options_give_named_errors():
+    problem = make_problem("mse", n=8, hidden=(3,), outputs=2)
+    op = pbrf_fast.GaussNewton(problem, 1e-2)
+    B = torch.ones(problem.dim, dtype=torch.float64)
+    for options, match in (({"rank": 0}, "rank"), ({"rank": problem.dim + 1}, "rank"), ({"rank": 2.5}, "rank"),
+                           ({"rank": 3, "power_iterations": -1}, "power_iterations"),
+                           ({"rank": 3, "kronecker_options": {"seed": 1}}, "kronecker_options"),
+                           ({"rank": 3, "sketch": 1}, "sketch")):
+        with pytest.raises((InputError, TypeError), match=match):
+            pbrf_fast.solve(op, B, "pcg", preconditioner="nystrom", preconditioner_options=options)
+    with pytest.raises(InputError, match="damping"):
+        pbrf_fast.solve(pbrf_fast.GaussNewton(problem, 0.0), B, "pcg", preconditioner="nystrom",
+                        preconditioner_options={"rank": 3})
+    with pytest.raises(InputError, match="preconditioner_options must be a dict"):
+        pbrf_fast.solve(op, B, "pcg", preconditioner="nystrom", preconditioner_options=3)
+
+
+def test_scores_command_takes_a_pcg_preconditioner(tmp_path):
+    import json
+
+    from pbrf_fast.cli import main
+
+    base = ["scores", "--dataset", "synthetic", "--model", "mlp", "--train-points", "60", "--test-points", "2",
+            "--no-progress", "--threads", "1", "--solver", "pcg", "--tol", "1e-6", "--cg-iters", "500"]
+    assert main([*base, "--preconditioner", "nystrom", "--preconditioner-rank", "16",
+                 "--out", str(tmp_path / "ok")]) == 0
+    arguments = json.loads((tmp_path / "ok" / "arguments.json").read_text())
+    assert arguments["solver_options"]["preconditioner"] == "nystrom"
+    assert arguments["solver_options"]["preconditioner_options"]["rank"] == 16
+    with pytest.raises(SystemExit):  # argparse names the argument and the choices
+        main([*base, "--preconditioner", "nystorm", "--out", str(tmp_path / "bad")])

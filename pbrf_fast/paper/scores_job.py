@@ -95,7 +95,12 @@ def _init_distributed(device: str) -> None:
 
 
 def _solver_options(config: ScoresConfig) -> dict:
-    if config.solver in ("cg", "pcg"):
+    if config.solver == "pcg":
+        options = {"max_iter": config.cg_iters, "tol": config.tol, "preconditioner": config.preconditioner}
+        if config.preconditioner.startswith("nystrom"):
+            options["preconditioner_options"] = {"rank": config.preconditioner_rank, "seed": config.seed}
+        return options
+    if config.solver == "cg":
         return {"max_iter": config.cg_iters, "tol": config.tol}
     if config.solver == "lissa":
         return {"depth": config.lissa_depth}

@@ -301,7 +301,7 @@ class ScorePipeline:
         op_cls = D.DistributedGaussNewton if self.world > 1 else GaussNewton
         op = op_cls(problem, a.damping, backend=a.backend)
         preconditioner = a.solver_options.get("preconditioner", "ekfac") if a.solver == "pcg" else None
-        if isinstance(preconditioner, str):
+        if preconditioner in KRONECKER_KINDS:  # stored factors; a Nystrom sketch is built and cached on op
             options = a.solver_options.get("preconditioner_options") or {}
             self.preconditioner = self.kronecker_factors(k, problem, preconditioner, options)
         return op
@@ -373,7 +373,7 @@ class ScorePipeline:
         if a.curvature in KRONECKER_KINDS:
             return op.solve(grads)
         options = dict(a.solver_options)
-        if a.solver == "pcg" and isinstance(options.get("preconditioner", "ekfac"), str):
+        if a.solver == "pcg" and options.get("preconditioner", "ekfac") in KRONECKER_KINDS:
             options.pop("preconditioner_options", None)
             options["preconditioner"] = self.preconditioner  # the stored factors
         return solve(op, grads, a.solver, **options)

@@ -68,7 +68,8 @@ def _experiment_config(args):
 def _run_options(args):
     from .paper.config import RunOptions
 
-    return RunOptions(args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    # evaluate and scores place their own tensors; the experiment commands take --device
+    return RunOptions(args.out, resume=args.resume, overwrite=args.overwrite, device=getattr(args, "device", "cpu"))
 
 
 # ---------------------------------------------------------------------------------- commands

@@ -9,6 +9,8 @@ ResNet-20 (pbrf_fast.paper.resnet, eval mode, float32) on N random CIFAR-shaped 
 - ``layerwise``: ``GaussNewton(backend="auto").matvec`` repeated on one operator, as a solver
   does (the primal pass is kept between products), m = 1 and m = 8;
 - ``layerwise_cold``: the same with the kept state dropped before every product;
+- ``layerwise_nchw``: the kept product with its activations in NCHW instead of the NHWC the
+  layout rule picks for float32 images (the measurement behind that rule);
 - ``torch_func``: this file's own plain torch.func reference: ``jvp`` of the model, the output
   Hessian, then ``vjp``, vmapped over the m columns (one primal ``vjp`` shared);
 - ``train_step``: forward + backward of the mean loss (NCHW, train mode, same batch).
@@ -104,12 +106,19 @@ def matmul_gflops():
     return 2 * 2048 * 1024 * 1024 / best_times({"mm": lambda: a @ b}, 6)["mm"] / 1e9
 
 
-def resnet_variants(problem):
-    """name -> zero-argument function: every timed ResNet-20 variant."""
+def resnet_variants(problem, only=None):
+    """name -> zero-argument function: every timed ResNet-20 variant (those whose name starts
+    with one of ``only``'s prefixes, if given)."""
+    from pbrf_fast.kernels import layerwise_gnh
+
     g = torch.Generator().manual_seed(1)
     V = {m: torch.randn(problem.dim, m, generator=g).to(DEVICE) for m in (1, 8)}
     op = pbrf_fast.GaussNewton(problem, 1e-3)
     assert op.plan_product(problem.inputs, V[1]).implementation == "layerwise"
+    # the same product with its activations kept in NCHW (the layout rule's alternative)
+    nchw = pbrf_fast.GaussNewton(problem, 1e-3)
+    nchw._layerwise_spec = layerwise_gnh.parse_layerwise(problem)
+    nchw._layerwise_spec[0].channels_last = False
 
     def cold(m):
         def run():
@@ -120,9 +129,16 @@ def resnet_variants(problem):
     variants = {"train_step": training_step(problem)}
     for m in (1, 8):
         variants[f"layerwise m={m}"] = lambda m=m: op.matvec(V[m])
+        variants[f"layerwise_nchw m={m}"] = lambda m=m: nchw.matvec(V[m])
         variants[f"layerwise_cold m={m}"] = cold(m)
         variants[f"torch_func m={m}"] = lambda m=m: torch_func_product(problem, V[m])
+    if only:
+        variants = {k: f for k, f in variants.items() if any(k.startswith(prefix) for prefix in only)}
     return variants
+
+
+# variants that keep state between calls (the primal pass): warmed up before the timed rounds
+KEPT = ("layerwise m=", "layerwise_nchw m=")
 
 
 def mlp_setup():
@@ -155,11 +171,13 @@ def mlp_variants():
     return variants
 
 
-def best_times(variants, rounds, inner=1):
-    """Fastest round of each variant, the variants interleaved round by round."""
-    for f in variants.values():  # warm-up
-        f()
-        sync()
+def best_times(variants, rounds, inner=1, warm=None):
+    """Fastest round of each variant, the variants interleaved round by round. ``warm``:
+    name prefixes of the variants to call once before timing (default: all)."""
+    for name, f in variants.items():  # warm-up
+        if warm is None or name.startswith(warm):
+            f()
+            sync()
     best = {k: float("inf") for k in variants}
     for _ in range(rounds):
         for name, f in variants.items():
@@ -204,26 +222,36 @@ def test_mlp_gnh_product(benchmark, name):
 
 # ---- script mode ---------------------------------------------------------------------------------
 
-def report_resnet(images, rounds):
+def report_resnet(images, rounds, only=None, profile=False):
     problem = resnet_problem(images)
     print(f"ResNet-20, {images} images, {DEVICE}, {torch.get_num_threads()} threads, "
           f"parity vs torch.func (float32, m=2): {check_parity(resnet_problem(8)):.2e}")
-    t = best_times(resnet_variants(problem), rounds)
+    variants = resnet_variants(problem, only)
+    t = best_times(variants, rounds, warm=KEPT)
     ceiling = matmul_gflops()
     fwd = 2 * multiply_adds_per_image(problem.model) * images
     for name, seconds in t.items():
-        work = 3 * fwd if name == "train_step" else (4 * int(name[-1]) * fwd if name.startswith("layerwise m")
-                                                     else (1 + 4 * int(name[-1])) * fwd)
+        kept = name.startswith(KEPT)
+        work = 3 * fwd if name == "train_step" else (4 * int(name[-1]) * fwd if kept else (1 + 4 * int(name[-1])) * fwd)
         print(f"  {name:22s} {seconds:9.3f} s   ~{work / seconds / 1e9:6.1f} GFLOP/s")
     print(f"  torch.mm ceiling this run: {ceiling:.1f} GFLOP/s")
-    rows = [("layerwise m=1 / train_step", t["layerwise m=1"] / t["train_step"], "<= 1.5"),
-            ("torch_func m=1 / layerwise m=1", t["torch_func m=1"] / t["layerwise m=1"], ">= 3"),
-            ("layerwise m=8 / layerwise m=1", t["layerwise m=8"] / t["layerwise m=1"], "<= 5"),
-            ("cold m=8 / cold m=1", t["layerwise_cold m=8"] / t["layerwise_cold m=1"], "(<= 5)"),
-            ("torch_func m=8 / layerwise m=8", t["torch_func m=8"] / t["layerwise m=8"], ""),
-            ("layerwise_cold m=1 / train_step", t["layerwise_cold m=1"] / t["train_step"], "")]
-    for label, value, target in rows:
-        print(f"  {label:34s} {value:6.2f}x  {target}")
+    rows = [("layerwise m=1 / train_step", "layerwise m=1", "train_step", "<= 1.5"),
+            ("torch_func m=1 / layerwise m=1", "torch_func m=1", "layerwise m=1", ">= 3"),
+            ("layerwise m=8 / layerwise m=1", "layerwise m=8", "layerwise m=1", "<= 5"),
+            ("nchw m=1 / layerwise m=1 (NHWC)", "layerwise_nchw m=1", "layerwise m=1", "layout"),
+            ("nchw m=8 / layerwise m=8 (NHWC)", "layerwise_nchw m=8", "layerwise m=8", "layout"),
+            ("cold m=8 / cold m=1", "layerwise_cold m=8", "layerwise_cold m=1", "(<= 5)"),
+            ("torch_func m=8 / layerwise m=8", "torch_func m=8", "layerwise m=8", ""),
+            ("layerwise_cold m=1 / train_step", "layerwise_cold m=1", "train_step", "")]
+    for label, a, b, target in rows:
+        if a in t and b in t:
+            print(f"  {label:34s} {t[a] / t[b]:6.2f}x  {target}")
+    if profile and "layerwise m=1" in variants:
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile() as prof:
+            variants["layerwise m=1"]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 def stubbed_overhead(rounds):
@@ -300,12 +328,15 @@ if __name__ == "__main__":
     parser.add_argument("--cg-test", type=int, default=100)
     parser.add_argument("--cg-iters", type=int, default=2)
     parser.add_argument("--data-dir", default=os.environ.get("PBRF_DATA"))
+    parser.add_argument("--only", default="", help="comma-separated variant-name prefixes to time, "
+                        "e.g. 'train_step,layerwise m=1,torch_func m=1'")
+    parser.add_argument("--profile", action="store_true", help="print the m = 1 product's operator profile")
     args = parser.parse_args()
     if args.cg:
         report_cg(args.cg_train, args.cg_test, args.cg_iters, args.data_dir)
         sys.exit(0)
     if not args.mlp_only:
-        report_resnet(args.images, args.rounds)
+        report_resnet(args.images, args.rounds, [p for p in args.only.split(",") if p], args.profile)
     if not args.skip_mlp:
         print(f"MLP 8-128-128-1, batch {MLP_BATCH}, m=1, {DEVICE}")
         report_mlp(max(args.rounds, 5))

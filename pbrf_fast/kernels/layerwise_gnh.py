@@ -50,6 +50,9 @@ OP_NAME = "layerwise_gnh_product"
 # CIFAR images stay within a few GiB.
 TANGENT_CHUNK_BYTES = 1 << 30
 _PROBE_ROWS = 3  # > 1 and odd, so a reshape that mixes examples cannot pass by accident
+# The activations' memory format inside the product: "auto" (:func:`choose_layout`),
+# "channels_last" or "contiguous"; read when a model is parsed (tests and benchmarks set it).
+LAYOUT = "auto"
 
 _POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ZeroPad2d)
 _LINEAR_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
@@ -97,6 +100,9 @@ class LayerwiseSpec:
     input_shape: tuple
     example_numel: int  # numbers per example over every tensor the tangent pass makes
     param_names: tuple = ()
+    # Memory format of the product's 4-D activations (primal, tangents, cotangents): chosen
+    # per spec by :func:`choose_layout`; the user's model and inputs are never changed.
+    channels_last: bool = False
 
 
 class _Unsupported(Exception):
@@ -218,9 +224,23 @@ def parse_layerwise(problem) -> tuple[LayerwiseSpec | None, str]:
         return None, f"trainable parameters used outside supported layers: {', '.join(unused[:3])}"
     if sum(s.kind == "input" for s in steps) != 1:
         return None, "the model takes more than one input"
-    spec = LayerwiseSpec(gm, steps, tuple(problem.inputs.shape[1:]), 0, tuple(problem.param_names))
+    spec = LayerwiseSpec(gm, steps, tuple(problem.inputs.shape[1:]), 0, tuple(problem.param_names),
+                         channels_last=choose_layout(problem.inputs))
     reason = _probe(spec, problem)
     return (spec, "") if not reason else (None, reason)
+
+
+def choose_layout(inputs: torch.Tensor) -> bool:
+    """Whether the product runs its 4-D activations in channels_last (NHWC).
+
+    Measured (bench/RESULTS.md, issue 15): oneDNN's NHWC convolutions, their input and weight
+    gradients ran ~1.5-2x faster than NCHW at ResNet-20's 16-64 channels, on CPU, in float32,
+    and cuDNN's tensor-core kernels want NHWC too. Float64 stays in the layout given (oneDNN
+    has no float64 convolutions; the fallback has no NHWC fast path), as do inputs that are not
+    images. ``LAYOUT`` forces a choice: "channels_last", "contiguous" or "auto" (this rule)."""
+    if LAYOUT != "auto":
+        return LAYOUT == "channels_last" and inputs.dim() == 4
+    return inputs.dim() == 4 and inputs.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _pointwise_function(node: fx.Node, module) -> str:
@@ -387,6 +407,9 @@ def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_valu
         return fx.node.map_arg(a, lambda n: env[n])
 
     y = None
+    if spec.channels_last and x.dim() == 4:
+        # the primal pass in NHWC: every kept input, mask and the tangents that follow it inherit it
+        x = x.contiguous(memory_format=torch.channels_last)
     for step in spec.steps:
         node, kind = step.node, step.kind
         if kind == "input":
@@ -398,8 +421,8 @@ def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_valu
         args, kwargs = value_of(node.args), value_of(node.kwargs)
         if kind == "conv":
             m, a = step.module, args[0]
-            out = F.conv2d(a, _param(step, "weight", theta), _param(step, "bias", theta), m.stride, m.padding,
-                           m.dilation)
+            out = _in_layout(spec, F.conv2d(a, _param(step, "weight", theta), _param(step, "bias", theta),
+                                            m.stride, m.padding, m.dilation))
             if "weight" in step.params or (step.bn is not None and "weight" in step.bn.params):
                 saved[node] = a
         elif kind == "linear":
@@ -449,6 +472,30 @@ def forward_state_bytes(state) -> int:
 def _fold(t: torch.Tensor, rows: int) -> torch.Tensor:
     """(rows, m, ...) -> (rows * m, ...): tangents keep each example's m columns together."""
     return t.reshape(rows * t.shape[1], *t.shape[2:])
+
+
+def _in_layout(spec: LayerwiseSpec, out: torch.Tensor) -> torch.Tensor:
+    """A convolution's result in the spec's layout: a one-channel input (MNIST's first conv)
+    is both NCHW and NHWC, and the convolution then returns NCHW."""
+    if spec.channels_last and not out.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _stacked_to_folded(term: torch.Tensor, rows: int, m: int) -> torch.Tensor:
+    """(rows, m * C, H, W) -> (rows * m, C, H, W), keeping the memory format.
+
+    In NCHW (and for m = 1 in any format) this is a view. In NHWC the stacked result lies as
+    (rows, H, W, m, C) while the folded tangent lies as (rows, m, H, W, C): one copy, measured
+    cheaper than running the whole product in NCHW (bench/RESULTS.md, issue 15)."""
+    channels = term.shape[1] // m
+    if m == 1:
+        return term
+    if term.is_contiguous() or not term.is_contiguous(memory_format=torch.channels_last):
+        return term.reshape(rows * m, channels, *term.shape[2:])
+    nhwc = term.permute(0, 2, 3, 1).unflatten(3, (m, channels))           # (rows, H, W, m, C), a view
+    folded = nhwc.permute(0, 3, 1, 2, 4).contiguous()                        # (rows, m, H, W, C)
+    return folded.view(rows * m, *folded.shape[2:]).permute(0, 3, 1, 2)   # (rows * m, C, H, W), NHWC
 
 
 def _per_example(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -518,7 +565,7 @@ class _Tangents:
             # its (rows, m * C_out, H, W) result is the folded (rows * m, C_out, H, W) tangent
             term = F.conv2d(self.saved[step.node], dW.reshape(-1, *dW.shape[2:]),
                             None if db is None else db.reshape(-1), conv.stride, conv.padding, conv.dilation)
-            term = term.reshape(rows * m, conv.out_channels, *term.shape[2:])
+            term = _stacked_to_folded(_in_layout(self.spec, term), rows, m)
             out = term if out is None else out.add_(term)
         elif db is not None:
             out = _add(out, _bias_tangent(db, rows, step.example_shape))

@@ -232,12 +232,18 @@ def test_matches_torch_func_on_cuda():
     assert rel_err(op.matvec(V, [0, 3, 5]), reference.matvec(V, [0, 3, 5])) < TOL
 
 
+@pytest.mark.parametrize("group_columns", [True, False])
 @pytest.mark.parametrize("name,loss", [("resnet-blocks", "cross_entropy"), ("resnet-2-per-stage", "mse"),
                                        ("mixed", "bce"), ("lenet-like", "mse")])
-def test_channels_last_layout_matches_torch_func(name, loss, monkeypatch):
+def test_channels_last_layout_matches_torch_func(name, loss, group_columns, monkeypatch):
     """The NHWC product (float32 images get it by default) in float64, forced: m = 1 and
-    m > 1, whose stacked weight-tangent convolution is refolded by a copy in NHWC."""
+    m > 1, the columns as channel groups (grouped convolutions) or folded into the batch
+    (the stacked weight-tangent convolution refolded by a copy)."""
     monkeypatch.setattr(layerwise_gnh, "LAYOUT", "channels_last")
+    monkeypatch.setattr(layerwise_gnh, "GROUP_COLUMNS", group_columns)
+    made = []
+    monkeypatch.setattr(layerwise_gnh._Grouped, "__init__",
+                        lambda self, t: (made.append(1), setattr(self, "t", t))[0] and None)
     problem = conv_problem(name, loss)
     op, reference = pair(problem, damping=1e-3)
     spec = op.layerwise_spec()[0]
@@ -246,6 +252,7 @@ def test_channels_last_layout_matches_torch_func(name, loss, monkeypatch):
     for m in (1, 3):
         V = torch.randn(problem.dim, m, dtype=torch.float64, generator=g)
         assert rel_err(op.matvec(V), reference.matvec(V)) < TOL
+    assert bool(made) == group_columns  # the grouped layout ran (only) when asked
     # the kept primal state is NHWC: the tangent pass runs in it
     y, saved, _ = op._cache["mlp_forward"][("layerwise", 0, problem.batch_size)][1]
     images = [t for t in saved.values() if t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1]

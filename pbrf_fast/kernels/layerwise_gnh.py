@@ -53,6 +53,10 @@ _PROBE_ROWS = 3  # > 1 and odd, so a reshape that mixes examples cannot pass by 
 # The activations' memory format inside the product: "auto" (:func:`choose_layout`),
 # "channels_last" or "contiguous"; read when a model is parsed (tests and benchmarks set it).
 LAYOUT = "auto"
+# In NHWC, m > 1 columns as channel groups (True, see _Grouped) or folded into the batch (False).
+# Folded measured faster on CPU (ResNet-20, m = 8: 4.8 s vs 6.3 s; oneDNN's groups = 8
+# convolutions ran ~1.3x slower than the batch-folded ones, bench/RESULTS.md, issue 15).
+GROUP_COLUMNS = False
 
 _POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ZeroPad2d)
 _LINEAR_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
@@ -498,6 +502,32 @@ def _stacked_to_folded(term: torch.Tensor, rows: int, m: int) -> torch.Tensor:
     return folded.view(rows * m, *folded.shape[2:]).permute(0, 3, 1, 2)   # (rows * m, C, H, W), NHWC
 
 
+class _Grouped:
+    """A tangent held as (rows, m * C, H, W) in NHWC, the m columns as channel groups: the layout
+    the stacked weight-tangent convolution returns, so a run of convolutions, ReLUs and residual
+    additions needs no refolding copy per layer (a grouped convolution, groups = m, applies W to
+    every column). Other nodes get the folded (rows * m, C, H, W) tangent (:func:`_folded`)."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+def _folded(value, rows: int, m: int):
+    return _stacked_to_folded(value.t, rows, m) if isinstance(value, _Grouped) else value
+
+
+def _grouped(value, rows: int, m: int):
+    """A folded (rows * m, C, H, W) tangent as :class:`_Grouped` (one copy; None stays None)."""
+    if value is None or isinstance(value, _Grouped):
+        return value
+    _, channels, height, width = value.shape
+    nhwc = value.permute(0, 2, 3, 1).reshape(rows, m, height, width, channels)
+    stacked = nhwc.permute(0, 2, 3, 1, 4).contiguous()                      # (rows, H, W, m, C)
+    return _Grouped(stacked.view(rows, height, width, m * channels).permute(0, 3, 1, 2))
+
+
 def _per_example(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.view(rows, len(t) // rows, *t.shape[1:])
 
@@ -526,6 +556,8 @@ class _Tangents:
         self.saved, self.constants = state[1], state[2]
         self.blocks = blocks
         self.m = next(iter(blocks.values())).shape[0]
+        # m > 1 columns in NHWC: tangents as channel groups (_Grouped) through convs, ReLUs, adds
+        self.grouped = spec.channels_last and self.m > 1 and GROUP_COLUMNS
 
     def block(self, step, role):
         return self.blocks.get((step.node, role))
@@ -556,10 +588,14 @@ class _Tangents:
                 shift = -bn.module.running_mean.to(W.dtype) if b is None else b - bn.module.running_mean
                 db = _add(db, rdg * shift)
             db = _add(db, dbeta)
+        if scale is not None:
+            W = W * scale.view(-1, 1, 1, 1)
+        if self.grouped and dW is not None:
+            return self._grouped_conv(step, _grouped(t_in, rows, m), W, dW, db)
+        t_in = _folded(t_in, rows, m)
         out = None
         if t_in is not None:
-            out = F.conv2d(t_in, W if scale is None else W * scale.view(-1, 1, 1, 1), None, conv.stride,
-                           conv.padding, conv.dilation)
+            out = F.conv2d(t_in, W, None, conv.stride, conv.padding, conv.dilation)
         if dW is not None:
             # the m columns' weights as m x C_out output channels of one convolution of the shared input:
             # its (rows, m * C_out, H, W) result is the folded (rows * m, C_out, H, W) tangent
@@ -570,6 +606,18 @@ class _Tangents:
         elif db is not None:
             out = _add(out, _bias_tangent(db, rows, step.example_shape))
         return out
+
+    def _grouped_conv(self, step, t_in, W, dW, db):
+        """The m columns as channel groups: conv(t, W) as one grouped convolution (W repeated
+        per group, groups = m) plus the stacked conv(a, dW), whose output is already grouped."""
+        conv, m = step.module, self.m
+        out = F.conv2d(self.saved[step.node], dW.reshape(-1, *dW.shape[2:]),
+                       None if db is None else db.reshape(-1), conv.stride, conv.padding, conv.dilation)
+        out = _in_layout(self.spec, out)
+        if t_in is not None:
+            out = out.add_(F.conv2d(t_in.t, W.repeat(m, 1, 1, 1), None, conv.stride, conv.padding,
+                                    conv.dilation, groups=m))
+        return _Grouped(out)
 
     def linear(self, step, t_in):
         out = None if t_in is None else t_in @ _param(step, "weight", self.theta).T
@@ -596,6 +644,10 @@ class _Tangents:
 
     def pointwise(self, step, t_in):
         kept = self.saved[step.node].unsqueeze(1)
+        if isinstance(t_in, _Grouped):  # (rows, m * C, H, W) seen as (rows, m, C, H, W): views
+            per = t_in.t.unflatten(1, (self.m, -1))
+            out = torch.ops.aten.threshold_backward(per, kept, 0) if step.relu else per * kept
+            return _Grouped(out.flatten(1, 2))
         per = _per_example(t_in, self.rows)
         if step.relu:
             return torch.ops.aten.threshold_backward(per, kept, 0).reshape(t_in.shape)
@@ -617,21 +669,31 @@ def _tangent(spec: LayerwiseSpec, tangents: _Tangents) -> torch.Tensor:
         if kind in ("input", "static"):
             env[node] = None
             continue
+        rows, m = tangents.rows, tangents.m
         if kind == "output":
-            out = env[node.args[0]]
+            out = _folded(env[node.args[0]], rows, m)
             return out.reshape(len(out), -1)
         first = env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if kind == "folded":
-            out = first  # the conv before it applied it
-        elif kind in ("conv", "linear", "batchnorm"):
-            out = getattr(tangents, kind)(step, first)
-        elif kind == "add":
+            env[node] = first  # the conv before it applied it
+            continue
+        if kind == "conv" or (kind == "pointwise" and isinstance(first, _Grouped)):
+            env[node] = getattr(tangents, kind)(step, first)
+            continue
+        if kind == "add":
+            terms = [env[a] for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+            grouped = any(isinstance(t, _Grouped) for t in terms)
             out = None
-            for arg in (*node.args, *node.kwargs.values()):
-                if isinstance(arg, fx.Node):
-                    out = _add(out, env[arg])
-        elif kind == "scale":
-            out = _scaled(node, env, first)
+            for t in terms:
+                out = _add(out, _grouped(t, rows, m).t if grouped and t is not None else t)
+            env[node] = _Grouped(out) if grouped and out is not None else out
+            continue
+        if kind == "scale":
+            env[node] = _scaled(node, env, first)
+            continue
+        first = _folded(first, rows, m)  # every other node works on the folded tangent
+        if kind in ("linear", "batchnorm"):
+            out = getattr(tangents, kind)(step, first)
         elif first is None:
             out = None  # a zero tangent through a linear or masking op stays zero
         elif kind in ("pointwise", "maxpool"):
@@ -655,6 +717,8 @@ def _tangent(spec: LayerwiseSpec, tangents: _Tangents) -> torch.Tensor:
 
 def _scaled(node, env, first):
     """x * c, c * x, x / c, -x for a constant c (a product of two activations is refused)."""
+    if isinstance(first, _Grouped) and node.target in (operator.neg, operator.truediv):
+        return _Grouped(_scaled(node, {node.args[0]: first.t}, first.t))
     if node.target is operator.neg:
         return None if first is None else -first
     a, b = node.args[0], node.args[1]
@@ -662,6 +726,8 @@ def _scaled(node, env, first):
         return None if first is None else first / b
     constant = b if isinstance(a, fx.Node) else a
     tangent = env[a] if isinstance(a, fx.Node) else env[b]
+    if isinstance(tangent, _Grouped):
+        return _Grouped(tangent.t * constant)
     return None if tangent is None else tangent * constant
 
 

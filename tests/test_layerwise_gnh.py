@@ -277,3 +277,17 @@ def test_stacked_to_folded_keeps_layout():
     folded = layerwise_gnh._stacked_to_folded(nhwc, rows, m)
     assert torch.equal(folded, expected) and folded.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(layerwise_gnh._stacked_to_folded(stacked, rows, m), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_columns", [True, False])
+def test_channels_last_on_cuda(group_columns, monkeypatch):
+    monkeypatch.setattr(layerwise_gnh, "LAYOUT", "channels_last")
+    monkeypatch.setattr(layerwise_gnh, "GROUP_COLUMNS", group_columns)
+    problem_cpu = conv_problem("resnet-blocks", n=7)
+    problem = pbrf_fast.Problem(problem_cpu.model.cuda(), "cross_entropy", problem_cpu.inputs.cuda(),
+                                problem_cpu.targets.cuda())
+    op, reference = pair(problem, damping=1e-3)
+    assert op.layerwise_spec()[0].channels_last
+    V = torch.randn(problem.dim, 3, dtype=torch.float64, device="cuda")
+    assert rel_err(op.matvec(V), reference.matvec(V)) < TOL

@@ -325,6 +325,16 @@ def report_cg(n_train, n_test, iters, data_dir, batch_size=500):
     xt, yt = problem.check_data(x_test.to(DEVICE), y_test.to(DEVICE))
     B = problem.per_example_gradients(xt, yt).T.contiguous()
     op = pbrf_fast.GaussNewton(problem, 1e-3)
+    matvec, calls = op.matvec, [0]
+
+    def logged(V, idx=None):  # progress on stderr: a long solve shows its rate before it ends
+        calls[0] += 1
+        if calls[0] % 50 == 0:
+            print(f"  ... {calls[0]} block products, {V.shape[-1] if V.dim() > 1 else 1} columns active, "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        return matvec(V, idx)
+
+    op.matvec = logged
     sync()
     start = time.perf_counter()
     result = solve(op, B, method="cg", tol=1e-4, max_iter=iters, compute_residual=False)
@@ -338,7 +348,7 @@ def report_cg(n_train, n_test, iters, data_dir, batch_size=500):
           f"(block products), {column_products} column-products, "
           f"{seconds / max(column_products, 1) * 1e3:.1f} ms per column-product = "
           f"{seconds / max(column_products, 1) / n_train * 1e3:.3f} ms per image-column; converged "
-          f"{converged}/{n_test}, max residual estimate {float(result.residual_norms.max()):.2e}")
+          f"{converged}/{n_test}, max residual estimate {float(result.residual_norms.max()):.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ For a batch x and a block V (d, m), ``sum_i J_i^T H_i J_i V`` in three passes:
              cotangents), the ops a hand-written backward would call, with every other
              layer's transpose (pooling scatter, pads, slices, means) taken care of too.
 
+All three run in the memory format :func:`choose_layout` picks (NHWC for float32 images, where
+its convolutions measured faster); in NHWC the stacked result is refolded by one copy.
+
 Which models: the graph of ``torch.fx.symbolic_trace(model)`` -- tracing rather than a list
 of known block classes, so a residual block (``F.relu(out + shortcut(x))``, a zero-pad
 "option A" shortcut made of slicing and ``F.pad``, or a projection shortcut) is recognised by
@@ -237,9 +240,10 @@ def parse_layerwise(problem) -> tuple[LayerwiseSpec | None, str]:
 def choose_layout(inputs: torch.Tensor) -> bool:
     """Whether the product runs its 4-D activations in channels_last (NHWC).
 
-    Measured (bench/RESULTS.md, issue 15): oneDNN's NHWC convolutions, their input and weight
-    gradients ran ~1.5-2x faster than NCHW at ResNet-20's 16-64 channels, on CPU, in float32,
-    and cuDNN's tensor-core kernels want NHWC too. Float64 stays in the layout given (oneDNN
+    Measured (bench/RESULTS.md, issue 15): on CPU in float32 the ResNet-20 product ran 1.16x
+    (256 images) to 2.4x (1,000 images) faster in NHWC than in NCHW, oneDNN's NHWC convolutions
+    and their gradients being the faster kernels at 16-64 channels; on CUDA bench/gpu_check.sh's
+    layerwise_nchw rows test the same choice. Float64 stays in the layout given (oneDNN
     has no float64 convolutions; the fallback has no NHWC fast path), as do inputs that are not
     images. ``LAYOUT`` forces a choice: "channels_last", "contiguous" or "auto" (this rule)."""
     if LAYOUT != "auto":

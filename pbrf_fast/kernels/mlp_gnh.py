@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import threading
+
 import torch
 from torch import nn
 
@@ -475,7 +477,9 @@ def _run_cpu(spec, code, theta, x, vectors, out):
     # The argument struct is built once per call shape and kept on the spec; a product then
     # only writes its four pointers. Building it (three lists copied into C++ vectors, twelve
     # keyword fields) was the largest piece of a small product's Python overhead (issue 15).
-    key = (ext.MlpGnhProductArgs, theta.dtype, code, len(x), _columns(vectors), torch.get_num_threads())
+    # (per thread: two threads sharing one operator must not share one struct's pointers)
+    key = (ext.MlpGnhProductArgs, theta.dtype, code, len(x), _columns(vectors), torch.get_num_threads(),
+           threading.get_ident())
     kept = spec.__dict__.setdefault("_cpu_args", {})
     args = kept.get(key)
     if args is None:

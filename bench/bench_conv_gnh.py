@@ -9,6 +9,8 @@ ResNet-20 (pbrf_fast.paper.resnet, eval mode, float32) on N random CIFAR-shaped 
 - ``layerwise``: ``GaussNewton(backend="auto").matvec`` repeated on one operator, as a solver
   does (the primal pass is kept between products), m = 1 and m = 8;
 - ``layerwise_cold``: the same with the kept state dropped before every product;
+- ``layerwise_nchw``: the kept product with its activations in NCHW instead of the NHWC the
+  layout rule picks for float32 images (the measurement behind that rule);
 - ``torch_func``: this file's own plain torch.func reference: ``jvp`` of the model, the output
   Hessian, then ``vjp``, vmapped over the m columns (one primal ``vjp`` shared);
 - ``train_step``: forward + backward of the mean loss (NCHW, train mode, same batch).
@@ -104,12 +106,19 @@ def matmul_gflops():
     return 2 * 2048 * 1024 * 1024 / best_times({"mm": lambda: a @ b}, 6)["mm"] / 1e9
 
 
-def resnet_variants(problem):
-    """name -> zero-argument function: every timed ResNet-20 variant."""
+def resnet_variants(problem, only=None):
+    """name -> zero-argument function: every timed ResNet-20 variant (those whose name starts
+    with one of ``only``'s prefixes, if given)."""
+    from pbrf_fast.kernels import layerwise_gnh
+
     g = torch.Generator().manual_seed(1)
     V = {m: torch.randn(problem.dim, m, generator=g).to(DEVICE) for m in (1, 8)}
     op = pbrf_fast.GaussNewton(problem, 1e-3)
     assert op.plan_product(problem.inputs, V[1]).implementation == "layerwise"
+    # the same product with its activations kept in NCHW (the layout rule's alternative)
+    nchw = pbrf_fast.GaussNewton(problem, 1e-3)
+    nchw._layerwise_spec = layerwise_gnh.parse_layerwise(problem)
+    nchw._layerwise_spec[0].channels_last = False
 
     def cold(m):
         def run():
@@ -120,9 +129,16 @@ def resnet_variants(problem):
     variants = {"train_step": training_step(problem)}
     for m in (1, 8):
         variants[f"layerwise m={m}"] = lambda m=m: op.matvec(V[m])
+        variants[f"layerwise_nchw m={m}"] = lambda m=m: nchw.matvec(V[m])
         variants[f"layerwise_cold m={m}"] = cold(m)
         variants[f"torch_func m={m}"] = lambda m=m: torch_func_product(problem, V[m])
+    if only:
+        variants = {k: f for k, f in variants.items() if any(k.startswith(prefix) for prefix in only)}
     return variants
+
+
+# variants that keep state between calls (the primal pass): warmed up before the timed rounds
+KEPT = ("layerwise m=", "layerwise_nchw m=")
 
 
 def mlp_setup():
@@ -155,11 +171,13 @@ def mlp_variants():
     return variants
 
 
-def best_times(variants, rounds, inner=1):
-    """Fastest round of each variant, the variants interleaved round by round."""
-    for f in variants.values():  # warm-up
-        f()
-        sync()
+def best_times(variants, rounds, inner=1, warm=None):
+    """Fastest round of each variant, the variants interleaved round by round. ``warm``:
+    name prefixes of the variants to call once before timing (default: all)."""
+    for name, f in variants.items():  # warm-up
+        if warm is None or name.startswith(warm):
+            f()
+            sync()
     best = {k: float("inf") for k in variants}
     for _ in range(rounds):
         for name, f in variants.items():
@@ -204,43 +222,69 @@ def test_mlp_gnh_product(benchmark, name):
 
 # ---- script mode ---------------------------------------------------------------------------------
 
-def report_resnet(images, rounds):
+def report_resnet(images, rounds, only=None, profile=False):
     problem = resnet_problem(images)
     print(f"ResNet-20, {images} images, {DEVICE}, {torch.get_num_threads()} threads, "
           f"parity vs torch.func (float32, m=2): {check_parity(resnet_problem(8)):.2e}")
-    t = best_times(resnet_variants(problem), rounds)
+    variants = resnet_variants(problem, only)
+    t = best_times(variants, rounds, warm=KEPT)
     ceiling = matmul_gflops()
     fwd = 2 * multiply_adds_per_image(problem.model) * images
     for name, seconds in t.items():
-        work = 3 * fwd if name == "train_step" else (4 * int(name[-1]) * fwd if name.startswith("layerwise m")
-                                                     else (1 + 4 * int(name[-1])) * fwd)
+        kept = name.startswith(KEPT)
+        work = 3 * fwd if name == "train_step" else (4 * int(name[-1]) * fwd if kept else (1 + 4 * int(name[-1])) * fwd)
         print(f"  {name:22s} {seconds:9.3f} s   ~{work / seconds / 1e9:6.1f} GFLOP/s")
     print(f"  torch.mm ceiling this run: {ceiling:.1f} GFLOP/s")
-    rows = [("layerwise m=1 / train_step", t["layerwise m=1"] / t["train_step"], "<= 1.5"),
-            ("torch_func m=1 / layerwise m=1", t["torch_func m=1"] / t["layerwise m=1"], ">= 3"),
-            ("layerwise m=8 / layerwise m=1", t["layerwise m=8"] / t["layerwise m=1"], "<= 5"),
-            ("cold m=8 / cold m=1", t["layerwise_cold m=8"] / t["layerwise_cold m=1"], "(<= 5)"),
-            ("torch_func m=8 / layerwise m=8", t["torch_func m=8"] / t["layerwise m=8"], ""),
-            ("layerwise_cold m=1 / train_step", t["layerwise_cold m=1"] / t["train_step"], "")]
-    for label, value, target in rows:
-        print(f"  {label:34s} {value:6.2f}x  {target}")
+    rows = [("layerwise m=1 / train_step", "layerwise m=1", "train_step", "<= 1.5"),
+            ("torch_func m=1 / layerwise m=1", "torch_func m=1", "layerwise m=1", ">= 3"),
+            ("layerwise m=8 / layerwise m=1", "layerwise m=8", "layerwise m=1", "<= 5"),
+            ("nchw m=1 / layerwise m=1 (NHWC)", "layerwise_nchw m=1", "layerwise m=1", "layout"),
+            ("nchw m=8 / layerwise m=8 (NHWC)", "layerwise_nchw m=8", "layerwise m=8", "layout"),
+            ("cold m=8 / cold m=1", "layerwise_cold m=8", "layerwise_cold m=1", "(<= 5)"),
+            ("torch_func m=8 / layerwise m=8", "torch_func m=8", "layerwise m=8", ""),
+            ("layerwise_cold m=1 / train_step", "layerwise_cold m=1", "train_step", "")]
+    for label, a, b, target in rows:
+        if a in t and b in t:
+            print(f"  {label:34s} {t[a] / t[b]:6.2f}x  {target}")
+    if profile and "layerwise m=1" in variants:
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile() as prof:
+            variants["layerwise m=1"]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 def stubbed_overhead(rounds):
-    """matvec(V, idx) with the compiled kernel replaced by a no-op: its Python overhead alone
-    (robust on a loaded machine, where the kernel's own time swings by milliseconds)."""
+    """matvec(V, idx) with the compiled work replaced by a no-op: its Python overhead alone
+    (robust on a loaded machine, where the kernel's own time swings by milliseconds).
+
+    Two cuts: the registry's kernel entry replaced (everything but the kernel wrapper), and
+    only the compiled extension's call replaced (the wrapper's argument struct included).
+    Beside them, in the same run, one small in-place tensor op (``V.add_(V)`` on the (d, 1)
+    block, ~2-4 us on a quiet box) as the unit a loaded box slows alike."""
+    import types
+
     from pbrf_fast.kernels import mlp_gnh, registry
 
     _, op, idx, V = mlp_setup()
-    backend = op.plan_product(op.problem.inputs[:MLP_BATCH], V).backend
-    if op.plan_product(op.problem.inputs[:MLP_BATCH], V).implementation != "mlp-fused":
+    plan = op.plan_product(op.problem.inputs[:MLP_BATCH], V)
+    if plan.implementation != "mlp-fused" or plan.backend != "cpu":
         return None
-    kernel = registry.implementation(mlp_gnh.OP_NAME, backend)
-    registry.register(mlp_gnh.OP_NAME, backend, lambda *args: None)
+    kernel, extension = registry.implementation(mlp_gnh.OP_NAME, "cpu"), registry.cpu_extension
+    scratch = V.clone()
+    times = {"one in-place op": best_times({"op": lambda: scratch.add_(V)}, rounds, inner=1000)["op"]}
+    registry.cpu_extension = types.SimpleNamespace(MlpGnhProductArgs=extension.MlpGnhProductArgs,
+                                                   mlp_gnh_product=lambda args: None)
     try:
-        return best_times({"stub": lambda: op.matvec(V, idx)}, rounds, inner=1000)["stub"]
+        times["extension call stubbed"] = best_times({"stub": lambda: op.matvec(V, idx)}, rounds, inner=1000)["stub"]
     finally:
-        registry.register(mlp_gnh.OP_NAME, backend, kernel)
+        registry.cpu_extension = extension
+    registry.register(mlp_gnh.OP_NAME, "cpu", lambda *args: None)
+    try:
+        times["kernel stubbed out"] = best_times({"stub": lambda: op.matvec(V, idx)}, rounds, inner=1000)["stub"]
+    finally:
+        registry.register(mlp_gnh.OP_NAME, "cpu", kernel)
+    return times
 
 
 def report_mlp(rounds):
@@ -253,11 +297,17 @@ def report_mlp(rounds):
               "(target < 30)")
     stub = stubbed_overhead(rounds)
     if stub is not None:
-        print(f"  matvec overhead (kernel stubbed out): {stub * 1e6:.1f} us (target < 30)")
+        unit = stub["one in-place op"]
+        for name, seconds in stub.items():
+            print(f"  {name:24s} {seconds * 1e6:7.1f} us = {seconds / unit:5.1f} in-place ops"
+                  + ("" if name == "one in-place op" else " (target < 30 us)"))
 
 
-def report_cg(n_train, n_test, iters, data_dir):
-    """Block CG on the ResNet-20 GNH (damping 1e-3, tol 1e-4), capped at ``iters`` iterations."""
+def report_cg(n_train, n_test, iters, data_dir, batch_size=500):
+    """Block CG on the ResNet-20 GNH (damping 1e-3, tol 1e-4), capped at ``iters`` iterations.
+
+    Prints the iterations, the column-products (block CG drops converged columns, so an
+    iteration costs its active columns), the wall time and the time per column-product."""
     from pbrf_fast.solvers import solve
 
     if data_dir:
@@ -271,21 +321,34 @@ def report_cg(n_train, n_test, iters, data_dir):
         x_test, y_test = torch.randn(n_test, 3, 32, 32, generator=g), torch.randint(10, (n_test,), generator=g)
         source = "random CIFAR-shaped"
     model = resnet20(seed=0).to(DEVICE)
-    problem = pbrf_fast.Problem(model, "cross_entropy", x.to(DEVICE), y.to(DEVICE), batch_size=500)
+    problem = pbrf_fast.Problem(model, "cross_entropy", x.to(DEVICE), y.to(DEVICE), batch_size=batch_size)
     xt, yt = problem.check_data(x_test.to(DEVICE), y_test.to(DEVICE))
     B = problem.per_example_gradients(xt, yt).T.contiguous()
     op = pbrf_fast.GaussNewton(problem, 1e-3)
+    matvec, calls = op.matvec, [0]
+
+    def logged(V, idx=None):  # progress on stderr: a long solve shows its rate before it ends
+        calls[0] += 1
+        if calls[0] % 50 == 0:
+            print(f"  ... {calls[0]} block products, {V.shape[-1] if V.dim() > 1 else 1} columns active, "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        return matvec(V, idx)
+
+    op.matvec = logged
+    sync()
     start = time.perf_counter()
     result = solve(op, B, method="cg", tol=1e-4, max_iter=iters, compute_residual=False)
+    sync()
     seconds = time.perf_counter() - start
-    steps = int(result.iterations.max())
-    products = steps + 0  # one block product per iteration (x0 = 0: no initial residual product)
-    print(f"block CG: {source} {n_train} train, {n_test} test points, damping 1e-3, tol 1e-4, "
-          f"max_iter {iters}: {seconds:.1f} s, {steps} iterations = {products} block products of "
-          f"{n_test} columns, {seconds / max(products, 1):.1f} s per product, "
-          f"{seconds / max(products, 1) / n_train / n_test * 1e3:.3f} ms per image-column; "
-          f"converged {int(result.info.get('converged', torch.zeros(0)).sum()) if 'converged' in result.info else '?'}"
-          f"/{n_test}, max recurrence residual {float(result.residual_norms.max()):.2e}")
+    its = torch.as_tensor(result.iterations).reshape(-1)
+    steps, column_products = int(its.max()), int(its.sum()) if its.numel() == n_test else int(its.max()) * n_test
+    converged = "?" if result.converged is None else int(result.converged.sum())
+    print(f"block CG: {source}, {n_train} train images, {n_test} test points, damping 1e-3, tol 1e-4, "
+          f"max_iter {iters}, {DEVICE}, {torch.get_num_threads()} threads: {seconds:.1f} s, {steps} iterations "
+          f"(block products), {column_products} column-products, "
+          f"{seconds / max(column_products, 1) * 1e3:.1f} ms per column-product = "
+          f"{seconds / max(column_products, 1) / n_train * 1e3:.3f} ms per image-column; converged "
+          f"{converged}/{n_test}, max residual estimate {float(result.residual_norms.max()):.2e}", flush=True)
 
 
 if __name__ == "__main__":
@@ -300,12 +363,15 @@ if __name__ == "__main__":
     parser.add_argument("--cg-test", type=int, default=100)
     parser.add_argument("--cg-iters", type=int, default=2)
     parser.add_argument("--data-dir", default=os.environ.get("PBRF_DATA"))
+    parser.add_argument("--only", default="", help="comma-separated variant-name prefixes to time, "
+                        "e.g. 'train_step,layerwise m=1,torch_func m=1'")
+    parser.add_argument("--profile", action="store_true", help="print the m = 1 product's operator profile")
     args = parser.parse_args()
     if args.cg:
         report_cg(args.cg_train, args.cg_test, args.cg_iters, args.data_dir)
         sys.exit(0)
     if not args.mlp_only:
-        report_resnet(args.images, args.rounds)
+        report_resnet(args.images, args.rounds, [p for p in args.only.split(",") if p], args.profile)
     if not args.skip_mlp:
         print(f"MLP 8-128-128-1, batch {MLP_BATCH}, m=1, {DEVICE}")
         report_mlp(max(args.rounds, 5))

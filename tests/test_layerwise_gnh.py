@@ -230,3 +230,64 @@ def test_matches_torch_func_on_cuda():
     V = torch.randn(problem.dim, 3, dtype=torch.float64, device="cuda")
     assert rel_err(op.matvec(V), reference.matvec(V)) < TOL
     assert rel_err(op.matvec(V, [0, 3, 5]), reference.matvec(V, [0, 3, 5])) < TOL
+
+
+@pytest.mark.parametrize("group_columns", [True, False])
+@pytest.mark.parametrize("name,loss", [("resnet-blocks", "cross_entropy"), ("resnet-2-per-stage", "mse"),
+                                       ("mixed", "bce"), ("lenet-like", "mse")])
+def test_channels_last_layout_matches_torch_func(name, loss, group_columns, monkeypatch):
+    """The NHWC product (float32 images get it by default) in float64, forced: m = 1 and
+    m > 1, the columns as channel groups (grouped convolutions) or folded into the batch
+    (the stacked weight-tangent convolution refolded by a copy)."""
+    monkeypatch.setattr(layerwise_gnh, "LAYOUT", "channels_last")
+    monkeypatch.setattr(layerwise_gnh, "GROUP_COLUMNS", group_columns)
+    made = []
+    monkeypatch.setattr(layerwise_gnh._Grouped, "__init__",
+                        lambda self, t: (made.append(1), setattr(self, "t", t))[0] and None)
+    problem = conv_problem(name, loss)
+    op, reference = pair(problem, damping=1e-3)
+    spec = op.layerwise_spec()[0]
+    assert spec.channels_last
+    g = torch.Generator().manual_seed(4)
+    for m in (1, 3):
+        V = torch.randn(problem.dim, m, dtype=torch.float64, generator=g)
+        assert rel_err(op.matvec(V), reference.matvec(V)) < TOL
+    assert bool(made) == group_columns  # the grouped layout ran (only) when asked
+    # the kept primal state is NHWC: the tangent pass runs in it
+    y, saved, _ = op._cache["mlp_forward"][("layerwise", 0, problem.batch_size)][1]
+    images = [t for t in saved.values() if t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1]
+    assert images and all(t.is_contiguous(memory_format=torch.channels_last) for t in images)
+
+
+def test_layout_rule():
+    images32 = torch.zeros(2, 3, 4, 4)
+    assert layerwise_gnh.choose_layout(images32)
+    assert not layerwise_gnh.choose_layout(images32.double())  # no NHWC fast path in float64
+    assert not layerwise_gnh.choose_layout(torch.zeros(2, 8))
+    problem = conv_problem("resnet-blocks")
+    assert not pbrf_fast.GaussNewton(problem).layerwise_spec()[0].channels_last
+
+
+def test_stacked_to_folded_keeps_layout():
+    g = torch.Generator().manual_seed(0)
+    rows, m, c = 2, 3, 4
+    stacked = torch.randn(rows, m * c, 5, 6, dtype=torch.float64, generator=g)
+    expected = stacked.reshape(rows * m, c, 5, 6)
+    nhwc = stacked.contiguous(memory_format=torch.channels_last)
+    folded = layerwise_gnh._stacked_to_folded(nhwc, rows, m)
+    assert torch.equal(folded, expected) and folded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(layerwise_gnh._stacked_to_folded(stacked, rows, m), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_columns", [True, False])
+def test_channels_last_on_cuda(group_columns, monkeypatch):
+    monkeypatch.setattr(layerwise_gnh, "LAYOUT", "channels_last")
+    monkeypatch.setattr(layerwise_gnh, "GROUP_COLUMNS", group_columns)
+    problem_cpu = conv_problem("resnet-blocks", n=7)
+    problem = pbrf_fast.Problem(problem_cpu.model.cuda(), "cross_entropy", problem_cpu.inputs.cuda(),
+                                problem_cpu.targets.cuda())
+    op, reference = pair(problem, damping=1e-3)
+    assert op.layerwise_spec()[0].channels_last
+    V = torch.randn(problem.dim, 3, dtype=torch.float64, device="cuda")
+    assert rel_err(op.matvec(V), reference.matvec(V)) < TOL

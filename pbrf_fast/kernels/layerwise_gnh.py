@@ -18,6 +18,9 @@ For a batch x and a block V (d, m), ``sum_i J_i^T H_i J_i V`` in three passes:
              cotangents), the ops a hand-written backward would call, with every other
              layer's transpose (pooling scatter, pads, slices, means) taken care of too.
 
+All three run in the memory format :func:`choose_layout` picks (NHWC for float32 images, where
+its convolutions measured faster); in NHWC the stacked result is refolded by one copy.
+
 Which models: the graph of ``torch.fx.symbolic_trace(model)`` -- tracing rather than a list
 of known block classes, so a residual block (``F.relu(out + shortcut(x))``, a zero-pad
 "option A" shortcut made of slicing and ``F.pad``, or a projection shortcut) is recognised by
@@ -50,6 +53,13 @@ OP_NAME = "layerwise_gnh_product"
 # CIFAR images stay within a few GiB.
 TANGENT_CHUNK_BYTES = 1 << 30
 _PROBE_ROWS = 3  # > 1 and odd, so a reshape that mixes examples cannot pass by accident
+# The activations' memory format inside the product: "auto" (:func:`choose_layout`),
+# "channels_last" or "contiguous"; read when a model is parsed (tests and benchmarks set it).
+LAYOUT = "auto"
+# In NHWC, m > 1 columns as channel groups (True, see _Grouped) or folded into the batch (False).
+# Folded measured faster on CPU (ResNet-20, m = 8: 4.8 s vs 6.3 s; oneDNN's groups = 8
+# convolutions ran ~1.3x slower than the batch-folded ones, bench/RESULTS.md, issue 15).
+GROUP_COLUMNS = False
 
 _POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ZeroPad2d)
 _LINEAR_FUNCTIONS = (F.avg_pool2d, F.adaptive_avg_pool2d)
@@ -97,6 +107,9 @@ class LayerwiseSpec:
     input_shape: tuple
     example_numel: int  # numbers per example over every tensor the tangent pass makes
     param_names: tuple = ()
+    # Memory format of the product's 4-D activations (primal, tangents, cotangents): chosen
+    # per spec by :func:`choose_layout`; the user's model and inputs are never changed.
+    channels_last: bool = False
 
 
 class _Unsupported(Exception):
@@ -218,9 +231,24 @@ def parse_layerwise(problem) -> tuple[LayerwiseSpec | None, str]:
         return None, f"trainable parameters used outside supported layers: {', '.join(unused[:3])}"
     if sum(s.kind == "input" for s in steps) != 1:
         return None, "the model takes more than one input"
-    spec = LayerwiseSpec(gm, steps, tuple(problem.inputs.shape[1:]), 0, tuple(problem.param_names))
+    spec = LayerwiseSpec(gm, steps, tuple(problem.inputs.shape[1:]), 0, tuple(problem.param_names),
+                         channels_last=choose_layout(problem.inputs))
     reason = _probe(spec, problem)
     return (spec, "") if not reason else (None, reason)
+
+
+def choose_layout(inputs: torch.Tensor) -> bool:
+    """Whether the product runs its 4-D activations in channels_last (NHWC).
+
+    Measured (bench/RESULTS.md, issue 15): on CPU in float32 the ResNet-20 product ran 1.16x
+    (256 images) to 2.4x (1,000 images) faster in NHWC than in NCHW, oneDNN's NHWC convolutions
+    and their gradients being the faster kernels at 16-64 channels; on CUDA bench/gpu_check.sh's
+    layerwise_nchw rows test the same choice. Float64 stays in the layout given (oneDNN
+    has no float64 convolutions; the fallback has no NHWC fast path), as do inputs that are not
+    images. ``LAYOUT`` forces a choice: "channels_last", "contiguous" or "auto" (this rule)."""
+    if LAYOUT != "auto":
+        return LAYOUT == "channels_last" and inputs.dim() == 4
+    return inputs.dim() == 4 and inputs.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _pointwise_function(node: fx.Node, module) -> str:
@@ -387,6 +415,9 @@ def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_valu
         return fx.node.map_arg(a, lambda n: env[n])
 
     y = None
+    if spec.channels_last and x.dim() == 4:
+        # the primal pass in NHWC: every kept input, mask and the tangents that follow it inherit it
+        x = x.contiguous(memory_format=torch.channels_last)
     for step in spec.steps:
         node, kind = step.node, step.kind
         if kind == "input":
@@ -398,8 +429,8 @@ def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_valu
         args, kwargs = value_of(node.args), value_of(node.kwargs)
         if kind == "conv":
             m, a = step.module, args[0]
-            out = F.conv2d(a, _param(step, "weight", theta), _param(step, "bias", theta), m.stride, m.padding,
-                           m.dilation)
+            out = _in_layout(spec, F.conv2d(a, _param(step, "weight", theta), _param(step, "bias", theta),
+                                            m.stride, m.padding, m.dilation))
             if "weight" in step.params or (step.bn is not None and "weight" in step.bn.params):
                 saved[node] = a
         elif kind == "linear":
@@ -451,6 +482,56 @@ def _fold(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.reshape(rows * t.shape[1], *t.shape[2:])
 
 
+def _in_layout(spec: LayerwiseSpec, out: torch.Tensor) -> torch.Tensor:
+    """A convolution's result in the spec's layout: a one-channel input (MNIST's first conv)
+    is both NCHW and NHWC, and the convolution then returns NCHW."""
+    if spec.channels_last and not out.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _stacked_to_folded(term: torch.Tensor, rows: int, m: int) -> torch.Tensor:
+    """(rows, m * C, H, W) -> (rows * m, C, H, W), keeping the memory format.
+
+    In NCHW (and for m = 1 in any format) this is a view. In NHWC the stacked result lies as
+    (rows, H, W, m, C) while the folded tangent lies as (rows, m, H, W, C): one copy, measured
+    cheaper than running the whole product in NCHW (bench/RESULTS.md, issue 15)."""
+    channels = term.shape[1] // m
+    if m == 1:
+        return term
+    if term.is_contiguous() or not term.is_contiguous(memory_format=torch.channels_last):
+        return term.reshape(rows * m, channels, *term.shape[2:])
+    nhwc = term.permute(0, 2, 3, 1).unflatten(3, (m, channels))           # (rows, H, W, m, C), a view
+    folded = nhwc.permute(0, 3, 1, 2, 4).contiguous()                        # (rows, m, H, W, C)
+    return folded.view(rows * m, *folded.shape[2:]).permute(0, 3, 1, 2)   # (rows * m, C, H, W), NHWC
+
+
+class _Grouped:
+    """A tangent held as (rows, m * C, H, W) in NHWC, the m columns as channel groups: the layout
+    the stacked weight-tangent convolution returns, so a run of convolutions, ReLUs and residual
+    additions needs no refolding copy per layer (a grouped convolution, groups = m, applies W to
+    every column). Other nodes get the folded (rows * m, C, H, W) tangent (:func:`_folded`)."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+def _folded(value, rows: int, m: int):
+    return _stacked_to_folded(value.t, rows, m) if isinstance(value, _Grouped) else value
+
+
+def _grouped(value, rows: int, m: int):
+    """A folded (rows * m, C, H, W) tangent as :class:`_Grouped` (one copy; None stays None)."""
+    if value is None or isinstance(value, _Grouped):
+        return value
+    _, channels, height, width = value.shape
+    nhwc = value.permute(0, 2, 3, 1).reshape(rows, m, height, width, channels)
+    stacked = nhwc.permute(0, 2, 3, 1, 4).contiguous()                      # (rows, H, W, m, C)
+    return _Grouped(stacked.view(rows, height, width, m * channels).permute(0, 3, 1, 2))
+
+
 def _per_example(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.view(rows, len(t) // rows, *t.shape[1:])
 
@@ -479,6 +560,8 @@ class _Tangents:
         self.saved, self.constants = state[1], state[2]
         self.blocks = blocks
         self.m = next(iter(blocks.values())).shape[0]
+        # m > 1 columns in NHWC: tangents as channel groups (_Grouped) through convs, ReLUs, adds
+        self.grouped = spec.channels_last and self.m > 1 and GROUP_COLUMNS
 
     def block(self, step, role):
         return self.blocks.get((step.node, role))
@@ -509,20 +592,36 @@ class _Tangents:
                 shift = -bn.module.running_mean.to(W.dtype) if b is None else b - bn.module.running_mean
                 db = _add(db, rdg * shift)
             db = _add(db, dbeta)
+        if scale is not None:
+            W = W * scale.view(-1, 1, 1, 1)
+        if self.grouped and dW is not None:
+            return self._grouped_conv(step, _grouped(t_in, rows, m), W, dW, db)
+        t_in = _folded(t_in, rows, m)
         out = None
         if t_in is not None:
-            out = F.conv2d(t_in, W if scale is None else W * scale.view(-1, 1, 1, 1), None, conv.stride,
-                           conv.padding, conv.dilation)
+            out = F.conv2d(t_in, W, None, conv.stride, conv.padding, conv.dilation)
         if dW is not None:
             # the m columns' weights as m x C_out output channels of one convolution of the shared input:
             # its (rows, m * C_out, H, W) result is the folded (rows * m, C_out, H, W) tangent
             term = F.conv2d(self.saved[step.node], dW.reshape(-1, *dW.shape[2:]),
                             None if db is None else db.reshape(-1), conv.stride, conv.padding, conv.dilation)
-            term = term.reshape(rows * m, conv.out_channels, *term.shape[2:])
+            term = _stacked_to_folded(_in_layout(self.spec, term), rows, m)
             out = term if out is None else out.add_(term)
         elif db is not None:
             out = _add(out, _bias_tangent(db, rows, step.example_shape))
         return out
+
+    def _grouped_conv(self, step, t_in, W, dW, db):
+        """The m columns as channel groups: conv(t, W) as one grouped convolution (W repeated
+        per group, groups = m) plus the stacked conv(a, dW), whose output is already grouped."""
+        conv, m = step.module, self.m
+        out = F.conv2d(self.saved[step.node], dW.reshape(-1, *dW.shape[2:]),
+                       None if db is None else db.reshape(-1), conv.stride, conv.padding, conv.dilation)
+        out = _in_layout(self.spec, out)
+        if t_in is not None:
+            out = out.add_(F.conv2d(t_in.t, W.repeat(m, 1, 1, 1), None, conv.stride, conv.padding,
+                                    conv.dilation, groups=m))
+        return _Grouped(out)
 
     def linear(self, step, t_in):
         out = None if t_in is None else t_in @ _param(step, "weight", self.theta).T
@@ -549,6 +648,10 @@ class _Tangents:
 
     def pointwise(self, step, t_in):
         kept = self.saved[step.node].unsqueeze(1)
+        if isinstance(t_in, _Grouped):  # (rows, m * C, H, W) seen as (rows, m, C, H, W): views
+            per = t_in.t.unflatten(1, (self.m, -1))
+            out = torch.ops.aten.threshold_backward(per, kept, 0) if step.relu else per * kept
+            return _Grouped(out.flatten(1, 2))
         per = _per_example(t_in, self.rows)
         if step.relu:
             return torch.ops.aten.threshold_backward(per, kept, 0).reshape(t_in.shape)
@@ -570,21 +673,31 @@ def _tangent(spec: LayerwiseSpec, tangents: _Tangents) -> torch.Tensor:
         if kind in ("input", "static"):
             env[node] = None
             continue
+        rows, m = tangents.rows, tangents.m
         if kind == "output":
-            out = env[node.args[0]]
+            out = _folded(env[node.args[0]], rows, m)
             return out.reshape(len(out), -1)
         first = env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if kind == "folded":
-            out = first  # the conv before it applied it
-        elif kind in ("conv", "linear", "batchnorm"):
-            out = getattr(tangents, kind)(step, first)
-        elif kind == "add":
+            env[node] = first  # the conv before it applied it
+            continue
+        if kind == "conv" or (kind == "pointwise" and isinstance(first, _Grouped)):
+            env[node] = getattr(tangents, kind)(step, first)
+            continue
+        if kind == "add":
+            terms = [env[a] for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+            grouped = any(isinstance(t, _Grouped) for t in terms)
             out = None
-            for arg in (*node.args, *node.kwargs.values()):
-                if isinstance(arg, fx.Node):
-                    out = _add(out, env[arg])
-        elif kind == "scale":
-            out = _scaled(node, env, first)
+            for t in terms:
+                out = _add(out, _grouped(t, rows, m).t if grouped and t is not None else t)
+            env[node] = _Grouped(out) if grouped and out is not None else out
+            continue
+        if kind == "scale":
+            env[node] = _scaled(node, env, first)
+            continue
+        first = _folded(first, rows, m)  # every other node works on the folded tangent
+        if kind in ("linear", "batchnorm"):
+            out = getattr(tangents, kind)(step, first)
         elif first is None:
             out = None  # a zero tangent through a linear or masking op stays zero
         elif kind in ("pointwise", "maxpool"):
@@ -608,6 +721,8 @@ def _tangent(spec: LayerwiseSpec, tangents: _Tangents) -> torch.Tensor:
 
 def _scaled(node, env, first):
     """x * c, c * x, x / c, -x for a constant c (a product of two activations is refused)."""
+    if isinstance(first, _Grouped) and node.target in (operator.neg, operator.truediv):
+        return _Grouped(_scaled(node, {node.args[0]: first.t}, first.t))
     if node.target is operator.neg:
         return None if first is None else -first
     a, b = node.args[0], node.args[1]
@@ -615,6 +730,8 @@ def _scaled(node, env, first):
         return None if first is None else first / b
     constant = b if isinstance(a, fx.Node) else a
     tangent = env[a] if isinstance(a, fx.Node) else env[b]
+    if isinstance(tangent, _Grouped):
+        return _Grouped(tangent.t * constant)
     return None if tangent is None else tangent * constant
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import threading
+
 import torch
 from torch import nn
 
@@ -471,13 +473,26 @@ def _columns(vectors: torch.Tensor) -> int:
 
 
 def _run_cpu(spec, code, theta, x, vectors, out):
-    dims, acts, bias = spec.kernel_args()
     ext = registry.cpu_extension
-    ext.mlp_gnh_product(registry.extension_args(
-        ext.MlpGnhProductArgs, dtype=registry.dtype_name(theta), dims=dims, activations=acts,
-        has_bias=bias, loss_kind=code, inputs=x.data_ptr(), theta=theta.data_ptr(),
-        vectors=vectors.data_ptr(), out=out.data_ptr(), batch=len(x),
-        num_vectors=_columns(vectors), threads=torch.get_num_threads()))
+    # The argument struct is built once per call shape and kept on the spec; a product then
+    # only writes its four pointers. Building it (three lists copied into C++ vectors, twelve
+    # keyword fields) was the largest piece of a small product's Python overhead (issue 15).
+    # (per thread: two threads sharing one operator must not share one struct's pointers)
+    key = (ext.MlpGnhProductArgs, theta.dtype, code, len(x), _columns(vectors), torch.get_num_threads(),
+           threading.get_ident())
+    kept = spec.__dict__.setdefault("_cpu_args", {})
+    args = kept.get(key)
+    if args is None:
+        dims, acts, bias = spec.kernel_args()
+        args = registry.extension_args(
+            ext.MlpGnhProductArgs, dtype=registry.dtype_name(theta), dims=dims, activations=acts,
+            has_bias=bias, loss_kind=code, inputs=0, theta=0, vectors=0, out=0, batch=len(x),
+            num_vectors=_columns(vectors), threads=torch.get_num_threads())
+        if len(kept) > 16:  # a few shapes per operator in practice; never grow without bound
+            kept.clear()
+        kept[key] = args
+    args.inputs, args.theta, args.vectors, args.out = x.data_ptr(), theta.data_ptr(), vectors.data_ptr(), out.data_ptr()
+    ext.mlp_gnh_product(args)
 
 
 def _run_cuda(spec, code, theta, x, vectors, out):

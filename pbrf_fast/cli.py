@@ -290,7 +290,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--model", choices=["logreg", "mlp", "resnet20"], default="logreg")
     p.add_argument("--solvers", type=_solver_list, default=DEFAULT_EVALUATE_SOLVERS,
                    help="comma-separated: cg,pcg,lissa,lowrank,kernel,direct,kfac,ekfac,identity (pcg: CG "
-                        "preconditioned by EK-FAC, --cg-iters/--tol as cg; kfac/ekfac: the Kronecker "
+                        "preconditioned by --preconditioner, --cg-iters/--tol as cg; kfac/ekfac: the Kronecker "
                         "approximations; identity: gradient dot product; default: all but pcg)")
     p.add_argument("--subsets", type=POSITIVE_INT, default=100, help="random training subsets K")
     p.add_argument("--alpha", type=POSITIVE, default=0.5, help="fraction of the training set in each subset")
@@ -313,6 +313,9 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--width", type=POSITIVE_INT, default=128, help="hidden width of --model mlp")
     p.add_argument("--cg-iters", type=POSITIVE_INT, default=200)
     p.add_argument("--tol", type=POSITIVE, default=1e-4)
+    p.add_argument("--preconditioner", choices=sorted(PRECONDITIONERS), default="nystrom",
+                   help="pcg's preconditioner (default nystrom: EK-FAC alone slows CG down on ReLU nets)")
+    p.add_argument("--preconditioner-rank", type=POSITIVE_INT, default=500, help="columns of pcg's Nystrom sketch")
     p.add_argument("--lissa-depth", type=POSITIVE_INT, default=1000)
     p.add_argument("--lissa-batch-size", type=POSITIVE_INT, default=128)
     p.add_argument("--rank", type=POSITIVE_INT, default=64, help="Lanczos eigenpairs of the lowrank solver")

@@ -1,5 +1,6 @@
 """pbrf_fast.evaluation (LDS, LOO correlation, brittleness, mislabel detection) and the
 ground truths it is computed against (subset retraining, PBRF of a group)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -297,6 +298,11 @@ def test_solver_scores_match_a_dense_float64_reference():
         scores, _ = solver_scores(problem, kind, config, xt, yt)
         np.testing.assert_allclose(scores, approx.numpy(), rtol=0, atol=1e-9 * float(approx.abs().max()), err_msg=kind)
         assert np.corrcoef(scores.ravel(), exact.numpy().ravel())[0, 1] > 0.5  # an approximation of the same thing
+    for preconditioner in ("nystrom", "ekfac"):  # pcg: exact whatever preconditions it
+        pcg = dataclasses.replace(config, preconditioner=preconditioner, preconditioner_rank=5)
+        scores, info = solver_scores(problem, "pcg", pcg, xt, yt)
+        np.testing.assert_allclose(scores, exact.numpy(), rtol=0, atol=1e-8 * float(exact.abs().max()),
+                                   err_msg=preconditioner)
     identity, _ = solver_scores(problem, "identity", config, xt, yt)
     np.testing.assert_allclose(identity, (train_grads @ test_grads.T / problem.n).numpy(), rtol=1e-12, atol=1e-14)
 

@@ -10,7 +10,7 @@ __all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "ScoresConfig", "Eva
            "EVALUATE_SOLVERS", "DEFAULT_EVALUATE_SOLVERS", "COLD_START_ORDERS"]
 
 # kfac / ekfac: the Kronecker approximations of the GNH (pbrf_fast.kronecker), each with its own exact inverse.
-# pcg: the exact GNH solved by CG preconditioned with EK-FAC (converges where plain CG stalls); not in the
+# pcg: the exact GNH solved by preconditioned CG (EvaluateConfig.preconditioner; converges where plain CG stalls); not in the
 # default list, which keeps one exact iterative solver.
 EVALUATE_SOLVERS = ("cg", "pcg", "lissa", "lowrank", "kernel", "direct", "kfac", "ekfac", "identity")
 DEFAULT_EVALUATE_SOLVERS = tuple(s for s in EVALUATE_SOLVERS if s != "pcg")
@@ -148,6 +148,10 @@ class EvaluateConfig:
     width: int = 128
     cg_iters: int = 200
     tol: float = 1e-4
+    # solver "pcg": a rank-r Nystrom sketch of the GNH (bench/bench_pcg.py: 22 iterations against CG's 188
+    # on the MNIST MLP at r = 500; EK-FAC alone preconditions this ReLU net worse than nothing)
+    preconditioner: str = "nystrom"
+    preconditioner_rank: int = 500
     lissa_depth: int = 1000
     lissa_batch_size: int = 128
     rank: int = 64

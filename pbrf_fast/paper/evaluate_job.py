@@ -64,7 +64,8 @@ __all__ = ["Setting", "build_setting", "run_evaluate", "solver_scores", "EVALUAT
 # them (see _solver_tag), or that only add pieces of their own (the PBRF subsets; LOO
 # retrainings, stored by the removed point's index; brittleness files, which record
 # their test points and k): a rerun with other values reuses everything else on disk.
-REPORT_ONLY = ("solvers", "checkpoints", "cg_iters", "tol", "lissa_depth", "lissa_batch_size", "rank",
+REPORT_ONLY = ("solvers", "checkpoints", "cg_iters", "tol", "preconditioner", "preconditioner_rank",
+               "lissa_depth", "lissa_batch_size", "rank",
                "pbrf", "loo", "brittleness", "brittleness_ks")
 EVALUATE_SETTINGS = {("digits", "logreg"), ("digits", "mlp"), ("mnist", "logreg"), ("mnist", "mlp"),
                      ("cifar10", "resnet20")}
@@ -176,7 +177,10 @@ def _base_models(setting: Setting, count: int, seed: int, folder: ResultsFolder,
 
 def _solver_tag(solver: str, config: EvaluateConfig) -> str:
     """The solver and the options its scores depend on, as a file-name stem."""
-    options = {"cg": f"iters{config.cg_iters}-tol{config.tol:g}", "pcg": f"iters{config.cg_iters}-tol{config.tol:g}",
+    pcg = f"iters{config.cg_iters}-tol{config.tol:g}-{config.preconditioner}"
+    if config.preconditioner.startswith("nystrom"):
+        pcg += f"{config.preconditioner_rank}"
+    options = {"cg": f"iters{config.cg_iters}-tol{config.tol:g}", "pcg": pcg,
                "lissa": f"depth{config.lissa_depth}-batch{config.lissa_batch_size}",
                "lowrank": f"rank{config.rank}"}.get(solver)
     return f"{solver}-{options}" if options else solver
@@ -196,8 +200,10 @@ def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test,
     if solver not in EVALUATE_SOLVERS:
         raise ConfigError(f"unknown solver {solver!r}; choose from {EVALUATE_SOLVERS}")
     options = {"cg": {"tol": config.tol, "max_iter": config.cg_iters},
-               "pcg": {"tol": config.tol, "max_iter": config.cg_iters, "preconditioner": "ekfac",
-                       "preconditioner_options": {"seed": config.seed}},
+               "pcg": {"tol": config.tol, "max_iter": config.cg_iters, "preconditioner": config.preconditioner,
+                       "preconditioner_options": ({"seed": config.seed, "rank": config.preconditioner_rank}
+                                                  if config.preconditioner.startswith("nystrom")
+                                                  else {"seed": config.seed})},
                "lissa": {"depth": config.lissa_depth, "batch_size": config.lissa_batch_size, "scale": "auto",
                          "seed": config.seed}}.get(solver, {})
     if solver in ("kfac", "ekfac"):

@@ -856,7 +856,7 @@ def _detail(row: Row, measured: dict | None, out, preset: str) -> str:
         steps = rounding_steps(measured["results"])
         if not measured.get("float64_losses") and steps is not None and steps < ROUNDING_STEPS_FLAGGED:
             lines[0] += (f"; run before test-loss changes were evaluated in float64, and its removed points' "
-                         f"PBRF changes differ by only ~{steps:.0f} float32 rounding steps of the loss, so its "
+                         f"PBRF changes differ by only ~{steps:.2g} float32 rounding steps of the loss, so its "
                          f"correlations may be rounding-limited (rerun it to refresh)")
         lines[0] += f"; {_paper_time(row, measured, out)}."
     else:

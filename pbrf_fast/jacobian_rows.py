@@ -74,10 +74,7 @@ class JacobianRows:
     def _layer_slots(self):
         """[(module, {"weight": (lo, hi), "bias": (lo, hi)})] covering theta, or (None, why not)."""
         p = self.problem
-        offsets, start = {}, 0
-        for name, size in zip(p.param_names, p.param_sizes):
-            offsets[name] = (start, start + size)
-            start += size
+        offsets = p.param_ranges
         layers, covered = [], set()
         for mod_name, module in p.model.named_modules():
             own = [(k, q) for k, q in module.named_parameters(recurse=False) if q.requires_grad]

@@ -138,10 +138,7 @@ def _supported(module: nn.Module) -> bool:
 
 def kronecker_layers(problem) -> tuple[list[KroneckerLayer], list[str]]:
     """The covered layers of the problem's model and the names of every other parameter."""
-    offsets, start = {}, 0
-    for name, size in zip(problem.param_names, problem.param_sizes):
-        offsets[name] = (start, start + size)
-        start += size
+    offsets = problem.param_ranges
     layers, covered = [], set()
     for mod_name, module in problem.model.named_modules():
         if not _supported(module):
@@ -569,10 +566,7 @@ class KroneckerCurvature(CurvatureOperator):
         return type(self)(self.problem, damping, self.kind, batch_size=self.batch_size, _cache=self._cache, **o)
 
     def _other_slices(self):
-        offsets, start = {}, 0
-        for name, size in zip(self.problem.param_names, self.problem.param_sizes):
-            offsets[name] = (start, start + size)
-            start += size
+        offsets = self.problem.param_ranges
         return [offsets[n] for n in self.others]
 
     def _blocks(self):

@@ -202,6 +202,15 @@ class Problem:
         return self._theta.numel()
 
     @property
+    def param_ranges(self) -> dict[str, tuple[int, int]]:
+        """Each trainable parameter's slice ``(lo, hi)`` of the flat theta, by name."""
+        ranges, start = {}, 0
+        for name, size in zip(self.param_names, self.param_sizes):
+            ranges[name] = (start, start + size)
+            start += size
+        return ranges
+
+    @property
     def theta(self) -> torch.Tensor:
         """The current flat parameters (a copy is not made: do not modify in place)."""
         return self._theta

@@ -212,10 +212,7 @@ def parse_layerwise(problem) -> tuple[LayerwiseSpec | None, str]:
     except Exception as exc:  # any tracing failure: not a static graph
         return None, f"torch.fx cannot trace the model ({type(exc).__name__}: {str(exc)[:120]})"
     modules = _qualified_modules(gm)
-    offsets, start = {}, 0
-    for name, size in zip(problem.param_names, problem.param_sizes):
-        offsets[name] = (start, size)
-        start += size
+    offsets = {name: (lo, hi - lo) for name, (lo, hi) in problem.param_ranges.items()}  # (start, size)
     steps, used = [], set()
     try:
         for node in gm.graph.nodes:

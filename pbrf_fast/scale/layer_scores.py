@@ -53,11 +53,7 @@ class LayerScorer:
         self.problem = problem
         self.model = problem.model.eval()
         self.backend = backend
-        offsets, start = {}, 0
-        for name, size in zip(problem.param_names, problem.param_sizes):
-            offsets[name] = (start, start + size)
-            start += size
-        self.offsets = offsets
+        self.offsets = offsets = problem.param_ranges
         self.layers = []  # (module, {"weight": (lo, hi), "bias": (lo, hi) or None})
         covered = set()
         for mod_name, module in self.model.named_modules():

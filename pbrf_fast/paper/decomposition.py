@@ -60,6 +60,7 @@ def test_loss_changes(problem: Problem, params: torch.Tensor, x_test, t_test) ->
     (a barely trained VGG13 on CIFAR-10 gave identical changes for different points).
     """
     x, t = problem.check_data(x_test, t_test)
+    x64 = x.double() if x.is_floating_point() else x   # token ids stay integers
     model, buffers = _float64_copy(problem)
     names, shapes, sizes = problem.param_names, problem.param_shapes, problem.param_sizes
 
@@ -68,7 +69,6 @@ def test_loss_changes(problem: Problem, params: torch.Tensor, x_test, t_test) ->
         out = torch.func.functional_call(model, (tensors, buffers), (x64,))
         return problem.loss.value(out.reshape(out.shape[0], -1), t)
 
-    x64 = x.double() if x.is_floating_point() else x
     changed = torch.func.vmap(losses)(params.double())
     return (changed - losses(problem.theta.double())).cpu()
 

@@ -170,7 +170,9 @@ def _calibrate_batchnorm(model, x):
     model.eval()
 
 
-def resnet_part(args):
+def _resnet_task(args, dtype):
+    """ResNet-20 on ``--images`` seeded random CIFAR-10 training images, batch norm calibrated on
+    them and frozen (eval mode), trained briefly; ``--columns`` held-out test points."""
     from pbrf_fast.paper.data.cifar import load_cifar10
     from pbrf_fast.paper.resnet import resnet20
     from pbrf_fast.paper.training import TrainConfig, train
@@ -180,52 +182,186 @@ def resnet_part(args):
     g = torch.Generator().manual_seed(0)
     train_idx, test_idx = torch.randperm(len(x), generator=g)[:args.images], torch.randperm(len(x_test), generator=g)
     x, y, x_test, y_test = x[train_idx], y[train_idx], x_test[test_idx[:args.columns]], y_test[test_idx[:args.columns]]
-    # float64: at damping 1e-3 the damped GNH's condition number is ~1e7 here, and float32 products
-    # leave a relative residual of ~0.5 even for the exact answer (measured), far above CG's tol
-    x, x_test = x.double(), x_test.double()
-    problem = pbrf_fast.Problem(resnet20(seed=0).double(), "cross_entropy", x, y, batch_size=args.images)
+    x, x_test = x.to(dtype), x_test.to(dtype)
+    problem = pbrf_fast.Problem(resnet20(seed=0).to(dtype), "cross_entropy", x, y, batch_size=min(args.images, 256))
     start = time.perf_counter()
     _calibrate_batchnorm(problem.model, x)  # eval-mode statistics of these images, not the init's 0 / 1
     train(problem, TrainConfig(epochs=args.epochs, lr=0.003, batch_size=32, optimizer="momentum"))
-    print(json.dumps({"images": args.images, "parameters": problem.dim, "train_seconds": time.perf_counter() - start}),
-          flush=True)
-    influence = pbrf_fast.Influence(problem, DAMPING, solver="cg")
-    B = influence.test_gradients(x_test, y_test)
-    op = influence.operator
-    start = time.perf_counter()
-    exact = pbrf_fast.solve(op, B, "kernel")
-    kernel_seconds = time.perf_counter() - start
-    exact_scores = influence.scores_from_s_test(exact.solution)
-    rows = [{"method": "output space (exact)", "iterations_max": 0, "total_products": 0, "seconds": kernel_seconds,
-             "max_residual": float(exact.residual_norms.max()), "error_vs_exact": 0.0, "pearson_vs_exact": 1.0}]
-    print(json.dumps(rows[-1]), flush=True)
-    runs = [("cg", "cg", {})] + [(f"nystrom r={r}", "pcg", {"preconditioner": "nystrom",
-                                                             "preconditioner_options": {"rank": r}})
-                                 for r in args.ranks]
-    tol = args.tol
-    for label, method, options in runs:
+    print(json.dumps({"images": args.images, "parameters": problem.dim, "dtype": str(dtype),
+                      "train_seconds": time.perf_counter() - start}), flush=True)
+    return problem, x_test, y_test
+
+
+def _solver_runs(args):
+    """(label, method, options): plain CG first (its residual is every PCG's target), then each
+    Nystrom rank, then the Kronecker preconditioners asked for."""
+    runs = [("cg", "cg", {})]
+    runs += [(f"nystrom r={r}", "pcg", {"preconditioner": "nystrom", "preconditioner_options": {"rank": r}})
+             for r in args.ranks]
+    runs += [(kind, "pcg", {"preconditioner": kind}) for kind in args.kronecker]
+    return runs
+
+
+def _compare_solvers(op, B, exact, scores_of, args) -> list[dict]:
+    """Every run of :func:`_solver_runs` on (op, B): iterations, products, error against ``exact``."""
+    rows, tol = [], args.tol
+    exact_scores = None if scores_of is None else scores_of(exact)
+    for label, method, options in _solver_runs(args):
+        if method == "pcg" and options["preconditioner"] == "nystrom" and options["preconditioner_options"]["rank"] > op.dim:
+            continue
         start = time.perf_counter()
         result = pbrf_fast.solve(op, B, method, tol=tol, max_iter=args.max_iter, **options)
         seconds = time.perf_counter() - start
         if method == "cg":
             tol = float(result.residual_norms.max())  # every PCG to the residual CG reached
-        error = float((result.solution - exact.solution).norm() / exact.solution.norm())
+        error = float((result.solution.double() - exact.double()).norm() / exact.double().norm())
         build = result.info.get("preconditioner_products", 0)
         rows.append({"method": label, "iterations_max": int(result.iterations.max()),
-                     "total_products": result.info["operator_products"] + build, "build_products": build,
-                     "seconds": seconds, "max_residual": float(result.residual_norms.max()),
-                     "error_vs_exact": error,
-                     "pearson_vs_exact": pearson(influence.scores_from_s_test(result.solution), exact_scores)})
+                     "iterations_mean": float(result.iterations.double().mean()),
+                     "solve_products": result.info["operator_products"], "build_products": build,
+                     "total_products": result.info["operator_products"] + build, "seconds": seconds,
+                     "max_residual": float(result.residual_norms.max()), "error_vs_exact": error,
+                     "pearson_vs_exact": (None if scores_of is None
+                                          else pearson(scores_of(result.solution), exact_scores))})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\nResNet-20, {args.images} CIFAR-10 images, {args.columns} test points, damping {DAMPING}, "
-          f"d = {problem.dim}\n")
-    print("| method | iterations (max) | products (incl. build) | seconds | max residual | rel. error vs exact | "
-          "Pearson vs exact |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['iterations_max']} | {r['total_products']} | {r['seconds']:.1f} | "
-              f"{r['max_residual']:.1e} | {r['error_vs_exact']:.1e} | {r['pearson_vs_exact']:.6f} |")
     return rows
+
+
+def _print_solver_table(title, rows):
+    print(f"\n{title}\n")
+    cg_its = next(r["iterations_max"] for r in rows if r["method"] == "cg")
+    print("| method | iterations (max) | / CG | products (incl. build) | seconds | max residual | "
+          "rel. error vs exact | Pearson vs exact |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        pe = "" if r.get("pearson_vs_exact") is None else f"{r['pearson_vs_exact']:.8f}"
+        ratio = "" if r["method"].startswith("output space") else f"{r['iterations_max'] / cg_its:.3f}"
+        print(f"| {r['method']} | {r['iterations_max']} | {ratio} | {r['total_products']} | {r['seconds']:.1f} | "
+              f"{r['max_residual']:.1e} | {r['error_vs_exact']:.1e} | {pe} |")
+
+
+def resnet_part(args):
+    # float64: at damping 1e-3 the damped GNH's condition number is ~1e7 here, and float32 products
+    # leave a relative residual of ~0.5 even for the exact answer (measured), far above CG's tol
+    problem, x_test, y_test = _resnet_task(args, torch.float64)
+    influence = pbrf_fast.Influence(problem, DAMPING, solver="cg")
+    B = influence.test_gradients(x_test, y_test)
+    op = influence.operator
+    start = time.perf_counter()
+    exact = pbrf_fast.solve(op, B, "kernel")
+    rows = [{"method": "output space (exact)", "iterations_max": 0, "total_products": 0,
+             "seconds": time.perf_counter() - start, "max_residual": float(exact.residual_norms.max()),
+             "error_vs_exact": 0.0, "pearson_vs_exact": 1.0}]
+    print(json.dumps(rows[-1]), flush=True)
+    rows += _compare_solvers(op, B, exact.solution, influence.scores_from_s_test, args)
+    _print_solver_table(f"ResNet-20, {args.images} CIFAR-10 images, {args.columns} test points, damping {DAMPING}, "
+                        f"d = {problem.dim}", rows)
+    return rows
+
+
+# ------------------------------------------------------------------ the spectral reduction
+def spectral_reduction(op, B, memory_bytes=None, zero_level=1e-9):
+    """The damped GNH solve of (op, B), reduced exactly to the row space of K (N*C rows).
+
+    With K K^T = W diag(sigma) W^T (the output-space solver's Gram matrix) and G = K^T K / N,
+    the unit vectors u_i = K^T w_i / sqrt(sigma_i) are G's eigenvectors with eigenvalues
+    sigma_i / N, and every other direction has eigenvalue 0. In the orthonormal basis
+    [u_1 .. u_r, b_perp_1 / |b_perp_1|, ...] (b_perp_j: column j's part outside the row space)
+    G + mu I is diagonal, and B has coordinates U^T B = diag(sigma)^{-1/2} W^T (K B) and
+    |b_perp_j|. CG's iterates, residual norms and errors depend only on the operator and the
+    right-hand side up to such an orthogonal change of basis; a Gaussian Nystrom sketch maps
+    to a Gaussian sketch (U^T Omega is Gaussian). So CG and Nystrom-PCG on the reduced
+    (r + m)-dimensional problem take the iterations they take on the d-dimensional one, at
+    a product cost of r + m instead of d. Eigenvalues below ``zero_level`` x mu count as 0.
+
+    Returns (eigenvalues of G in the reduced basis (r + m,), reduced B (r + m, m), info).
+    """
+    from pbrf_fast.output_space import OutputSpaceSolver
+
+    solver = OutputSpaceSolver(op, memory_bytes=memory_bytes)
+    state, JV = solver._state_and_products(B)
+    n, c, m = JV.shape
+    KB = torch.einsum("ikc,ikm->icm", state["L"], JV).reshape(n * c, m)
+    sigma, W = torch.linalg.eigh(state["gram"])
+    lam = sigma / n
+    keep = lam > zero_level * op.shift
+    A = (W[:, keep].T @ KB) / sigma[keep].sqrt().unsqueeze(1)
+    norms2 = B.double().reshape(op.dim, m).pow(2).sum(0)
+    perp = (norms2 - A.pow(2).sum(0)).clamp_min(0).sqrt()
+    r = int(keep.sum())
+    B_red = torch.zeros(r + m, m, dtype=torch.float64)
+    B_red[:r] = A
+    B_red[r + torch.arange(m), torch.arange(m)] = perp
+    eigenvalues = torch.cat([lam[keep], torch.zeros(m, dtype=torch.float64)])
+    info = {"rank_kept": r, "outputs": n * c, "lambda_max": float(lam.max()),
+            "perp_share": (perp.pow(2) / norms2).tolist()}
+    return eigenvalues, B_red, info
+
+
+def diagonal_gnh(eigenvalues, damping, weight_decay=0.0):
+    """A GaussNewton operator of the library whose data term is diag(eigenvalues): a bias-free
+    linear model with MSE loss on inputs sqrt(scale * eigenvalues) e_i (one example per
+    nonzero eigenvalue), scale calibrated from the operator itself and checked."""
+    eig = eigenvalues.double()
+    nonzero = (eig > 0).nonzero().reshape(-1)
+    d = len(eig)
+
+    def build(values):
+        X = torch.zeros(len(nonzero), d, dtype=torch.float64)
+        X[torch.arange(len(nonzero)), nonzero] = values.sqrt()
+        model = torch.nn.Linear(d, 1, bias=False).double()
+        problem = pbrf_fast.Problem(model, "mse", X, torch.zeros(len(nonzero), 1, dtype=torch.float64),
+                                    weight_decay=weight_decay, batch_size=len(nonzero))
+        return pbrf_fast.make_curvature(problem, "gnh", damping)
+
+    probe = build(torch.ones(len(nonzero), dtype=torch.float64))
+    e = torch.zeros(d, 1, dtype=torch.float64)
+    e[nonzero[0]] = 1.0
+    scale = float(probe.data_matvec(e)[nonzero[0]])  # the loss's normalisation of one unit row
+    op = build(eig[nonzero] / scale)
+    V = torch.randn(d, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if not torch.allclose(op.data_matvec(V), eig.unsqueeze(1) * V, rtol=1e-10, atol=1e-12 * float(eig.max())):
+        raise RuntimeError("diagonal_gnh: the operator is not diag(eigenvalues)")
+    return op
+
+
+def resnet_spectral_part(args):
+    """CG and Nystrom PCG on ResNet-20's damped GNH over --images CIFAR-10 images through the
+    exact spectral reduction (:func:`spectral_reduction`), with the exact answer's error;
+    ``--check`` runs the d-dimensional solvers too (small --images only) to show the counts agree."""
+    dtype = torch.float64 if args.check else torch.float32
+    problem, x_test, y_test = _resnet_task(args, dtype)
+    influence = pbrf_fast.Influence(problem, DAMPING, solver="cg")
+    B = influence.test_gradients(x_test, y_test)
+    op = influence.operator
+    start = time.perf_counter()
+    eigenvalues, B_red, info = spectral_reduction(op, B, memory_bytes=args.memory_gib << 30)
+    info["reduction_seconds"] = time.perf_counter() - start
+    print(json.dumps(info), flush=True)
+    red = diagonal_gnh(eigenvalues, DAMPING, problem.weight_decay)
+    exact = B_red / (eigenvalues + op.shift).unsqueeze(1)
+    rows = _compare_solvers(red, B_red, exact, None, args)
+    lam = eigenvalues[eigenvalues > 0]
+    title = (f"ResNet-20, {args.images} CIFAR-10 images, {args.columns} test points, damping {DAMPING}, "
+             f"d = {problem.dim}, reduced to {len(eigenvalues)} dimensions (G's nonzero eigenvalues "
+             f"{float(lam.min()):.3g} .. {float(lam.max()):.3g}; condition of G + mu I "
+             f"{(float(lam.max()) + op.shift) / op.shift:.3g})")
+    _print_solver_table(title, rows)
+    out = {"info": info, "reduced": rows}
+    if args.time_products:
+        # the d-dimensional product's cost, to turn the counts into wall time
+        V = B[:, :args.time_products].contiguous()
+        op.matvec(V)  # warm: kept primal forward
+        start = time.perf_counter()
+        op.matvec(V)
+        out["seconds_per_column_product"] = (time.perf_counter() - start) / V.shape[1]
+        print(json.dumps({"seconds_per_column_product": out["seconds_per_column_product"],
+                          "columns": V.shape[1]}), flush=True)
+    if args.check:
+        full = _compare_solvers(op, B, pbrf_fast.solve(op, B, "kernel").solution, None, args)
+        _print_solver_table("the same solvers on the d-dimensional operator", full)
+        out["full"] = full
+    return out
 
 
 def spectrum_part(args):
@@ -263,7 +399,8 @@ def spectrum_part(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["iterations", "scores", "resnet", "spectrum"], default="iterations")
+    parser.add_argument("--part", choices=["iterations", "scores", "resnet", "resnet-spectral", "spectrum"],
+                        default="iterations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--columns", type=int, default=10)
     parser.add_argument("--test-points", type=int, default=100)
@@ -277,6 +414,13 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=500, help="resnet part: CIFAR-10 training images")
     parser.add_argument("--epochs", type=int, default=5, help="resnet part: training epochs")
     parser.add_argument("--ranks", type=int, nargs="+", default=[50], help="resnet part: Nystrom ranks")
+    parser.add_argument("--kronecker", nargs="*", default=[], choices=["ekfac", "kfac"],
+                        help="resnet parts: also PCG with these Kronecker preconditioners")
+    parser.add_argument("--check", action="store_true",
+                        help="resnet-spectral: float64, and the d-dimensional solvers too (small --images)")
+    parser.add_argument("--memory-gib", type=int, default=8, help="resnet-spectral: memory for J's rows")
+    parser.add_argument("--time-products", type=int, default=0,
+                        help="resnet-spectral: time one d-dimensional product of this many columns")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -286,6 +430,8 @@ def main(argv=None):
         numbers = spectrum_part(args)
     elif args.part == "resnet":
         numbers = resnet_part(args)
+    elif args.part == "resnet-spectral":
+        numbers = resnet_spectral_part(args)
     else:
         problem, x_test, y_test = mnist_task(args.data_dir or shared_data_dir(), n_test=args.test_points)
         part = iterations_part if args.part == "iterations" else scores_part

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from .errors import InputError, PBRFError
-from .solvers import PRECONDITIONERS
+from .solvers import DEFAULT_PRECONDITIONER, PRECONDITIONERS
 
 __all__ = ["main", "build_parser"]
 
@@ -235,10 +235,10 @@ def _scores_parser(sub) -> None:
     p.add_argument("--solver", choices=["cg", "pcg", "lissa", "lowrank", "direct", "kernel", "auto"], default="cg",
                    help="s_test solver; direct / kernel / auto need a small model or data set; pcg: CG "
                         "preconditioned by --preconditioner")
-    p.add_argument("--preconditioner", choices=sorted(PRECONDITIONERS), default="ekfac",
-                   help="with --solver pcg: ekfac / kfac (the Kronecker inverse), nystrom (rank "
-                        "--preconditioner-rank sketch of the GNH that flattens its top eigenvalues; the "
-                        "choice that cuts CG's iterations on an MLP), nystrom+ekfac / nystrom+kfac (the sketch's "
+    p.add_argument("--preconditioner", choices=sorted(PRECONDITIONERS), default=DEFAULT_PRECONDITIONER,
+                   help="with --solver pcg: nystrom (default: a rank --preconditioner-rank sketch of the GNH "
+                        "that flattens its top eigenvalues; it cuts CG's iterations on deep nets), ekfac / kfac "
+                        "(the Kronecker inverse: best for one-layer models), nystrom+ekfac / nystrom+kfac (the sketch's "
                         "top eigenspace exactly, the Kronecker inverse on the rest)")
     p.add_argument("--preconditioner-rank", type=POSITIVE_INT, default=200,
                    help="columns of the Nystrom sketch (that many GNH products to build it, once)")
@@ -313,7 +313,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--width", type=POSITIVE_INT, default=128, help="hidden width of --model mlp")
     p.add_argument("--cg-iters", type=POSITIVE_INT, default=200)
     p.add_argument("--tol", type=POSITIVE, default=1e-4)
-    p.add_argument("--preconditioner", choices=sorted(PRECONDITIONERS), default="nystrom",
+    p.add_argument("--preconditioner", choices=sorted(PRECONDITIONERS), default=DEFAULT_PRECONDITIONER,
                    help="pcg's preconditioner (default nystrom: EK-FAC alone slows CG down on ReLU nets)")
     p.add_argument("--preconditioner-rank", type=POSITIVE_INT, default=500, help="columns of pcg's Nystrom sketch")
     p.add_argument("--lissa-depth", type=POSITIVE_INT, default=1000)

@@ -40,6 +40,8 @@ __all__ = ["NystromSketch", "nystrom_sketch", "NystromPreconditioner", "Deflated
            "NYSTROM_KINDS"]
 
 NYSTROM_KINDS = ("nystrom", "nystrom+ekfac", "nystrom+kfac")
+# Sketch columns when no rank is given (r products to build; see bench/RESULTS.md for r).
+DEFAULT_RANK = 100
 # Columns per block product while sketching: bounds the product's transient memory.
 SKETCH_BLOCK = 256
 
@@ -161,15 +163,16 @@ class DeflatedKroneckerPreconditioner:
         return Z + U @ (coeff / (lam + self.mu).unsqueeze(1))
 
 
-def make_nystrom(op, kind: str = "nystrom", *, rank: int = 100, seed: int = 0, power_iterations: int = 0,
+def make_nystrom(op, kind: str = "nystrom", *, rank: int | None = None, seed: int = 0, power_iterations: int = 0,
                  kronecker_options: dict | None = None):
     """The preconditioner ``kind`` for the exact operator ``op``. The sketch of op's data term
-    is cached on op (it depends on neither damping nor weight decay); mu is op's."""
+    is cached on op (it depends on neither damping nor weight decay); mu is op's.
+    ``rank`` defaults to :data:`DEFAULT_RANK`, or op's dimension if that is smaller."""
     if kind not in NYSTROM_KINDS:
         raise InputError(f"kind must be one of {NYSTROM_KINDS}, got {kind!r}")
     if kind == "nystrom" and kronecker_options:
         raise InputError("kronecker_options apply to 'nystrom+ekfac' / 'nystrom+kfac' only")
-    rank = _check_rank(rank, op.dim)
+    rank = _check_rank(min(DEFAULT_RANK, op.dim) if rank is None else rank, op.dim)
     key = ("nystrom_sketch", rank, int(seed), power_iterations)
     cached = op._cache.get(key)
     fresh = cached is None or cached[0] != op.problem.version

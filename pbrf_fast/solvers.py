@@ -275,6 +275,13 @@ def _precondition(preconditioner, R: torch.Tensor, cols: torch.Tensor) -> torch.
 PRECONDITIONERS: dict = {}
 
 
+# PCG's preconditioner when none is named. Nystrom, not EK-FAC: on ReLU networks the
+# block-diagonal Kronecker inverse made CG *slower* (MNIST MLP: 1.75x CG's iterations), while
+# a rank-r sketch of the exact GNH cut them to 0.12x there and to 0.2-0.3x on ResNet-20
+# (bench/RESULTS.md, issue 17). EK-FAC stays one argument away for one-layer models.
+DEFAULT_PRECONDITIONER = "nystrom"
+
+
 def register_preconditioner(name: str, factory) -> None:
     """Make ``factory(op, **options)`` available as ``solve(op, B, "pcg", preconditioner=name)``."""
     PRECONDITIONERS[name] = factory
@@ -307,10 +314,11 @@ def _build_preconditioner(op, preconditioner, options):
     return built, preconditioner
 
 
-def pcg(op: CurvatureOperator, B: torch.Tensor, *, preconditioner="ekfac", preconditioner_options: dict | None = None,
+def pcg(op: CurvatureOperator, B: torch.Tensor, *, preconditioner=None, preconditioner_options: dict | None = None,
         **options) -> SolveResult:
     """Preconditioned block CG: the exact solve of ``op`` (e.g. the damped GNH), built from
-    the same problem, damping and weight decay. ``preconditioner``:
+    the same problem, damping and weight decay. ``preconditioner`` (default
+    :data:`DEFAULT_PRECONDITIONER`, ``"nystrom"``):
 
     * ``"ekfac"`` / ``"kfac"``: the Kronecker inverse (``preconditioner_options`` go to
       :class:`pbrf_fast.kronecker.KroneckerCurvature`);
@@ -327,6 +335,7 @@ def pcg(op: CurvatureOperator, B: torch.Tensor, *, preconditioner="ekfac", preco
     reused) beside the iterations' ``operator_products``.
     """
     start = time.perf_counter()
+    preconditioner = DEFAULT_PRECONDITIONER if preconditioner is None else preconditioner
     preconditioner, name = _build_preconditioner(op, preconditioner, {} if preconditioner_options is None
                                                  else preconditioner_options)
     if not callable(getattr(preconditioner, "inverse_matvec", None)):
@@ -541,7 +550,8 @@ def solve(op: CurvatureOperator, B: torch.Tensor, method: str = "auto", **option
     ``method``: ``"auto"`` (see :func:`choose_method`: the cheaper exact
     solver of ``direct`` and ``kernel`` by size, else ``cg``; a K-FAC / EK-FAC
     operator's own inverse), ``"direct"``, ``"kernel"``, ``"cg"``, ``"pcg"``
-    (``preconditioner="ekfac"`` or ``"kfac"``), ``"kronecker"`` or ``"lissa"``;
+    (``preconditioner="nystrom"`` by default, or ``"ekfac"``, ``"kfac"``, ...),
+    ``"kronecker"`` or ``"lissa"``;
     ``options`` go to that solver.
     """
     reason = None

@@ -48,11 +48,28 @@ def test_pcg_needs_fewer_iterations_than_cg_on_an_ill_conditioned_problem():
     op = pbrf_fast.GaussNewton(problem, 1e-4)
     B = torch.randn(problem.dim, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     cg = pbrf_fast.solve(op, B, "cg", tol=1e-8)
-    pcg = pbrf_fast.solve(op, B, "pcg", tol=1e-8)
+    pcg = pbrf_fast.solve(op, B, "pcg", preconditioner="ekfac", tol=1e-8)
     assert bool(cg.converged.all()) and bool(pcg.converged.all())
     assert int(pcg.iterations.max()) * 3 < int(cg.iterations.min())
     expected = torch.linalg.solve(dense_gnh(problem, 1e-4), B)
     assert rel_err(pcg.solution, expected) < 1e-6
+
+
+def test_the_default_preconditioner_is_a_nystrom_sketch_of_rank_min_100_d():
+    """Nystrom by default (EK-FAC slows CG down on ReLU nets: bench/RESULTS.md); its rank
+    never exceeds the operator's dimension, where the sketch is the whole curvature."""
+    from pbrf_fast.preconditioners import DEFAULT_RANK
+
+    problem = make_problem("cross_entropy", n=20, hidden=(5,), outputs=3, weight_decay=1e-3)
+    op = pbrf_fast.GaussNewton(problem, 1e-3)
+    B = torch.randn(problem.dim, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    result = pbrf_fast.solve(op, B, "pcg", tol=1e-10)
+    assert result.info["preconditioner"] == "nystrom"
+    assert result.info["preconditioner_products"] == min(DEFAULT_RANK, problem.dim) == problem.dim
+    assert int(result.iterations.max()) <= 2  # rank d: the sketch is G itself
+    assert rel_err(result.solution, torch.linalg.solve(dense_gnh(problem, 1e-3), B)) < 1e-8
+    with pytest.raises(InputError, match="rank must be between 1"):
+        pbrf_fast.solve(op, B, "pcg", preconditioner_options={"rank": problem.dim + 1})
 
 
 def test_pcg_with_an_exact_preconditioner_takes_one_iteration():
@@ -70,9 +87,9 @@ def test_pcg_with_a_warm_start_and_max_iter_reports_true_convergence():
     problem = make_problem("mse", n=30, hidden=(6,), outputs=3, seed=1)
     op = pbrf_fast.GaussNewton(problem, 1e-4)
     B = torch.randn(problem.dim, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    short = pbrf_fast.solve(op, B, "pcg", tol=1e-12, max_iter=2)
+    short = pbrf_fast.solve(op, B, "pcg", preconditioner="ekfac", tol=1e-12, max_iter=2)
     assert short.iterations.tolist() == [2, 2] and not bool(short.converged.any())
-    resumed = pbrf_fast.solve(op, B, "pcg", tol=1e-10, x0=short.solution)
+    resumed = pbrf_fast.solve(op, B, "pcg", preconditioner="ekfac", tol=1e-10, x0=short.solution)
     assert bool(resumed.converged.all())
     true = (op.matvec(resumed.solution) - B).norm(dim=0) / B.norm(dim=0)
     assert torch.allclose(resumed.residual_norms, true)

@@ -96,7 +96,7 @@ class ScoresConfig:
     query_chunk: int | None = None
     solver: str = "cg"
     curvature: str = "gnh"           # the exact GNH, or its "kfac" / "ekfac" approximation
-    preconditioner: str = "ekfac"    # solver "pcg": "ekfac", "kfac", "nystrom", "nystrom+ekfac", "nystrom+kfac"
+    preconditioner: str = "nystrom"  # solver "pcg": "nystrom", "ekfac", "kfac", "nystrom+ekfac", "nystrom+kfac"
     preconditioner_rank: int = 200   # columns of the Nystrom sketch
     cg_iters: int = 100
     tol: float = 1e-4

@@ -51,7 +51,7 @@ from ..kronecker import KRONECKER_KINDS, KroneckerCurvature, KroneckerFactors
 from ..losses import Loss, get_loss
 from ..problem import Problem
 from ..results_folder import ResultsFolder
-from ..solvers import SOLVERS, solve
+from ..solvers import DEFAULT_PRECONDITIONER, SOLVERS, solve
 from . import distributed as D
 from .data import as_data_source, tensor_digest
 from .layer_scores import LayerScorer
@@ -300,7 +300,7 @@ class ScorePipeline:
             return self.kronecker_factors(k, problem, a.curvature, a.curvature_options)
         op_cls = D.DistributedGaussNewton if self.world > 1 else GaussNewton
         op = op_cls(problem, a.damping, backend=a.backend)
-        preconditioner = a.solver_options.get("preconditioner", "ekfac") if a.solver == "pcg" else None
+        preconditioner = a.solver_options.get("preconditioner", DEFAULT_PRECONDITIONER) if a.solver == "pcg" else None
         if preconditioner in KRONECKER_KINDS:  # stored factors; a Nystrom sketch is built and cached on op
             options = a.solver_options.get("preconditioner_options") or {}
             self.preconditioner = self.kronecker_factors(k, problem, preconditioner, options)
@@ -373,7 +373,7 @@ class ScorePipeline:
         if a.curvature in KRONECKER_KINDS:
             return op.solve(grads)
         options = dict(a.solver_options)
-        if a.solver == "pcg" and options.get("preconditioner", "ekfac") in KRONECKER_KINDS:
+        if a.solver == "pcg" and options.get("preconditioner", DEFAULT_PRECONDITIONER) in KRONECKER_KINDS:
             options.pop("preconditioner_options", None)
             options["preconditioner"] = self.preconditioner  # the stored factors
         return solve(op, grads, a.solver, **options)

@@ -7,6 +7,8 @@ other timing runs on the shared box:
     flock /tmp/pbrf-bench.lock env PYTHONPATH=$PWD .venv/bin/python bench/bench_pcg.py --part iterations
     flock /tmp/pbrf-bench.lock env PYTHONPATH=$PWD .venv/bin/python bench/bench_pcg.py --part scores
     PYTHONPATH=$PWD .venv/bin/python bench/bench_pcg.py --part spectrum      # dense, float64, no timing
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_pcg.py --part resnet-spectral --images 500 --columns 20 \
+        --ranks 100 250 500 1000 2000 4000 --time-products 2                 # iterations; one product timed
 
 Task: the MNIST MLP 784-64-10 of bench_kronfluence.py (5,000 train, seeded SGD, damping 1e-3,
 float32, d = 50,890).
@@ -21,6 +23,12 @@ float32, d = 50,890).
   eval-mode batch norm), ``--columns`` test gradients: the exact output-space solve, plain CG
   and Nystrom PCG (ranks ``--ranks``) to the same residual, each solution's relative error
   against the output-space one and the Pearson of its scores.
+* ``resnet-spectral``: the same comparison over many more images (the issue's 500), on the exact
+  reduction of the damped GNH to the row space of the Jacobian (``spectral_reduction``: N*C
+  dimensions, the output-space solver's Gram matrix, in which CG and a Gaussian Nystrom sketch
+  behave as in d dimensions), with one d-dimensional product timed (``--time-products``) to turn
+  the counts into wall time; ``--check`` (float64, small ``--images``) runs the d-dimensional
+  solvers too, to show the counts agree.
 * ``spectrum``: condition numbers of the preconditioned operator P^{-1/2}(G + mu I)P^{-1/2},
   dense in float64, on scikit-learn's digits with an MLP 64-32-10 (d = 2,410): how r was chosen.
 """

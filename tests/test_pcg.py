@@ -252,3 +252,40 @@ def test_scores_command_takes_a_pcg_preconditioner(tmp_path):
     assert arguments["solver_options"]["preconditioner_options"]["rank"] == 16
     with pytest.raises(SystemExit):  # argparse names the argument and the choices
         main([*base, "--preconditioner", "nystorm", "--out", str(tmp_path / "bad")])
+
+
+def _bench_pcg():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_pcg
+
+    return bench_pcg
+
+
+def test_the_spectral_reduction_of_bench_pcg_is_exact():
+    """bench_pcg.py measures CG / PCG iterations on ResNet-20 over 500 images through a
+    reduction to K's row space (N*C dimensions instead of d): the reduced operator must have
+    the GNH's nonzero spectrum, the same b^T (G + mu I)^{-1} b per column, and CG must take
+    the same iterations on it as on the d-dimensional operator."""
+    bench = _bench_pcg()
+    problem = make_problem("cross_entropy", n=6, d_in=4, hidden=(6,), outputs=3, weight_decay=1e-3)
+    op = pbrf_fast.GaussNewton(problem, 1e-2)
+    B = torch.randn(problem.dim, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    eigenvalues, B_red, info = bench.spectral_reduction(op, B)
+    dense = dense_gnh(problem, 0.0)  # G + weight decay
+    exact = torch.linalg.eigvalsh(dense - problem.weight_decay * torch.eye(problem.dim, dtype=torch.float64))
+    top = exact[exact > 1e-9 * op.shift].flip(0)
+    reduced = eigenvalues[eigenvalues > 0].sort(descending=True).values
+    assert info["rank_kept"] == len(top) == problem.n * 2  # softmax: rank N (C - 1)
+    assert torch.allclose(reduced, top, rtol=1e-9, atol=1e-12)
+    full_x = torch.linalg.solve(dense_gnh(problem, 1e-2), B)
+    red_x = B_red / (eigenvalues + op.shift).unsqueeze(1)
+    assert torch.allclose((B * full_x).sum(0), (B_red * red_x).sum(0), rtol=1e-10)
+    assert torch.allclose(full_x.norm(dim=0), red_x.norm(dim=0), rtol=1e-10)
+    red_op = bench.diagonal_gnh(eigenvalues, 1e-2, problem.weight_decay)
+    assert abs(red_op.shift - op.shift) < 1e-15
+    cg_full = pbrf_fast.solve(op, B, "cg", tol=1e-8)
+    cg_red = pbrf_fast.solve(red_op, B_red, "cg", tol=1e-8)
+    assert (cg_full.iterations - cg_red.iterations).abs().max() <= 1

@@ -193,8 +193,15 @@ def _resnet_task(args, dtype):
     x, x_test = x.to(dtype), x_test.to(dtype)
     problem = pbrf_fast.Problem(resnet20(seed=0).to(dtype), "cross_entropy", x, y, batch_size=min(args.images, 256))
     start = time.perf_counter()
-    _calibrate_batchnorm(problem.model, x)  # eval-mode statistics of these images, not the init's 0 / 1
-    train(problem, TrainConfig(epochs=args.epochs, lr=0.003, batch_size=32, optimizer="momentum"))
+    saved = Path(args.model_file) if getattr(args, "model_file", None) else None
+    if saved is not None and saved.exists():  # a model trained by an earlier run of the same settings
+        problem.model.load_state_dict(torch.load(saved))
+        problem.set_theta(torch.cat([p.detach().reshape(-1) for p in problem.model.parameters() if p.requires_grad]))
+    else:
+        _calibrate_batchnorm(problem.model, x)  # eval-mode statistics of these images, not the init's 0 / 1
+        train(problem, TrainConfig(epochs=args.epochs, lr=0.003, batch_size=32, optimizer="momentum"))
+        if saved is not None:
+            torch.save(problem.model.state_dict(), saved)
     print(json.dumps({"images": args.images, "parameters": problem.dim, "dtype": str(dtype),
                       "train_seconds": time.perf_counter() - start}), flush=True)
     return problem, x_test, y_test
@@ -452,6 +459,8 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true",
                         help="resnet-spectral: float64, and the d-dimensional solvers too (small --images)")
     parser.add_argument("--memory-gib", type=int, default=8, help="resnet-spectral: memory for J's rows")
+    parser.add_argument("--model-file", default=None,
+                        help="resnet parts: store the trained model here, or load it if present")
     parser.add_argument("--reduction-file", default=None,
                         help="resnet-spectral: store the reduction here, or load it if present")
     parser.add_argument("--time-products", type=int, default=0,

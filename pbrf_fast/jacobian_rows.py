@@ -7,11 +7,14 @@ chunk's rows, (b*C, d) ordered (example, output):
   Linear or eval-mode BatchNorm1d/2d (running statistics) that runs once per forward pass,
   one forward pass with hooks over the chunk repeated C times (C*b images) keeps each layer's
   input and output, and ONE ordinary backward pass with cotangent e_c on the c-th copy gives
-  each layer's output gradients delta (C, b, ...) for all C outputs: every transposed
-  convolution runs once on a batch of C*b. (Autograd's ``is_grads_batched`` would spare the
-  repeated forward, but its vmap runs ``convolution_backward`` once per output and stacks the
-  results: 3.4x the CPU time here, profiled on 16 ResNet-20 images.) A layer's rows are then per-example products of delta
-  with its input: for a conv, the C outputs' deltas stacked as C*C_out channels times the
+  each layer's output gradients delta (b, C, ...) for all C outputs: every transposed
+  convolution runs once on a batch of C*b. ``FORWARD = "once"`` instead runs one forward over
+  the chunk and C backward passes through that graph: (C - 1) forwards fewer, but at 2
+  threads its small-batch transposed convolutions ran slower than the forwards saved
+  (measured, see ``FORWARD``). (Autograd's ``is_grads_batched`` would spare the repeated
+  forward too, but its vmap runs ``convolution_backward`` once per output and stacks the
+  results: 3.4x the CPU time, profiled on 16 ResNet-20 images.) A layer's rows are then
+  per-example products of delta with its input: for a conv, the C outputs' deltas stacked as C*C_out channels times the
   unfolded patches, (C*C_out, positions) @ (positions, C_in*k*k), one batched GEMM per layer
   writing the rows' layout directly (measured as fast as the per-kernel-offset GEMMs of
   ``conv2d_weight_gradient_blocks``, which would need a strided scatter into the rows); for
@@ -35,10 +38,14 @@ from .errors import InputError
 __all__ = ["JacobianRows"]
 
 _LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
-# How a chunk's C output-gradient passes get their forward graph: "once" (one forward over the
-# chunk, C backward passes through it) or "replicated" (one forward over the chunk repeated C
-# times, one backward with e_k on copy k). Measured in bench/results/gnh-speed.md.
-FORWARD = "once"
+# How a chunk's C output-gradient passes get their forward graph: "replicated" (one forward
+# over the chunk repeated C times, one backward with e_k on copy k) or "once" (one forward
+# over the chunk, C backward passes through its graph: (C - 1) forwards fewer). Measured on
+# ResNet-20 (bench/results/gnh-speed.md): at 2 threads the C small-batch backward passes of
+# "once" ran their convolution_backward 2.3x slower per image than replicated's one pass
+# over C*b images, more than the forwards it saves (replicated 1.26-1.73x faster in 3 of 5
+# runs, equal in one, 1.29x slower in one); at 1 thread "once" was 1.38x faster (one profile).
+FORWARD = "replicated"
 
 
 class _CalledTwice(Exception):

@@ -55,9 +55,11 @@ JACOBIAN_ROWS_BYTES = 4 << 30
 # The share of the memory free at the start that the rows may take by default: recomputing
 # rows that miss the budget costs a pass over them per panel (ResNet-20, 500 images: 5.4 GB
 # of rows, 172 of 500 examples recomputed under 4 GiB, ~25% of the rows' time), so the rows
-# may take three quarters of what is free; the quarter left covers the Gram matrices outside
-# the budget (~5 x 8 (N C)^2 bytes: 1 GB at N C = 5,000) and others' growth on a shared box.
-ROWS_SHARE_OF_FREE = 0.75
+# may take half of what is free; the half left covers the Gram matrices outside the budget
+# (~5 x 8 (N C)^2 bytes: 1 GB at N C = 5,000) and others' growth on a shared box (3/4 was
+# tried: a 500-image ResNet-20 run reached 6.8 GB and the kernel's OOM killer ended it when
+# other processes grew meanwhile).
+ROWS_SHARE_OF_FREE = 0.5
 # float32 GEMMs run over this many parameters at a time, their results summed in float64.
 _GEMM_SLICE = 8192
 # Diagonal tiles of the upper-triangle Gram at or below this many rows are one GEMM.
@@ -169,7 +171,7 @@ def _free_bytes(device: torch.device) -> int | None:
 
 
 def default_rows_bytes(device: torch.device | str = "cpu") -> int:
-    """The row budget when the caller gives none: ``ROWS_SHARE_OF_FREE`` (3/4) of the memory
+    """The row budget when the caller gives none: ``ROWS_SHARE_OF_FREE`` (half) of the memory
     free now on ``device``, or :data:`JACOBIAN_ROWS_BYTES` where that cannot be read."""
     free = _free_bytes(torch.device(device))
     return JACOBIAN_ROWS_BYTES if free is None else max(1, int(free * ROWS_SHARE_OF_FREE))
@@ -278,7 +280,7 @@ def jacobian_gram(problem, memory_bytes: int | None = None) -> torch.Tensor:
     """J J^T over all training outputs, (N*C, N*C) in float64, rows ordered (example, output).
 
     ``memory_bytes`` bounds J's rows held at once for models beyond Linear layers
-    (default :func:`default_rows_bytes`: 3/4 of the memory free now).
+    (default :func:`default_rows_bytes`: half the memory free now).
     """
     memory_bytes = _check_memory_bytes(memory_bytes, problem.device)
     linears = _linear_modules_cover(problem)
@@ -293,7 +295,7 @@ class OutputSpaceSolver:
     """Exact (G + s I)^{-1} for a GaussNewton operator through an N*C x N*C system.
 
     ``memory_bytes`` bounds J's rows held at once for models beyond Linear layers
-    (default :func:`default_rows_bytes`: 3/4 of the memory free when the solver is built);
+    (default :func:`default_rows_bytes`: half the memory free when the solver is built);
     within it they are kept for the solver's life.
     """
 

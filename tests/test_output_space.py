@@ -272,11 +272,11 @@ def test_rows_are_written_into_the_callers_buffer():
         rows(problem.inputs, out=buffer.float())
 
 
-def test_default_row_budget_is_three_quarters_of_the_free_memory(monkeypatch):
+def test_default_row_budget_is_half_the_free_memory(monkeypatch):
     monkeypatch.setattr(output_space_module, "_free_bytes", lambda device: 8 << 30)
-    assert output_space_module.default_rows_bytes() == 6 << 30
+    assert output_space_module.default_rows_bytes() == 4 << 30
     op = pbrf_fast.GaussNewton(conv_problem("lenet-like", n=3), 0.1)
-    assert OutputSpaceSolver(op).memory_bytes == 6 << 30
+    assert OutputSpaceSolver(op).memory_bytes == 4 << 30
     assert OutputSpaceSolver(op, memory_bytes=123).memory_bytes == 123
     monkeypatch.setattr(output_space_module, "_free_bytes", lambda device: None)
     assert output_space_module.default_rows_bytes() == output_space_module.JACOBIAN_ROWS_BYTES

@@ -43,7 +43,7 @@ _LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 # over the chunk, C backward passes through its graph: (C - 1) forwards fewer). Measured on
 # ResNet-20 (bench/results/gnh-speed.md): at 2 threads the C small-batch backward passes of
 # "once" ran their convolution_backward 2.3x slower per image than replicated's one pass
-# over C*b images, more than the forwards it saves (replicated 1.26-1.73x faster in 3 of 5
+# over C*b images, more than the forwards it saves (replicated 1.26-1.89x faster in 4 of 6
 # runs, equal in one, 1.29x slower in one); at 1 thread "once" was 1.38x faster (one profile).
 FORWARD = "replicated"
 

@@ -284,5 +284,7 @@ def _fill_layer_rows(rows, module, inputs, grads, slots) -> None:
 
 
 def _per_channel(t):
-    """(b, C, channels, *positions) summed over the positions: (b, C, channels)."""
-    return t.reshape(t.shape[0], t.shape[1], t.shape[2], -1).sum(3)
+    """(b, C, channels, *positions) summed over the positions: (b, C, channels). A reduction
+    over the trailing dimensions, not a reshape: the replicated path's gradients are a
+    (C, b) -> (b, C) transposed view, which a reshape would copy whole."""
+    return t.sum(dim=tuple(range(3, t.dim()))) if t.dim() > 3 else t

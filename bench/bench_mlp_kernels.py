@@ -2,6 +2,7 @@
 
     python -m pytest bench/bench_mlp_kernels.py --benchmark-only   # pytest-benchmark table
     python bench/bench_mlp_kernels.py [--cuda]                     # + ratios and matmul floor
+    python bench/bench_mlp_kernels.py --overhead [--baseline COMMIT]  # Python overhead per product
 
 Pairs (float32, batch 128): fused vs torch.func product (GaussNewton backend="cpu"
 or "cuda" vs backend="torch"; "auto" shows what the dispatch picks, repeated on one
@@ -116,7 +117,70 @@ def test_lissa(benchmark, engine):
                                      compute_residual=False), rounds=2, warmup_rounds=0)
 
 
-if __name__ == "__main__":
+def overhead_child(rounds):
+    """One process's numbers for --overhead (the pbrf_fast on PYTHONPATH): the product's Python
+    overhead with the compiled work stubbed out, beside one small in-place op as the unit a
+    loaded box slows alike, and the real product against the plain torch.func reference."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_conv_gnh import best_times, mlp_variants, stubbed_overhead
+
+    torch.set_num_threads(1)
+    times = {name: seconds for name, seconds in best_times(mlp_variants(), rounds, inner=200).items()}
+    times.update(stubbed_overhead(rounds) or {})
+    print(json.dumps({k: v * 1e6 for k, v in times.items()}))
+
+
+def overhead(baseline, rounds, repeats):
+    """--overhead: this tree and ``baseline`` (a commit, exported with the built extension
+    copied in) alternately, ``repeats`` processes each; best of each number over them."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"this tree": root}
+    if baseline:
+        base = tempfile.mkdtemp()
+        archive = subprocess.run(["git", "archive", baseline, "pbrf_fast"], cwd=root, check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", base], input=archive.stdout, check=True)
+        for name in os.listdir(os.path.join(root, "pbrf_fast")):
+            if name.endswith(".so"):
+                shutil.copy(os.path.join(root, "pbrf_fast", name), os.path.join(base, "pbrf_fast", name))
+        trees[f"baseline {baseline}"] = base
+    print(f"load average before: {os.getloadavg()}")
+    best = {}
+    for _ in range(repeats):
+        for label, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1")
+            out = subprocess.run([sys.executable, __file__, "--overhead-child", "--rounds", str(rounds)], env=env,
+                                 check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            for k, v in json.loads(out).items():
+                best.setdefault(label, {})[k] = min(best.get(label, {}).get(k, float("inf")), v)
+    for label, t in best.items():
+        unit = t["one in-place op"]
+        print(f"{label}:")
+        for k, v in t.items():
+            print(f"  {k:24s} {v:9.1f} us = {v / unit:6.1f} in-place ops")
+        print(f"  torch.func / matvec: {t['mlp torch_func'] / t['mlp matvec(V, idx)']:.2f}x (target >= 5); "
+              f"extension call stubbed {t['extension call stubbed']:.1f} us (target < 30)")
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__" and ("--overhead" in sys.argv or "--overhead-child" in sys.argv):
+    import argparse
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--overhead", action="store_true", help="Python overhead of the small MLP product")
+    parser.add_argument("--overhead-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", default="", help="a commit to time alongside, e.g. 02a9f1b")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    if args.overhead_child:
+        overhead_child(args.rounds)
+    else:
+        overhead(args.baseline, args.rounds, args.repeats)
+elif __name__ == "__main__":
     import json
     import subprocess
     import tempfile

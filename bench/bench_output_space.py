@@ -149,7 +149,13 @@ def _instrument(module, timings):
                 timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return wrapper
 
-    module._RowStream.compute = timed("rows", module._RowStream.compute)
+    compute = timed("rows", module._RowStream.compute)
+
+    def counted_rows(stream, lo, hi, *args, **kwargs):  # examples whose rows were computed (> N: recomputed)
+        timings["rows_examples"] = timings.get("rows_examples", 0) + (hi - lo)
+        return compute(stream, lo, hi, *args, **kwargs)
+
+    module._RowStream.compute = counted_rows
     gemm = timed("gemm", module._mm64)
 
     def counted(A, B):  # the multiply-adds actually run (diagonal tiles are full squares)
@@ -192,6 +198,7 @@ def _run_variant(variant, data_path, out_path, n_train):
         import pbrf_fast.output_space as module
 
         _instrument(module, timings)
+        budget = module.default_rows_bytes()  # what the solver below will take (memory free now)
         if variant == "float64":
             module._mm64 = _float64_mm
         start = time.perf_counter()
@@ -200,7 +207,8 @@ def _run_variant(variant, data_path, out_path, n_train):
     torch.save(scores, out_path)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"variant": variant, "seconds": seconds, "peak_rss_gb": peak_gb, "n": problem.n,
-                      "d": problem.dim, "timings": timings}))
+                      "d": problem.dim, "timings": timings,
+                      "rows_budget_gb": budget / 1e9 if variant != "old" else None}))
 
 
 def _compare(a, b):
@@ -232,6 +240,10 @@ def main_resnet(args):
             scores[name] = torch.load(out)
             r = results[name]
             gemm_flops = r["timings"].pop("gemm_flop", 0.0)
+            examples = r["timings"].pop("rows_examples", 0)
+            if examples:
+                print(f"{name:8s}: rows of {examples} examples computed ({examples - r['n']} recomputed), "
+                      f"row budget {r['rows_budget_gb']:.2f} GB")
             rate = gemm_flops / r["timings"]["gemm"] / 1e9 if r["timings"].get("gemm") else float("nan")
             print(f"{name:8s} N={r['n']:4d}: {r['seconds']:7.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB, "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in r["timings"].items())

@@ -7,11 +7,14 @@ chunk's rows, (b*C, d) ordered (example, output):
   Linear or eval-mode BatchNorm1d/2d (running statistics) that runs once per forward pass,
   one forward pass with hooks over the chunk repeated C times (C*b images) keeps each layer's
   input and output, and ONE ordinary backward pass with cotangent e_c on the c-th copy gives
-  each layer's output gradients delta (C, b, ...) for all C outputs: every transposed
-  convolution runs once on a batch of C*b. (Autograd's ``is_grads_batched`` would spare the
-  repeated forward, but its vmap runs ``convolution_backward`` once per output and stacks the
-  results: 3.4x the CPU time here, profiled on 16 ResNet-20 images.) A layer's rows are then per-example products of delta
-  with its input: for a conv, the C outputs' deltas stacked as C*C_out channels times the
+  each layer's output gradients delta (b, C, ...) for all C outputs: every transposed
+  convolution runs once on a batch of C*b. ``FORWARD = "once"`` instead runs one forward over
+  the chunk and C backward passes through that graph: (C - 1) forwards fewer, but at 2
+  threads its small-batch transposed convolutions ran slower than the forwards saved
+  (measured, see ``FORWARD``). (Autograd's ``is_grads_batched`` would spare the repeated
+  forward too, but its vmap runs ``convolution_backward`` once per output and stacks the
+  results: 3.4x the CPU time, profiled on 16 ResNet-20 images.) A layer's rows are then
+  per-example products of delta with its input: for a conv, the C outputs' deltas stacked as C*C_out channels times the
   unfolded patches, (C*C_out, positions) @ (positions, C_in*k*k), one batched GEMM per layer
   writing the rows' layout directly (measured as fast as the per-kernel-offset GEMMs of
   ``conv2d_weight_gradient_blocks``, which would need a strided scatter into the rows); for
@@ -35,6 +38,14 @@ from .errors import InputError
 __all__ = ["JacobianRows"]
 
 _LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+# How a chunk's C output-gradient passes get their forward graph: "replicated" (one forward
+# over the chunk repeated C times, one backward with e_k on copy k) or "once" (one forward
+# over the chunk, C backward passes through its graph: (C - 1) forwards fewer). Measured on
+# ResNet-20 (bench/results/gnh-speed.md): at 2 threads the C small-batch backward passes of
+# "once" ran their convolution_backward 2.3x slower per image than replicated's one pass
+# over C*b images, more than the forwards it saves (replicated 1.26-1.89x faster in 4 of 6
+# runs, equal in one, 1.29x slower in one); at 1 thread "once" was 1.38x faster (one profile).
+FORWARD = "replicated"
 
 
 class _CalledTwice(Exception):
@@ -103,8 +114,12 @@ class JacobianRows:
             return rows + 4 * c * p.dim * item
         sizes = []
 
-        def hook(module, args, out):  # C copies of input and output (kept by autograd), out's gradients
-            sizes.append((args[0][0].numel() + 2 * out[0].numel()) * c)
+        def hook(module, args, out):
+            n_in, n_out = args[0][0].numel(), out[0].numel()
+            if FORWARD == "replicated":  # C copies of input and output (kept by autograd), out's gradients
+                sizes.append((n_in + 2 * n_out) * c)
+            else:  # input, output and its copy once; C output gradients and their (b, C) transpose
+                sizes.append(n_in + 3 * n_out + 2 * c * n_out)
 
         handles = [m.register_forward_hook(hook) for m, _ in self.layers]
         try:
@@ -116,18 +131,27 @@ class JacobianRows:
         return rows + sum(sizes) * item
 
     # -------------------------------------------------------------------- rows
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows of J for the examples x: (b*C, d) in the problem's dtype, ordered (example, output)."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of J for the examples x: (b*C, d) in the problem's dtype, ordered (example, output).
+
+        ``out``: a contiguous (b*C, d) tensor to write them into (a slice of the caller's kept
+        panel), which spares a copy of every row and the page faults of a fresh buffer per chunk."""
+        p = self.problem
+        if out is not None and (out.shape != (len(x) * self.num_outputs, p.dim) or out.dtype != p.theta.dtype
+                                or not out.is_contiguous()):
+            raise InputError(f"out must be a contiguous ({len(x) * self.num_outputs}, {p.dim}) "
+                             f"{p.theta.dtype} tensor, got {tuple(out.shape)} {out.dtype}")
         if self.source == "layers":
             try:
-                rows = self._layer_rows(x, check=not self.checked)
+                rows = self._layer_rows(x, check=not self.checked, out=out)
                 if rows is not None:
                     self.checked = True
                     return rows
             except _CalledTwice:
                 self.reason = "a Conv2d / Linear / BatchNorm layer runs more than once per forward pass"
             self.source = "torch.func"
-        return self._func_rows(x)
+        rows = self._func_rows(x)
+        return rows if out is None else out.copy_(rows)
 
     def _func_rows(self, x):
         p = self.problem
@@ -159,24 +183,34 @@ class JacobianRows:
                 h.remove()
         return y, captured, theta
 
-    def _layer_rows(self, x, check: bool):
+    def _layer_rows(self, x, check: bool, out=None):
         b, c = len(x), self.num_outputs
-        y, captured, theta = self._capture(x.repeat(c, *([1] * (x.dim() - 1))))  # copy k: rows k*b..
         modules = [m for m, _ in self.layers]
-        if any(m not in captured for m in modules):
-            self.reason = "a layer with trainable parameters did not run in the forward pass"
-            return None
-        outs = [captured[m][1] for m in modules]
-        cotangent = torch.eye(c, dtype=y.dtype, device=y.device).repeat_interleave(b, 0)  # e_k on copy k
-        grads = torch.autograd.grad(y, outs, cotangent, retain_graph=check, allow_unused=True)
-        rows = torch.empty(b, c, self.problem.dim, dtype=y.dtype, device=y.device)  # every slot is written
+        if FORWARD == "replicated":
+            y, captured, theta = self._capture(x.repeat(c, *([1] * (x.dim() - 1))))  # copy k: rows k*b..
+            if any(m not in captured for m in modules):
+                self.reason = "a layer with trainable parameters did not run in the forward pass"
+                return None
+            outs = [captured[m][1] for m in modules]
+            cotangent = torch.eye(c, dtype=y.dtype, device=y.device).repeat_interleave(b, 0)  # e_k on copy k
+            grads = torch.autograd.grad(y, outs, cotangent, retain_graph=check, allow_unused=True)
+            grads = [None if g is None else g.detach().reshape(c, b, *g.shape[1:]).transpose(0, 1) for g in grads]
+            y = y[:b]
+        else:
+            y, captured, theta = self._capture(x)
+            if any(m not in captured for m in modules):
+                self.reason = "a layer with trainable parameters did not run in the forward pass"
+                return None
+            grads = _output_gradients(y, [captured[m][1] for m in modules], keep_graph=check)
+        # every slot is written
+        rows = torch.empty(b, c, self.problem.dim, dtype=y.dtype, device=y.device) if out is None else out.view(b, c, -1)
         for (module, slots), g in zip(self.layers, grads):
             if g is None:  # the layer does not reach the outputs
                 for lo, hi in slots.values():
                     rows[:, :, lo:hi] = 0
             else:
-                _fill_layer_rows(rows, module, captured[module][0][:b], g.detach().reshape(c, b, *g.shape[1:]), slots)
-        if check and not self._agrees(y[:b], theta, rows):
+                _fill_layer_rows(rows, module, captured[module][0][:b], g, slots)
+        if check and not self._agrees(y, theta, rows):
             return None
         return rows.reshape(b * c, -1)
 
@@ -193,42 +227,64 @@ class JacobianRows:
         return False
 
 
+def _output_gradients(y, outs, keep_graph: bool):
+    """d y_k / d out for every layer output and every k, as (b, C, *out.shape[1:]) per layer
+    (None where a layer does not reach y): C backward passes through ONE forward graph, each
+    output's gradients written into its slot of a buffer kept per layer, in the (example,
+    output) order the per-example GEMMs read (no transposing copy later)."""
+    b, c = y.shape
+    buffers = [None] * len(outs)
+    for k in range(c):
+        cotangent = torch.zeros_like(y)
+        cotangent[:, k] = 1
+        grads = torch.autograd.grad(y, outs, cotangent, retain_graph=keep_graph or k < c - 1, allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if buffers[i] is None:
+                buffers[i] = g.new_empty((b, c, *g.shape[1:]))
+            buffers[i][:, k].copy_(g)
+    return buffers
+
+
 def _fill_layer_rows(rows, module, inputs, grads, slots) -> None:
     """rows[:, :, slot] = per-example d y_c / d param of one layer, from its inputs (b, ...) and
-    output gradients grads (C, b, ...)."""
-    c, b = grads.shape[:2]
+    output gradients grads (b, C, ...), each example's C outputs together."""
+    b, c = grads.shape[:2]
     if isinstance(module, nn.Conv2d):
         if "weight" in slots:
             lo, hi = slots["weight"]
             patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation,
                                padding=module.padding, stride=module.stride)        # (b, C_in k k, P)
-            delta = grads.transpose(0, 1).reshape(b, c * module.out_channels, -1)  # C outputs as channels
+            delta = grads.reshape(b, c * module.out_channels, -1)                    # C outputs as channels
             rows[:, :, lo:hi] = torch.bmm(delta, patches.transpose(1, 2)).view(b, c, hi - lo)
         if "bias" in slots:
             lo, hi = slots["bias"]
-            rows[:, :, lo:hi] = _per_channel(grads).transpose(0, 1)
+            rows[:, :, lo:hi] = _per_channel(grads)
     elif isinstance(module, nn.Linear):
         out_f = module.out_features
-        delta = grads.reshape(c, b, -1, out_f)                                       # (C, b, T, out)
+        delta = grads.reshape(b, c, -1, out_f)                                       # (b, C, T, out)
         if "weight" in slots:
             lo, hi = slots["weight"]
             a = inputs.reshape(b, -1, module.in_features)                            # (b, T, in)
-            block = torch.bmm(delta.permute(1, 0, 3, 2).reshape(b, c * out_f, -1), a)
+            block = torch.bmm(delta.transpose(2, 3).reshape(b, c * out_f, -1), a)
             rows[:, :, lo:hi] = block.view(b, c, hi - lo)
         if "bias" in slots:
             lo, hi = slots["bias"]
-            rows[:, :, lo:hi] = delta.sum(2).transpose(0, 1)
+            rows[:, :, lo:hi] = delta.sum(2)
     else:  # eval BatchNorm: y = gamma * x_hat + beta per channel, x_hat from running statistics
         shape = (1, -1) + (1,) * (inputs.dim() - 2)
         x_hat = (inputs - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
         if "weight" in slots:
             lo, hi = slots["weight"]
-            rows[:, :, lo:hi] = _per_channel(grads * x_hat).transpose(0, 1)
+            rows[:, :, lo:hi] = _per_channel(grads * x_hat.unsqueeze(1))
         if "bias" in slots:
             lo, hi = slots["bias"]
-            rows[:, :, lo:hi] = _per_channel(grads).transpose(0, 1)
+            rows[:, :, lo:hi] = _per_channel(grads)
 
 
 def _per_channel(t):
-    """(C, b, channels, *positions) summed over the positions: (C, b, channels)."""
-    return t.reshape(t.shape[0], t.shape[1], t.shape[2], -1).sum(3)
+    """(b, C, channels, *positions) summed over the positions: (b, C, channels). A reduction
+    over the trailing dimensions, not a reshape: the replicated path's gradients are a
+    (C, b) -> (b, C) transposed view, which a reshape would copy whole."""
+    return t.sum(dim=tuple(range(3, t.dim()))) if t.dim() > 3 else t

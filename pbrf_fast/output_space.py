@@ -45,11 +45,21 @@ from .curvature import CurvatureOperator
 from .errors import InputError
 from .jacobian_rows import JacobianRows
 
-__all__ = ["OutputSpaceSolver", "jacobian_gram", "output_hessian_factors", "JACOBIAN_ROWS_BYTES"]
+__all__ = ["OutputSpaceSolver", "jacobian_gram", "output_hessian_factors", "JACOBIAN_ROWS_BYTES",
+           "default_rows_bytes"]
 
-# Memory for J's rows (kept panel + one chunk in flight): the same 4 GiB as
-# solvers.KERNEL_MEMORY_BYTES, which sizes the Gram matrices (importing it would be a cycle).
+# Memory for J's rows (kept panel + one chunk in flight) where the free memory cannot be read:
+# the same 4 GiB as solvers.KERNEL_MEMORY_BYTES, which sizes the Gram matrices (importing it
+# would be a cycle). Otherwise the budget is :func:`default_rows_bytes`.
 JACOBIAN_ROWS_BYTES = 4 << 30
+# The share of the memory free at the start that the rows may take by default: recomputing
+# rows that miss the budget costs a pass over them per panel (ResNet-20, 500 images: 5.4 GB
+# of rows, 172 of 500 examples recomputed under 4 GiB, ~25% of the rows' time), so the rows
+# may take half of what is free; the half left covers the Gram matrices outside the budget
+# (~5 x 8 (N C)^2 bytes: 1 GB at N C = 5,000) and others' growth on a shared box (3/4 was
+# tried: a 500-image ResNet-20 run reached 6.8 GB and the kernel's OOM killer ended it when
+# other processes grew meanwhile).
+ROWS_SHARE_OF_FREE = 0.5
 # float32 GEMMs run over this many parameters at a time, their results summed in float64.
 _GEMM_SLICE = 8192
 # Diagonal tiles of the upper-triangle Gram at or below this many rows are one GEMM.
@@ -145,9 +155,31 @@ def _gram_by_jacobians(problem, x) -> torch.Tensor:
     return J @ J.T
 
 
-def _check_memory_bytes(memory_bytes) -> int:
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free now where the rows live: CUDA's free device memory, or the kernel's
+    MemAvailable (page cache counted as free, as the kernel itself does); None if unreadable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_rows_bytes(device: torch.device | str = "cpu") -> int:
+    """The row budget when the caller gives none: ``ROWS_SHARE_OF_FREE`` (half) of the memory
+    free now on ``device``, or :data:`JACOBIAN_ROWS_BYTES` where that cannot be read."""
+    free = _free_bytes(torch.device(device))
+    return JACOBIAN_ROWS_BYTES if free is None else max(1, int(free * ROWS_SHARE_OF_FREE))
+
+
+def _check_memory_bytes(memory_bytes, device: torch.device | str = "cpu") -> int:
     if memory_bytes is None:
-        return JACOBIAN_ROWS_BYTES
+        return default_rows_bytes(device)
     if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes < 1:
         raise InputError(f"memory_bytes must be a positive integer number of bytes, got {memory_bytes!r}")
     return memory_bytes
@@ -195,8 +227,8 @@ class _RowStream:
         self.panel = max(self.chunk, room // per_example // self.chunk * self.chunk)
         self.kept = None  # all rows (N*C, d), once computed, when one panel holds them
 
-    def compute(self, lo: int, hi: int) -> torch.Tensor:
-        return self.rows(self.problem.inputs[lo:hi])
+    def compute(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.rows(self.problem.inputs[lo:hi], out=out)
 
     def chunks(self, lo: int = 0):
         """(first example, rows) for the chunks from example lo on."""
@@ -230,7 +262,7 @@ def _gram_and_products(stream: _RowStream, V: torch.Tensor | None = None):
         for start in range(lo, hi, stream.chunk):
             stop = min(hi, start + stream.chunk)
             rows = panel[(start - lo) * c:(stop - lo) * c]
-            rows.copy_(stream.compute(start, stop))
+            stream.compute(start, stop, out=rows)  # written in place: no copy of the rows
             if JV is not None and lo == 0:
                 JV[start * c:stop * c] = _mm64(rows, Vt)
         _upper_gram_into(panel, theta[lo * c:hi * c, lo * c:hi * c])
@@ -248,9 +280,9 @@ def jacobian_gram(problem, memory_bytes: int | None = None) -> torch.Tensor:
     """J J^T over all training outputs, (N*C, N*C) in float64, rows ordered (example, output).
 
     ``memory_bytes`` bounds J's rows held at once for models beyond Linear layers
-    (default :data:`JACOBIAN_ROWS_BYTES`).
+    (default :func:`default_rows_bytes`: half the memory free now).
     """
-    memory_bytes = _check_memory_bytes(memory_bytes)
+    memory_bytes = _check_memory_bytes(memory_bytes, problem.device)
     linears = _linear_modules_cover(problem)
     if linears is not None:
         gram = _gram_by_layers(problem, problem.inputs, linears)
@@ -263,7 +295,8 @@ class OutputSpaceSolver:
     """Exact (G + s I)^{-1} for a GaussNewton operator through an N*C x N*C system.
 
     ``memory_bytes`` bounds J's rows held at once for models beyond Linear layers
-    (default :data:`JACOBIAN_ROWS_BYTES`); within it they are kept for the solver's life.
+    (default :func:`default_rows_bytes`: half the memory free when the solver is built);
+    within it they are kept for the solver's life.
     """
 
     def __init__(self, op: CurvatureOperator, memory_bytes: int | None = None):
@@ -273,7 +306,7 @@ class OutputSpaceSolver:
             raise InputError("the output-space (kernel) solver needs weight_decay + damping > 0")
         self.op = op
         self.problem = op.problem
-        self.memory_bytes = _check_memory_bytes(memory_bytes)
+        self.memory_bytes = _check_memory_bytes(memory_bytes, self.problem.device)
         self._stream = None
 
     # ------------------------------------------------------------ factors

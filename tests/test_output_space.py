@@ -237,3 +237,49 @@ def test_kept_rows_follow_a_new_theta():
     assert solver._stream.kept is not None  # six examples' rows fit the default budget
     problem.set_theta(problem.theta * 0.9)
     assert rel_err(solver.solve(B), torch.linalg.solve(dense_gnh(problem, 0.1), B)) < 1e-9
+
+
+# ------------------------------------- issue 15: one forward per chunk, rows written in place
+from pbrf_fast import jacobian_rows as jacobian_rows_module  # noqa: E402
+from pbrf_fast import output_space as output_space_module  # noqa: E402
+
+
+@pytest.mark.parametrize("forward", ["once", "replicated"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_layer_rows_equal_jacrev_rows_for_either_forward(name, forward, monkeypatch):
+    monkeypatch.setattr(jacobian_rows_module, "FORWARD", forward)
+    problem = conv_problem(name, n=5)
+    rows = JacobianRows(problem, chunk_bytes=1 << 24)
+    x = problem.inputs[1:4]  # a chunk that is not the whole set
+    got = rows(x)
+    assert rows.source == "layers", rows.reason
+    assert rel_err(got, rows._func_rows(x)) < 1e-12
+    again = rows(x)  # the checked path (no vjp check, graph freed after the last output)
+    assert rel_err(again, got) < 1e-15
+
+
+def test_rows_are_written_into_the_callers_buffer():
+    problem = conv_problem("resnet-blocks", n=4)
+    rows = JacobianRows(problem, chunk_bytes=1 << 24)
+    c = problem.num_outputs
+    buffer = torch.full((4 * c, problem.dim), float("nan"), dtype=torch.float64)
+    result = rows(problem.inputs, out=buffer)
+    assert result.data_ptr() == buffer.data_ptr()
+    assert rel_err(buffer, dense_jacobian(problem)) < 1e-12
+    with pytest.raises(InputError, match="out must be"):
+        rows(problem.inputs, out=buffer[:-1])
+    with pytest.raises(InputError, match="out must be"):
+        rows(problem.inputs, out=buffer.float())
+
+
+def test_default_row_budget_is_half_the_free_memory(monkeypatch):
+    monkeypatch.setattr(output_space_module, "_free_bytes", lambda device: 8 << 30)
+    assert output_space_module.default_rows_bytes() == 4 << 30
+    op = pbrf_fast.GaussNewton(conv_problem("lenet-like", n=3), 0.1)
+    assert OutputSpaceSolver(op).memory_bytes == 4 << 30
+    assert OutputSpaceSolver(op, memory_bytes=123).memory_bytes == 123
+    monkeypatch.setattr(output_space_module, "_free_bytes", lambda device: None)
+    assert output_space_module.default_rows_bytes() == output_space_module.JACOBIAN_ROWS_BYTES
+    monkeypatch.undo()  # the real reader, on this machine
+    free = output_space_module._free_bytes(torch.device("cpu"))
+    assert free is None or free > 0

@@ -461,7 +461,8 @@ def mlp_gnh_product(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch
 def _fused(spec: MlpSpec, code: int, theta, x, V, backend: str) -> torch.Tensor:
     """The compiled kernel of ``backend`` on checked arguments."""
     vectors = V if V.is_contiguous() else V.contiguous()
-    x2 = x.view(len(x), -1) if x.is_contiguous() else x.reshape(len(x), -1).contiguous()
+    # (B, features) rows as they are: a view op is ~1 us of a ~20 us small product
+    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(len(x), -1).contiguous()
     out = registry.cuda_scratch(vectors.shape, vectors) if backend == "cuda" else torch.empty_like(vectors)
     registry.implementation(OP_NAME, backend)(spec, code, theta if theta.is_contiguous() else theta.contiguous(),
                                               x2, vectors, out)
@@ -472,26 +473,36 @@ def _columns(vectors: torch.Tensor) -> int:
     return 1 if vectors.dim() == 1 else vectors.shape[1]
 
 
+_THREAD_ARGS = threading.local()  # per thread: two threads sharing one operator must not share pointers
+
+
 def _run_cpu(spec, code, theta, x, vectors, out):
     ext = registry.cpu_extension
-    # The argument struct is built once per call shape and kept on the spec; a product then
-    # only writes its four pointers. Building it (three lists copied into C++ vectors, twelve
-    # keyword fields) was the largest piece of a small product's Python overhead (issue 15).
-    # (per thread: two threads sharing one operator must not share one struct's pointers)
-    key = (ext.MlpGnhProductArgs, theta.dtype, code, len(x), _columns(vectors), torch.get_num_threads(),
-           threading.get_ident())
-    kept = spec.__dict__.setdefault("_cpu_args", {})
-    args = kept.get(key)
-    if args is None:
+    # The argument struct is built once per call shape and kept per thread and spec; a product
+    # then only writes the pointers that changed (the kept rows and theta stay put product
+    # after product). Building it (three lists copied into C++ vectors, twelve keyword fields)
+    # was the largest piece of a small product's Python overhead (issue 15).
+    m = 1 if vectors.dim() == 1 else vectors.shape[1]
+    # x.shape[0], not len(x): Tensor.__len__ is ~1 us of Python here
+    key = (id(spec), ext.MlpGnhProductArgs, theta.dtype, code, x.shape[0], m, torch.get_num_threads())
+    kept = _THREAD_ARGS.__dict__.setdefault("args", {})
+    entry = kept.get(key)
+    if entry is None or entry[0] is not spec:
         dims, acts, bias = spec.kernel_args()
         args = registry.extension_args(
             ext.MlpGnhProductArgs, dtype=registry.dtype_name(theta), dims=dims, activations=acts,
             has_bias=bias, loss_kind=code, inputs=0, theta=0, vectors=0, out=0, batch=len(x),
-            num_vectors=_columns(vectors), threads=torch.get_num_threads())
+            num_vectors=m, threads=torch.get_num_threads())
         if len(kept) > 16:  # a few shapes per operator in practice; never grow without bound
             kept.clear()
-        kept[key] = args
-    args.inputs, args.theta, args.vectors, args.out = x.data_ptr(), theta.data_ptr(), vectors.data_ptr(), out.data_ptr()
+        entry = kept[key] = [spec, args, 0, 0]  # the spec (id(spec) alone could be reused), pointers set
+    args = entry[1]
+    inputs, weights = x.data_ptr(), theta.data_ptr()
+    if entry[2] != inputs:
+        args.inputs = entry[2] = inputs
+    if entry[3] != weights:
+        args.theta = entry[3] = weights
+    args.vectors, args.out = vectors.data_ptr(), out.data_ptr()
     ext.mlp_gnh_product(args)
 
 

@@ -78,3 +78,15 @@ def test_resnet_recipe_trains_subsets_like_one_model_at_a_time():
             torch.testing.assert_close(buffer, problem.buffers[name])
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_zero_residual_branches_make_every_block_the_identity():
+    from pbrf_fast.paper.bn_calibration import zero_residual_branches
+
+    model = zero_residual_branches(calibrate_batchnorm(resnet20(10, seed=1).double(), _images(6, 4)))
+    h = torch.relu(model.bn(model.conv(_images(5, 5))))  # non-negative, as every block's input is
+    for block in model.blocks:
+        torch.testing.assert_close(block(h), torch.relu(block.shortcut(h)), rtol=0, atol=0)
+        h = block(h)
+    with pytest.raises(InputError, match="bn2"):
+        zero_residual_branches(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))

@@ -309,7 +309,8 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--weight-decay", type=NONNEGATIVE, default=None)
     p.add_argument("--epochs", type=POSITIVE_INT, default=None)
     p.add_argument("--lr", type=POSITIVE, default=None)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=128)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=None,
+                   help="SGD mini-batch of the base and subset models (default: 32 for resnet20, else 128)")
     p.add_argument("--width", type=POSITIVE_INT, default=128, help="hidden width of --model mlp")
     p.add_argument("--cg-iters", type=POSITIVE_INT, default=200)
     p.add_argument("--tol", type=POSITIVE, default=1e-4)

@@ -144,7 +144,7 @@ class EvaluateConfig:
     weight_decay: float | None = None
     epochs: int | None = None
     lr: float | None = None
-    batch_size: int = 128
+    batch_size: int | None = None       # SGD mini-batch; None: the setting's (32 for ResNet-20, else 128)
     width: int = 128
     cg_iters: int = 200
     tol: float = 1e-4

@@ -225,6 +225,34 @@ def test_ground_truths_resume_subset_by_subset(tmp_path):
     assert len(record["repeats"]) == 2 and record["repeats"][0] != record["repeats"][1]
 
 
+def test_a_resumed_ground_truth_reports_the_time_of_every_stored_subset(tmp_path):
+    # A killed job's finished subsets cost time too: after a resume that computes nothing,
+    # "seconds" is still the whole ground truth's time (each row stores its share).
+    problem, base = _mlp_base(batch_size=8)
+    config, masks = base.config, random_subsets(24, 4, 0.5, seed=0)
+    make = lambda seed: problem.theta.clone()  # noqa: E731
+    x_test, y_test = problem.inputs[:5], problem.targets[:5]
+    folder = ResultsFolder(tmp_path, {"a": 1})
+    solver = ResponseSolver(problem, base, ResponseSettings(damping=1e-2))
+    for kind, run in (("retrain", lambda: retraining_ground_truth(problem, config, masks, make, x_test, y_test, chunk=3,
+                                                                  folder=folder, progress=False)),
+                      ("pbrf", lambda: pbrf_ground_truth(solver, masks, x_test, y_test, chunk=3, folder=folder,
+                                                         progress=False))):
+        first = run()
+        stored = [json.loads(f.read_text())["seconds"] for f in sorted((tmp_path / "points" / kind).glob("*.json"))]
+        assert len(stored) == 4 and min(stored) > 0
+        assert first["seconds"] == pytest.approx(sum(stored)) and first["seconds"] <= first["call_seconds"]
+        again = run()
+        assert again["computed"] == 0 and again["untimed"] == 0
+        assert again["seconds"] == pytest.approx(first["seconds"]) and again["call_seconds"] < first["seconds"]
+        # rows written before rows carried a time are counted, not guessed
+        path = tmp_path / "points" / kind / "0000001.json"
+        row = json.loads(path.read_text())
+        del row["seconds"]
+        path.write_text(json.dumps(row))
+        assert run()["untimed"] == 1
+
+
 # -------------------------------------------------------------------------------- command
 def test_evaluate_command_writes_table_results_and_figure(tmp_path):
     args = ["evaluate", "--dataset", "digits", "--model", "logreg", "--train-points", "150", "--test-points", "12",

@@ -132,8 +132,10 @@ def retraining_ground_truth(problem: Problem, config: TrainConfig, masks, make_t
     """Test losses of models trained on each subset, averaged over ``repeats`` seeds.
 
     ``make_theta0(seed)``: a fresh initial parameter vector. Returns
-    ``{"truth": (K, m) float64, "seconds": training time of this call}``;
-    with ``folder`` each finished subset is written as ``points/retrain/<k>.json``
+    ``{"truth": (K, m) float64, "seconds", "call_seconds", "computed", "untimed"}``
+    (see :func:`_timing`: "seconds" is the training time of every row, including
+    rows an earlier, killed call finished); with ``folder`` each finished subset is
+    written as ``points/retrain/<k>.json`` with its share of its chunks' wall time
     and skipped on a rerun (``kind`` names the folder). ``shared_seeds``: every
     subset's repeat r uses the same seed (common random numbers: leave-one-out
     changes then differ by the removed point, not by the initialisation). ``keys``:
@@ -147,32 +149,48 @@ def retraining_ground_truth(problem: Problem, config: TrainConfig, masks, make_t
     done, todo = _resumed(folder, kind, len(masks), keys)
     jobs = [(k, r) for k in todo for r in range(repeats)]
     per_repeat: dict[int, list] = {k: [] for k in todo}
+    spent: dict[int, float] = {k: 0.0 for k in todo}
     bar = tqdm(total=len(jobs), desc=f"{kind} subsets", leave=False, disable=not progress)
     start = time.perf_counter()
     for first in range(0, len(jobs), chunk):
         part = jobs[first : first + chunk]
+        chunk_start = time.perf_counter()
         seeds = [replica_seed(seed, 0 if shared_seeds else k, r) for k, r in part]
         theta0 = torch.stack([make_theta0(s) for s in seeds])
         params = train_on_subsets(problem, config, masks[[k for k, _ in part]], theta0, seeds,
                                   lbfgs_max_iter=lbfgs_max_iter)
         losses = stacked_measurements(problem, params, x_test, t_test)
+        share = (time.perf_counter() - chunk_start) / len(part)  # the chunk trains its replicas together
         for (k, _), row in zip(part, losses):
             per_repeat[k].append(row.tolist())
+            spent[k] += share
             if len(per_repeat[k]) == repeats:
-                done[k] = {"truth": np.mean(per_repeat[k], 0).tolist(), "repeats": per_repeat[k]}
+                done[k] = {"truth": np.mean(per_repeat[k], 0).tolist(), "repeats": per_repeat[k],
+                           "seconds": spent[k]}
                 if folder is not None:
                     atomic_write_json(folder.point_file(kind, k if keys is None else int(keys[k])), done[k])
         bar.update(len(part))
     bar.close()
-    return {"truth": np.array([done[k]["truth"] for k in range(len(masks))]),
-            "seconds": time.perf_counter() - start, "computed": len(todo)}
+    return _timing(done, len(masks), time.perf_counter() - start, len(todo))
+
+
+def _timing(done: dict[int, dict], count: int, call_seconds: float, computed: int) -> dict:
+    """The truth rows and their cost. "seconds": the wall time spent on all ``count`` rows,
+    summed from each row's stored share, so a job killed and resumed reports what its ground
+    truth cost, not only its last call's part; "call_seconds": this call's time;
+    "untimed": rows stored without a time (written before rows carried one)."""
+    untimed = sum("seconds" not in done[k] for k in range(count))
+    return {"truth": np.array([done[k]["truth"] for k in range(count)]),
+            "seconds": float(sum(done[k].get("seconds", 0.0) for k in range(count))),
+            "call_seconds": call_seconds, "computed": computed, "untimed": untimed}
 
 
 def pbrf_ground_truth(solver: ResponseSolver, masks, x_test, t_test, *, chunk: int = 20,
                       folder: ResultsFolder | None = None, progress: bool = True, lbfgs_max_iter: int = 500) -> dict:
     """Test losses at the PBRF response to removing each subset's complement: (K, m).
 
-    Returns ``{"truth", "seconds", "computed"}`` like :func:`retraining_ground_truth`.
+    Returns ``{"truth", "seconds", "call_seconds", "computed", "untimed"}`` like
+    :func:`retraining_ground_truth`.
     """
     masks = torch.as_tensor(np.asarray(masks), dtype=torch.bool)
     done, todo = _resumed(folder, "pbrf", len(masks))
@@ -180,12 +198,14 @@ def pbrf_ground_truth(solver: ResponseSolver, masks, x_test, t_test, *, chunk: i
     start = time.perf_counter()
     for first in range(0, len(todo), chunk):
         part = todo[first : first + chunk]
+        chunk_start = time.perf_counter()
         params = solver.pbrf_mask(~masks[part], lbfgs_max_iter=lbfgs_max_iter)
-        for k, row in zip(part, stacked_measurements(solver.problem, params, x_test, t_test)):
-            done[k] = {"truth": row.tolist()}
+        rows = stacked_measurements(solver.problem, params, x_test, t_test)
+        share = (time.perf_counter() - chunk_start) / len(part)
+        for k, row in zip(part, rows):
+            done[k] = {"truth": row.tolist(), "seconds": share}
             if folder is not None:
                 atomic_write_json(folder.point_file("pbrf", k), done[k])
         bar.update(len(part))
     bar.close()
-    return {"truth": np.array([done[k]["truth"] for k in range(len(masks))]),
-            "seconds": time.perf_counter() - start, "computed": len(todo)}
+    return _timing(done, len(masks), time.perf_counter() - start, len(todo))

@@ -272,8 +272,39 @@ def _gram_and_products(stream: _RowStream, V: torch.Tensor | None = None):
                 JV[start * c:start * c + len(rows)] = _mm64(rows, Vt)
         if lo == 0 and hi == n:
             stream.kept = panel  # every row fits: later products reuse them
-    upper = torch.triu(theta)
-    return upper + torch.triu(theta, 1).T, JV
+    _mirror_upper_(theta)
+    return theta, JV
+
+
+# Square blocks of the in-place symmetric fixes below: each step's temporaries are a few
+# blocks, not (N C)^2 copies (at N C = 20,000 one copy is 3.2 GB of float64).
+_MIRROR_BLOCK = 2048
+
+
+def _mirror_upper_(theta: torch.Tensor) -> torch.Tensor:
+    """theta's lower triangle := its upper one, transposed, in place (block by block)."""
+    n = len(theta)
+    for lo in range(0, n, _MIRROR_BLOCK):
+        hi = min(n, lo + _MIRROR_BLOCK)
+        block = theta[lo:hi, lo:hi]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).T)
+        theta[hi:, lo:hi] = theta[lo:hi, hi:].T
+    return theta
+
+
+def _symmetrize_(M: torch.Tensor) -> torch.Tensor:
+    """M := (M + M^T) / 2 in place (block by block)."""
+    n = len(M)
+    for lo in range(0, n, _MIRROR_BLOCK):
+        hi = min(n, lo + _MIRROR_BLOCK)
+        block = M[lo:hi, lo:hi]
+        block.copy_(0.5 * (block + block.T))
+        for start in range(hi, n, _MIRROR_BLOCK):
+            stop = min(n, start + _MIRROR_BLOCK)
+            mean = 0.5 * (M[lo:hi, start:stop] + M[start:stop, lo:hi].T)
+            M[lo:hi, start:stop] = mean
+            M[start:stop, lo:hi] = mean.T
+    return M
 
 
 def jacobian_gram(problem, memory_bytes: int | None = None) -> torch.Tensor:
@@ -347,8 +378,14 @@ class OutputSpaceSolver:
             theta, JV = _gram_and_products(self._row_stream(), None if V is None else V.reshape(p.dim, -1))
             JV = None if JV is None else JV.reshape(n, c, -1)
         theta4 = theta.reshape(n, c, n, c)
-        M = torch.einsum("ikc,ikjl,jld->icjd", L, theta4, L).reshape(n * c, n * c)
-        state = {"L": L, "theta": theta, "gram": 0.5 * (M + M.T), "cholesky": {}, "eigh": None, "path": path}
+        # M = L^T Theta L per example pair, a band of examples at a time (one einsum over all
+        # of Theta would hold (N C)^2 intermediates besides M)
+        M = torch.empty(n * c, n * c, dtype=torch.float64, device=theta.device)
+        step = max(1, _MIRROR_BLOCK // c)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            M.view(n, c, n, c)[lo:hi] = torch.einsum("ikc,ikjl,jld->icjd", L[lo:hi], theta4[lo:hi], L)
+        state = {"L": L, "theta": theta, "gram": _symmetrize_(M), "cholesky": {}, "eigh": None, "path": path}
         return state, JV
     def _solve_gram(self, rhs: torch.Tensor) -> torch.Tensor:
         """(N s I + K K^T)^{-1} rhs in float64."""

@@ -133,6 +133,24 @@ def test_chunked_gram_and_products_equal_dense(chunk, panel):
     assert rel_err(jacobian_gram(problem), _gram_by_jacobians(problem, problem.inputs)) < 1e-12
 
 
+@pytest.mark.parametrize("block", [1, 7, 45])
+def test_in_place_mirror_and_symmetrize_by_blocks_equal_the_dense_forms(block, monkeypatch):
+    # N*C = 45: blocks of 7 divide neither the matrix nor the examples' C = 5 rows
+    monkeypatch.setattr(output_space_module, "_MIRROR_BLOCK", block)
+    A = torch.randn(45, 45, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mirrored = output_space_module._mirror_upper_(A.clone())
+    assert torch.equal(mirrored, torch.triu(A) + torch.triu(A, 1).T)
+    assert torch.equal(output_space_module._symmetrize_(A.clone()), 0.5 * (A + A.T))
+    problem = conv_problem("resnet-blocks", "cross_entropy", n=9, weight_decay=0.01)
+    J = dense_jacobian(problem)
+    theta, _ = _gram_and_products(forced_stream(problem, 2, 4))
+    assert rel_err(theta, J @ J.T) < 1e-12 and torch.equal(theta, theta.T)
+    B = torch.randn(problem.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    solver = OutputSpaceSolver(pbrf_fast.GaussNewton(problem, 0.02))
+    assert rel_err(solver.solve(B), torch.linalg.solve(dense_gnh(problem, 0.02), B)) < 1e-9
+    assert torch.equal(solver._state()["gram"], solver._state()["gram"].T)
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce"])
 def test_kernel_solve_and_scores_on_a_resnet_equal_dense(loss):
     problem = conv_problem("resnet-blocks", loss, n=9, weight_decay=0.01)

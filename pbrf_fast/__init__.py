@@ -9,7 +9,7 @@ import torch  # noqa: F401  -- torch's OpenMP runtime must load before our exten
 
 from .backends import backends
 from .curvature import CurvatureOperator, GaussNewton, Hessian, make_curvature
-from .errors import DivergenceError, NonConvexLossError, PBRFError
+from .errors import DivergenceError, NonConvexLossError, PBRFError, SlowPathWarning
 from .explain import explain, format_plans
 from .influence import Influence
 from .kronecker import KroneckerCurvature, KroneckerFactors
@@ -35,6 +35,7 @@ __all__ = [
     "MSELoss",
     "NonConvexLossError",
     "PBRFError",
+    "SlowPathWarning",
     "Problem",
     "SolveResult",
     "backends",

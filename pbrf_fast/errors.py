@@ -43,3 +43,8 @@ class InputTypeError(InputError, TypeError):
 
 class InputIndexError(InputError, IndexError):
     """An index is out of range, or a mask has the wrong length."""
+
+
+class SlowPathWarning(PBRFError, UserWarning):
+    """A call will run far slower than it needs to (a memory budget too small for its
+    method, say); the message says why and which argument to change."""

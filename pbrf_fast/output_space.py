@@ -38,11 +38,13 @@ damping value is free) and cached on the operator.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .curvature import CurvatureOperator
-from .errors import InputError
+from .errors import InputError, SlowPathWarning
 from .jacobian_rows import JacobianRows
 
 __all__ = ["OutputSpaceSolver", "jacobian_gram", "output_hessian_factors", "JACOBIAN_ROWS_BYTES",
@@ -209,6 +211,27 @@ def _upper_gram_into(A: torch.Tensor, out: torch.Tensor) -> None:
     out[:h, h:] += _mm64(A[:h], A[h:])
 
 
+# More passes over J's rows than this and a bigger budget is worth a warning.
+_WARN_ROW_PASSES = 4
+
+
+def _warn_if_rows_recomputed(n: int, panel: int, memory_bytes: int, per_example: int, gram_bytes: int) -> None:
+    """Warn when the budget makes the Gram pass recompute J's rows many times over: with
+    panels of p examples the rows are computed sum over panels of (p + examples after
+    it) times, ~N / (2 p) passes, quadratic in N once the Gram matrix alone eats the budget."""
+    panels = range(0, n, panel)
+    passes = sum(min(panel, n - lo) + max(0, n - lo - panel) for lo in panels) / n
+    if passes <= _WARN_ROW_PASSES:
+        return
+    # the budget with which panels of N / 2 examples fit: two passes
+    enough = (gram_bytes + per_example * ((n + 1) // 2)) * 8 // 7 + 1
+    warnings.warn(
+        f"output-space solver: memory_bytes={memory_bytes / 2**30:.2f} GiB leaves room for J's rows of "
+        f"{panel} example(s) at a time besides the {gram_bytes / 1e9:.2f} GB Gram matrix, so the rows are "
+        f"computed ~{passes:.0f} times over; memory_bytes >= {enough / 2**30:.1f} GiB needs at most 2",
+        SlowPathWarning, stacklevel=4)
+
+
 class _RowStream:
     """J's rows over the training set, chunk by chunk, within ``memory_bytes``.
 
@@ -226,6 +249,7 @@ class _RowStream:
         per_example = c * problem.dim * item
         self.panel = max(self.chunk, room // per_example // self.chunk * self.chunk)
         self.kept = None  # all rows (N*C, d), once computed, when one panel holds them
+        _warn_if_rows_recomputed(problem.n, self.panel, memory_bytes, per_example, 8 * (problem.n * c) ** 2)
 
     def compute(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.rows(self.problem.inputs[lo:hi], out=out)

@@ -301,3 +301,17 @@ def test_default_row_budget_is_half_the_free_memory(monkeypatch):
     monkeypatch.undo()  # the real reader, on this machine
     free = output_space_module._free_bytes(torch.device("cpu"))
     assert free is None or free > 0
+
+
+def test_a_budget_that_recomputes_the_rows_many_times_warns_by_name():
+    import warnings
+
+    problem = conv_problem("resnet-blocks", n=9)
+    B = torch.randn(problem.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    expected = torch.linalg.solve(dense_gnh(problem, 0.02), B)
+    with pytest.warns(pbrf_fast.SlowPathWarning, match=r"memory_bytes=.* computed ~\d+ times over"):
+        small = OutputSpaceSolver(pbrf_fast.GaussNewton(problem, 0.02), memory_bytes=1).solve(B)
+    assert rel_err(small, expected) < 1e-9  # slow, still exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pbrf_fast.SlowPathWarning)
+        assert rel_err(OutputSpaceSolver(pbrf_fast.GaussNewton(problem, 0.02)).solve(B), expected) < 1e-9

@@ -245,11 +245,12 @@ class _RowStream:
         self.rows = JacobianRows(problem, chunk_bytes=max(1, memory_bytes // 8))
         self.chunk = self.rows.examples_per_chunk
         c, item = problem.num_outputs, problem.theta.element_size()
-        room = memory_bytes - memory_bytes // 8 - 8 * (problem.n * c) ** 2
+        gram_bytes = 8 * (problem.n * c) ** 2  # the float64 Gram matrix shares the budget
+        room = memory_bytes - memory_bytes // 8 - gram_bytes
         per_example = c * problem.dim * item
         self.panel = max(self.chunk, room // per_example // self.chunk * self.chunk)
         self.kept = None  # all rows (N*C, d), once computed, when one panel holds them
-        _warn_if_rows_recomputed(problem.n, self.panel, memory_bytes, per_example, 8 * (problem.n * c) ** 2)
+        _warn_if_rows_recomputed(problem.n, self.panel, memory_bytes, per_example, gram_bytes)
 
     def compute(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.rows(self.problem.inputs[lo:hi], out=out)

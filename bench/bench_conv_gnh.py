@@ -308,7 +308,7 @@ def report_cg(n_train, n_test, iters, data_dir, batch_size=500):
 
     Prints the iterations, the column-products (block CG drops converged columns, so an
     iteration costs its active columns), the wall time and the time per column-product."""
-    from pbrf_fast.solvers import solve
+    from pbrf_fast.inverses import solve
 
     if data_dir:
         from pbrf_fast.paper.data.cifar import load_cifar10

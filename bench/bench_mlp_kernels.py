@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import pbrf_fast
-from pbrf_fast.solvers import lissa
+from pbrf_fast.inverses import solve
 
 import os  # noqa: E402
 
@@ -113,7 +113,7 @@ def test_lissa(benchmark, engine):
     benchmark.group = f"lissa 8-128-128-1 N={N_TRAIN} batch {BATCH} (python scaled from depth {PY_DEPTH})"
     benchmark.extra_info["depth"] = depth
     benchmark.extra_info["scale_to_depth"] = DEPTH / depth
-    benchmark.pedantic(lambda: lissa(op, b, depth=depth, batch_size=BATCH, scale=50.0, engine=engine,
+    benchmark.pedantic(lambda: solve(op, b, "lissa", depth=depth, batch_size=BATCH, scale=50.0, engine=engine,
                                      compute_residual=False), rounds=2, warmup_rounds=0)
 
 

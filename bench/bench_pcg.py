@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 import pbrf_fast
-from pbrf_fast.solvers import PRECONDITIONERS
+from pbrf_fast.inverses import PRECONDITIONERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -38,7 +38,7 @@ import pbrf_fast
 from pbrf_fast.kernels import BackendUnavailable
 from pbrf_fast.kernels.score_contraction import score_contraction, score_contraction_reference
 from pbrf_fast.paper.models import lenet, mlp
-from pbrf_fast.solvers import lissa
+from pbrf_fast.inverses import solve
 
 
 def _device() -> str:
@@ -153,7 +153,7 @@ def lissa_native():
     b = _rhs(op.dim, None)
 
     def run(engine):
-        return lissa(op, b, depth=100, batch_size=128, scale=50.0, engine=engine, compute_residual=False)
+        return solve(op, b, "lissa", depth=100, batch_size=128, scale=50.0, engine=engine, compute_residual=False)
     # Calibrated, not 3 rounds a block: the best of 15 calls still swung 23-35 ms per run.
     return Pair(lambda: run("native"), lambda: run("python"))
 

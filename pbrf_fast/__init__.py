@@ -13,10 +13,9 @@ from .errors import DivergenceError, NonConvexLossError, PBRFError, SlowPathWarn
 from .explain import explain, format_plans
 from .influence import Influence
 from .kronecker import KroneckerCurvature, KroneckerFactors
-from .preconditioners import NystromSketch  # noqa: F401 -- registers the Nystrom preconditioners
 from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss, get_loss
 from .problem import Problem
-from .solvers import SolveResult, solve
+from .inverses import INVERSES, SolveResult, solve
 
 __version__ = "0.1.0"
 
@@ -27,6 +26,7 @@ __all__ = [
     "CurvatureOperator",
     "DivergenceError",
     "GaussNewton",
+    "INVERSES",
     "Hessian",
     "Influence",
     "KroneckerCurvature",

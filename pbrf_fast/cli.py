@@ -16,7 +16,7 @@ import sys
 import torch
 
 from .errors import InputError, PBRFError
-from .solvers import DEFAULT_PRECONDITIONER, PRECONDITIONERS
+from .inverses import DEFAULT_PRECONDITIONER, PRECONDITIONERS
 
 __all__ = ["main", "build_parser"]
 

@@ -4,7 +4,7 @@
 question its caller would ask for this model: the GNH product of
 ``GaussNewton.matvec`` (:meth:`GaussNewton.plan_product`: a fused MLP kernel, the
 layer-wise product of a conv net, or torch.func), the LiSSA recursion
-(:func:`pbrf_fast.solvers.plan_lissa`), the fused LiSSA update, the
+(:func:`pbrf_fast.inverses.plan_lissa`), the fused LiSSA update, the
 output-Hessian product and Bregman divergence on the model's outputs, and the
 score contraction of every ``nn.Linear`` / ``nn.Conv2d`` layer (the scale
 pipeline's hooks). ``pbrf-fast backends --explain`` prints the same.
@@ -21,7 +21,7 @@ from .kernels import (Plan, plan_bregman_divergence, plan_conv2d_score_contracti
                       plan_output_hessian_product, plan_score_contraction)
 from .losses import get_loss
 from .problem import Problem
-from .solvers import plan_lissa
+from .inverses import plan_lissa
 from .errors import InputError
 
 __all__ = ["explain", "format_plans"]

@@ -30,7 +30,7 @@ import torch
 from .curvature import make_curvature
 from .kronecker import KRONECKER_KINDS, make_kronecker
 from .problem import Problem, as_index
-from .solvers import SolveResult, choose_method, solve
+from .inverses import AUTO, SolveResult, choose_method, make_options, solve
 from .errors import InputError, InputTypeError
 
 __all__ = ["Influence"]
@@ -53,10 +53,14 @@ class Influence:
         ``"auto"`` solves by their exact inverse and scores contract layer by layer
         (no per-example gradient of the whole network).
     solver:
-        ``"auto"``, ``"direct"``, ``"cg"``, ``"pcg"`` (preconditioned CG on the exact
-        operator: ``solver_options={"preconditioner": "nystrom", "preconditioner_options":
-        {"rank": 200}}``, or ``"ekfac"`` / ``"kfac"`` / ``"nystrom+ekfac"``; see
-        :func:`pbrf_fast.solvers.pcg`) or ``"lissa"``; ``solver_options`` go to it.
+        ``"auto"`` (the cheapest exact inverse by size) or a name in
+        :data:`pbrf_fast.INVERSES`: ``"direct"``, ``"kernel"``, ``"cg"``, ``"pcg"``
+        (preconditioned CG on the exact operator: ``solver_options={"preconditioner":
+        "nystrom", "preconditioner_rank": 200}``, or ``"ekfac"`` / ``"kfac"`` /
+        ``"nystrom+ekfac"``), ``"lissa"``, ``"lowrank"``, ``"kronecker"``, ``"identity"``.
+    solver_options:
+        the solver's options dataclass (``pbrf_fast.inverses.CGOptions(tol=1e-8)``) or a
+        dict of its fields; checked here, so a misspelt option fails before any work.
     """
 
     def __init__(self, problem: Problem, damping: float = 1e-3, curvature: str = "gnh",
@@ -71,7 +75,10 @@ class Influence:
         else:
             self.operator = make_curvature(problem, curvature, damping)
         self.solver = solver
-        self.solver_options = dict(solver_options or {})
+        if solver != AUTO:
+            self.solver_options = make_options(solver, solver_options)
+        else:  # the method, and so its options dataclass, is known only when it is chosen
+            self.solver_options = dict(solver_options or {})
         self.last_solve: SolveResult | None = None
 
     @property
@@ -84,7 +91,10 @@ class Influence:
         return choose_method(self.operator)[0] if self.solver == "auto" else self.solver
 
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
-        self.last_solve = solve(self.operator, B, self.solver, **self.solver_options)
+        if self.solver == AUTO:
+            self.last_solve = solve(self.operator, B, AUTO, **self.solver_options)
+        else:
+            self.last_solve = solve(self.operator, B, self.solver, self.solver_options)
         return self.last_solve.solution
 
     # -------------------------------------------------------------- gradients

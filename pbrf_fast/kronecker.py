@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import solvers
 from .curvature import CurvatureOperator
 from .errors import InputError, InputTypeError
 
@@ -627,16 +626,6 @@ class KroneckerCurvature(CurvatureOperator):
         with torch.no_grad():
             return self._apply(V2, -1, shift).reshape(V.shape)
 
-    def solve(self, B: torch.Tensor, *, compute_residual: bool = False, tol: float = 1e-6):
-        """The exact inverse of this operator applied to B, as a :class:`~pbrf_fast.SolveResult`."""
-        start = time.perf_counter()
-        B2 = solvers._columns(self, B)
-        tol = solvers._positive_finite("tol", tol)
-        X2 = self.inverse_matvec(B2)
-        info = {"factor_seconds": dict(self.factors.seconds), "coverage": self.coverage,
-                "pseudo_gradients": self.factors.pseudo_gradients}
-        return solvers._finish(self, X2, B, B2, self.kind, 0, start, compute_residual, tol, info)
-
     def quadratic_form_per_example(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """g_n^T (K + shift I)^{-1} g_n for each example's loss gradient g_n (b,), layer by
         layer in the eigenbasis (no per-example gradient for the whole network)."""
@@ -662,21 +651,3 @@ class KroneckerCurvature(CurvatureOperator):
 def make_kronecker(problem, curvature: str, damping: float = 0.0, **options) -> KroneckerCurvature:
     """``make_curvature``'s counterpart for ``"kfac"`` / ``"ekfac"``."""
     return KroneckerCurvature(problem, damping, curvature, **options)
-
-
-def _preconditioner(op, kind: str, **options) -> KroneckerCurvature:
-    """The K-FAC / EK-FAC inverse for an exact operator ``op`` (same problem, damping and
-    weight decay), cached on it: every solve with that operator reuses the factors."""
-    key = ("preconditioner", kind, tuple(sorted(options.items())))
-
-    def build():
-        opts = dict(options)
-        opts.setdefault("distributed", bool(getattr(op, "spans_processes", False)))
-        with warnings.catch_warnings():  # the coverage warning is for users of the operator itself
-            warnings.simplefilter("ignore")
-            return KroneckerCurvature(op.problem, op.damping, kind, batch_size=op.batch_size, **opts)
-
-    return op._cached(key, build)
-
-
-solvers.register_kronecker(KRONECKER_KINDS, _preconditioner)

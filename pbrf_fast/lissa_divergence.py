@@ -1,5 +1,5 @@
 """The divergence check of the LiSSA recursion, shared by the Python loop
-(:func:`pbrf_fast.solvers.lissa`) and the native engines
+(:func:`pbrf_fast.inverses.lissa.lissa`) and the native engines
 (:mod:`pbrf_fast.kernels.lissa_engine`, CPU and CUDA), so that all three stop at
 the same step with the same message.
 

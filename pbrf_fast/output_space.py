@@ -51,7 +51,7 @@ __all__ = ["OutputSpaceSolver", "jacobian_gram", "output_hessian_factors", "JACO
            "default_rows_bytes"]
 
 # Memory for J's rows (kept panel + one chunk in flight) where the free memory cannot be read:
-# the same 4 GiB as solvers.KERNEL_MEMORY_BYTES, which sizes the Gram matrices (importing it
+# the same 4 GiB as inverses.KERNEL_MEMORY_BYTES, which sizes the Gram matrices (importing it
 # would be a cycle). Otherwise the budget is :func:`default_rows_bytes`.
 JACOBIAN_ROWS_BYTES = 4 << 30
 # The share of the memory free at the start that the rows may take by default: recomputing

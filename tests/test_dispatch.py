@@ -13,7 +13,7 @@ from torch import nn
 import pbrf_fast
 from pbrf_fast.kernels import (mlp_gnh, plan_bregman_divergence, plan_conv2d_score_contraction,
                                plan_lissa_update, plan_output_hessian_product, plan_score_contraction, registry)
-from pbrf_fast.solvers import plan_lissa
+from pbrf_fast.inverses import plan_lissa
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HAS_CPU = registry.cpu_extension is not None

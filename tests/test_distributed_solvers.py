@@ -6,7 +6,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pbrf_fast
-from pbrf_fast.scale import DistributedGaussNewton, LowRankInverse
+from pbrf_fast.inverses import LowRankInverse
+from pbrf_fast.scale import DistributedGaussNewton
 from pbrf_fast.scale.distributed import shard_range
 
 from factories import rel_err

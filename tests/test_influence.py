@@ -21,7 +21,7 @@ def _setup(loss, curvature="gnh", damping=0.05, weight_decay=0.01, solver="direc
 def test_scores_equal_the_explicit_formula(loss, solver):
     problem, inf, x_test, t_test, A = _setup(loss, solver=solver)
     if solver == "cg":
-        inf.solver_options["tol"] = 1e-12
+        inf.solver_options.tol = 1e-12
     x_test_c, t_test_c = problem.check_data(x_test, t_test)
     g_test = dense_gradients(problem, x_test_c, t_test_c)
     g_train = dense_gradients(problem, *problem.batch(None))

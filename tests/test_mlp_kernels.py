@@ -4,7 +4,7 @@
   torch.func GaussNewton product, for each loss x activation, depths 1-3, odd
   widths, with and without bias, m in {1, 4};
 - parse_mlp refuses unsupported models with a reason, and GaussNewton falls back;
-- solvers.lissa(engine="native") == engine="python" (same seed), and both raise
+- solve(..., "lissa", engine="native") == engine="python" (same seed), and both raise
   the same DivergenceError when the scale is too small.
 """
 import os
@@ -20,7 +20,7 @@ from pbrf_fast.kernels import BackendUnavailable, Plan, plan_backend
 from pbrf_fast.kernels.mlp_gnh import (BLAS_MIN_COLUMNS, mlp_forward_reference, mlp_gnh_product,
                                        mlp_gnh_product_blas, mlp_gnh_product_matmul,
                                        mlp_gnh_product_reference, mlp_unsupported_reason, parse_mlp)
-from pbrf_fast.solvers import lissa
+from pbrf_fast.inverses import solve
 
 from factories import CUDA_EMULATED, LOSSES, make_targets, rel_err
 
@@ -240,8 +240,8 @@ def test_native_lissa_matches_python_lissa(loss, dims, activation, backend, devi
     # The Python loop over the torch.func product once (slow), else over the fused
     # product (itself checked against torch.func above): the loops are what differ.
     loop_backend = "torch" if loss == "mse" else "auto"
-    python = lissa(pbrf_fast.GaussNewton(problem, 0.05, backend=loop_backend), B, engine="python", **options)
-    native = lissa(pbrf_fast.GaussNewton(problem, 0.05, backend=backend), B, engine="native", **options)
+    python = solve(pbrf_fast.GaussNewton(problem, 0.05, backend=loop_backend), B, "lissa", engine="python", **options)
+    native = solve(pbrf_fast.GaussNewton(problem, 0.05, backend=backend), B, "lissa", engine="native", **options)
     assert native.info["engine"] == "native" and python.info["engine"] == "python"
     assert native.info["scale"] == pytest.approx(python.info["scale"], rel=1e-10)
     assert rel_err(native.solution, python.solution) < 1e-5
@@ -254,8 +254,8 @@ def test_native_lissa_full_batch_and_single_vector():
     require("cpu", problem.theta)
     b = torch.randn(problem.dim, dtype=torch.float64)
     op = pbrf_fast.GaussNewton(problem, 0.1)
-    python = lissa(op, b, depth=30, batch_size=50, engine="python")
-    native = lissa(op, b, depth=30, batch_size=50, engine="native")
+    python = solve(op, b, "lissa", depth=30, batch_size=50, engine="python")
+    native = solve(op, b, "lissa", depth=30, batch_size=50, engine="native")
     assert native.solution.shape == b.shape
     assert rel_err(native.solution, python.solution) < 1e-10
 
@@ -271,18 +271,18 @@ def test_native_lissa_batch_slices_match_python(threads):
     B = torch.randn(problem.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     op = pbrf_fast.GaussNewton(problem, 0.05)
     options = dict(depth=25, repeats=2, batch_size=70, seed=3)
-    python = lissa(op, B, engine="python", **options)
+    python = solve(op, B, "lissa", engine="python", **options)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        native = lissa(op, B, engine="native", **options)
+        native = solve(op, B, "lissa", engine="native", **options)
         with pytest.raises(pbrf_fast.DivergenceError) as native_error:
-            lissa(op, B, depth=50, batch_size=40, scale=1e-3, engine="native")
+            solve(op, B, "lissa", depth=50, batch_size=40, scale=1e-3, engine="native")
     finally:
         torch.set_num_threads(before)
     assert rel_err(native.solution, python.solution) < 1e-10
     with pytest.raises(pbrf_fast.DivergenceError) as python_error:
-        lissa(op, B, depth=50, batch_size=40, scale=1e-3, engine="python")
+        solve(op, B, "lissa", depth=50, batch_size=40, scale=1e-3, engine="python")
     assert str(native_error.value).split("||h||")[0] == str(python_error.value).split("||h||")[0]
 
 
@@ -293,7 +293,7 @@ def test_split_batch_falls_back_when_openmp_grants_fewer_threads(tmp_path):
     script = (
         "import torch, pbrf_fast, sys\n"
         "from test_mlp_kernels import make_problem, rel_err\n"
-        "from pbrf_fast.solvers import lissa\n"
+        "from pbrf_fast.inverses import solve\n"
         "torch.set_num_threads(2)\n"
         "p = make_problem('mse', (6, 20, 2), 'tanh', True, n=96)\n"
         "B = torch.randn(p.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))\n"
@@ -302,8 +302,8 @@ def test_split_batch_falls_back_when_openmp_grants_fewer_threads(tmp_path):
         "assert rel_err(fused, exact) < 1e-12, rel_err(fused, exact)\n"
         "op = pbrf_fast.GaussNewton(p, 0.1)\n"
         "kw = dict(depth=20, batch_size=64, seed=1)\n"
-        "a = lissa(op, B, engine='native', **kw).solution\n"
-        "b = lissa(op, B, engine='python', **kw).solution\n"
+        "a = solve(op, B, "lissa", engine='native', **kw).solution\n"
+        "b = solve(op, B, "lissa", engine='python', **kw).solution\n"
         "assert rel_err(a, b) < 1e-10, rel_err(a, b)\n"
         "print('ok')\n")
     # the child imports the same pbrf_fast as this process (installed or in-tree) and this file
@@ -324,7 +324,7 @@ def test_native_lissa_raises_divergence_like_python(backend, device):
     for engine in ("python", "native"):
         op = pbrf_fast.GaussNewton(problem, 0.1, backend=backend if engine == "native" else "auto")
         with pytest.raises(pbrf_fast.DivergenceError, match="diverged in column") as info:
-            lissa(op, B, depth=50, batch_size=5, scale=1e-3, engine=engine)
+            solve(op, B, "lissa", depth=50, batch_size=5, scale=1e-3, engine=engine)
         messages.append(str(info.value))
     # same column, step and repeat; the norms' last digits may differ on the GPU
     assert messages[0].split("||h||")[0] == messages[1].split("||h||")[0]
@@ -336,8 +336,8 @@ def test_lissa_engine_option_validation():
     problem = make_problem("mse", (4, 3), "tanh", True)
     B = torch.randn(problem.dim, dtype=torch.float64)
     with pytest.raises(ValueError, match="engine"):
-        lissa(pbrf_fast.GaussNewton(problem, 0.1), B, depth=2, engine="fortran")
+        solve(pbrf_fast.GaussNewton(problem, 0.1), B, "lissa", depth=2, engine="fortran")
     with pytest.raises(BackendUnavailable, match="Gauss-Newton"):
-        lissa(pbrf_fast.Hessian(problem, 0.1), B, depth=2, engine="native")
+        solve(pbrf_fast.Hessian(problem, 0.1), B, "lissa", depth=2, engine="native")
     # auto falls back to the Python loop for the Hessian
-    assert lissa(pbrf_fast.Hessian(problem, 0.1), B, depth=2, scale=100.0).info["engine"] == "python"
+    assert solve(pbrf_fast.Hessian(problem, 0.1), B, "lissa", depth=2, scale=100.0).info["engine"] == "python"

@@ -6,7 +6,7 @@ from torch import nn
 
 import pbrf_fast
 from pbrf_fast.output_space import _gram_and_products, _gram_by_jacobians, jacobian_gram
-from pbrf_fast.solvers import choose_method
+from pbrf_fast.inverses import choose_method
 
 from factories import LOSSES, dense_gnh, dense_gradients, make_problem, make_targets, rel_err
 

@@ -5,7 +5,7 @@ from torch import nn
 
 import pbrf_fast
 from pbrf_fast.errors import IndefiniteOperatorError, InputError, NonFiniteError
-from pbrf_fast.solvers import PRECONDITIONERS
+from pbrf_fast.inverses import PRECONDITIONERS
 
 from factories import dense_gnh, make_problem, rel_err
 
@@ -58,7 +58,7 @@ def test_pcg_needs_fewer_iterations_than_cg_on_an_ill_conditioned_problem():
 def test_the_default_preconditioner_is_a_nystrom_sketch_of_rank_min_100_d():
     """Nystrom by default (EK-FAC slows CG down on ReLU nets: bench/RESULTS.md); its rank
     never exceeds the operator's dimension, where the sketch is the whole curvature."""
-    from pbrf_fast.preconditioners import DEFAULT_RANK
+    from pbrf_fast.inverses.preconditioners import DEFAULT_RANK
 
     problem = make_problem("cross_entropy", n=20, hidden=(5,), outputs=3, weight_decay=1e-3)
     op = pbrf_fast.GaussNewton(problem, 1e-3)
@@ -143,7 +143,7 @@ def test_bad_pcg_inputs_give_named_errors():
 
 
 # ------------------------------------------------------------------ Nystrom preconditioners
-from pbrf_fast.preconditioners import nystrom_sketch  # noqa: E402
+from pbrf_fast.inverses.preconditioners import nystrom_sketch  # noqa: E402
 
 
 def _dense(apply, d):

@@ -3,7 +3,7 @@ import torch
 
 import pbrf_fast
 from pbrf_fast.paper.models import mlp
-from pbrf_fast.scale import LowRankInverse, lanczos_eigenpairs
+from pbrf_fast.inverses import LowRankInverse, lanczos_eigenpairs
 
 # Reported: d = 275; score correlation with direct is 0.970 at rank 10, 0.9988 at rank 20,
 # 0.99999 at rank 40 (relative error 0.32, 0.051, 0.0047); exact at rank d.

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pbrf_fast
-from pbrf_fast.solvers import estimate_largest_eigenvalue
+from pbrf_fast.inverses.lissa import estimate_largest_eigenvalue
 
 from factories import LOSSES, dense_gnh, make_problem, rel_err
 

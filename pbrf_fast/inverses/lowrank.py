@@ -11,15 +11,27 @@ lam_k, so the error there is bounded by the ratio lam_k / shift).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
 import torch
 
 from ..errors import InputError
-from ..solvers import SolveResult
+from .common import SolveResult, check_columns, integer_option, progress_bar
+from .options import InverseOptions, option
 
-__all__ = ["lanczos_eigenpairs", "LowRankInverse"]
+__all__ = ["lanczos_eigenpairs", "LowRankInverse", "LowRankOptions", "lowrank", "lowrank_eigenpairs"]
+
+
+@dataclasses.dataclass
+class LowRankOptions(InverseOptions):
+    """Options of the low-rank inverse."""
+
+    rank: int = option(32, "Lanczos eigenpairs kept (that many operator products, and a few more)")
+    iterations: int | None = option(None, "Lanczos iterations (None: a few more than rank)", cli=False)
+    seed: int = option(0, "seed of the Lanczos start vector", cli=False)
+    progress: bool = option(False, "show a progress bar over the Lanczos iterations", cli=False)
 
 
 def lanczos_eigenpairs(op, rank: int, *, iterations: int | None = None, seed: int = 0,
@@ -115,6 +127,23 @@ class LowRankInverse:
 
 
 def _bar(total, enabled):
-    from ..solvers import _progress
+    return progress_bar(total, "lanczos", enabled)
 
-    return _progress(total, "lanczos", enabled)
+
+def lowrank(op, B: torch.Tensor, options: LowRankOptions) -> SolveResult:
+    """The low-rank inverse of ``op``; its eigenpairs are cached on ``op`` (they depend on
+    neither damping nor the right-hand side), so every solve after the first is two GEMMs."""
+    check_columns(op, B)
+    return LowRankInverse(op, options.rank, eigenpairs=lowrank_eigenpairs(op, options)).solve(B)
+
+
+def lowrank_eigenpairs(op, options: LowRankOptions, compute=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``options.rank`` eigenpairs of ``op``, cached on it; ``compute()`` gives them
+    when they are not cached yet (default: Lanczos), e.g. read back from a results folder."""
+    rank = integer_option("rank", options.rank)
+    key = ("lowrank", rank, options.iterations, int(options.seed))
+    if compute is None:
+        def compute():
+            return lanczos_eigenpairs(op, rank, iterations=options.iterations, seed=options.seed,
+                                      progress=options.progress)
+    return op._cached(key, compute)

@@ -28,16 +28,16 @@ every use, so damping copies of one operator share one sketch):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
+import warnings
 
 import torch
 
-from . import solvers
-from .errors import InputError, InputTypeError
+from ..errors import InputError, InputTypeError
+from ..kronecker import KroneckerCurvature
 
 __all__ = ["NystromSketch", "nystrom_sketch", "NystromPreconditioner", "DeflatedKroneckerPreconditioner",
-           "NYSTROM_KINDS"]
+           "NYSTROM_KINDS", "make_nystrom", "kronecker_preconditioner"]
 
 NYSTROM_KINDS = ("nystrom", "nystrom+ekfac", "nystrom+kfac")
 # Sketch columns when no rank is given (r products to build; see bench/RESULTS.md for r).
@@ -180,10 +180,21 @@ def make_nystrom(op, kind: str = "nystrom", *, rank: int | None = None, seed: in
     products = sketch.products if fresh else 0  # a reused sketch costs nothing more
     if kind == "nystrom":
         return NystromPreconditioner(op, sketch, products)
-    kronecker = solvers.PRECONDITIONERS[kind.split("+")[1]](op, **dict(kronecker_options or {}))
+    kronecker = kronecker_preconditioner(op, kind.split("+")[1], **dict(kronecker_options or {}))
     kronecker.factors  # noqa: B018 -- built here, timed with the preconditioner
     return DeflatedKroneckerPreconditioner(op, sketch, kronecker, products)
 
 
-for _kind in NYSTROM_KINDS:
-    solvers.register_preconditioner(_kind, functools.partial(make_nystrom, kind=_kind))
+def kronecker_preconditioner(op, kind: str, **options) -> KroneckerCurvature:
+    """The K-FAC / EK-FAC inverse for an exact operator ``op`` (same problem, damping and
+    weight decay), cached on it: every solve with that operator reuses the factors."""
+    key = ("preconditioner", kind, tuple(sorted(options.items())))
+
+    def build():
+        opts = dict(options)
+        opts.setdefault("distributed", bool(getattr(op, "spans_processes", False)))
+        with warnings.catch_warnings():  # the coverage warning is for users of the operator itself
+            warnings.simplefilter("ignore")
+            return KroneckerCurvature(op.problem, op.damping, kind, batch_size=op.batch_size, **opts)
+
+    return op._cached(key, build)

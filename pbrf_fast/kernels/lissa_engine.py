@@ -1,7 +1,7 @@
 """Native stochastic LiSSA (Eq. 52) for MLP models: the whole recursion in one call.
 
 For each repeat r and step t, with the batch schedule[r, t] (drawn in Python by
-``solvers.lissa_batches``, so a seed gives the same batches as the Python loop):
+``inverses.lissa.lissa_batches``, so a seed gives the same batches as the Python loop):
 
     gh = 1/|B| sum_{i in B} J_i^T H_i J_i h + weight_decay h
     h <- v + (1 - damping/scale) h - gh / scale
@@ -75,7 +75,7 @@ def plan_lissa_engine(mlp: tuple[MlpSpec | None, str], inputs: torch.Tensor, vec
 
     ``native`` (backend cpu or cuda): the whole seeded recursion inside the extension
     (:func:`mlp_lissa`), no Python per step; ``python``: the loop in
-    :func:`pbrf_fast.solvers.lissa`, one operator product and one fused update per step.
+    :func:`pbrf_fast.inverses.lissa.lissa`, one operator product and one fused update per step.
     Same seed, same batches, same answer.
 
     ``mlp``: the operator's ``(MlpSpec, "")``, or ``(None, why not)`` (not a GNH of a

@@ -6,13 +6,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ..inverses import INVERSES
+from ..kronecker import KRONECKER_KINDS
+
 __all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "ScoresConfig", "EvaluateConfig", "SWEEP_PARAMETERS",
            "EVALUATE_SOLVERS", "DEFAULT_EVALUATE_SOLVERS", "COLD_START_ORDERS"]
 
-# kfac / ekfac: the Kronecker approximations of the GNH (pbrf_fast.kronecker), each with its own exact inverse.
+# evaluate's estimators, read off the library's tables: every inverse of the exact GNH, then every
+# approximate curvature (kfac / ekfac) solved by its own exact inverse.
 # pcg: the exact GNH solved by preconditioned CG (EvaluateConfig.preconditioner; converges where plain CG stalls); not in the
 # default list, which keeps one exact iterative solver.
-EVALUATE_SOLVERS = ("cg", "pcg", "lissa", "lowrank", "kernel", "direct", "kfac", "ekfac", "identity")
+EVALUATE_SOLVERS = (tuple(name for name in INVERSES if name != "kronecker") + KRONECKER_KINDS)
 DEFAULT_EVALUATE_SOLVERS = tuple(s for s in EVALUATE_SOLVERS if s != "pcg")
 COLD_START_ORDERS = ("replay", "fresh")
 SWEEP_PARAMETERS = ("width", "depth", "epochs", "weight_decay", "damping", "fraction_removed")

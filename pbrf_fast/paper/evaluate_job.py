@@ -51,8 +51,8 @@ from ..evaluation import brittleness, linear_datamodeling_score, loo_correlation
 from ..influence import Influence
 from ..problem import Problem
 from ..results_folder import ResultsFolder
-from ..scale.lowrank import LowRankInverse
-from ..solvers import DIRECT_MAX_DIM, KERNEL_MEMORY_BYTES
+from ..inverses import DIRECT_MAX_DIM, KERNEL_MEMORY_BYTES
+from ..kronecker import KRONECKER_KINDS
 from .config import EVALUATE_SOLVERS, EvaluateConfig, RunOptions
 from .ground_truth import pbrf_ground_truth, retraining_ground_truth, train_on_subsets
 from .jobs import ConfigError
@@ -232,37 +232,35 @@ def _skip_reason(solver: str, problem: Problem) -> str | None:
     return None
 
 
+def _solver_options(solver: str, config: EvaluateConfig) -> dict:
+    """The evaluate flags that are options of ``solver``'s options dataclass."""
+    nystrom = config.preconditioner.startswith("nystrom")
+    return {"cg": {"tol": config.tol, "max_iter": config.cg_iters},
+            "pcg": {"tol": config.tol, "max_iter": config.cg_iters, "preconditioner": config.preconditioner,
+                    "preconditioner_rank": config.preconditioner_rank if nystrom else None,
+                    "preconditioner_options": {"seed": config.seed}},
+            "lissa": {"depth": config.lissa_depth, "batch_size": config.lissa_batch_size, "scale": "auto",
+                      "seed": config.seed},
+            "lowrank": {"rank": config.rank, "seed": config.seed}}.get(solver, {})
+
+
 def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test, t_test) -> tuple[np.ndarray, dict]:
     """Scores (n_train, m) of one solver at the problem's parameters, and what it did."""
     if solver not in EVALUATE_SOLVERS:
         raise ConfigError(f"unknown solver {solver!r}; choose from {EVALUATE_SOLVERS}")
-    options = {"cg": {"tol": config.tol, "max_iter": config.cg_iters},
-               "pcg": {"tol": config.tol, "max_iter": config.cg_iters, "preconditioner": config.preconditioner,
-                       "preconditioner_options": ({"seed": config.seed, "rank": config.preconditioner_rank}
-                                                  if config.preconditioner.startswith("nystrom")
-                                                  else {"seed": config.seed})},
-               "lissa": {"depth": config.lissa_depth, "batch_size": config.lissa_batch_size, "scale": "auto",
-                         "seed": config.seed}}.get(solver, {})
-    if solver in ("kfac", "ekfac"):
+    if solver in KRONECKER_KINDS:
         # Exact pseudo-gradients up to 16 outputs (kronecker's "auto"), sampled ones seeded by the run.
         influence = Influence(problem, config.damping, curvature=solver, solver="auto",
                               curvature_options={"seed": config.seed})
     else:
-        influence = Influence(problem, config.damping, solver=solver if solver in ("cg", "pcg", "lissa", "direct", "kernel")
-                              else "cg", solver_options=options)
+        influence = Influence(problem, config.damping, solver=solver, solver_options=_solver_options(solver, config))
     start = time.perf_counter()
-    if solver in ("identity", "lowrank"):
-        G = influence.test_gradients(x_test, t_test)
-        S = G if solver == "identity" else LowRankInverse(influence.operator, config.rank, seed=config.seed).solve(G).solution
-        scores = influence.scores_from_s_test(S)
-    else:
-        scores = influence.scores(x_test, t_test)
+    scores = influence.scores(x_test, t_test)
     info = {"seconds": time.perf_counter() - start}
     last = influence.last_solve
-    if solver in ("cg", "pcg", "lissa") and last is not None:
+    if last is not None and last.converged is not None:  # a solve that measured its residuals
         info["iterations"] = int(torch.as_tensor(last.iterations).max())
-        if last.converged is not None:
-            info["converged_columns"] = int(torch.as_tensor(last.converged).sum())
+        info["converged_columns"] = int(torch.as_tensor(last.converged).sum())
         if last.residual_norms is not None:
             info["max_relative_residual"] = float(torch.as_tensor(last.residual_norms).max())
     return scores.detach().double().cpu().numpy(), info

@@ -40,7 +40,7 @@ import torch
 
 from ..curvature import GaussNewton, make_curvature
 from ..problem import Problem
-from ..solvers import solve
+from ..inverses import solve
 from .training import TrainConfig, TrainResult, fit_lbfgs, run_epochs
 
 __all__ = ["RESPONSES", "ResponseSettings", "Removal", "ResponseSolver"]

@@ -4,7 +4,6 @@ on-disk results and torch.distributed sharding. Each module has one job:
 
 - :mod:`.data`         training / test data from tensors, a Dataset or a DataLoader
 - :mod:`.measurement`  what a score measures on a test point (loss, margin, your own)
-- :mod:`.lowrank`      Lanczos eigenpairs and :class:`LowRankInverse`
 - :mod:`.distributed`  :class:`DistributedGaussNewton`, rank helpers, sharding
 - :mod:`.layer_scores` hooks that turn activations x output gradients into scores
 - :mod:`.pipeline`     :class:`ScorePipeline` (one method per stage), :func:`compute_scores`,
@@ -14,10 +13,9 @@ on-disk results and torch.distributed sharding. Each module has one job:
 from .data import DataSource
 from .distributed import DistributedGaussNewton
 from .layer_scores import LayerScorer
-from .lowrank import LowRankInverse, lanczos_eigenpairs
 from .measurement import MEASUREMENTS, margin
 from .pipeline import ScoreArguments, ScorePipeline, ScoreResults, ScoreTask, compute_scores, load_scores
 
-__all__ = ["DataSource", "DistributedGaussNewton", "LayerScorer", "LowRankInverse", "MEASUREMENTS", "ScoreArguments",
-           "ScorePipeline", "ScoreResults", "ScoreTask", "compute_scores", "lanczos_eigenpairs", "load_scores",
+__all__ = ["DataSource", "DistributedGaussNewton", "LayerScorer", "MEASUREMENTS", "ScoreArguments",
+           "ScorePipeline", "ScoreResults", "ScoreTask", "compute_scores", "load_scores",
            "margin"]

@@ -51,11 +51,11 @@ from ..kronecker import KRONECKER_KINDS, KroneckerCurvature, KroneckerFactors
 from ..losses import Loss, get_loss
 from ..problem import Problem
 from ..results_folder import ResultsFolder
-from ..solvers import DEFAULT_PRECONDITIONER, SOLVERS, solve
+from ..inverses import (AUTO, DEFAULT_PRECONDITIONER, INVERSES, LowRankInverse, LowRankOptions, lanczos_eigenpairs,
+                        lowrank_eigenpairs, make_options, solve)
 from . import distributed as D
 from .data import as_data_source, tensor_digest
 from .layer_scores import LayerScorer
-from .lowrank import LowRankInverse, lanczos_eigenpairs
 from .measurement import measurement_gradients, resolve_measurement
 from .safetensors_io import save_safetensors
 
@@ -67,16 +67,16 @@ RESULT_KEYS = ("model_fingerprint", "data_fingerprint", "loss", "measurement", "
                "solver_options", "rank", "curvature_samples", "query_chunk", "top_k", "seed",
                "self_influence", "lanczos_iterations", "extra", "curvature", "curvature_options")
 CURVATURES = ("gnh",) + KRONECKER_KINDS
-SCORE_SOLVERS = tuple(SOLVERS) + ("lowrank", "auto")
+SCORE_SOLVERS = tuple(INVERSES) + (AUTO,)
 
 
 @dataclasses.dataclass
 class ScoreArguments:
     """Every option of a score run; saved as ``arguments.json`` beside the results.
 
-    ``solver``: ``cg`` / ``lissa`` / ``direct`` / ``kernel`` / ``auto`` (``solver_options``
-    go to :func:`pbrf_fast.solve`) or ``lowrank`` (:class:`LowRankInverse` with ``rank``
-    Lanczos eigenpairs). ``query_chunk`` test points are solved and scored together
+    ``solver``: a name in :data:`pbrf_fast.INVERSES` or ``auto``; ``solver_options``: a
+    dict of the fields of its options dataclass (checked here, saved as given). ``lowrank``
+    uses ``rank`` Lanczos eigenpairs, shared with self-influence. ``query_chunk`` test points are solved and scored together
     (default: as many as ``memory_gb`` allows). Self-influence uses the rank-``rank``
     eigenpairs plus the exact remainder ||g||^2 / (weight_decay + damping).
 
@@ -127,6 +127,8 @@ class ScoreArguments:
         if not self.memory_gb > 0:
             raise InputError(f"memory_gb must be > 0, got {self.memory_gb!r}")
         self.solver_options = dict(self.solver_options or {})
+        if self.solver != AUTO:
+            make_options(self.solver, self.solver_options)  # a misspelt option fails here, before any work
 
 
 @dataclasses.dataclass
@@ -323,6 +325,12 @@ class ScorePipeline:
             D.barrier()
         return op
 
+    def lowrank_options(self) -> LowRankOptions:
+        """The low-rank inverse's options: the ``rank`` eigenpairs self-influence uses too."""
+        a = self.args
+        return LowRankOptions(rank=a.rank, iterations=a.lanczos_iterations, seed=a.seed,
+                              progress=self.progress and self.rank_ == 0)
+
     def eigenpairs(self, k: int, op) -> LowRankInverse | None:
         """Stage 2: the top-``rank`` eigenpairs, when the solver or self-influence needs them."""
         a = self.args
@@ -341,9 +349,11 @@ class ScorePipeline:
             D.barrier()
             return values, vectors
 
-        return LowRankInverse(op, a.rank, eigenpairs=self.stages.run("eigenpairs", get))
+        # cached on op under the low-rank inverse's options: solver "lowrank" finds them there
+        pairs = lowrank_eigenpairs(op, self.lowrank_options(), compute=lambda: self.stages.run("eigenpairs", get))
+        return LowRankInverse(op, a.rank, eigenpairs=pairs)
 
-    def s_test(self, k: int, c: int, op, lowrank) -> torch.Tensor:
+    def s_test(self, k: int, c: int, op) -> torch.Tensor:
         """Stage 3: (G + lambda I)^{-1} grad f for test chunk c."""
         path = self.folder(k) / "s_test" / f"chunk_{c:04d}.pt"
 
@@ -355,7 +365,7 @@ class ScorePipeline:
             test_problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=self.args.weight_decay)
             grads = measurement_gradients(test_problem, self.task.measurement_fn, test_problem.inputs,
                                           test_problem.targets)
-            result = self._solve(op, lowrank, grads)
+            result = self._solve(op, grads)
             info = {"checkpoint": k, "chunk": c, "method": result.method, "time": result.time,
                     "max_residual": None if result.residual_norms is None else float(result.residual_norms.max())}
             self.log["solves"].append(info)
@@ -366,16 +376,16 @@ class ScorePipeline:
 
         return self.stages.run("s_test", get)
 
-    def _solve(self, op, lowrank, grads):
+    def _solve(self, op, grads):
         a = self.args
-        if a.solver == "lowrank":
-            return lowrank.solve(grads)
         if a.curvature in KRONECKER_KINDS:
-            return op.solve(grads)
+            return solve(op, grads, "kronecker")
+        if a.solver == "lowrank":  # the eigenpairs stage cached them on op under these options
+            return solve(op, grads, "lowrank", self.lowrank_options())
         options = dict(a.solver_options)
-        if a.solver == "pcg" and options.get("preconditioner", DEFAULT_PRECONDITIONER) in KRONECKER_KINDS:
+        if self.preconditioner is not None:  # pcg with stored Kronecker factors, not rebuilt
             options.pop("preconditioner_options", None)
-            options["preconditioner"] = self.preconditioner  # the stored factors
+            options["preconditioner"] = self.preconditioner
         return solve(op, grads, a.solver, **options)
 
     def _scorer(self) -> LayerScorer:
@@ -480,7 +490,7 @@ class ScorePipeline:
                 marker = folder / "chunks" / f"chunk_{c:04d}.rank{self.rank_}.done"
                 if marker.exists():
                     continue
-                self.score_chunk(k, c, self.s_test(k, c, op, lowrank), scorer)
+                self.score_chunk(k, c, self.s_test(k, c, op), scorer)
             D.barrier()
             if self.args.self_influence:
                 self.self_influence(k, scorer, lowrank, op)

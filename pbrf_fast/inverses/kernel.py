@@ -1,0 +1,36 @@
+"""``kernel``: the exact GNH solve in output space (Woodbury; :mod:`pbrf_fast.output_space`)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from .common import SolveResult, check_columns, finish, positive_number
+from .options import InverseOptions, option
+
+# The output-space solver keeps about three (N*C)^2 float64 matrices.
+KERNEL_MEMORY_BYTES = 4 << 30
+
+
+@dataclasses.dataclass
+class KernelOptions(InverseOptions):
+    """Options of the output-space (``kernel``) solve."""
+
+    tol: float = option(1e-6, "relative residual ||A x - b|| / ||b|| a column must meet to count as converged")
+    compute_residual: bool = option(True, "measure the true residual with one more operator product", cli=False)
+
+
+# ---------------------------------------------------------------------- kernel
+def kernel(op, B, options: KernelOptions) -> SolveResult:
+    """Exact GNH solve in output space (Woodbury); see :mod:`pbrf_fast.output_space`."""
+    from ..output_space import OutputSpaceSolver
+
+    start = time.perf_counter()
+    B2 = check_columns(op, B)
+    tol = positive_number("tol", options.tol)
+    # All N training outputs enter one Gram matrix: a sharded operator gathers them first.
+    local = op.gathered() if op.spans_processes else op
+    X2 = OutputSpaceSolver(local).solve(B2)
+    info = {"outputs": op.num_examples * op.problem.num_outputs}
+    return finish(op, X2, B, B2, "kernel", 0, start, options.compute_residual, tol, info)
+
+

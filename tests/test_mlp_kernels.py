@@ -302,8 +302,8 @@ def test_split_batch_falls_back_when_openmp_grants_fewer_threads(tmp_path):
         "assert rel_err(fused, exact) < 1e-12, rel_err(fused, exact)\n"
         "op = pbrf_fast.GaussNewton(p, 0.1)\n"
         "kw = dict(depth=20, batch_size=64, seed=1)\n"
-        "a = solve(op, B, "lissa", engine='native', **kw).solution\n"
-        "b = solve(op, B, "lissa", engine='python', **kw).solution\n"
+        "a = solve(op, B, 'lissa', engine='native', **kw).solution\n"
+        "b = solve(op, B, 'lissa', engine='python', **kw).solution\n"
         "assert rel_err(a, b) < 1e-10, rel_err(a, b)\n"
         "print('ok')\n")
     # the child imports the same pbrf_fast as this process (installed or in-tree) and this file

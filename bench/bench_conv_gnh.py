@@ -109,7 +109,7 @@ def matmul_gflops():
 def resnet_variants(problem, only=None):
     """name -> zero-argument function: every timed ResNet-20 variant (those whose name starts
     with one of ``only``'s prefixes, if given)."""
-    from pbrf_fast.kernels import layerwise_gnh
+    from pbrf_fast.products import layerwise
 
     g = torch.Generator().manual_seed(1)
     V = {m: torch.randn(problem.dim, m, generator=g).to(DEVICE) for m in (1, 8)}
@@ -117,8 +117,8 @@ def resnet_variants(problem, only=None):
     assert op.plan_product(problem.inputs, V[1]).implementation == "layerwise"
     # the same product with its activations kept in NCHW (the layout rule's alternative)
     nchw = pbrf_fast.GaussNewton(problem, 1e-3)
-    nchw._layerwise_spec = layerwise_gnh.parse_layerwise(problem)
-    nchw._layerwise_spec[0].channels_last = False
+    nchw.products._layerwise = layerwise.parse_layerwise(problem)
+    nchw.products._layerwise[0].channels_last = False
 
     def cold(m):
         def run():

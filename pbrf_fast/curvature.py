@@ -13,12 +13,11 @@ jvp -> output-Hessian product -> vjp.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
-from .kernels import layerwise_gnh, mlp_gnh, registry
 from .problem import Problem, as_index
+from .products import GnhProducts
 from .errors import InputError, InputTypeError
 
 __all__ = ["CurvatureOperator", "GaussNewton", "Hessian", "make_curvature"]
@@ -228,121 +227,33 @@ class GaussNewton(CurvatureOperator):
     def __init__(self, problem, damping=0.0, *, backend: str = "auto", **kwargs):
         problem.loss.require_convex()
         super().__init__(problem, damping, **kwargs)
-        # "auto": for a supported MLP the fastest exact product by size, else torch.func;
-        # "torch": always torch.func; "cpu"/"cuda": the fused kernel or an error.
-        # plan_product says which runs for a given batch, and why.
+        # "auto": the fastest exact product by size; "torch": always torch.func;
+        # "cpu"/"cuda": the fused MLP kernel or an error. plan_product says which runs, and why.
         self.backend = backend
+        self.products = GnhProducts(problem, backend, self.batch_size, self._cache)
 
     def with_damping(self, damping: float) -> "GaussNewton":
         op = type(self)(self.problem, damping, batch_size=self.batch_size, _cache=self._cache,
                         backend=self.backend)
-        op._layerwise_spec = getattr(self, "_layerwise_spec", None)  # the model is the same: no re-trace
+        op.products = self.products  # the model is the same: no re-parse, no re-trace
         return op
 
     def mlp_spec(self):
-        """(MlpSpec, "") if the model with this loss is an MLP the kernels of
-        pbrf_fast.kernels.mlp_gnh serve, else (None, why not). Parsed once: the
-        model's structure never changes."""
-        if getattr(self, "_mlp_spec", None) is None:
-            model, loss = self.problem.model, self.problem.loss
-            spec = mlp_gnh.parse_mlp(model)
-            reason = "" if spec is not None else mlp_gnh.mlp_unsupported_reason(model)
-            if spec is not None and loss.kernel_kind not in registry.LOSS_KIND_CODES:
-                spec, reason = None, f"loss {loss.name!r} has no compiled output-Hessian"
-            self._mlp_spec = (spec, reason)
-        return self._mlp_spec
+        """(MlpSpec, "") if the model with this loss is an MLP the MLP products serve, else
+        (None, why not) (see :class:`pbrf_fast.products.GnhProducts`)."""
+        return self.products.mlp_spec()
+
+    def layerwise_spec(self):
+        """(LayerwiseSpec, "") if the layer-wise product serves the model exactly, else (None, why not)."""
+        return self.products.layerwise_spec()
 
     def plan_product(self, x: torch.Tensor, V: torch.Tensor):
         """Which implementation computes this operator's product over inputs ``x`` for the
-        block ``V``, and why: the one place that decides it (see
-        :func:`pbrf_fast.kernels.mlp_gnh.plan_gnh_product` for the rule)."""
-        columns = 1 if V.dim() == 1 else V.shape[1]
-        runtime = registry.cuda_runtime()
-        # The same batch tensor product after product (a solver's kept index rows): its plan
-        # without building the key (shape, dtype and device of one tensor object are fixed).
-        last = self.__dict__.get("_last_plan")
-        if last is not None and last[0] is x and last[1] == columns and last[2] is runtime:
-            return last[3]
-        # Plans depend only on these (the model, loss and backend are fixed per operator):
-        # kept, so a solver's hundreds of small products do not re-plan each time.
-        key = (tuple(x.shape), x.dtype, x.device, columns, runtime)
-        plans = self.__dict__.setdefault("_plans", {})
-        plan = plans.get(key)
-        if plan is None:
-            mlp = self.mlp_spec()
-            layerwise = self.layerwise_spec() if mlp[0] is None and self.backend == "auto" else None
-            plan = mlp_gnh.plan_gnh_product(mlp, self.problem.theta, x, columns, self.backend, layerwise=layerwise)
-            plans[key] = plan
-        self._last_plan = (x, columns, runtime, plan)
-        return plan
-
-    def layerwise_spec(self):
-        """(LayerwiseSpec, "") if pbrf_fast.kernels.layerwise_gnh serves the model exactly
-        (a traced network of Conv2d, eval BatchNorm, ReLU, pooling, Linear, residual
-        additions...), else (None, why not). Traced once, on the first product that asks."""
-        if getattr(self, "_layerwise_spec", None) is None:
-            self._layerwise_spec = layerwise_gnh.parse_layerwise(self.problem)
-        return self._layerwise_spec
-
-    def _kept_forward(self, kind, compute, nbytes, x, slot):
-        """The forward state ``compute()`` of data slice ``slot`` (None: not a fixed slice),
-        kept between products while the parameters and the data are unchanged: solvers
-        apply the operator hundreds of times to the same data, and at few columns the
-        forward pass is a quarter of a product's flops. Cached slices of every kind
-        (MLP, layer-wise) stay under mlp_gnh.FORWARD_CACHE_BYTES in all."""
-        if slot is None:
-            return compute()
-        theta = self.problem.theta
-        stamp = (self.problem.version, theta.data_ptr(), theta._version, x.data_ptr(), x._version,
-                 tuple(x.shape))
-        slices = self._cache.setdefault("mlp_forward", {})  # shared with with_damping copies
-        key = (slot, self.batch_size) if kind == "mlp" else (kind, slot, self.batch_size)
-        entry = slices.get(key)
-        # The weak reference catches a reassigned problem.inputs even when the new
-        # tensor reuses the freed one's address (same data_ptr, version 0 again).
-        if entry is not None and entry[0] == stamp and entry[3]() is self.problem.inputs:
-            return entry[1]
-        state = compute()
-        held = sum(value[2] for k, value in slices.items() if k != key)
-        size = nbytes(state)
-        if held + size <= mlp_gnh.FORWARD_CACHE_BYTES:
-            slices[key] = (stamp, state, size, weakref.ref(self.problem.inputs))
-        else:
-            slices.pop(key, None)
-        return state
-
-    def _mlp_forward(self, spec, x, slot):
-        def nbytes(state):
-            return sum(a.numel() * a.element_size() for a in [*state[0][1:], *state[1], state[2]])
-
-        return self._kept_forward("mlp", lambda: mlp_gnh.mlp_forward_reference(spec, self.problem.theta, x),
-                                  nbytes, x, slot)
+        block ``V``, and why (the rule: :mod:`pbrf_fast.products`)."""
+        return self.products.plan(x, V)
 
     def _batch_sum(self, V, x, t, slot=None):
-        theta = self.problem.theta
-        plan = self.plan_product(x, V)
-        if plan.implementation == "layerwise":
-            spec = self.layerwise_spec()[0]
-            forward = self._kept_forward("layerwise", lambda: layerwise_gnh.layerwise_forward(spec, theta, x),
-                                         layerwise_gnh.forward_state_bytes, x, slot)
-            return layerwise_gnh.layerwise_gnh_product(spec, self.problem.loss, theta, x, t, V, forward)
-        if plan.implementation != "torch.func":
-            spec = self.mlp_spec()[0]
-            forward = None if plan.implementation == "mlp-fused" else self._mlp_forward(spec, x, slot)
-            return mlp_gnh.run_gnh_product(plan, spec, self.problem.loss.kernel_kind, theta, x, V, forward)
-
-        def outputs(th):
-            return self.problem.forward(th, x)
-
-        def tangent(v):
-            return torch.func.jvp(outputs, (theta,), (v,))[1]
-
-        with torch.enable_grad():
-            y, pullback = torch.func.vjp(outputs, theta)
-            JV = torch.func.vmap(tangent)(V.T)                         # (m, b, C)
-            HJV = self.problem.loss.hvp(y.detach(), t, JV.detach())    # (m, b, C)
-            (JtHJV,) = torch.func.vmap(pullback)(HJV)                   # (m, d)
-        return JtHJV.detach().T
+        return self.products.product(V, x, t, slot)
 
 
 class Hessian(CurvatureOperator):

@@ -6,8 +6,8 @@ question its caller would ask for this model: the GNH product of
 layer-wise product of a conv net, or torch.func), the LiSSA recursion
 (:func:`pbrf_fast.inverses.plan_lissa`), the fused LiSSA update, the
 output-Hessian product and Bregman divergence on the model's outputs, and the
-score contraction of every ``nn.Linear`` / ``nn.Conv2d`` layer (the scale
-pipeline's hooks). ``pbrf-fast backends --explain`` prints the same.
+score contraction of every layer whose adapter has one (Linear, Conv2d: the
+scale pipeline's hooks). ``pbrf-fast backends --explain`` prints the same.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from .curvature import GaussNewton
-from .kernels import (Plan, plan_bregman_divergence, plan_conv2d_score_contraction, plan_lissa_update,
-                      plan_output_hessian_product, plan_score_contraction)
+from .kernels import Plan, plan_bregman_divergence, plan_lissa_update, plan_output_hessian_product
+from .layers import adapter_for
+from .layers.base import zeros
 from .losses import get_loss
 from .problem import Problem
 from .inverses import plan_lissa
@@ -34,18 +35,14 @@ def _placeholder_targets(loss, outputs: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(outputs)
 
 
-def _zeros(shape, like: torch.Tensor) -> torch.Tensor:
-    """A tensor of ``shape`` that costs no memory: plans read shapes, dtypes and devices."""
-    return torch.zeros((), dtype=like.dtype, device=like.device).expand(*shape)
-
-
-def _layer_shapes(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, nn.Module, torch.Size, torch.Size]]:
-    """(name, module, input shape, output shape) of every Linear and Conv2d in one forward pass."""
+def _layer_shapes(model: nn.Module, inputs: torch.Tensor) -> list:
+    """(name, adapter, input shape, output shape) of every weight-matrix layer in one forward pass."""
     seen, handles = [], []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            def hook(mod, args, out, name=name):
-                seen.append((name, mod, args[0].shape, out.shape))
+        adapter, _ = adapter_for(module)
+        if adapter is not None and adapter.kronecker:
+            def hook(mod, args, out, name=name, adapter=adapter):
+                seen.append((name, adapter, args[0].shape, out.shape))
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -56,15 +53,8 @@ def _layer_shapes(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, nn.
     return seen
 
 
-def _layer_plan(name, module, in_shape, out_shape, columns, like, backend) -> Plan:
-    if isinstance(module, nn.Conv2d):
-        S = _zeros((columns, module.out_channels, module.weight[0].numel()), like)
-        plan = plan_conv2d_score_contraction(_zeros(in_shape, like), _zeros(out_shape, like), S,
-                                             stride=module.stride, backend=backend)
-    else:  # Linear: one token per example, or a token per position of a sequence
-        a = _zeros((in_shape[0], in_shape[1:-1].numel(), in_shape[-1]) if len(in_shape) > 2 else in_shape, like)
-        delta = _zeros((*a.shape[:-1], out_shape[-1]), like)
-        plan = plan_score_contraction(a, delta, _zeros((columns, out_shape[-1], in_shape[-1]), like), backend)
+def _layer_plan(name, adapter, in_shape, out_shape, columns, like, backend) -> Plan:
+    plan = adapter.plan_scores(in_shape, out_shape, columns, like, backend)
     return dataclasses.replace(plan, op=f"{plan.op} [{name}]")
 
 
@@ -85,10 +75,10 @@ def explain(model: nn.Module, loss, inputs: torch.Tensor, *, columns: int = 1, b
     problem = Problem(model, loss, inputs, _placeholder_targets(loss, outputs2))
     op = GaussNewton(problem, 1e-3, backend=backend if backend in ("auto", "torch", "cpu", "cuda") else "auto")
     like = problem.theta
-    V = _zeros((problem.dim, columns), like)
+    V = zeros((problem.dim, columns), like)
     plans = [op.plan_product(inputs, V), plan_lissa(op, V, batch_size=lissa_batch_size),
              plan_lissa_update(V, backend),
-             plan_output_hessian_product(outputs2, _zeros((columns, *outputs2.shape), outputs2), backend),
+             plan_output_hessian_product(outputs2, zeros((columns, *outputs2.shape), outputs2), backend),
              plan_bregman_divergence(outputs2, outputs2, backend)]
     plans += [_layer_plan(*shapes, columns, like, backend) for shapes in _layer_shapes(model, inputs)]
     return plans

@@ -30,14 +30,12 @@ of giving wrong ones (``reason`` says why).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .errors import InputError
+from .layers import adapter_for
 
 __all__ = ["JacobianRows"]
 
-_LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 # How a chunk's C output-gradient passes get their forward graph: "replicated" (one forward
 # over the chunk repeated C times, one backward with e_k on copy k) or "once" (one forward
 # over the chunk, C backward passes through its graph: (C - 1) forwards fewer). Measured on
@@ -50,17 +48,6 @@ FORWARD = "replicated"
 
 class _CalledTwice(Exception):
     """A hooked layer ran twice in one forward pass (shared weights): rows need torch.func."""
-
-
-def _unsupported(module: nn.Module) -> str | None:
-    """Why a layer's rows cannot come from its input and output gradients, or None."""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return f"Conv2d with groups={module.groups}, padding={module.padding!r}, mode {module.padding_mode!r}"
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if module.training or not module.track_running_stats or module.running_mean is None:
-            return "BatchNorm in training mode or without running statistics (examples interact)"
-    return None
 
 
 class JacobianRows:
@@ -92,18 +79,21 @@ class JacobianRows:
             if not own:
                 continue
             full = {k: f"{mod_name}.{k}" if mod_name else k for k, _ in own}
-            if not isinstance(module, _LAYER_TYPES) or set(full) - {"weight", "bias"}:
+            adapter, why = adapter_for(module)
+            if adapter is None and not why.endswith("has no layer adapter"):
+                return None, f"{why} ({mod_name!r})"
+            if adapter is None or set(full) - set(adapter.roles):
                 return None, f"trainable parameters in {type(module).__name__} {mod_name!r}"
-            why = _unsupported(module)
-            if why is not None:
+            why = adapter.batch_coupling_reason()
+            if why:
                 return None, f"{why} ({mod_name!r})"
             if any(name not in offsets or name in covered for name in full.values()):
                 return None, f"parameters of {mod_name!r} are shared with another module"
             covered.update(full.values())
-            layers.append((module, {k: offsets[name] for k, name in full.items()}))
+            layers.append((adapter, {k: offsets[name] for k, name in full.items()}))
         if covered != set(offsets):
             return None, f"parameters outside any module's own: {sorted(set(offsets) - covered)[:3]}"
-        return layers, "every trainable parameter in a Conv2d / Linear / eval BatchNorm layer"
+        return layers, "every trainable parameter in a layer with an adapter (pbrf_fast.layers)"
 
     def _bytes_per_example(self) -> int:
         """Transient bytes per example of one chunk, from one example's forward pass."""
@@ -121,7 +111,7 @@ class JacobianRows:
             else:  # input, output and its copy once; C output gradients and their (b, C) transpose
                 sizes.append(n_in + 3 * n_out + 2 * c * n_out)
 
-        handles = [m.register_forward_hook(hook) for m, _ in self.layers]
+        handles = [a.module.register_forward_hook(hook) for a, _ in self.layers]
         try:
             with torch.no_grad():
                 p.forward(p.theta, p.inputs[:1])
@@ -173,7 +163,7 @@ class JacobianRows:
             # change the tensor whose gradient is asked for
             return out.clone()
 
-        handles = [m.register_forward_hook(hook) for m, _ in self.layers]
+        handles = [a.module.register_forward_hook(hook) for a, _ in self.layers]
         theta = self.problem.theta.detach().requires_grad_(True)
         try:
             with torch.enable_grad():
@@ -185,7 +175,7 @@ class JacobianRows:
 
     def _layer_rows(self, x, check: bool, out=None):
         b, c = len(x), self.num_outputs
-        modules = [m for m, _ in self.layers]
+        modules = [a.module for a, _ in self.layers]
         if FORWARD == "replicated":
             y, captured, theta = self._capture(x.repeat(c, *([1] * (x.dim() - 1))))  # copy k: rows k*b..
             if any(m not in captured for m in modules):
@@ -204,12 +194,14 @@ class JacobianRows:
             grads = _output_gradients(y, [captured[m][1] for m in modules], keep_graph=check)
         # every slot is written
         rows = torch.empty(b, c, self.problem.dim, dtype=y.dtype, device=y.device) if out is None else out.view(b, c, -1)
-        for (module, slots), g in zip(self.layers, grads):
+        for (adapter, slots), g in zip(self.layers, grads):
             if g is None:  # the layer does not reach the outputs
                 for lo, hi in slots.values():
                     rows[:, :, lo:hi] = 0
-            else:
-                _fill_layer_rows(rows, module, captured[module][0][:b], g, slots)
+                continue
+            blocks = adapter.jacobian_rows(captured[adapter.module][0][:b], g, tuple(slots))
+            for role, (lo, hi) in slots.items():
+                rows[:, :, lo:hi] = blocks[role]
         if check and not self._agrees(y, theta, rows):
             return None
         return rows.reshape(b * c, -1)
@@ -245,46 +237,3 @@ def _output_gradients(y, outs, keep_graph: bool):
                 buffers[i] = g.new_empty((b, c, *g.shape[1:]))
             buffers[i][:, k].copy_(g)
     return buffers
-
-
-def _fill_layer_rows(rows, module, inputs, grads, slots) -> None:
-    """rows[:, :, slot] = per-example d y_c / d param of one layer, from its inputs (b, ...) and
-    output gradients grads (b, C, ...), each example's C outputs together."""
-    b, c = grads.shape[:2]
-    if isinstance(module, nn.Conv2d):
-        if "weight" in slots:
-            lo, hi = slots["weight"]
-            patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation,
-                               padding=module.padding, stride=module.stride)        # (b, C_in k k, P)
-            delta = grads.reshape(b, c * module.out_channels, -1)                    # C outputs as channels
-            rows[:, :, lo:hi] = torch.bmm(delta, patches.transpose(1, 2)).view(b, c, hi - lo)
-        if "bias" in slots:
-            lo, hi = slots["bias"]
-            rows[:, :, lo:hi] = _per_channel(grads)
-    elif isinstance(module, nn.Linear):
-        out_f = module.out_features
-        delta = grads.reshape(b, c, -1, out_f)                                       # (b, C, T, out)
-        if "weight" in slots:
-            lo, hi = slots["weight"]
-            a = inputs.reshape(b, -1, module.in_features)                            # (b, T, in)
-            block = torch.bmm(delta.transpose(2, 3).reshape(b, c * out_f, -1), a)
-            rows[:, :, lo:hi] = block.view(b, c, hi - lo)
-        if "bias" in slots:
-            lo, hi = slots["bias"]
-            rows[:, :, lo:hi] = delta.sum(2)
-    else:  # eval BatchNorm: y = gamma * x_hat + beta per channel, x_hat from running statistics
-        shape = (1, -1) + (1,) * (inputs.dim() - 2)
-        x_hat = (inputs - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
-        if "weight" in slots:
-            lo, hi = slots["weight"]
-            rows[:, :, lo:hi] = _per_channel(grads * x_hat.unsqueeze(1))
-        if "bias" in slots:
-            lo, hi = slots["bias"]
-            rows[:, :, lo:hi] = _per_channel(grads)
-
-
-def _per_channel(t):
-    """(b, C, channels, *positions) summed over the positions: (b, C, channels). A reduction
-    over the trailing dimensions, not a reshape: the replicated path's gradients are a
-    (C, b) -> (b, C) transposed view, which a reshape would copy whole."""
-    return t.sum(dim=tuple(range(3, t.dim()))) if t.dim() > 3 else t

@@ -51,10 +51,10 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .curvature import CurvatureOperator
 from .errors import InputError, InputTypeError
+from .layers import LayerAdapter, adapter_for
 
 __all__ = ["KRONECKER_KINDS", "PSEUDO_GRADIENTS", "KroneckerCurvature", "KroneckerFactors", "KroneckerLayer",
            "kronecker_layers", "output_hessian_factors", "compute_factors"]
@@ -74,37 +74,30 @@ class KroneckerLayer:
     """One covered layer: where its weight and bias sit in the flat parameter vector."""
 
     name: str
-    module: nn.Module
-    weight: tuple[int, int]
+    adapter: LayerAdapter
+    weight: tuple[int, int] | None
     bias: tuple[int, int] | None
 
     @property
+    def module(self):
+        return self.adapter.module
+
+    @property
     def out_dim(self) -> int:
-        return self.module.weight.shape[0]
+        return self.adapter.out_features
 
     @property
     def in_dim(self) -> int:
         """Columns of the layer's parameter matrix: inputs (x kernel) plus one for the bias."""
-        return self.module.weight[0].numel() + (self.bias is not None)
+        return self.adapter.in_features + (self.bias is not None)
 
     def tokens(self, inputs: torch.Tensor) -> torch.Tensor:
         """The layer input as (b, T, i'): patches for a convolution, a ones column for the bias."""
-        m = self.module
-        if isinstance(m, nn.Conv2d):
-            a = F.unfold(inputs, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-            a = a.transpose(1, 2)
-        else:
-            a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
-        if self.bias is not None:
-            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], 2)
-        return a
+        return self.adapter.input_tokens(inputs, bias=self.bias is not None)
 
     def output_tokens(self, grads: torch.Tensor, batch: int) -> torch.Tensor:
         """Output gradients (K, b, ...) as (K, b, T, o)."""
-        K = grads.shape[0]
-        if isinstance(self.module, nn.Conv2d):
-            return grads.reshape(K, batch, self.out_dim, -1).transpose(2, 3)
-        return grads.reshape(K, batch, -1, self.out_dim)
+        return self.adapter.output_tokens(grads, (grads.shape[0], batch))
 
     def block(self, V: torch.Tensor) -> torch.Tensor:
         """Rows of the (d, m) block V that belong to this layer, as (m, o, i')."""
@@ -128,26 +121,20 @@ class KroneckerLayer:
         out[lo:hi] = block[:, :, -1].T
 
 
-def _supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
-
-
 def kronecker_layers(problem) -> tuple[list[KroneckerLayer], list[str]]:
     """The covered layers of the problem's model and the names of every other parameter."""
     offsets = problem.param_ranges
     layers, covered = [], set()
     for mod_name, module in problem.model.named_modules():
-        if not _supported(module):
+        adapter, _ = adapter_for(module)
+        if adapter is None or not adapter.kronecker:
             continue
         prefix = f"{mod_name}." if mod_name else ""
         weight = offsets.get(prefix + "weight")
         if weight is None:  # frozen weight: nothing of this layer to approximate
             continue
-        bias = offsets.get(prefix + "bias") if module.bias is not None else None
-        layers.append(KroneckerLayer(mod_name, module, weight, bias))
+        bias = offsets.get(prefix + "bias") if adapter.has("bias") else None
+        layers.append(KroneckerLayer(mod_name, adapter, weight, bias))
         covered.update({prefix + "weight"} | ({prefix + "bias"} if bias is not None else set()))
     return layers, [n for n in problem.param_names if n not in covered]
 
@@ -251,10 +238,6 @@ def _pseudo_gradient_pass(problem, layers, x, Q_fn, diagonal=None):
     return parts, Q, diagonal.squares(problem, x, Q, bn_parts)
 
 
-def _is_eval_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.affine and module.track_running_stats
-
-
 class _Diagonal:
     """The parameters outside the Kronecker-factored layers, for their diagonal block:
     eval-mode BatchNorm gamma / beta from the same hooks (per-example gradients
@@ -268,21 +251,21 @@ class _Diagonal:
         for mod_name, module in problem.model.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
             names = [prefix + p for p in ("weight", "bias") if prefix + p in wanted]
-            if _is_eval_batchnorm(module) and names:
-                self.batchnorms.append(KroneckerLayer(mod_name, module, None, None))
+            adapter, _ = adapter_for(module)
+            # per-channel layers (eval BatchNorm): per-example gradients straight from the hooks
+            if adapter is not None and not adapter.kronecker and names:
+                self.batchnorms.append(KroneckerLayer(mod_name, adapter, None, None))
                 wanted -= set(names)
         self.by_torch_func = [n for n in others if n in wanted]
 
     def squares(self, problem, x, Q, bn_parts) -> torch.Tensor:
         columns = {}
         for layer, (inputs, g) in zip(self.batchnorms, bn_parts):
-            m = layer.module
-            shape = (1, -1) + (1,) * (inputs.dim() - 2)
-            xhat = (inputs - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
-            dims = tuple(range(3, g.dim()))
             prefix = f"{layer.name}." if layer.name else ""
-            columns[prefix + "weight"] = ((g * xhat).sum(dims) if dims else g * xhat).pow(2).sum(0)
-            columns[prefix + "bias"] = (g.sum(dims) if dims else g).pow(2).sum(0)
+            # g (K, b, ...) seen as (b, K, ...): each pseudo-gradient is one output vector
+            rows = layer.adapter.jacobian_rows(inputs, g.transpose(0, 1), layer.adapter.roles)
+            for role, block in rows.items():
+                columns[prefix + role] = block.pow(2).sum(1)
         if self.by_torch_func:
             squares = _other_gradient_squares(problem, self.by_torch_func, x, Q)
             pieces = squares.split([self.sizes[n] for n in self.by_torch_func], 1)

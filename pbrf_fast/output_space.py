@@ -41,11 +41,11 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import nn
 
 from .curvature import CurvatureOperator
 from .errors import InputError, SlowPathWarning
 from .jacobian_rows import JacobianRows
+from .layers import adapter_for
 
 __all__ = ["OutputSpaceSolver", "jacobian_gram", "output_hessian_factors", "JACOBIAN_ROWS_BYTES",
            "default_rows_bytes"]
@@ -88,25 +88,25 @@ def output_hessian_factors(loss_name: str, y: torch.Tensor) -> torch.Tensor:
     raise InputError(f"no closed-form output-Hessian factor for loss {loss_name!r}; use method='cg'")
 
 
-def _linear_modules_cover(problem) -> list[nn.Linear] | None:
-    """The Linear modules holding every trainable parameter, or None if some lie elsewhere."""
-    linears, covered = [], set()
+def _gram_layers_cover(problem) -> list | None:
+    """[(adapter, trainable roles)] of the layers whose Gram blocks come straight from their
+    inputs and output gradients, if they hold every trainable parameter; else None."""
+    layers, covered = [], set()
     for module_name, module in problem.model.named_modules():
-        if isinstance(module, nn.Linear):
-            names = [f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters(recurse=False)]
-            linears.append(module)
-            covered.update(names)
-    return linears if covered >= set(problem.param_names) and linears else None
+        adapter, _ = adapter_for(module)
+        if adapter is not None and adapter.supports_jacobian_gram:
+            names = {p: f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters(recurse=False)}
+            roles = {p for p, q in module.named_parameters(recurse=False) if q.requires_grad}
+            layers.append((adapter, roles))
+            covered.update(names.values())
+    return layers if covered >= set(problem.param_names) and layers else None
 
 
-def _gram_by_layers(problem, x, linears, rows_x=None) -> torch.Tensor:
-    """Theta = J J^T (float64) for a model of Linear layers, from hooked activations.
-
-    For a Linear layer, row (i, c) of the Jacobian is delta_{i,c} (x) a_i for the
-    weight and delta_{i,c} for the bias, so the Gram block is
-    (delta_{i,c} . delta_{j,c'}) (a_i . a_j + 1).
-    """
+def _gram_by_layers(problem, x, layers, rows_x=None) -> torch.Tensor:
+    """Theta = J J^T (float64) as the sum of each layer's block from hooked activations
+    (:meth:`~pbrf_fast.layers.linear.LinearAdapter.jacobian_gram`)."""
     inputs, outputs, handles = {}, {}, []
+    modules = [adapter.module for adapter, _ in layers]
 
     def hook(module, args, out):
         if module in inputs:  # a layer applied twice shares weights: no simple block form
@@ -114,17 +114,17 @@ def _gram_by_layers(problem, x, linears, rows_x=None) -> torch.Tensor:
             return
         inputs[module], outputs[module] = args[0], out
 
-    for m in linears:
+    for m in modules:
         handles.append(m.register_forward_hook(hook))
     try:
         theta = problem.theta.detach().requires_grad_(True)
         with torch.enable_grad():
             y = problem.forward(theta, x)
             b, c = y.shape
-            if any(m not in inputs or inputs[m].dim() != 2 for m in linears):
+            if any(m not in inputs or inputs[m].dim() != 2 for m in modules):
                 return None
-            outs = [outputs[m] for m in linears]
-            deltas = [[] for _ in linears]
+            outs = [outputs[m] for m in modules]
+            deltas = [[] for _ in modules]
             for k in range(c):
                 cot = torch.zeros_like(y)
                 cot[:, k] = 1.0
@@ -135,14 +135,8 @@ def _gram_by_layers(problem, x, linears, rows_x=None) -> torch.Tensor:
         for h in handles:
             h.remove()
     gram = torch.zeros(b, c, b, c, dtype=torch.float64, device=x.device)
-    for m, store in zip(linears, deltas):
-        delta = torch.stack(store, 1).double()              # (b, C, out)
-        a = inputs[m].detach().double()                     # (b, in)
-        act = a @ a.T if m.weight.requires_grad else torch.zeros(b, b, dtype=torch.float64, device=a.device)
-        if m.bias is not None and m.bias.requires_grad:
-            act = act + 1.0
-        flat = delta.reshape(b * c, -1)
-        gram += (flat @ flat.T).reshape(b, c, b, c) * act[:, None, :, None]
+    for (adapter, roles), store in zip(layers, deltas):
+        gram += adapter.jacobian_gram(inputs[adapter.module].detach(), torch.stack(store, 1), roles)
     return gram.reshape(b * c, b * c)
 
 
@@ -339,9 +333,9 @@ def jacobian_gram(problem, memory_bytes: int | None = None) -> torch.Tensor:
     (default :func:`default_rows_bytes`: half the memory free now).
     """
     memory_bytes = _check_memory_bytes(memory_bytes, problem.device)
-    linears = _linear_modules_cover(problem)
-    if linears is not None:
-        gram = _gram_by_layers(problem, problem.inputs, linears)
+    layers = _gram_layers_cover(problem)
+    if layers is not None:
+        gram = _gram_by_layers(problem, problem.inputs, layers)
         if gram is not None:
             return gram
     return _gram_and_products(_RowStream(problem, memory_bytes))[0]
@@ -395,9 +389,9 @@ class OutputSpaceSolver:
         L = output_hessian_factors(p.loss.kernel_kind, y)      # (N, C, C)
         n, c = y.shape
         theta, JV, path = None, None, "rows"
-        linears = _linear_modules_cover(p)
-        if linears is not None:
-            theta, path = _gram_by_layers(p, p.inputs, linears), "layers"
+        layers = _gram_layers_cover(p)
+        if layers is not None:
+            theta, path = _gram_by_layers(p, p.inputs, layers), "layers"
         if theta is None:  # J's rows: J V of the caller's vectors comes from the same pass
             path = "rows"
             theta, JV = _gram_and_products(self._row_stream(), None if V is None else V.reshape(p.dim, -1))

@@ -1,6 +1,7 @@
 """The documented dispatch table: every row of the README's "Which implementation
 runs" table is a case here, planned on a concrete problem, and the README holds
 the row word for word. Also pbrf_fast.explain and `pbrf-fast backends --explain`."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 import pbrf_fast
-from pbrf_fast.kernels import (mlp_gnh, plan_bregman_divergence, plan_conv2d_score_contraction,
+from pbrf_fast import products
+from pbrf_fast.kernels import (plan_bregman_divergence, plan_conv2d_score_contraction,
                                plan_lissa_update, plan_output_hessian_product, plan_score_contraction, registry)
 from pbrf_fast.inverses import plan_lissa
 
@@ -160,17 +162,19 @@ def test_every_plan_is_what_runs():
     op = mlp_operator(loss="mse")
     V = torch.randn(op.dim, 2)
     seen = []
-    original = mlp_gnh.run_gnh_product
+    original = products._run_mlp
 
-    def spy(plan, *args, **kwargs):
+    def spy(owner, plan, *args, **kwargs):
         seen.append(plan.implementation)
-        return original(plan, *args, **kwargs)
+        return original(owner, plan, *args, **kwargs)
 
-    mlp_gnh.run_gnh_product = spy
+    for name in ("mlp-blas", "mlp-matmul", "mlp-fused"):
+        products._BY_NAME[name] = dataclasses.replace(products._BY_NAME[name], run=spy)
     try:
         op.matvec(V)
     finally:
-        mlp_gnh.run_gnh_product = original
+        for name in ("mlp-blas", "mlp-matmul", "mlp-fused"):
+            products._BY_NAME[name] = dataclasses.replace(products._BY_NAME[name], run=original)
     assert seen == [op.plan_product(op.problem.inputs, V).implementation]
 
 

@@ -17,10 +17,10 @@ from torch import nn
 
 import pbrf_fast
 from pbrf_fast.kernels import BackendUnavailable, Plan, plan_backend
-from pbrf_fast.kernels.mlp_gnh import (BLAS_MIN_COLUMNS, mlp_forward_reference, mlp_gnh_product,
-                                       mlp_gnh_product_blas, mlp_gnh_product_matmul,
-                                       mlp_gnh_product_reference, mlp_unsupported_reason, parse_mlp)
 from pbrf_fast.inverses import solve
+from pbrf_fast.kernels.mlp_gnh import mlp_forward_reference, mlp_gnh_product, mlp_gnh_product_reference
+from pbrf_fast.products.mlp import (BLAS_MIN_COLUMNS, mlp_gnh_product_blas, mlp_gnh_product_matmul,
+                                    mlp_unsupported_reason, parse_mlp)
 
 from factories import CUDA_EMULATED, LOSSES, make_targets, rel_err
 
@@ -156,7 +156,7 @@ def test_gnh_forward_cache_follows_parameter_and_data_changes():
     torch_op = pbrf_fast.GaussNewton(problem, 0.1, backend="torch", batch_size=8)
     op = pbrf_fast.GaussNewton(problem, 0.1, batch_size=8)   # four slices
     forced = ["mlp-matmul"]  # force the cached-forward paths on a small model
-    op.plan_product = lambda x, V: Plan("gnh_product", forced[0], "torch", "forced by the test")
+    op.products.plan = lambda x, V: Plan("gnh_product", forced[0], "torch", "forced by the test")
     first = op.matvec(V)
     assert len(op._cache["mlp_forward"]) == 4
     assert rel_err(first, torch_op.matvec(V)) < 1e-12

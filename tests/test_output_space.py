@@ -97,7 +97,7 @@ def test_kernel_refuses_hessian_and_zero_shift():
 from pbrf_fast.errors import InputError  # noqa: E402
 from pbrf_fast.jacobian_rows import JacobianRows  # noqa: E402
 from pbrf_fast.output_space import OutputSpaceSolver, _RowStream  # noqa: E402
-from test_layerwise_gnh import MODELS, conv_problem  # noqa: E402
+from test_products_layerwise import MODELS, conv_problem  # noqa: E402
 
 
 def dense_jacobian(problem):

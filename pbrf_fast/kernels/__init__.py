@@ -16,10 +16,8 @@ from .lissa_update import lissa_update_, lissa_update_reference_, plan_lissa_upd
 from .score_contraction import (conv2d_score_contraction, conv2d_weight_gradient_blocks,
                                 plan_conv2d_score_contraction, plan_score_contraction,
                                 score_contraction_lowrank, score_contraction_reference)
-from .mlp_gnh import (mlp_gnh_product, mlp_gnh_product_blas, mlp_gnh_product_matmul,
-                      mlp_gnh_product_reference, parse_mlp, plan_gnh_product, plan_mlp_gnh_product)
+from .mlp_gnh import mlp_gnh_product, mlp_gnh_product_reference, plan_mlp_gnh_product
 from .lissa_engine import lissa_engine_reference, mlp_lissa, plan_lissa_engine
-from .layerwise_gnh import layerwise_forward, layerwise_gnh_product, parse_layerwise
 
 __all__ = [
     "BackendUnavailable",
@@ -28,24 +26,17 @@ __all__ = [
     "bregman_divergence_reference",
     "conv2d_score_contraction",
     "conv2d_weight_gradient_blocks",
-    "layerwise_forward",
-    "layerwise_gnh_product",
     "lissa_engine_reference",
     "lissa_update_",
     "lissa_update_reference_",
     "mlp_gnh_product",
-    "mlp_gnh_product_blas",
-    "mlp_gnh_product_matmul",
     "mlp_gnh_product_reference",
     "mlp_lissa",
     "output_hessian_product",
     "output_hessian_product_reference",
-    "parse_layerwise",
-    "parse_mlp",
     "plan_backend",
     "plan_bregman_divergence",
     "plan_conv2d_score_contraction",
-    "plan_gnh_product",
     "plan_lissa_engine",
     "plan_lissa_update",
     "plan_mlp_gnh_product",

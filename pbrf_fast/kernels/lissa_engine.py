@@ -24,9 +24,14 @@ import torch
 from ..errors import InputError, InputIndexError
 from ..lissa_divergence import check_lissa_step
 from . import registry
-from .mlp_gnh import FORWARD_CACHE_BYTES, MlpSpec, fused_pays_off, mlp_gnh_product_reference
+from .mlp_gnh import MlpSpec, fused_pays_off, mlp_gnh_product_reference
 
 OP_NAME = "mlp_lissa"
+# Memory for the forward passes the engine keeps over a solve (all training inputs' layer
+# activations when they fit): the engine's own budget, the same size as the GNH operator's
+# kept forward states (pbrf_fast.products.FORWARD_CACHE_BYTES), which it never holds at
+# the same time.
+ENGINE_CACHE_BYTES = 512 << 20
 
 
 def _check(spec, loss_kind, theta, inputs, V, schedule, weight_decay, damping, scale, limits):
@@ -165,7 +170,7 @@ def _run_cpu(spec, code, theta, inputs, V, schedule, weight_decay, damping, scal
     outcome = ext.mlp_lissa(registry.extension_args(
         ext.MlpLissaArgs, **_recursion_fields(spec, code, theta, inputs, v, schedule, weight_decay, damping,
                                               scale, limits, ceiling, check_every, total, failure),
-        cache_budget_bytes=FORWARD_CACHE_BYTES, threads=torch.get_num_threads()))
+        cache_budget_bytes=ENGINE_CACHE_BYTES, threads=torch.get_num_threads()))
     _check_outcome(outcome, failure, limits, ceiling, scale, damping)
     return total.T
 

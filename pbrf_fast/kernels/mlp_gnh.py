@@ -3,8 +3,8 @@
 An MLP here is an ``nn.Sequential`` of ``nn.Linear`` layers (bias optional)
 with ReLU / Tanh / Sigmoid (or nothing) between them, the last module a
 Linear; a leading ``nn.Flatten`` and ``nn.Identity`` / eval-mode ``nn.Dropout``
-anywhere are accepted. :func:`parse_mlp` recognises such a model and returns
-its :class:`MlpSpec`; :func:`mlp_unsupported_reason` says why another is not.
+anywhere are accepted. :func:`pbrf_fast.products.mlp.parse_mlp` recognises such a model and returns
+its :class:`MlpSpec`.
 
 The product for a batch x (B, ...) and a block V (d, m), parameters flattened
 in the Problem's order (per Linear: weight (out, in) row-major, then bias):
@@ -27,7 +27,6 @@ from functools import cached_property
 import threading
 
 import torch
-from torch import nn
 
 from ..errors import InputError
 from . import registry
@@ -36,7 +35,6 @@ from .output_hessian import output_hessian_product_reference
 OP_NAME = "mlp_gnh_product"
 # Must match enum ActivationKind in csrc/common/mlp_gnh.h.
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 
 
 @dataclass(frozen=True)
@@ -77,101 +75,17 @@ class MlpSpec:
                 [int(b) for b in self.has_bias])
 
 
-def _flatten_sequential(module: nn.Module, out: list) -> None:
-    for child in module.children():
-        if type(child) is nn.Sequential:
-            _flatten_sequential(child, out)
-        else:
-            out.append(child)
-
-
-def _parse(model: nn.Module) -> tuple[MlpSpec | None, str]:
-    if not isinstance(model, nn.Sequential):
-        return None, f"the model is a {type(model).__name__}, not an nn.Sequential"
-    modules: list[nn.Module] = []
-    _flatten_sequential(model, modules)
-    for m in [model, *model.modules()]:
-        if m._forward_hooks or m._forward_pre_hooks:
-            return None, f"{type(m).__name__} has forward hooks"
-    dims: list[int] = []
-    activations: list[str] = []
-    has_bias: list[bool] = []
-    pending: str | None = None  # activation seen since the last Linear
-    for position, m in enumerate(modules):
-        kind = type(m)
-        if kind is nn.Identity:
-            continue
-        if kind is nn.Dropout:
-            if m.training:
-                return None, "nn.Dropout in training mode is random"
-            continue
-        if kind is nn.Flatten:
-            if dims or m.start_dim != 1 or m.end_dim != -1:
-                return None, "nn.Flatten is supported only before the first Linear, as Flatten(1, -1)"
-            continue
-        if kind is nn.Linear:
-            if dims and dims[-1] != m.in_features:
-                return None, f"Linear {position} expects {m.in_features} inputs, gets {dims[-1]}"
-            if dims:
-                activations.append(pending or "identity")
-            elif pending is not None:
-                return None, "an activation before the first Linear is not supported"
-            pending = None
-            if not dims:
-                dims.append(m.in_features)
-            dims.append(m.out_features)
-            has_bias.append(m.bias is not None)
-            for name, p in m.named_parameters():
-                if not p.requires_grad:
-                    return None, f"Linear {position} has a frozen {name}"
-            continue
-        if kind in _ACTIVATION_MODULES:
-            if not dims:
-                return None, "an activation before the first Linear is not supported"
-            if pending is not None:
-                return None, "two activations in a row are not supported"
-            pending = _ACTIVATION_MODULES[kind]
-            continue
-        return None, (f"{kind.__name__} (module {position}) is not supported: only Linear, "
-                      f"ReLU, Tanh, Sigmoid, Identity, eval-mode Dropout and a leading Flatten")
-    if not dims:
-        return None, "the model has no Linear layer"
-    if pending is not None:
-        return None, "the last module must be a Linear (an output activation belongs in the loss)"
-    return MlpSpec(tuple(dims), tuple(activations), tuple(has_bias)), ""
-
-
-def parse_mlp(model: nn.Module) -> MlpSpec | None:
-    """The model's :class:`MlpSpec`, or None if it is not a supported MLP
-    (:func:`mlp_unsupported_reason` says why)."""
-    return _parse(model)[0]
-
-
 # Work (multiply-adds of one product: batch x m x parameters) above which torch's
 # BLAS beats the fused kernel's own blocked GEMM. Measured on the 2-core AVX-512
 # CPU (bench/RESULTS.md): 8-128-128-1 at batch 128 is 4.3x faster fused at m = 1
 # (2.2e6) and 1.2x at m = 32 (7.2e7); 784-1024-1024-10 is 0.8x at m = 1 (2.4e8).
 # Below the threshold per-call overhead dominates and fusing it away pays.
 AUTO_MAX_WORK = 1e8
-# From this many columns on, mlp_gnh_product_blas (a few large GEMMs on torch's BLAS)
-# beats both the fused kernel and per-column matmuls (8-128-128-1 at m = 16: 2.6 ms
-# vs 3.8 fused, 3.2 per-column; 784-1024-1024-10 at m = 8: 110 ms vs 109 and 149).
-BLAS_MIN_COLUMNS = 12
-# Memory for MLP forward states kept between products: the GNH operator keeps each
-# data slice's state across the hundreds of products a solver makes, and the
-# native LiSSA engine keeps the forward pass of all training inputs for a solve.
-FORWARD_CACHE_BYTES = 512 << 20
-BLAS_BATCH_CHUNK = 128
 
 
 def fused_pays_off(spec: MlpSpec, batch: int, num_vectors: int) -> bool:
     """Whether ``backend="auto"`` should use the fused product for this size."""
     return batch * num_vectors * spec.num_params <= AUTO_MAX_WORK
-
-
-def mlp_unsupported_reason(model: nn.Module) -> str:
-    """Why :func:`parse_mlp` refuses the model ('' if it accepts it)."""
-    return _parse(model)[1]
 
 
 # ---- the reference (spec) ------------------------------------------------------------------------
@@ -188,7 +102,7 @@ def _activation(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return z, torch.ones_like(z)
 
 
-def _layer_params(spec: MlpSpec, flat: torch.Tensor):
+def layer_parameters(spec: MlpSpec, flat: torch.Tensor):
     """Views (weight (..., out, in), bias (..., out) or None) of a flat (..., d) tensor."""
     lead = flat.shape[:-1]
     for l, (w, b) in enumerate(spec.offsets()):
@@ -202,7 +116,7 @@ def mlp_forward_reference(spec: MlpSpec, theta: torch.Tensor, x: torch.Tensor):
     """(layer inputs a_0..a_{L-1}, slopes act'(z_1..z_{L-1}), outputs y)."""
     a = x.reshape(len(x), -1)
     inputs, slopes = [], []
-    params = list(_layer_params(spec, theta))
+    params = list(layer_parameters(spec, theta))
     for l, (W, b) in enumerate(params):
         inputs.append(a)
         z = a @ W.T
@@ -221,8 +135,8 @@ def mlp_gnh_product_reference(spec: MlpSpec, loss_kind: str, theta: torch.Tensor
     """sum over the batch of J_i^T H_i J_i V, V of shape (d,) or (d, m): explicit matmuls."""
     V2 = V.unsqueeze(1) if V.dim() == 1 else V
     inputs, slopes, y = mlp_forward_reference(spec, theta, x)
-    params = list(_layer_params(spec, theta))
-    tangents = list(_layer_params(spec, V2.T))  # (m, out, in), (m, out)
+    params = list(layer_parameters(spec, theta))
+    tangents = list(layer_parameters(spec, V2.T))  # (m, out, in), (m, out)
     t = None
     for l, ((W, _), (dW, db)) in enumerate(zip(params, tangents)):
         term = inputs[l] @ dW.transpose(-1, -2)                      # (m, B, out)
@@ -240,189 +154,6 @@ def mlp_gnh_product_reference(spec: MlpSpec, loss_kind: str, theta: torch.Tensor
             g = (g @ W) * slopes[l - 1]
     out = torch.cat(grads, 1).T                                       # (d, m)
     return out.reshape(V.shape)
-
-
-def mlp_gnh_product_blas(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch.Tensor,
-                         V: torch.Tensor, forward=None) -> torch.Tensor:
-    """The same product as :func:`mlp_gnh_product_reference`, laid out for BLAS.
-
-    Tangents and back-propagated vectors are kept as (width, batch, m), so every
-    step is one large GEMM or a GEMM batched over a layer's output units that
-    reads the (out, in, m) block of V -- a row slice of the (d, m) matrix -- in
-    place, and writes the weight gradient straight into the (d, m) result. The
-    reference instead runs m small GEMMs per layer on transposed copies. The
-    batch is taken :data:`BLAS_BATCH_CHUNK` rows at a time so the (width, rows, m)
-    intermediates stay cache-sized (3x faster than one pass at batch 1024, m = 100).
-    This is what ``GaussNewton(backend="auto")`` uses for MLP products with many
-    columns (:data:`BLAS_MIN_COLUMNS`); on CUDA it runs on cuBLAS.
-    ``forward``: this batch's :func:`mlp_forward_reference`, if already known.
-    """
-    V2 = (V.unsqueeze(1) if V.dim() == 1 else V).contiguous()
-    chunk = len(x) if x.is_cuda else BLAS_BATCH_CHUNK
-    forward = forward or mlp_forward_reference(spec, theta, x)
-    out = None
-    for c0 in range(0, len(x), chunk):
-        part = _blas_product(spec, loss_kind, theta, _forward_rows(forward, c0, c0 + chunk), V2)
-        out = part if out is None else out.add_(part)
-    if out is None:
-        out = torch.zeros_like(V2)
-    return out.reshape(V.shape)
-
-
-def _forward_rows(forward, start, stop):
-    """Rows [start, stop) of a forward state (views)."""
-    inputs, slopes, y = forward
-    return [a[start:stop] for a in inputs], [s[start:stop] for s in slopes], y[start:stop]
-
-
-def _blas_product(spec, loss_kind, theta, forward, V2):
-    m = V2.shape[1]
-    inputs, slopes, y = forward
-    batch = len(inputs[0])
-    params = list(_layer_params(spec, theta))
-    offsets = spec.offsets()
-    t = None                                                          # (width, batch, m)
-    for l, (W, _) in enumerate(params):
-        w, b = offsets[l]
-        n_in, n_out = spec.dims[l], spec.dims[l + 1]
-        term = torch.matmul(inputs[l], V2[w : w + n_out * n_in].view(n_out, n_in, m))  # (out, batch, m)
-        if t is not None:
-            t.mul_(slopes[l - 1].T.unsqueeze(-1))
-            term.view(n_out, batch * m).addmm_(W, t.view(n_in, batch * m))
-        if b is not None:
-            term.add_(V2[b : b + n_out].unsqueeze(1))
-        t = term
-    # the loss's output Hessian works on (..., batch, C): (m, batch, C) is a view of t
-    g = output_hessian_product_reference(loss_kind, y, t.permute(2, 1, 0)).permute(2, 1, 0)
-    out = torch.empty_like(V2)
-    for l in range(spec.layers - 1, -1, -1):
-        W = params[l][0]
-        w, b = offsets[l]
-        n_in, n_out = spec.dims[l], spec.dims[l + 1]
-        torch.matmul(inputs[l].T, g, out=out[w : w + n_out * n_in].view(n_out, n_in, m))
-        if b is not None:
-            torch.sum(g, 1, out=out[b : b + n_out])
-        if l > 0:
-            g = (W.T @ g.reshape(n_out, batch * m)).view(n_in, batch, m).mul_(slopes[l - 1].T.unsqueeze(-1))
-    return out
-
-
-def mlp_gnh_product_matmul(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch.Tensor,
-                           V: torch.Tensor, forward=None) -> torch.Tensor:
-    """The same product for few columns: one column at a time in the (batch, width)
-    layout, sharing one forward pass, each weight gradient written by its GEMM
-    straight into its column (the reference concatenates and transposes copies of
-    the d-vectors, which for a 1.9M-parameter MLP cost as much as a layer's GEMM).
-    ``forward``: this batch's :func:`mlp_forward_reference`, if already known.
-    """
-    V2 = V.unsqueeze(1) if V.dim() == 1 else V
-    m = V2.shape[1]
-    inputs, slopes, y = forward or mlp_forward_reference(spec, theta, x)
-    params = list(_layer_params(spec, theta))
-    offsets = spec.offsets()
-    result = torch.empty_like(V2)
-    for k in range(m):
-        # one contiguous column at a time: its weight blocks are plain matrices (a
-        # column copy is 10x cheaper than transposing the whole (d, m) block)
-        v = V2[:, k].contiguous()
-        o = result[:, 0] if m == 1 else torch.empty_like(v)
-        t = None
-        for l, (W, _) in enumerate(params):
-            w, b = offsets[l]
-            n_in, n_out = spec.dims[l], spec.dims[l + 1]
-            term = inputs[l] @ v[w : w + n_out * n_in].view(n_out, n_in).T   # (batch, out)
-            if t is not None:
-                term.addmm_(t.mul_(slopes[l - 1]), W.T)
-            if b is not None:
-                term.add_(v[b : b + n_out])
-            t = term
-        g = output_hessian_product_reference(loss_kind, y, t)
-        for l in range(spec.layers - 1, -1, -1):
-            W = params[l][0]
-            w, b = offsets[l]
-            n_in, n_out = spec.dims[l], spec.dims[l + 1]
-            torch.mm(g.T, inputs[l], out=o[w : w + n_out * n_in].view(n_out, n_in))
-            if b is not None:
-                torch.sum(g, 0, out=o[b : b + n_out])
-            if l > 0:
-                g = (g @ W).mul_(slopes[l - 1])
-        if m > 1:
-            result[:, k] = o
-    return result.reshape(V.shape)
-
-
-# ---- which implementation computes a GNH product ------------------------------------------------
-
-GNH_PRODUCT = "gnh_product"
-
-
-def plan_gnh_product(mlp: tuple[MlpSpec | None, str], theta: torch.Tensor, x: torch.Tensor, columns: int,
-                     backend: str = "auto", *, layerwise: tuple | None = None) -> registry.Plan:
-    """How ``GaussNewton`` computes sum_i J_i^T H_i J_i V over the batch ``x`` for V with
-    ``columns`` columns, and why. All implementations are exact; they differ in speed.
-
-    - ``torch.func``: jvp -> output-Hessian product -> vjp, vmapped over the columns
-      (any model; the only one for ``backend="torch"`` or a model that is not a supported MLP);
-    - ``mlp-blas``: :func:`mlp_gnh_product_blas`, a few large GEMMs on torch's BLAS
-      ("auto" from :data:`BLAS_MIN_COLUMNS` columns on);
-    - ``mlp-matmul``: :func:`mlp_gnh_product_matmul`, one column at a time on torch's BLAS
-      ("auto" for few columns on big layers: more than :data:`AUTO_MAX_WORK` multiply-adds);
-    - ``mlp-fused``: :func:`mlp_gnh_product`, the compiled kernel (forward, tangent,
-      output Hessian and backward in one call): "auto" for small products, or the
-      explicit ``backend="cpu"`` / ``"cuda"``.
-
-    - ``layerwise``: :func:`pbrf_fast.kernels.layerwise_gnh.layerwise_gnh_product`, the exact
-      layer-wise product of a conv net (one kept primal pass, one tangent pass over all
-      columns, one backward): "auto" for a model that is not a supported MLP but whose
-      traced graph has only supported layers (torch ops: CPU or CUDA tensors alike).
-
-    ``mlp``: the model's ``(MlpSpec, "")`` or ``(None, why it is not a supported MLP)``;
-    ``layerwise``: ``(LayerwiseSpec, "")`` or ``(None, why not)``, asked only for non-MLPs.
-    An explicit compiled backend that cannot serve the product raises BackendUnavailable.
-    """
-    if backend == "torch":
-        return registry.Plan(GNH_PRODUCT, "torch.func", "torch", "backend='torch' requested")
-    spec, reason = mlp
-    if spec is not None and (x.dim() < 2 or x[0].numel() != spec.dims[0] or x.dtype != theta.dtype):
-        spec, reason = None, f"inputs of shape {tuple(x.shape)} and dtype {x.dtype} do not fit the MLP"
-    if spec is None:
-        if backend != "auto":
-            raise registry.BackendUnavailable(f"fused MLP product: {reason}")
-        network, why = layerwise or (None, "not asked")
-        if network is not None and (tuple(x.shape[1:]) != network.input_shape or x.dtype != theta.dtype):
-            network, why = None, f"inputs of shape {tuple(x.shape)} and dtype {x.dtype} do not fit the traced network"
-        if network is not None:
-            return registry.Plan(GNH_PRODUCT, "layerwise", "torch",
-                                 f"not an MLP ({reason}); every traced layer is supported: one kept primal "
-                                 f"pass, one tangent pass for all {columns} column(s), one backward")
-        return registry.Plan(GNH_PRODUCT, "torch.func", "torch",
-                             f"not a supported MLP: {reason}; not a layer-wise network: {why}")
-    work = len(x) * columns * spec.num_params
-    if backend == "auto":
-        if columns >= BLAS_MIN_COLUMNS:
-            return registry.Plan(GNH_PRODUCT, "mlp-blas", "torch",
-                                 f"{columns} columns >= {BLAS_MIN_COLUMNS}: a few large GEMMs beat the fused kernel")
-        if not fused_pays_off(spec, len(x), columns):
-            return registry.Plan(GNH_PRODUCT, "mlp-matmul", "torch",
-                                 f"{work:.3g} multiply-adds > {AUTO_MAX_WORK:.0e} with {columns} column(s): "
-                                 "per-column GEMMs on torch's BLAS beat the fused kernel's")
-    kernel = registry.plan_backend(OP_NAME, theta.dtype, theta.device, backend)
-    if kernel.backend == "torch":
-        return registry.Plan(GNH_PRODUCT, "mlp-matmul", "torch", f"no fused kernel here ({kernel.reason})")
-    why = (f"{work:.3g} multiply-adds <= {AUTO_MAX_WORK:.0e}: per-call overhead dominates, fusing it away pays"
-           if backend == "auto" else kernel.reason)
-    return registry.Plan(GNH_PRODUCT, "mlp-fused", kernel.backend, why)
-
-
-def run_gnh_product(plan: registry.Plan, spec: MlpSpec, loss_kind: str, theta: torch.Tensor,
-                    x: torch.Tensor, V: torch.Tensor, forward=None) -> torch.Tensor:
-    """Run an MLP implementation chosen by :func:`plan_gnh_product` (not ``torch.func``,
-    which lives with the operator). ``forward``: the batch's forward state, if kept."""
-    if plan.implementation == "mlp-fused":
-        # the operator has checked V, theta and x (and planned): straight to the kernel
-        return _fused(spec, registry.LOSS_KIND_CODES[loss_kind], theta, x, V, plan.backend)
-    product = {"mlp-blas": mlp_gnh_product_blas, "mlp-matmul": mlp_gnh_product_matmul}[plan.implementation]
-    return product(spec, loss_kind, theta, x, V, forward=forward)
 
 
 # ---- wrappers ------------------------------------------------------------------------------------
@@ -455,11 +186,12 @@ def mlp_gnh_product(spec: MlpSpec, loss_kind: str, theta: torch.Tensor, x: torch
     chosen = plan_mlp_gnh_product(theta, x, V, backend).backend
     if chosen == "torch":
         return mlp_gnh_product_reference(spec, loss_kind, theta, x, V)
-    return _fused(spec, registry.loss_kind_code(loss_kind), theta, x, V, chosen)
+    return fused_product(spec, registry.loss_kind_code(loss_kind), theta, x, V, chosen)
 
 
-def _fused(spec: MlpSpec, code: int, theta, x, V, backend: str) -> torch.Tensor:
-    """The compiled kernel of ``backend`` on checked arguments."""
+def fused_product(spec: MlpSpec, code: int, theta, x, V, backend: str) -> torch.Tensor:
+    """The compiled kernel of ``backend`` on checked arguments (the GNH operator checks and
+    plans once, then calls this directly)."""
     vectors = V if V.is_contiguous() else V.contiguous()
     # (B, features) rows as they are: a view op is ~1 us of a ~20 us small product
     x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(len(x), -1).contiguous()

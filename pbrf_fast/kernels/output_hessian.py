@@ -22,6 +22,11 @@ OP_NAME = "output_hessian_product"
 def output_hessian_product_reference(loss_kind: str, logits: torch.Tensor,
                                      vectors: torch.Tensor) -> torch.Tensor:
     registry.loss_kind_code(loss_kind)
+    return _hessian_times(loss_kind, logits, vectors)
+
+
+def _hessian_times(loss_kind: str, logits: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """The reference's arithmetic, on checked arguments."""
     if loss_kind == "mse":
         return vectors.clone()
     if loss_kind == "cross_entropy":
@@ -75,6 +80,26 @@ def output_hessian_product(loss_kind: str, logits: torch.Tensor, vectors: torch.
     logits, vectors = logits.contiguous(), vectors.contiguous()
     registry.implementation(OP_NAME, chosen)(code, logits, vectors, out)
     return out
+
+
+def bind_output_hessian_product(loss_kind: str, logits: torch.Tensor, vectors: torch.Tensor,
+                                backend: str = "auto"):
+    """H_y u as a function ``(logits, targets, vectors)`` -- a Loss's ``hvp`` signature, the
+    targets unused -- for repeated calls on tensors like these: the loss kind is checked and
+    the backend chosen once, so a solver's hundreds of products skip both."""
+    code = registry.loss_kind_code(loss_kind)
+    chosen = plan_output_hessian_product(logits, vectors, backend).backend
+    kernel = registry.implementation(OP_NAME, chosen)
+
+    def product(logits, targets, vectors):
+        if chosen == "torch":
+            return _hessian_times(loss_kind, logits, vectors)
+        out = torch.empty(vectors.shape, dtype=vectors.dtype, device=vectors.device)
+        if out.numel():
+            kernel(code, logits.contiguous(), vectors.contiguous(), out)
+        return out
+
+    return product
 
 
 def _problem_size(logits: torch.Tensor, vectors: torch.Tensor) -> tuple[int, int, int]:

@@ -10,7 +10,7 @@ For a batch x and a block V (d, m), ``sum_i J_i^T H_i J_i V`` in three passes:
              folded into the batch dimension, the second a single convolution of the shared
              input with the m columns' weights stacked as m x C_out output channels -- whose
              (B, m x C_out, H, W) result *is* the folded (B x m, C_out, H, W) tangent, no copy;
-    output   u = H_y (J V) by the loss's output Hessian (``problem.loss.hvp``);
+    output   u = H_y (J V) by the loss's output-Hessian product (the caller passes it);
     backward J^T u for all m columns by one reverse pass through the tangent pass (it is
              linear in V, so its vector-Jacobian product *is* J^T): per Conv2d, autograd
              runs exactly the transposed convolutions (``conv2d_input`` of the folded
@@ -29,7 +29,8 @@ is one of: Conv2d (zero padding, groups = 1), Linear (2-D inputs), BatchNorm1d/2
 with running statistics, ReLU, max/avg/adaptive-avg pooling, Flatten, Identity, eval Dropout,
 zero pads, batch-preserving slices / reshapes / means / sums, additions and scalings by
 constants. A model that does not trace, or has another node, keeps the torch.func product
-(:func:`parse_layerwise` says why). A probe forward on three training inputs checks that every
+(:func:`parse_layerwise` says why). How each Conv2d / Linear maps inputs and parameter
+directions to outputs is its layer adapter's (:mod:`pbrf_fast.layers`). A probe forward on three training inputs checks that every
 node keeps the example dimension first and that the traced graph reproduces the model's outputs.
 
 :func:`layerwise_gnh_product` is the entry point; its torch reference is the torch.func
@@ -44,6 +45,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from ..layers import ADAPTERS, LayerAdapter, adapter_for
 
 __all__ = ["LayerwiseSpec", "parse_layerwise", "layerwise_forward", "layerwise_gnh_product"]
 
@@ -87,6 +90,7 @@ class _Step:
     node: fx.Node
     kind: str
     module: nn.Module | None = None
+    adapter: LayerAdapter | None = None  # the layer adapter of a conv, linear or batchnorm step
     # role ("weight", "bias") -> (offset, numel) in the flat parameters; absent: frozen / none
     params: dict = field(default_factory=dict)
     example_shape: tuple = ()
@@ -132,18 +136,8 @@ def _classify(node: fx.Node, modules: dict) -> tuple[str, nn.Module | None]:
     if op == "call_module":
         module = modules[target]
         kind = type(module)
-        if kind is nn.Conv2d:
-            if module.padding_mode != "zeros" or module.groups != 1:
-                raise _Unsupported(f"Conv2d {target} has padding_mode={module.padding_mode!r}, "
-                                   f"groups={module.groups} (zero padding, groups=1 are supported)")
-            return "conv", module
-        if kind is nn.Linear:
-            return "linear", module
-        if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
-            if module.training or module.running_mean is None:
-                raise _Unsupported(f"{kind.__name__} {target} normalises by batch statistics "
-                                   "(training mode or no running statistics)")
-            return "batchnorm", module
+        if kind in ADAPTERS:
+            return _parameterised_kind(target, module), module
         if kind in _POINTWISE_MODULES:
             return "pointwise", module
         if kind is nn.MaxPool2d:
@@ -189,6 +183,18 @@ def _classify(node: fx.Node, modules: dict) -> tuple[str, nn.Module | None]:
     raise _Unsupported(f"node {node.name} ({op}) is not supported")
 
 
+_STEP_KINDS = {"conv2d": "conv", "linear": "linear", "batchnorm": "batchnorm"}
+
+
+def _parameterised_kind(target: str, module: nn.Module) -> str:
+    """The step kind of a module with a layer adapter (raises _Unsupported saying why not)."""
+    adapter, why = adapter_for(module)
+    why = why or adapter.batch_coupling_reason()
+    if why or adapter.kind not in _STEP_KINDS:
+        raise _Unsupported(f"{why or type(module).__name__ + ' has no layer-wise tangent'} ({target})")
+    return _STEP_KINDS[adapter.kind]
+
+
 def _module_params(module: nn.Module, qualified: str, offsets: dict) -> dict:
     roles = {}
     for role in ("weight", "bias"):
@@ -217,9 +223,11 @@ def parse_layerwise(problem) -> tuple[LayerwiseSpec | None, str]:
     try:
         for node in gm.graph.nodes:
             kind, module = _classify(node, modules)
-            params = _module_params(module, node.target, offsets) if kind in ("conv", "linear", "batchnorm") else {}
+            parameterised = kind in _STEP_KINDS.values()
+            params = _module_params(module, node.target, offsets) if parameterised else {}
             used.update(f"{node.target}.{role}" for role in params)
-            steps.append(_Step(node, kind, module, params, function=_pointwise_function(node, module)))
+            steps.append(_Step(node, kind, module, adapter_for(module)[0] if parameterised else None, params,
+                               function=_pointwise_function(node, module)))
     except _Unsupported as exc:
         return None, str(exc)
     _fold_batchnorms(steps)
@@ -377,7 +385,7 @@ def _primal_batchnorm(step, a, theta, saved, constants, keep_x_hat=True):
     Keeps the per-channel slope gamma / sqrt(var + eps) and, unless the conv before it applies
     it (then no per-example state at all), x_hat: the tangent of gamma."""
     m = step.module
-    inv_std = torch.rsqrt(m.running_var + m.eps).to(a.dtype)
+    inv_std = step.adapter.inverse_std(a.dtype)
     gamma, beta = _param(step, "weight", theta), _param(step, "bias", theta)
     constants[step.node] = inv_std * gamma if gamma is not None else inv_std
     if not (keep_x_hat and "weight" in step.params):  # no x_hat to keep: torch's fused pass
@@ -425,16 +433,15 @@ def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_valu
             break
         args, kwargs = value_of(node.args), value_of(node.kwargs)
         if kind == "conv":
-            m, a = step.module, args[0]
-            out = _in_layout(spec, F.conv2d(a, _param(step, "weight", theta), _param(step, "bias", theta),
-                                            m.stride, m.padding, m.dilation))
+            a = args[0]
+            out = _in_layout(spec, step.adapter.forward(a, _param(step, "weight", theta), _param(step, "bias", theta)))
             if "weight" in step.params or (step.bn is not None and "weight" in step.bn.params):
                 saved[node] = a
         elif kind == "linear":
             a = args[0]
             if a.dim() != 2:
                 raise _Unsupported(f"Linear {node.target} gets {a.dim()}-D inputs (only (B, features))")
-            out = F.linear(a, _param(step, "weight", theta), _param(step, "bias", theta))
+            out = step.adapter.forward(a, _param(step, "weight", theta), _param(step, "bias", theta))
             if "weight" in step.params:
                 saved[node] = a
         elif kind in ("batchnorm", "folded"):
@@ -571,12 +578,12 @@ class _Tangents:
 
         so the whole BatchNorm tangent costs no pass over the activations: its slope scales
         the weights, its gamma columns join the weight columns, its beta columns the bias."""
-        m, rows, conv, bn = self.m, self.rows, step.module, step.bn
+        m, rows, conv, bn = self.m, self.rows, step.adapter, step.bn
         W, b = _param(step, "weight", self.theta), _param(step, "bias", self.theta)
         dW, db = self.block(step, "weight"), self.block(step, "bias")
         scale = None
         if bn is not None:
-            r = torch.rsqrt(bn.module.running_var + bn.module.eps).to(W.dtype)
+            r = bn.adapter.inverse_std(W.dtype)
             scale = self.constants[bn.node]                                  # r * gamma
             dgamma, dbeta = self.block(bn, "weight"), self.block(bn, "bias")
             if dW is not None:
@@ -596,12 +603,11 @@ class _Tangents:
         t_in = _folded(t_in, rows, m)
         out = None
         if t_in is not None:
-            out = F.conv2d(t_in, W, None, conv.stride, conv.padding, conv.dilation)
+            out = conv.input_tangent(t_in, W)
         if dW is not None:
             # the m columns' weights as m x C_out output channels of one convolution of the shared input:
             # its (rows, m * C_out, H, W) result is the folded (rows * m, C_out, H, W) tangent
-            term = F.conv2d(self.saved[step.node], dW.reshape(-1, *dW.shape[2:]),
-                            None if db is None else db.reshape(-1), conv.stride, conv.padding, conv.dilation)
+            term = conv.parameter_tangent(self.saved[step.node], dW, db)
             term = _stacked_to_folded(_in_layout(self.spec, term), rows, m)
             out = term if out is None else out.add_(term)
         elif db is not None:
@@ -611,21 +617,17 @@ class _Tangents:
     def _grouped_conv(self, step, t_in, W, dW, db):
         """The m columns as channel groups: conv(t, W) as one grouped convolution (W repeated
         per group, groups = m) plus the stacked conv(a, dW), whose output is already grouped."""
-        conv, m = step.module, self.m
-        out = F.conv2d(self.saved[step.node], dW.reshape(-1, *dW.shape[2:]),
-                       None if db is None else db.reshape(-1), conv.stride, conv.padding, conv.dilation)
-        out = _in_layout(self.spec, out)
+        conv = step.adapter
+        out = _in_layout(self.spec, conv.parameter_tangent(self.saved[step.node], dW, db))
         if t_in is not None:
-            out = out.add_(F.conv2d(t_in.t, W.repeat(m, 1, 1, 1), None, conv.stride, conv.padding,
-                                    conv.dilation, groups=m))
+            out = out.add_(conv.input_tangent(t_in.t, W, groups=self.m))
         return _Grouped(out)
 
     def linear(self, step, t_in):
-        out = None if t_in is None else t_in @ _param(step, "weight", self.theta).T
+        out = None if t_in is None else step.adapter.input_tangent(t_in, _param(step, "weight", self.theta))
         dW, db = self.block(step, "weight"), self.block(step, "bias")
         if dW is not None:
-            term = F.linear(self.saved[step.node], dW.reshape(-1, dW.shape[-1]),
-                            None if db is None else db.reshape(-1))           # (rows, m * out)
+            term = step.adapter.parameter_tangent(self.saved[step.node], dW, db)  # (rows, m * out)
             term = term.view(self.rows * self.m, -1)
             out = term if out is None else out.add_(term)
         elif db is not None:
@@ -749,11 +751,11 @@ def _parameter_blocks(spec: LayerwiseSpec, V2: torch.Tensor) -> dict:
     return blocks
 
 
-def layerwise_gnh_product(spec: LayerwiseSpec, loss, theta: torch.Tensor, x: torch.Tensor,
+def layerwise_gnh_product(spec: LayerwiseSpec, output_hessian, theta: torch.Tensor, x: torch.Tensor,
                           targets: torch.Tensor, V: torch.Tensor, forward=None) -> torch.Tensor:
     """sum over the batch of J_i^T H_i J_i V for V (d,) or (d, m), same shape as V.
 
-    ``loss``: a :class:`pbrf_fast.losses.Loss` (its ``hvp`` is the output Hessian);
+    ``output_hessian(y, targets, u)``: the loss's output-Hessian product (a Loss's ``hvp``);
     ``forward``: this batch's :func:`layerwise_forward` state, if kept. The tangent pass
     runs for all m columns at once, in row chunks of :func:`tangent_rows`.
     """
@@ -771,7 +773,7 @@ def layerwise_gnh_product(spec: LayerwiseSpec, loss, theta: torch.Tensor, x: tor
             chunk = (None, {k: v[r0:r1] for k, v in saved.items()}, constants)
             JV = _tangent(spec, _Tangents(spec, theta, chunk, blocks, r1 - r0))   # (rows * m, C)
             JV3 = JV.reshape(r1 - r0, m, -1)
-            HJV = loss.hvp(y[r0:r1], targets[r0:r1], JV3.detach().transpose(0, 1).contiguous())  # (m, rows, C)
+            HJV = output_hessian(y[r0:r1], targets[r0:r1], JV3.detach().transpose(0, 1).contiguous())  # (m, rows, C)
             grads = torch.autograd.grad(JV3, [blocks[key] for key, _ in places], HJV.transpose(0, 1))
             for ((key, (offset, size)), g) in zip(places, grads):
                 out[offset : offset + size].add_(g.reshape(m, size).T)

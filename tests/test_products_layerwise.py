@@ -1,4 +1,4 @@
-"""The layer-wise GNH product of conv nets (pbrf_fast.kernels.layerwise_gnh) against the
+"""The layer-wise GNH product of conv nets (pbrf_fast.products.layerwise) against the
 torch.func product (GaussNewton backend="torch"), float64, tight tolerances."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pbrf_fast
-from pbrf_fast.kernels import layerwise_gnh
+from pbrf_fast.products import layerwise as layerwise_gnh
 from pbrf_fast.paper.resnet import ResNetCIFAR
 
 TOL = 1e-10

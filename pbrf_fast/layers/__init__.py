@@ -1,0 +1,55 @@
+"""One adapter per layer type: how a layer's parameters relate to its inputs and output gradients.
+
+Every part of the library that works layer by layer -- Kronecker factors (K-FAC, EK-FAC),
+per-example Jacobian rows (output-space solver), score contraction (scale pipeline),
+the layer-wise and MLP Gauss-Newton products, ``explain`` -- asks :func:`adapter_for` for a
+module's :class:`~pbrf_fast.layers.base.LayerAdapter` instead of testing module types
+itself. Adding a layer type is one module here (an adapter subclass registered with
+:func:`register_adapter`) plus its tests in tests/test_layers.py.
+
+The parameter convention every adapter shares: a layer has the roles ``"weight"`` and
+``"bias"`` (either may be absent or frozen); a Kronecker-factored layer's parameters read as
+one (out, in') matrix whose last column is the bias, i.e. the bias is a last input
+coordinate equal to one.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import LayerAdapter
+from .batchnorm import BatchNormAdapter
+from .conv2d import Conv2dAdapter
+from .linear import LinearAdapter
+
+__all__ = ["ADAPTERS", "LayerAdapter", "adapter_for", "parameter_slots", "register_adapter"]
+
+# module type -> adapter class; exact types, so a subclass with its own forward is not
+# mistaken for the layer it extends (it is "unsupported", and callers fall back)
+ADAPTERS: dict[type, type[LayerAdapter]] = {}
+
+
+def register_adapter(adapter: type[LayerAdapter]) -> type[LayerAdapter]:
+    for module_type in adapter.module_types:
+        ADAPTERS[module_type] = adapter
+    return adapter
+
+
+for _adapter in (LinearAdapter, Conv2dAdapter, BatchNormAdapter):
+    register_adapter(_adapter)
+
+
+def adapter_for(module: nn.Module) -> tuple[LayerAdapter | None, str]:
+    """(the module's adapter, "") or (None, why it has none)."""
+    adapter = ADAPTERS.get(type(module))
+    if adapter is None:
+        return None, f"{type(module).__name__} has no layer adapter"
+    why = adapter.unsupported_reason(module)
+    return (None, why) if why else (adapter(module), "")
+
+
+def parameter_slots(module_name: str, module: nn.Module, offsets: dict) -> dict:
+    """role -> (lo, hi) of the module's own trainable parameters in the flat theta
+    (``offsets``: the Problem's ``param_ranges``); frozen or absent roles are left out."""
+    prefix = f"{module_name}." if module_name else ""
+    return {role: offsets[prefix + role] for role in LayerAdapter.roles
+            if getattr(module, role, None) is not None and prefix + role in offsets}

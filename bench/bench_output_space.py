@@ -185,7 +185,7 @@ def _run_variant(variant, data_path, out_path, n_train):
         source = subprocess.run(["git", "show", f"{OLD_COMMIT}:pbrf_fast/output_space.py"], check=True,
                                 capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
         path = Path(tempfile.mkdtemp()) / "pbrf_fast_old_output_space.py"
-        path.write_text(source.replace("from .curvature", "from pbrf_fast.curvature")
+        path.write_text(source.replace("from .curvature", "from pbrf_fast.curvatures")
                         .replace("from .errors", "from pbrf_fast.errors"))
         spec = importlib.util.spec_from_file_location("pbrf_fast_old_output_space", path)
         old = importlib.util.module_from_spec(spec)
@@ -195,7 +195,7 @@ def _run_variant(variant, data_path, out_path, n_train):
         V = influence.test_gradients(data["x_test"], data["y_test"])
         scores = old.OutputSpaceSolver(influence.operator).training_scores(V)
     else:
-        import pbrf_fast.output_space as module
+        import pbrf_fast.inverses.output_space as module
 
         _instrument(module, timings)
         budget = module.default_rows_bytes()  # what the solver below will take (memory free now)

@@ -291,7 +291,7 @@ def spectral_reduction(op, B, memory_bytes=None, zero_level=1e-9):
 
     Returns (eigenvalues of G in the reduced basis (r + m,), reduced B (r + m, m), info).
     """
-    from pbrf_fast.output_space import OutputSpaceSolver
+    from pbrf_fast.inverses.output_space import OutputSpaceSolver
 
     solver = OutputSpaceSolver(op, memory_bytes=memory_bytes)
     state, JV = solver._state_and_products(B)

@@ -8,11 +8,11 @@ library and is never imported by it.
 import torch  # noqa: F401  -- torch's OpenMP runtime must load before our extension
 
 from .backends import backends
-from .curvature import CurvatureOperator, GaussNewton, Hessian, make_curvature
+from .curvatures import CurvatureOperator, GaussNewton, Hessian, make_curvature
 from .errors import DivergenceError, NonConvexLossError, PBRFError, SlowPathWarning
 from .explain import explain, format_plans
 from .influence import Influence
-from .kronecker import KroneckerCurvature, KroneckerFactors
+from .curvatures.kronecker import KroneckerCurvature, KroneckerFactors
 from .losses import AutogradLoss, BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss, get_loss
 from .problem import Problem
 from .inverses import INVERSES, SolveResult, solve

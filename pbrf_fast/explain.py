@@ -16,7 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .curvature import GaussNewton
+from .curvatures import GaussNewton
 from .kernels import Plan, plan_bregman_divergence, plan_lissa_update, plan_output_hessian_product
 from .layers import adapter_for
 from .layers.base import zeros

@@ -27,8 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .curvature import make_curvature
-from .kronecker import KRONECKER_KINDS, make_kronecker
+from .curvatures import curvature_kind, make_curvature
 from .problem import Problem, as_index
 from .inverses import AUTO, SolveResult, choose_method, make_options, solve
 from .errors import InputError, InputTypeError
@@ -48,7 +47,7 @@ class Influence:
     curvature:
         ``"gnh"`` (Gauss-Newton Hessian, the default), ``"hessian"``, or its
         Kronecker-factored approximations ``"kfac"`` / ``"ekfac"``
-        (:class:`~pbrf_fast.kronecker.KroneckerCurvature`; ``curvature_options`` go to
+        (:class:`~pbrf_fast.curvatures.kronecker.KroneckerCurvature`; ``curvature_options`` go to
         it: ``relative_damping``, ``pseudo_gradients``, ``other``, ...). With those,
         ``"auto"`` solves by their exact inverse and scores contract layer by layer
         (no per-example gradient of the whole network).
@@ -66,14 +65,7 @@ class Influence:
     def __init__(self, problem: Problem, damping: float = 1e-3, curvature: str = "gnh",
                  solver: str = "auto", solver_options: dict | None = None, curvature_options: dict | None = None):
         self.problem = problem
-        if curvature in KRONECKER_KINDS:
-            self.operator = make_kronecker(problem, curvature, damping, **dict(curvature_options or {}))
-        elif curvature not in ("gnh", "gauss_newton", "hessian"):
-            raise InputError(f"unknown curvature {curvature!r}; choose 'gnh', 'hessian', 'kfac' or 'ekfac'")
-        elif curvature_options:
-            raise InputError(f"curvature_options are for 'kfac' / 'ekfac', not {curvature!r}")
-        else:
-            self.operator = make_curvature(problem, curvature, damping)
+        self.operator = make_curvature(problem, curvature, damping, **dict(curvature_options or {}))
         self.solver = solver
         if solver != AUTO:
             self.solver_options = make_options(solver, solver_options)
@@ -125,7 +117,7 @@ class Influence:
     def _output_space_scores(self, V: torch.Tensor, train_idx) -> torch.Tensor:
         # Exact scores for every training example straight from output space:
         # no s_test in parameter space, no per-example gradients.
-        from .output_space import OutputSpaceSolver
+        from .inverses.output_space import OutputSpaceSolver
 
         start = time.perf_counter()
         scores = OutputSpaceSolver(self.operator).training_scores(V)
@@ -135,7 +127,7 @@ class Influence:
 
     def scores_from_s_test(self, S: torch.Tensor, train_idx=None) -> torch.Tensor:
         epsilon = 1.0 / self.problem.n
-        if self.operator.kind in KRONECKER_KINDS:
+        if curvature_kind(self.operator.kind).layerwise_scores:
             return self._layer_scores(S, train_idx) * epsilon
         rows = [grads @ S for _, grads in self.problem.training_gradients(train_idx)]
         if not rows:  # no training example asked for: an empty (0, m) block, as the kernel path gives

@@ -1,4 +1,4 @@
-"""K-FAC / EK-FAC (pbrf_fast.kronecker) against dense float64 references.
+"""K-FAC / EK-FAC (pbrf_fast.curvatures.kronecker) against dense float64 references.
 
 The references build each layer's inputs and the Jacobian of the outputs with respect
 to the layer's pre-activations one example at a time with torch.autograd.functional,
@@ -15,7 +15,7 @@ from torch import nn
 import pbrf_fast
 from pbrf_fast.atomic_io import atomic_save_tensor, load_tensor
 from pbrf_fast.errors import InputError
-from pbrf_fast.kronecker import KroneckerCurvature, KroneckerFactors, compute_factors, kronecker_layers
+from pbrf_fast.curvatures.kronecker import KroneckerCurvature, KroneckerFactors, compute_factors, kronecker_layers
 
 from factories import dense_gnh, dense_gradients, make_problem, output_hessian, rel_err
 

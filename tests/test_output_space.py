@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import pbrf_fast
-from pbrf_fast.output_space import _gram_and_products, _gram_by_jacobians, jacobian_gram
+from pbrf_fast.inverses.output_space import _gram_and_products, _gram_by_jacobians, jacobian_gram
 from pbrf_fast.inverses import choose_method
 
 from factories import LOSSES, dense_gnh, dense_gradients, make_problem, make_targets, rel_err
@@ -96,7 +96,7 @@ def test_kernel_refuses_hessian_and_zero_shift():
 # ------------------------------------------------- conv nets: J's rows, chunked Gram
 from pbrf_fast.errors import InputError  # noqa: E402
 from pbrf_fast.jacobian_rows import JacobianRows  # noqa: E402
-from pbrf_fast.output_space import OutputSpaceSolver, _RowStream  # noqa: E402
+from pbrf_fast.inverses.output_space import OutputSpaceSolver, _RowStream  # noqa: E402
 from test_products_layerwise import MODELS, conv_problem  # noqa: E402
 
 
@@ -259,7 +259,7 @@ def test_kept_rows_follow_a_new_theta():
 
 # ------------------------------------- issue 15: one forward per chunk, rows written in place
 from pbrf_fast import jacobian_rows as jacobian_rows_module  # noqa: E402
-from pbrf_fast import output_space as output_space_module  # noqa: E402
+from pbrf_fast.inverses import output_space as output_space_module  # noqa: E402
 
 
 @pytest.mark.parametrize("forward", ["once", "replicated"])

@@ -66,7 +66,7 @@ def test_one_resnet20_product_stays_in_products_layers_and_its_kernels():
     sequence = files_entered(lambda: op.matvec(V))
     print(" -> ".join(sequence))
     assert op.plan_product(op.problem.inputs, V).implementation == "layerwise"
-    allowed = ("pbrf_fast/curvature.py", "pbrf_fast/products/", "pbrf_fast/layers/",
+    allowed = ("pbrf_fast/curvatures/operators.py", "pbrf_fast/products/", "pbrf_fast/layers/",
                "pbrf_fast/kernels/output_hessian.py", "pbrf_fast/kernels/registry.py")
     assert all(name.startswith(allowed) for name in sequence), sequence
-    assert sequence[:2] == ["pbrf_fast/curvature.py", "pbrf_fast/products/__init__.py"], sequence
+    assert sequence[:2] == ["pbrf_fast/curvatures/operators.py", "pbrf_fast/products/__init__.py"], sequence

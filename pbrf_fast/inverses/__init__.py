@@ -54,10 +54,6 @@ class InverseMethod:
 
 
 INVERSES: dict[str, InverseMethod] = {m.name: m for m in (
-    InverseMethod("direct", DirectOptions, direct,
-                  "d up to a few thousand: a float64 eigendecomposition cached on the operator", True),
-    InverseMethod("kernel", KernelOptions, kernel,
-                  "GNH with N*C training outputs << d: exact, in output space (Woodbury)", True),
     InverseMethod("cg", CGOptions, conjugate_gradient,
                   "larger d, accurate answers: block CG, a tolerance per column", True),
     InverseMethod("pcg", PCGOptions, pcg,
@@ -66,6 +62,10 @@ INVERSES: dict[str, InverseMethod] = {m.name: m for m in (
                   "very large data, the paper's estimator: the stochastic Neumann series (Eq. 52)", False),
     InverseMethod("lowrank", LowRankOptions, lowrank,
                   "many queries, a rough answer: the top-k Lanczos eigenpairs plus 1/shift on the rest", False),
+    InverseMethod("kernel", KernelOptions, kernel,
+                  "GNH with N*C training outputs << d: exact, in output space (Woodbury)", True),
+    InverseMethod("direct", DirectOptions, direct,
+                  "d up to a few thousand: a float64 eigendecomposition cached on the operator", True),
     InverseMethod("kronecker", KroneckerOptions, kronecker_inverse,
                   "the operator is K-FAC / EK-FAC: its own exact inverse, layer by layer", True),
     InverseMethod("identity", IdentityOptions, identity,

@@ -1,4 +1,4 @@
-"""``kernel``: the exact GNH solve in output space (Woodbury; :mod:`pbrf_fast.output_space`)."""
+"""``kernel``: the exact GNH solve in output space (Woodbury; :mod:`.output_space`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +21,8 @@ class KernelOptions(InverseOptions):
 
 # ---------------------------------------------------------------------- kernel
 def kernel(op, B, options: KernelOptions) -> SolveResult:
-    """Exact GNH solve in output space (Woodbury); see :mod:`pbrf_fast.output_space`."""
-    from ..output_space import OutputSpaceSolver
+    """Exact GNH solve in output space (Woodbury); see :mod:`.output_space`."""
+    from .output_space import OutputSpaceSolver
 
     start = time.perf_counter()
     B2 = check_columns(op, B)

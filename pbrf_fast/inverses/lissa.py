@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ..curvature import CurvatureOperator
+from ..curvatures import CurvatureOperator
 from ..lissa_divergence import check_lissa_step
 from .common import SolveResult, check_columns, finish, integer_option, positive_number, progress_bar
 from .options import InverseOptions, option

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from ..curvatures import CURVATURES
 from ..errors import InputError, InputTypeError
 from .cg import CGOptions, conjugate_gradient
 from .common import SolveResult
@@ -18,7 +19,8 @@ from .preconditioners import NYSTROM_KINDS, kronecker_preconditioner, make_nystr
 # with .inverse_matvec(V) (symmetric positive definite), built once per operator and cached.
 PRECONDITIONERS: dict = {
     **{kind: functools.partial(make_nystrom, kind=kind) for kind in NYSTROM_KINDS},
-    **{kind: functools.partial(kronecker_preconditioner, kind=kind) for kind in ("kfac", "ekfac")},
+    **{kind: functools.partial(kronecker_preconditioner, kind=kind)
+       for kind, curvature in CURVATURES.items() if curvature.own_inverse == "kronecker"},
 }
 
 # PCG's preconditioner when none is named. Nystrom, not EK-FAC: on ReLU networks the
@@ -71,7 +73,7 @@ def pcg(op, B: torch.Tensor, options: PCGOptions) -> SolveResult:
     :data:`DEFAULT_PRECONDITIONER`, ``"nystrom"``):
 
     * ``"ekfac"`` / ``"kfac"``: the Kronecker inverse (``preconditioner_options`` go to
-      :class:`pbrf_fast.kronecker.KroneckerCurvature`);
+      :class:`pbrf_fast.curvatures.kronecker.KroneckerCurvature`);
     * ``"nystrom"``: a rank-r randomized Nystrom approximation of the GNH that flattens its
       top r eigenvalues (options ``rank``, ``seed``, ``power_iterations``;
       :mod:`pbrf_fast.preconditioners`); r column products to build;

@@ -34,7 +34,7 @@ import warnings
 import torch
 
 from ..errors import InputError, InputTypeError
-from ..kronecker import KroneckerCurvature
+from ..curvatures.kronecker import KroneckerCurvature
 
 __all__ = ["NystromSketch", "nystrom_sketch", "NystromPreconditioner", "DeflatedKroneckerPreconditioner",
            "NYSTROM_KINDS", "make_nystrom", "kronecker_preconditioner"]

@@ -7,16 +7,18 @@ import dataclasses
 from pathlib import Path
 
 from ..inverses import INVERSES
-from ..kronecker import KRONECKER_KINDS
+from ..curvatures import CURVATURES
 
 __all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "ScoresConfig", "EvaluateConfig", "SWEEP_PARAMETERS",
            "EVALUATE_SOLVERS", "DEFAULT_EVALUATE_SOLVERS", "COLD_START_ORDERS"]
 
 # evaluate's estimators, read off the library's tables: every inverse of the exact GNH, then every
-# approximate curvature (kfac / ekfac) solved by its own exact inverse.
+# approximate curvature (kfac / ekfac) solved by its own exact inverse (that inverse is not listed alone).
+_OWN_INVERSES = {c.own_inverse for c in CURVATURES.values()}
 # pcg: the exact GNH solved by preconditioned CG (EvaluateConfig.preconditioner; converges where plain CG stalls); not in the
 # default list, which keeps one exact iterative solver.
-EVALUATE_SOLVERS = (tuple(name for name in INVERSES if name != "kronecker") + KRONECKER_KINDS)
+EVALUATE_SOLVERS = (tuple(name for name in INVERSES if name not in _OWN_INVERSES)
+                    + tuple(name for name, c in CURVATURES.items() if c.own_inverse))
 DEFAULT_EVALUATE_SOLVERS = tuple(s for s in EVALUATE_SOLVERS if s != "pcg")
 COLD_START_ORDERS = ("replay", "fresh")
 SWEEP_PARAMETERS = ("width", "depth", "epochs", "weight_decay", "damping", "fraction_removed")

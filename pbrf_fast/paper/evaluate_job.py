@@ -52,7 +52,7 @@ from ..influence import Influence
 from ..problem import Problem
 from ..results_folder import ResultsFolder
 from ..inverses import DIRECT_MAX_DIM, KERNEL_MEMORY_BYTES
-from ..kronecker import KRONECKER_KINDS
+from ..curvatures import CURVATURES
 from .config import EVALUATE_SOLVERS, EvaluateConfig, RunOptions
 from .ground_truth import pbrf_ground_truth, retraining_ground_truth, train_on_subsets
 from .jobs import ConfigError
@@ -248,7 +248,7 @@ def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test,
     """Scores (n_train, m) of one solver at the problem's parameters, and what it did."""
     if solver not in EVALUATE_SOLVERS:
         raise ConfigError(f"unknown solver {solver!r}; choose from {EVALUATE_SOLVERS}")
-    if solver in KRONECKER_KINDS:
+    if solver in CURVATURES:
         # Exact pseudo-gradients up to 16 outputs (kronecker's "auto"), sampled ones seeded by the run.
         influence = Influence(problem, config.damping, curvature=solver, solver="auto",
                               curvature_options={"seed": config.seed})

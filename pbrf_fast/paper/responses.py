@@ -38,7 +38,7 @@ from typing import Sequence
 
 import torch
 
-from ..curvature import GaussNewton, make_curvature
+from ..curvatures import GaussNewton, make_curvature
 from ..problem import Problem
 from ..inverses import solve
 from .training import TrainConfig, TrainResult, fit_lbfgs, run_epochs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..curvature import GaussNewton
+from ..curvatures import GaussNewton
 from ..problem import as_index
 from ..errors import InputError
 

@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from ..atomic_io import atomic_save_tensor, atomic_write_json, load_tensor, open_memmap
-from ..curvature import GaussNewton
+from ..curvatures import GaussNewton
 from ..errors import InputError
-from ..kronecker import KRONECKER_KINDS, KroneckerCurvature, KroneckerFactors
+from ..curvatures import CURVATURES, KroneckerCurvature, KroneckerFactors, curvature_kind
 from ..losses import Loss, get_loss
 from ..problem import Problem
 from ..results_folder import ResultsFolder
@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 RESULT_KEYS = ("model_fingerprint", "data_fingerprint", "loss", "measurement", "damping", "weight_decay", "solver",
                "solver_options", "rank", "curvature_samples", "query_chunk", "top_k", "seed",
                "self_influence", "lanczos_iterations", "extra", "curvature", "curvature_options")
-CURVATURES = ("gnh",) + KRONECKER_KINDS
+SCORE_CURVATURES = tuple(name for name, c in CURVATURES.items() if c.at_scale)
 SCORE_SOLVERS = tuple(INVERSES) + (AUTO,)
 
 
@@ -81,7 +81,7 @@ class ScoreArguments:
     eigenpairs plus the exact remainder ||g||^2 / (weight_decay + damping).
 
     ``curvature``: ``"gnh"`` (the exact damped GNH, solved by ``solver``) or ``"kfac"`` /
-    ``"ekfac"`` (:class:`pbrf_fast.kronecker.KroneckerCurvature`, ``curvature_options`` go
+    ``"ekfac"`` (:class:`pbrf_fast.curvatures.kronecker.KroneckerCurvature`, ``curvature_options`` go
     to it; s_test and self-influence are then its exact inverse, so ``solver`` must be
     ``"auto"`` or the default ``"cg"``). The factors are computed once per checkpoint,
     stored and reused on resume; solver ``"pcg"`` stores its preconditioner's the same way.
@@ -108,9 +108,9 @@ class ScoreArguments:
     def __post_init__(self):
         if self.solver not in SCORE_SOLVERS:
             raise InputError(f"solver must be one of {SCORE_SOLVERS}, got {self.solver!r}")
-        if self.curvature not in CURVATURES:
-            raise InputError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
-        if self.curvature != "gnh" and self.solver not in ("auto", "cg"):
+        if self.curvature not in SCORE_CURVATURES:
+            raise InputError(f"curvature must be one of {SCORE_CURVATURES}, got {self.curvature!r}")
+        if curvature_kind(self.curvature).own_inverse and self.solver not in ("auto", "cg"):
             raise InputError(f"curvature={self.curvature!r} solves with its own exact inverse; solver must be "
                              f"'auto' (or the default 'cg'), got {self.solver!r}")
         self.curvature_options = dict(self.curvature_options or {})
@@ -298,12 +298,13 @@ class ScorePipeline:
         x, t = self.task.train.take(sample[lo:hi])
         problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=a.weight_decay,
                           batch_size=a.curvature_batch_size)
-        if a.curvature in KRONECKER_KINDS:
+        if curvature_kind(a.curvature).own_inverse:
             return self.kronecker_factors(k, problem, a.curvature, a.curvature_options)
         op_cls = D.DistributedGaussNewton if self.world > 1 else GaussNewton
         op = op_cls(problem, a.damping, backend=a.backend)
         preconditioner = a.solver_options.get("preconditioner", DEFAULT_PRECONDITIONER) if a.solver == "pcg" else None
-        if preconditioner in KRONECKER_KINDS:  # stored factors; a Nystrom sketch is built and cached on op
+        # stored Kronecker factors (a Nystrom sketch is built and cached on op)
+        if preconditioner in CURVATURES and CURVATURES[preconditioner].own_inverse:
             options = a.solver_options.get("preconditioner_options") or {}
             self.preconditioner = self.kronecker_factors(k, problem, preconditioner, options)
         return op
@@ -321,7 +322,7 @@ class ScorePipeline:
         if factors is None:
             self.stages.run("factors", lambda: op.factors)
             if self.rank_ == 0:
-                atomic_save_tensor(path, op.factors.state_dict())
+                atomic_save_tensor(path, op.state_dict())
             D.barrier()
         return op
 
@@ -334,7 +335,7 @@ class ScorePipeline:
     def eigenpairs(self, k: int, op) -> LowRankInverse | None:
         """Stage 2: the top-``rank`` eigenpairs, when the solver or self-influence needs them."""
         a = self.args
-        if (a.solver != "lowrank" and not a.self_influence) or a.curvature in KRONECKER_KINDS:
+        if (a.solver != "lowrank" and not a.self_influence) or curvature_kind(a.curvature).own_inverse:
             return None
         path = self.folder(k) / "eigenpairs.pt"
 
@@ -378,8 +379,9 @@ class ScorePipeline:
 
     def _solve(self, op, grads):
         a = self.args
-        if a.curvature in KRONECKER_KINDS:
-            return solve(op, grads, "kronecker")
+        own_inverse = curvature_kind(a.curvature).own_inverse
+        if own_inverse:
+            return solve(op, grads, own_inverse)
         if a.solver == "lowrank":  # the eigenpairs stage cached them on op under these options
             return solve(op, grads, "lowrank", self.lowrank_options())
         options = dict(a.solver_options)

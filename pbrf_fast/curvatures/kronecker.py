@@ -52,9 +52,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .curvature import CurvatureOperator
-from .errors import InputError, InputTypeError
-from .layers import LayerAdapter, adapter_for
+from .operators import CurvatureOperator
+from ..errors import InputError, InputTypeError
+from ..layers import LayerAdapter, adapter_for
 
 __all__ = ["KRONECKER_KINDS", "PSEUDO_GRADIENTS", "KroneckerCurvature", "KroneckerFactors", "KroneckerLayer",
            "kronecker_layers", "output_hessian_factors", "compute_factors"]
@@ -530,6 +530,10 @@ class KroneckerCurvature(CurvatureOperator):
             self.problem, self.kind, pseudo_gradients=o["pseudo_gradients"], samples=o["samples"], seed=o["seed"],
             batch_size=self.batch_size, other=o["other"], distributed=o["distributed"], progress=o["progress"]))
 
+    def state_dict(self) -> dict:
+        """The factors: saved beside a long job's results, passed back as ``factors=``."""
+        return self.factors.state_dict()
+
     @property
     def coverage(self) -> dict:
         """Which parameters each treatment covers: Kronecker-factored layers (weight with bias
@@ -629,8 +633,3 @@ class KroneckerCurvature(CurvatureOperator):
     def __repr__(self) -> str:
         return (f"KroneckerCurvature(kind={self.kind!r}, d={self.dim}, damping={self.damping}, "
                 f"relative_damping={self.options['relative_damping']}, weight_decay={self.problem.weight_decay})")
-
-
-def make_kronecker(problem, curvature: str, damping: float = 0.0, **options) -> KroneckerCurvature:
-    """``make_curvature``'s counterpart for ``"kfac"`` / ``"ekfac"``."""
-    return KroneckerCurvature(problem, damping, curvature, **options)

@@ -42,10 +42,10 @@ import warnings
 
 import torch
 
-from .curvature import CurvatureOperator
-from .errors import InputError, SlowPathWarning
-from .jacobian_rows import JacobianRows
-from .layers import adapter_for
+from ..curvatures import CurvatureOperator
+from ..errors import InputError, SlowPathWarning
+from ..jacobian_rows import JacobianRows
+from ..layers import adapter_for
 
 __all__ = ["OutputSpaceSolver", "jacobian_gram", "output_hessian_factors", "JACOBIAN_ROWS_BYTES",
            "default_rows_bytes"]

@@ -16,11 +16,11 @@ import math
 
 import torch
 
-from .problem import Problem, as_index
-from .products import GnhProducts
-from .errors import InputError, InputTypeError
+from ..problem import Problem, as_index
+from ..products import GnhProducts
+from ..errors import InputError, InputTypeError
 
-__all__ = ["CurvatureOperator", "GaussNewton", "Hessian", "make_curvature"]
+__all__ = ["CurvatureOperator", "GaussNewton", "Hessian"]
 
 
 class CurvatureOperator:
@@ -47,6 +47,20 @@ class CurvatureOperator:
         self.damping = damping
         self.batch_size = batch_size or problem.batch_size
         self._cache = {} if _cache is None else _cache
+
+    # ------------------------------------------------------------ protocol
+    # Every curvature (pbrf_fast.curvatures.CURVATURES) answers these: a product (matvec), what
+    # it covers, and the state a long job saves to resume without recomputing it. An optional
+    # exact inverse is ``inverse_matvec`` (K-FAC / EK-FAC), absent here.
+    @property
+    def coverage(self) -> dict:
+        """Which parameters the operator treats how: all of them exactly, here."""
+        return {"exact": [name for name, _ in self.problem.model.named_parameters()]}
+
+    def state_dict(self) -> dict:
+        """What must be saved to rebuild this operator without recomputation (none: products
+        are computed from the problem each time)."""
+        return {}
 
     # ------------------------------------------------------------ properties
     @property
@@ -274,11 +288,3 @@ class Hessian(CurvatureOperator):
 
         with torch.enable_grad():
             return torch.func.vmap(hvp)(V.T).detach().T
-
-
-def make_curvature(problem: Problem, curvature: str = "gnh", damping: float = 0.0, **kwargs) -> CurvatureOperator:
-    """``"gnh"`` -> :class:`GaussNewton`, ``"hessian"`` -> :class:`Hessian`."""
-    kinds = {"gnh": GaussNewton, "gauss_newton": GaussNewton, "hessian": Hessian}
-    if curvature not in kinds:
-        raise InputError(f"unknown curvature {curvature!r}; choose 'gnh' or 'hessian'")
-    return kinds[curvature](problem, damping, **kwargs)

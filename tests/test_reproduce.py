@@ -7,6 +7,7 @@ import torch
 
 from pbrf_fast import cli
 from pbrf_fast.paper import reproduce as rp
+from pbrf_fast.paper.reproduce import paper_values, report, rows as registry, runner, verdicts
 from pbrf_fast.paper.config import ExperimentConfig
 from pbrf_fast.paper.responses import ResponseSettings, ResponseSolver
 from pbrf_fast.paper.training import batch_order, train, TrainConfig
@@ -23,7 +24,7 @@ def test_registry_covers_every_target_with_both_presets_and_a_paper_value():
     for row in rp.ROWS:
         assert row.paper, row.id
         if row.measure == "bars":                               # Figure 4 draws Table 5's runs
-            assert set(row.sources) == {f"table5/{n}" for n in rp.TABLE5}
+            assert set(row.sources) == {f"table5/{n}" for n in paper_values.TABLE5}
             continue
         quick, paper = row.job("quick"), row.job("paper")
         assert quick is not None and paper is not None, row.id
@@ -32,16 +33,16 @@ def test_registry_covers_every_target_with_both_presets_and_a_paper_value():
         ExperimentConfig(**dict(paper.config), preset="paper")
     # Table 5 has all 16 rows of the paper, Tables 4/6/7/8 the four MLP data sets, Table 2 five MNIST models
     table5 = {r.name for r in rp.select_rows("table5")}
-    assert table5 == set(rp.TABLE5) | {f"{n}-fresh-order" for n in rp.FRESH_ORDER_ROWS}
-    assert len(rp.TABLE5) == 16 and len(rp.select_rows("table2")) == 5
+    assert table5 == set(paper_values.TABLE5) | {f"{n}-fresh-order" for n in registry.FRESH_ORDER_ROWS}
+    assert len(paper_values.TABLE5) == 16 and len(rp.select_rows("table2")) == 5
     assert dict(rows["table5/concrete-fresh-order"].job("paper").config)["cold_start_order"] == "fresh"
     assert all(len(rp.select_rows(t)) == 4 for t in ("table4", "table6", "table7", "table8"))
     assert {r.name for r in rp.select_rows("figure5")} == {"width", "depth", "epochs", "weight_decay", "damping",
                                                          "fraction_removed"}
-    for name, gaps in rp.TABLE5.items():
-        assert set(gaps) == set(rp.GAP_NAMES), name
-    assert rp.TABLE5["resnet20-cifar10"]["warm_start_gap"] == (5.827, 0.152)   # read from the paper
-    assert rp.TABLE8["energy"]["two_stage"] == {"pearson": 0.92, "spearman": 0.75}
+    for name, gaps in paper_values.TABLE5.items():
+        assert set(gaps) == set(paper_values.GAP_NAMES), name
+    assert paper_values.TABLE5["resnet20-cifar10"]["warm_start_gap"] == (5.827, 0.152)   # read from the paper
+    assert paper_values.TABLE8["energy"]["two_stage"] == {"pearson": 0.92, "spearman": 0.75}
     # every row of `all` is in priority order and runnable; shared runs live in their first row's folder
     assert {r.id for r in rp.select_rows("all")} == set(rows)
     assert rp.job_folder("D", rows["table6/concrete"], "quick") == rp.job_folder("D", rows["table5/concrete"], "quick")
@@ -85,7 +86,7 @@ def test_a_row_runs_end_to_end_and_a_rerun_skips_or_resumes_it(tmp_path, capsys,
     marker = json.loads((folder / "row.json").read_text())
     first = json.loads((folder / "results.json").read_text())
     assert marker["row"] == "table5/cancer" and marker["seconds"] > 0 and not marker["resumed"]
-    assert set(first["gaps"]) == set(rp.GAP_NAMES)
+    assert set(first["gaps"]) == set(paper_values.GAP_NAMES)
     capsys.readouterr()
     assert cli.main(argv) == 0                                  # finished: skipped, nothing rewritten
     assert "finished earlier" in capsys.readouterr().out
@@ -99,7 +100,7 @@ def test_a_row_runs_end_to_end_and_a_rerun_skips_or_resumes_it(tmp_path, capsys,
     assert json.loads((folder / "row.json").read_text())["resumed"]
     assert {p.name: p.stat().st_mtime_ns for p in sorted((folder / "points" / "removed").iterdir())[1:]} == kept
     again = json.loads((folder / "results.json").read_text())
-    for gap in rp.GAP_NAMES:
+    for gap in paper_values.GAP_NAMES:
         assert again["gaps"][gap]["mean"] == pytest.approx(first["gaps"][gap]["mean"], rel=1e-6, abs=1e-12)
     # the report reads the row back: paper and ours side by side, the shared Figure 1 panel too
     md = rp.write_report(tmp_path, tmp_path / "R.md", tmp_path / "fig").read_text()
@@ -112,7 +113,7 @@ def _fake_decomposition(out, row, gaps, corr, seconds=120.0):
     folder = rp.job_folder(out, row, "quick")
     folder.mkdir(parents=True)
     records = [{"predicted_test_loss_change": [0.1 * k, -0.1 * k], "gaps": {},
-                "test_loss_change": {r: [0.1 * k + 0.01 * (k % 3), 0.05 * k] for r in rp.TWO_STAGE + ("cold_start",)}}
+                "test_loss_change": {r: [0.1 * k + 0.01 * (k % 3), 0.05 * k] for r in paper_values.TWO_STAGE + ("cold_start",)}}
                for k in range(6)]
     (folder / "results.json").write_text(json.dumps({"gaps": gaps, "correlations": corr, "records": records}))
     (folder / "arguments.json").write_text(json.dumps({"experiment": {
@@ -124,7 +125,7 @@ def _fake_decomposition(out, row, gaps, corr, seconds=120.0):
 
 def test_report_from_a_fake_results_folder(tmp_path):
     rows = {r.id: r for r in rp.ROWS}
-    gaps = {g: {"mean": m, "std": 0.001} for g, m in zip(rp.GAP_NAMES, (0.05, 0.002, 0.08, 0.0001, 0.0002))}
+    gaps = {g: {"mean": m, "std": 0.001} for g, m in zip(paper_values.GAP_NAMES, (0.05, 0.002, 0.08, 0.0001, 0.0002))}
     corr = {"cold_start": {"pearson": 0.12, "spearman": 0.2}, "warm_start": {"pearson": 0.3, "spearman": 0.25},
             "pbrf": {"pearson": 0.97, "spearman": 0.93}, "two_stage": {"pearson": 0.55, "spearman": 0.5}}
     _fake_decomposition(tmp_path, rows["table5/concrete"], gaps, corr)
@@ -170,12 +171,12 @@ def test_a_failed_row_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
             raise FloatingPointError("diverged")
         (folder / "results.json").write_text("{}")
 
-    monkeypatch.setattr(rp, "_execute", execute)
+    monkeypatch.setattr(runner, "_execute", execute)
     rows = rp.select_rows("table5")[:2]
     markers, failures = rp.run_rows(rows, tmp_path, log=lambda *_: None, keep_going=True)
     assert calls == ["cancer", "diabetes"] and failures == ["table5/cancer"] and len(markers) == 1
     assert "diverged" in (tmp_path / "table5" / "cancer" / "failed.json").read_text()
-    assert "failed here (FloatingPointError: diverged)" in rp._not_run(rows[0], tmp_path, "quick")
+    assert "failed here (FloatingPointError: diverged)" in verdicts.not_run_note(rows[0], tmp_path, "quick")
 
 
 def _trained():
@@ -257,7 +258,7 @@ def test_a_row_on_cuda_matches_the_cpu_and_resumes_on_the_cpu(tmp_path, one_thre
     assert cli.main(args + ["--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
     cpu = json.loads((tmp_path / "cpu" / "table5" / "cancer" / "results.json").read_text())
     gpu = json.loads((tmp_path / "gpu" / "table5" / "cancer" / "results.json").read_text())
-    for gap in rp.GAP_NAMES:
+    for gap in paper_values.GAP_NAMES:
         assert gpu["gaps"][gap]["mean"] == pytest.approx(cpu["gaps"][gap]["mean"], rel=1e-4, abs=1e-10)
     assert json.loads((tmp_path / "gpu" / "table5" / "cancer" / "row.json").read_text())["device"] == "cuda"
     # base.pt is device-neutral: the GPU run's folder resumes on the CPU (a removed point redone there)
@@ -270,11 +271,11 @@ def test_a_row_on_cuda_matches_the_cpu_and_resumes_on_the_cpu(tmp_path, one_thre
 def test_rows_subtracted_in_float32_with_a_small_spread_are_flagged_in_the_report():
     # spread between removed points of 1e-7 on a loss of 2.5: under one float32 rounding step (3e-7)
     records = [{"test_loss_change": {"pbrf": [1e-6 + 1e-7 * (k % 2), 2e-6]}} for k in range(4)]
-    steps = rp.rounding_steps({"records": records, "base_objective": 2.5})
+    steps = verdicts.rounding_steps({"records": records, "base_objective": 2.5})
     assert steps == pytest.approx((0.5e-7 + 0) / 2 / (2.5 * 2.0 ** -23), rel=1e-9)   # mean over the 2 tests
-    assert rp.rounding_steps({"records": records}) is None            # no base objective: no judgement
+    assert verdicts.rounding_steps({"records": records}) is None            # no base objective: no judgement
     row = rp.select_rows("table5", "cancer")[0]
     measured = {"settings": "s", "command": "c", "seconds": 1.0, "folder": "/nonexistent",
                 "results": {"records": records, "base_objective": 2.5}}
-    assert "rounding-limited" in rp._detail(row, measured, "/nonexistent", "quick")
-    assert "rounding-limited" not in rp._detail(row, dict(measured, float64_losses=True), "/nonexistent", "quick")
+    assert "rounding-limited" in report._detail(row, measured, "/nonexistent", "quick")
+    assert "rounding-limited" not in report._detail(row, dict(measured, float64_losses=True), "/nonexistent", "quick")

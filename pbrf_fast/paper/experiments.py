@@ -24,7 +24,7 @@ from .recipes import Recipe, recipe
 from .responses import ResponseSettings
 from .training import TrainConfig
 
-__all__ = ["Experiment", "build", "to_device", "DATASETS", "PRESETS", "matched_lissa_scale"]
+__all__ = ["Experiment", "build", "to_device", "recipe_model", "DATASETS", "PRESETS", "matched_lissa_scale"]
 
 DATASETS = ("cancer", "diabetes", "concrete", "energy", "digits", "mnist", "fashion_mnist", "cifar10", "ptb")
 PRESETS = ("quick", "paper")
@@ -73,7 +73,7 @@ def matched_lissa_scale(train: TrainConfig, n: int, response_epochs: int, depth:
     return depth / (steps * lr)
 
 
-def _network(dataset: str, model: str) -> str:
+def recipe_model(dataset: str, model: str) -> str:
     """The recipe's model for ``--model``: ``auto`` is logistic regression on cancer/diabetes,
     ResNet-20 on CIFAR-10, the Transformer on PTB, an MLP otherwise."""
     if dataset in ("cancer", "diabetes"):
@@ -117,7 +117,7 @@ def build(dataset: str, preset: str = "quick", seed: int = 0, data_dir=None, cor
         raise ValueError(f"model {model!r} needs an image data set (mnist, fashion_mnist, cifar10)")
     if (model == "transformer") != (dataset == "ptb") and model != "auto":
         raise ValueError("the transformer language model goes with the ptb data set")
-    row = recipe("experiment", dataset, _network(dataset, model), preset)
+    row = recipe("experiment", dataset, recipe_model(dataset, model), preset)
     n_removed = 10 if preset == "quick" else 20
     if row.model == "logreg":
         exp = _logistic(row, seed, n_removed, weight_decay, data_dir)

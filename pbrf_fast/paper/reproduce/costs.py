@@ -13,30 +13,22 @@ from .rows import Row, owner
 __all__ = ["PAPER_SIZES", "STEP_COSTS", "expected_paper_seconds", "measure_step_costs", "expected_seconds_from_step"]
 
 
+# Each data set's input shape as the experiments feed it (the PTB vocabulary for the language
+# model), so a network is sized from its recipe without loading the data.
+INPUT_SHAPES = {"cancer": (30,), "diabetes": (8,), "concrete": (8,), "energy": (8,), "digits": (64,),
+                "cifar10": (3, 32, 32), "ptb": (10000,)}
+
+
 def _dimension(dataset: str, model: str, width: int | None = None, depth: int | None = None,
                preset: str = "paper") -> int:
-    """Parameter count of the preset's network, built without its data."""
-    import torch
+    """Parameter count of the preset's network (its :mod:`..recipes` row), built without its data."""
+    from ..experiments import recipe_model
+    from ..recipes import recipe
 
-    from ..models import build_model, mlp
-
-    if dataset in ("cancer", "diabetes"):
-        return {"cancer": 31, "diabetes": 9}[dataset]
-    if dataset in ("concrete", "energy"):
-        net = mlp(8, (width or 128,) * (depth or 2), 1, seed=0)
-    elif dataset == "ptb":
-        from ..models import transformer_lm
-
-        net = transformer_lm(10000, width or (256 if preset == "paper" else 64), heads=2, layers=2,
-                             max_len=35 if preset == "paper" else 20, seed=0)
-    elif model in ("auto", "mlp") and dataset != "cifar10":
-        net = mlp(784, (width or (1024 if preset == "paper" else 256),) * (depth or 2), 10, seed=0)
-    elif model == "autoencoder":
-        net = build_model("autoencoder", (784,), 784, seed=0)
-    else:
-        net = build_model("resnet20" if model == "auto" else model,
-                          (3, 32, 32) if dataset == "cifar10" else (1, 28, 28), 10, seed=0)
-    return sum(p.numel() for p in net.parameters() if isinstance(p, torch.Tensor))
+    row = recipe("experiment", dataset, recipe_model(dataset, model), preset)
+    shape = INPUT_SHAPES.get(dataset) or ((784,) if row.model in ("mlp", "autoencoder") else (1, 28, 28))
+    net = row.build_model(shape, row.outputs, 0, width=width, depth=depth)
+    return sum(p.numel() for p in net.parameters())
 
 
 # The paper preset's training-set size, epochs, removed points, LiSSA depth x repeats and LiSSA batch

@@ -154,9 +154,13 @@ def _recipe(config: EvaluateConfig, row: Recipe, in_shape):
 
     if row.train.optimizer == "lbfgs":
         return make_model, row.train.config(config.seed), row.train.weight_decay
-    train_config = row.train.config(config.seed, epochs=config.epochs or row.train.epochs,
-                                    lr=config.lr or row.train.lr, batch_size=config.batch_size or row.train.batch_size)
-    return make_model, train_config, row.train.weight_decay
+    return make_model, _sgd_config(config, row), row.train.weight_decay
+
+
+def _sgd_config(config: EvaluateConfig, row: Recipe) -> TrainConfig:
+    """The row's SGD training with the job's --epochs, --lr and --batch-size where given."""
+    return row.train.config(config.seed, epochs=config.epochs or row.train.epochs, lr=config.lr or row.train.lr,
+                            batch_size=config.batch_size or row.train.batch_size)
 
 
 def _resnet_recipe(config: EvaluateConfig, x_calibration: torch.Tensor):
@@ -182,9 +186,7 @@ def _resnet_recipe(config: EvaluateConfig, x_calibration: torch.Tensor):
         return zero_residual_branches(calibrate_batchnorm(row.build_model((3, 32, 32), row.outputs, s),
                                                           x_calibration))
 
-    train_config = row.train.config(config.seed, epochs=config.epochs or row.train.epochs,
-                                    lr=config.lr or row.train.lr, batch_size=config.batch_size or row.train.batch_size)
-    return make_model, train_config, row.train.weight_decay
+    return make_model, _sgd_config(config, row), row.train.weight_decay
 
 
 # ----------------------------------------------------------------------------- pieces

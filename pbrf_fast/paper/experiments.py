@@ -2,7 +2,9 @@
 
 ``build(dataset, preset, seed, data_dir)`` returns an :class:`Experiment` with
 the problem (at theta^0), the test points and every hyperparameter. Presets:
-``quick`` (minutes on a laptop CPU) and ``paper`` (Appendix E.3 settings).
+``quick`` (minutes on a laptop CPU) and ``paper`` (Appendix E.3 settings); each
+preset's model, data subset, training and LiSSA depth are its row in :mod:`.recipes`,
+and this module turns a row into a problem and the influence settings.
 
 LiSSA settings. The paper tunes LiSSA's scale in {10, ..., 500}; a truncated
 LiSSA and the K/2 epochs of PBRF training both stop short in low-curvature

@@ -85,7 +85,7 @@ else
 fi
 
 step "paper harness on CUDA: one row on cpu and cuda, same gaps; then a quick CNN row timed on cuda"
-gpu_tests 120 5 test_reproduce.py
+gpu_tests 120 5 test_reproduce_runner.py
 if [ -d "$CIFAR_DIR" ]; then
     PBRF_DATA="$CIFAR_DIR" timeout 120 "$PY" -m pbrf_fast reproduce table5 --row lenet-cifar10 --preset quick \
         --device cuda --out "$WORK/reproduce" --no-progress 2>&1 | tail -4

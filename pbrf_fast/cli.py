@@ -122,12 +122,23 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_scores(args) -> int:
-    from .paper.config import ScoresConfig
-    from .paper.scores_job import run_scores
+    from .scale.scores_job import ScoresConfig, run_scores, start_run
 
     args.checkpoint = tuple(args.checkpoint)  # a frozen config holds a tuple
-    run_scores(_fields(ScoresConfig, args))
+    config, inputs = _fields(ScoresConfig, args), None
+    if args.model in _builtin_scores_models():  # the paper harness trains a built-in model first
+        from .paper.builtin_scores import builtin_inputs
+        from .paper.config import BuiltinModelConfig
+
+        inputs = builtin_inputs(config, _fields(BuiltinModelConfig, args), start_run(config))
+    run_scores(config, inputs)
     return 0
+
+
+def _builtin_scores_models() -> tuple[str, ...]:
+    from .paper.recipes import SCORES_MODELS
+
+    return SCORES_MODELS
 
 
 def _cmd_evaluate(args) -> int:
@@ -209,7 +220,8 @@ def _points_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _scores_parser(sub) -> None:
-    from .paper.scores_job import SCORES_DATASETS, SCORES_MODELS, __doc__ as scores_doc
+    from .paper.recipes import SCORES_DATASETS, SCORES_MODELS
+    from .scale.scores_job import __doc__ as scores_doc
     from .scale.measurement import MEASUREMENTS
 
     p = sub.add_parser("scores", help="train x test influence scores over a full training set",
@@ -257,8 +269,9 @@ def _scores_parser(sub) -> None:
     p.add_argument("--curvature-batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--top-k", type=COUNT, default=10)
     p.add_argument("--no-self-influence", action="store_true")
-    p.add_argument("--train-epochs", type=NONNEGATIVE, default=1.0)
-    p.add_argument("--lr", type=POSITIVE, default=0.05)
+    p.add_argument("--train-epochs", type=NONNEGATIVE, default=None,
+                   help="a built-in model's training epochs (default: its recipe's, pbrf_fast/paper/recipes.py)")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="a built-in model's learning rate (default: its recipe's)")
     p.add_argument("--seed", type=COUNT, default=0)
     p.add_argument("--threads", type=COUNT, default=None)
     p.add_argument("--device", default="cpu", help="torch device for the model and data (e.g. cuda)")

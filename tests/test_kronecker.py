@@ -342,7 +342,7 @@ def test_two_ranks_give_the_factors_of_one_process(tmp_path):
 # ------------------------------------------------------------------------------ scale pipeline
 def _pipeline_setup():
     from pbrf_fast.paper.models import mlp
-    from pbrf_fast.paper.scores_job import load_dataset
+    from pbrf_fast.paper.builtin_scores import load_dataset
 
     x_tr, y_tr, x_te, y_te = load_dataset("synthetic", n_train=40, n_test=3, seed=1)
     return mlp(12, (6,), 4, seed=0, dtype=torch.float64), x_tr.double(), y_tr, x_te.double(), y_te

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from pbrf_fast.paper.models import mlp
 from pbrf_fast.scale import compute_scores
-from pbrf_fast.paper.scores_job import load_dataset
+from pbrf_fast.paper.builtin_scores import load_dataset
 
 
 OPTIONS = {"cg": {"tol": 1e-12, "max_iter": 300}, "lissa": {"depth": 60, "batch_size": 16, "scale": 20.0}}

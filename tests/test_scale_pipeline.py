@@ -10,7 +10,7 @@ import torch
 import pbrf_fast
 from pbrf_fast.paper.models import mlp
 from pbrf_fast.scale import compute_scores
-from pbrf_fast.paper.scores_job import load_dataset
+from pbrf_fast.paper.builtin_scores import load_dataset
 from pbrf_fast.results_folder import ArgumentMismatch
 
 DAMPING = 1e-2

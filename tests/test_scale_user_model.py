@@ -174,3 +174,25 @@ def test_every_scores_flag_in_the_readme_exists():
     scores = build_parser()._subparsers._group_actions[0].choices["scores"]
     known = {option for action in scores._actions for option in action.option_strings}
     assert flags and flags <= known, flags - known
+
+
+def test_the_scores_job_on_a_users_model_never_loads_the_paper_harness(tmp_path):
+    (tmp_path / "my_net.py").write_text(NET)
+    x_tr, y_tr, x_te, y_te = data(n_train=12, n_test=2)
+    torch.save({"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}, tmp_path / "data.pt")
+    code = textwrap.dedent(f"""
+        import sys
+        from pbrf_fast.scale.scores_job import ScoresConfig, run_scores
+        config = ScoresConfig(out={str(tmp_path / 'run')!r}, model={str(tmp_path / 'my_net.py') + ':make_model'!r},
+                              data={str(tmp_path / 'data.pt')!r}, solver="direct", rank=4, curvature_samples=0,
+                              no_progress=True)
+        summary = run_scores(config)
+        assert summary["train_log"] is None
+        print("harness modules:", [m for m in sys.modules if m.startswith("pbrf_fast.paper") or m == "pbrf_fast.cli"])
+    """)
+    env = dict(**__import__("os").environ)
+    env["PYTHONPATH"] = str(Path(pbrf_fast.__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "harness modules: []" in done.stdout
+    assert load_scores(tmp_path / "run").scores.shape == (12, 2)

@@ -1,15 +1,15 @@
 """Typed settings of the paper's experiments: what the command line parses into,
 and what the harness functions (:mod:`.jobs`, :mod:`.mislabel`, :mod:`.sweep`,
-:mod:`.scores_job`) take. The demo and the tests build them directly."""
+:mod:`.evaluate_job`, :mod:`.builtin_scores`) take. The demo and the tests build them directly."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from ..inverses import INVERSES
 from ..curvatures import CURVATURES
+from ..inverses import INVERSES
 
-__all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "ScoresConfig", "EvaluateConfig", "SWEEP_PARAMETERS",
+__all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "BuiltinModelConfig", "EvaluateConfig", "SWEEP_PARAMETERS",
            "EVALUATE_SOLVERS", "DEFAULT_EVALUATE_SOLVERS", "COLD_START_ORDERS"]
 
 # evaluate's estimators, read off the library's tables: every inverse of the exact GNH, then every
@@ -83,45 +83,17 @@ class SweepConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoresConfig:
-    """The ``scores`` job: train (or load) a base model on built-in data, then stream
-    train x test influence scores with :func:`pbrf_fast.scale.compute_scores`."""
+class BuiltinModelConfig:
+    """The ``scores`` job's built-in model (``--model resnet20|mlp``): which data set it trains
+    on, where the data are, and overrides of its recipe's training (None: the recipe's,
+    :mod:`.recipes`). The scoring settings are the library's
+    :class:`pbrf_fast.scale.scores_job.ScoresConfig`."""
 
-    out: str
-    model: str = "resnet20"          # built-in name, or your own: "file.py:make_model" / "module:make_model"
     dataset: str = "cifar10"
-    data: str | None = None          # your own data: data.pt / data.npz with x_train, y_train, x_test, y_test
-    checkpoint: tuple[str, ...] = ()  # state dicts to score (mean over several); none: train a built-in
-    loss: str = "cross_entropy"
-    measurement: str = "loss"
     data_dir: str | None = None
     cache_dir: str | None = None
-    train_points: int | None = None
-    test_points: int = 10
-    memory_gb: float = 4.0
-    query_chunk: int | None = None
-    solver: str = "cg"
-    curvature: str = "gnh"           # the exact GNH, or its "kfac" / "ekfac" approximation
-    preconditioner: str = "nystrom"  # solver "pcg": "nystrom", "ekfac", "kfac", "nystrom+ekfac", "nystrom+kfac"
-    preconditioner_rank: int = 200   # columns of the Nystrom sketch
-    cg_iters: int = 100
-    tol: float = 1e-4
-    lissa_depth: int = 200
-    rank: int = 32
-    damping: float = 1e-3
-    weight_decay: float = 5e-4
-    curvature_samples: int = 5000
-    batch_size: int = 250
-    curvature_batch_size: int = 64
-    top_k: int = 10
-    no_self_influence: bool = False
-    train_epochs: float = 1.0
-    lr: float = 0.05
-    seed: int = 0
-    threads: int | None = None
-    device: str = "cpu"
-    overwrite: bool = False
-    no_progress: bool = False
+    train_epochs: float | None = None
+    lr: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ For one setting (data set x model, trained by its recipe below) it
    the share of test predictions flipped by removing (and retraining without)
    each solver's top-k proponents.
 
-Settings (``None`` fields of :class:`~.config.EvaluateConfig` take these):
+Settings (their rows in :mod:`.recipes`; ``None`` fields of :class:`~.config.EvaluateConfig` take these):
 
 =================  ================================================================
 digits / logreg    1000 train (of 1500), 297 test; multinomial LR, float64, L-BFGS
@@ -56,6 +56,7 @@ from ..curvatures import CURVATURES
 from .config import EVALUATE_SOLVERS, EvaluateConfig, RunOptions
 from .ground_truth import pbrf_ground_truth, retraining_ground_truth, train_on_subsets
 from .jobs import ConfigError
+from .recipes import RECIPES, Recipe, recipe
 from .report import _pyplot, _save, markdown_table
 from .responses import ResponseSettings, ResponseSolver
 from .training import TrainConfig, TrainResult, train
@@ -69,8 +70,7 @@ __all__ = ["Setting", "build_setting", "run_evaluate", "solver_scores", "EVALUAT
 REPORT_ONLY = ("solvers", "checkpoints", "cg_iters", "tol", "preconditioner", "preconditioner_rank",
                "lissa_depth", "lissa_batch_size", "rank",
                "pbrf", "loo", "brittleness", "brittleness_ks")
-EVALUATE_SETTINGS = {("digits", "logreg"), ("digits", "mlp"), ("mnist", "logreg"), ("mnist", "mlp"),
-                     ("cifar10", "resnet20")}
+EVALUATE_SETTINGS = {(dataset, model) for job, dataset, model, _ in RECIPES if job == "evaluate"}
 
 
 @dataclasses.dataclass
@@ -103,52 +103,38 @@ def _seeded_rows(n_total: int, count: int | None, default: int, seed: int) -> to
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:count]
 
 
-def build_setting(config: EvaluateConfig) -> Setting:
-    """The data, model family and training recipe of ``config`` (see the module docstring)."""
+def _load(config: EvaluateConfig, row: Recipe):
+    """The setting's full train and test sets, in its recipe's dtype."""
     from .data import load_digits, load_mnist
-    from .models import mlp
 
+    if config.dataset == "digits":
+        return load_digits(seed=config.seed, dtype=row.dtype)
+    if config.dataset == "mnist":
+        return load_mnist(config.data_dir, dtype=row.dtype)
+    from .data.cifar import load_cifar10
+
+    return load_cifar10(config.data_dir)
+
+
+def build_setting(config: EvaluateConfig) -> Setting:
+    """The data, model family and training recipe of ``config`` (its :mod:`.recipes` row)."""
     key = (config.dataset, config.model)
     if key not in EVALUATE_SETTINGS:
         raise ConfigError(f"evaluate supports --dataset/--model {sorted(EVALUATE_SETTINGS)}, got {key}")
-    seed = config.seed
-    if config.dataset == "digits":
-        x, y, xt, yt = load_digits(seed=seed, dtype=torch.float64 if config.model == "logreg" else torch.float32)
-        defaults = (1000, len(xt))
-    elif config.dataset == "mnist":
-        x, y, xt, yt = load_mnist(config.data_dir, dtype=torch.float64 if config.model == "logreg" else torch.float32)
-        defaults = (5000, 500)
-    else:
-        from .data.cifar import load_cifar10
-
-        x, y, xt, yt = load_cifar10(config.data_dir)
-        defaults = (1000, 100)
-    rows = _seeded_rows(len(x), config.train_points, defaults[0], seed + 3)
-    cols = _seeded_rows(len(xt), config.test_points, defaults[1], seed + 5)
+    row, seed = recipe("evaluate", *key), config.seed
+    x, y, xt, yt = _load(config, row)
+    rows = _seeded_rows(len(x), config.train_points, row.data.train_points, seed + 3)
+    cols = _seeded_rows(len(xt), config.test_points, row.data.test_points or len(xt), seed + 5)
     # ResNet-20's batch-norm calibration images: the next rows of the same permutation,
     # so they are never training points (see _resnet_recipe).
-    x_calibration = (x[_seeded_rows(len(x), len(rows) + CALIBRATION_IMAGES, 0, seed + 3)[len(rows):]]
-                     if config.model == "resnet20" else None)
+    calibration = row.data.calibration_points
+    x_calibration = (x[_seeded_rows(len(x), len(rows) + calibration, 0, seed + 3)[len(rows):]]
+                     if calibration else None)
     x, y, xt, yt = x[rows], y[rows], xt[cols], yt[cols]
-    d_in = int(np.prod(x.shape[1:]))
-    if config.model == "logreg":
-        def make_model(s):
-            torch.manual_seed(s)
-            return torch.nn.Linear(d_in, 10).double()
-
-        train_config = TrainConfig(optimizer="lbfgs", epochs=0, seed=seed)
-        wd = 1e-3
-    elif config.model == "mlp":
-        width = config.width if config.dataset == "mnist" else min(config.width, 64)
-
-        def make_model(s):
-            return mlp(d_in, (width,), 10, seed=s)
-
-        train_config = TrainConfig(epochs=config.epochs or (10 if config.dataset == "mnist" else 30),
-                                   lr=config.lr or 0.1, batch_size=config.batch_size or 128, seed=seed)
-        wd = 1e-3
-    else:
+    if config.model == "resnet20":
         make_model, train_config, wd = _resnet_recipe(config, x_calibration)
+    else:
+        make_model, train_config, wd = _recipe(config, row, x.shape[1:])
     wd = wd if config.weight_decay is None else config.weight_decay
     name = f"{config.dataset} / {config.model} ({len(x)} train, {len(xt)} test)"
     # ResNet-20 in chunks of 128: EK-FAC's conv factors over 1,000 images at once took 8.3 GB
@@ -157,7 +143,24 @@ def build_setting(config: EvaluateConfig) -> Setting:
     return Setting(name, make_model, "cross_entropy", x, y, xt, yt, train_config, wd, chunk)
 
 
-CALIBRATION_IMAGES = 512
+def _recipe(config: EvaluateConfig, row: Recipe, in_shape):
+    """Logistic regression's and the MLP's model family, training recipe and weight decay; L-BFGS
+    trains to convergence, so the SGD options (--epochs, --lr, --batch-size) do not apply to it."""
+    width = min(config.width, row.max_width) if row.max_width else config.width
+    d_in = (int(np.prod(in_shape)),)
+
+    def make_model(s):
+        return row.build_model(d_in, row.outputs, s, width=width)
+
+    if row.train.optimizer == "lbfgs":
+        return make_model, row.train.config(config.seed), row.train.weight_decay
+    return make_model, _sgd_config(config, row), row.train.weight_decay
+
+
+def _sgd_config(config: EvaluateConfig, row: Recipe) -> TrainConfig:
+    """The row's SGD training with the job's --epochs, --lr and --batch-size where given."""
+    return row.train.config(config.seed, epochs=config.epochs or row.train.epochs, lr=config.lr or row.train.lr,
+                            batch_size=config.batch_size or row.train.batch_size)
 
 
 def _resnet_recipe(config: EvaluateConfig, x_calibration: torch.Tensor):
@@ -176,19 +179,14 @@ def _resnet_recipe(config: EvaluateConfig, x_calibration: torch.Tensor):
     (bench/results/lds-cifar.md): with both, SGD with momentum at lr 0.05 and batch 32 trains.
     """
     from .bn_calibration import calibrate_batchnorm, zero_residual_branches
-    from .models import resnet20
+
+    row = recipe("evaluate", "cifar10", "resnet20")
 
     def make_model(s):
-        return zero_residual_branches(calibrate_batchnorm(resnet20(10, seed=s), x_calibration))
+        return zero_residual_branches(calibrate_batchnorm(row.build_model((3, 32, 32), row.outputs, s),
+                                                          x_calibration))
 
-    train_config = TrainConfig(epochs=config.epochs or RESNET_EPOCHS, lr=config.lr or RESNET_LR,
-                               batch_size=config.batch_size or RESNET_BATCH_SIZE, optimizer="momentum",
-                               seed=config.seed)
-    return make_model, train_config, 5e-4
-
-
-# batch 32: at 128 a 1,000-image set is 8 steps an epoch, too few for 8 epochs to train
-RESNET_EPOCHS, RESNET_LR, RESNET_BATCH_SIZE = 8, 0.05, 32
+    return make_model, _sgd_config(config, row), row.train.weight_decay
 
 
 # ----------------------------------------------------------------------------- pieces

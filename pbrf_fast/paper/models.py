@@ -35,9 +35,10 @@ def mlp(d_in: int, hidden: tuple[int, ...], d_out: int, activation: str = "relu"
     return nn.Sequential(*layers).to(dtype)
 
 
-def logistic_regression(d_in: int, seed: int | None = None, dtype=torch.float64) -> nn.Linear:
+def logistic_regression(d_in: int, seed: int | None = None, dtype=torch.float64, num_outputs: int = 1) -> nn.Linear:
+    """Binary (one output, sigmoid loss) or multinomial (``num_outputs`` classes) logistic regression."""
     _seeded(seed)
-    return nn.Linear(d_in, 1).to(dtype)
+    return nn.Linear(d_in, num_outputs).to(dtype)
 
 
 def autoencoder(seed: int | None = None, widths=(784, 1000, 500, 250, 30, 250, 500, 1000, 784)) -> nn.Sequential:
@@ -98,7 +99,7 @@ def build_model(name: str, in_shape, num_outputs: int, seed: int | None = None, 
     if name == "resnet20":
         return resnet20(num_outputs, seed=seed, in_channels=int(in_shape[0]) if len(in_shape) == 3 else 3)
     if name == "logreg":
-        return logistic_regression(int(torch.tensor(in_shape).prod()), seed=seed)
+        return logistic_regression(int(torch.tensor(in_shape).prod()), seed=seed, num_outputs=num_outputs)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 

@@ -30,7 +30,7 @@ def _images(arguments: dict, data_dir=None):
         data = load_data_file(extra["data"])
         x_tr, x_te = data["x_train"], data["x_test"]
     elif extra.get("dataset"):
-        from .scores_job import load_dataset
+        from .builtin_scores import load_dataset
 
         x_tr, _, x_te, _ = load_dataset(extra["dataset"], data_dir or extra.get("data_dir"), None,
                                         extra.get("train_points"), arguments.get("n_test"), extra.get("seed", 0))

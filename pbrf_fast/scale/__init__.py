@@ -9,6 +9,8 @@ on-disk results and torch.distributed sharding. Each module has one job:
 - :mod:`.pipeline`     :class:`ScorePipeline` (one method per stage), :func:`compute_scores`,
                        :func:`load_scores`
 - :mod:`.safetensors_io` the score matrix as safetensors
+- :mod:`.loading`      the user's model and data file from the command line
+- :mod:`.scores_job`   the ``pbrf-fast scores`` job: :class:`ScoresConfig` in, scores on disk
 """
 from .data import DataSource
 from .distributed import DistributedGaussNewton

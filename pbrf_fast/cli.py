@@ -16,7 +16,8 @@ import sys
 import torch
 
 from .errors import InputError, PBRFError
-from .inverses import DEFAULT_PRECONDITIONER, PRECONDITIONERS
+from .curvatures import CURVATURES, OWN_INVERSES
+from .inverses import AUTO, DEFAULT_PRECONDITIONER, INVERSES, PRECONDITIONERS
 
 __all__ = ["main", "build_parser"]
 
@@ -122,9 +123,11 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_scores(args) -> int:
+    from .inverses.flags import solver_options_from_flags
     from .scale.scores_job import ScoresConfig, run_scores, start_run
 
     args.checkpoint = tuple(args.checkpoint)  # a frozen config holds a tuple
+    args.solver_options = solver_options_from_flags(args)
     config, inputs = _fields(ScoresConfig, args), None
     if args.model in _builtin_scores_models():  # the paper harness trains a built-in model first
         from .paper.builtin_scores import builtin_inputs
@@ -212,8 +215,8 @@ def _points_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-points", type=POSITIVE_INT, default=None, help="test points for correlations")
     parser.add_argument("--chunk", type=POSITIVE_INT, default=10, help="removed points retrained together")
     parser.add_argument("--damping", type=NONNEGATIVE, default=None)
-    parser.add_argument("--curvature", choices=["gnh", "hessian"], default="gnh")
-    parser.add_argument("--solver", choices=["lissa", "cg", "direct", "kernel", "auto"], default=None,
+    parser.add_argument("--curvature", choices=[n for n, c in CURVATURES.items() if c.exact], default="gnh")
+    parser.add_argument("--solver", choices=[n for n in INVERSES if n not in OWN_INVERSES] + [AUTO], default=None,
                         help="influence estimate's solver (default: preset's)")
     parser.add_argument("--cold-start-order", choices=["replay", "fresh"], default="replay",
                         help="cold-start retraining replays the base run's batch order (default) or draws a fresh one")
@@ -221,7 +224,9 @@ def _points_args(parser: argparse.ArgumentParser) -> None:
 
 def _scores_parser(sub) -> None:
     from .paper.recipes import SCORES_DATASETS, SCORES_MODELS
-    from .scale.scores_job import __doc__ as scores_doc
+    from .inverses.flags import add_solver_flags
+    from .scale.pipeline import SCORE_CURVATURES
+    from .scale.scores_job import SOLVER_DEFAULTS, ScoresConfig, __doc__ as scores_doc
     from .scale.measurement import MEASUREMENTS
 
     p = sub.add_parser("scores", help="train x test influence scores over a full training set",
@@ -244,22 +249,10 @@ def _scores_parser(sub) -> None:
     p.add_argument("--test-points", type=POSITIVE_INT, default=10)
     p.add_argument("--memory-gb", type=POSITIVE, default=4.0, help="memory budget that sizes the query chunks")
     p.add_argument("--query-chunk", type=POSITIVE_INT, default=None, help="test points per chunk (overrides --memory-gb)")
-    p.add_argument("--solver", choices=["cg", "pcg", "lissa", "lowrank", "direct", "kernel", "auto"], default="cg",
-                   help="s_test solver; direct / kernel / auto need a small model or data set; pcg: CG "
-                        "preconditioned by --preconditioner")
-    p.add_argument("--preconditioner", choices=sorted(PRECONDITIONERS), default=DEFAULT_PRECONDITIONER,
-                   help="with --solver pcg: nystrom (default: a rank --preconditioner-rank sketch of the GNH "
-                        "that flattens its top eigenvalues; it cuts CG's iterations on deep nets), ekfac / kfac "
-                        "(the Kronecker inverse: best for one-layer models), nystrom+ekfac / nystrom+kfac (the sketch's "
-                        "top eigenspace exactly, the Kronecker inverse on the rest)")
-    p.add_argument("--preconditioner-rank", type=POSITIVE_INT, default=200,
-                   help="columns of the Nystrom sketch (that many GNH products to build it, once)")
-    p.add_argument("--curvature", choices=["gnh", "kfac", "ekfac"], default="gnh",
+    add_solver_flags(p, default_solver=ScoresConfig.solver, command_defaults=SOLVER_DEFAULTS)
+    p.add_argument("--curvature", choices=list(SCORE_CURVATURES), default="gnh",
                    help="gnh: the exact damped GNH (solved by --solver); kfac / ekfac: its Kronecker-factored "
                         "approximation, solved by its own inverse (use with --solver cg or auto)")
-    p.add_argument("--cg-iters", type=POSITIVE_INT, default=100)
-    p.add_argument("--tol", type=POSITIVE, default=1e-4)
-    p.add_argument("--lissa-depth", type=POSITIVE_INT, default=200)
     p.add_argument("--rank", type=POSITIVE_INT, default=32, help="Lanczos eigenpairs (lowrank solver, self-influence)")
     p.add_argument("--damping", type=NONNEGATIVE, default=1e-3)
     p.add_argument("--weight-decay", type=NONNEGATIVE, default=5e-4)

@@ -20,7 +20,7 @@ from .kronecker import KroneckerCurvature, KroneckerFactors
 from .operators import CurvatureOperator, GaussNewton, Hessian
 
 __all__ = ["CURVATURES", "CurvatureKind", "CurvatureOperator", "GaussNewton", "Hessian", "KroneckerCurvature",
-           "KroneckerFactors", "make_curvature", "curvature_kind"]
+           "KroneckerFactors", "OWN_INVERSES", "make_curvature", "curvature_kind"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,9 @@ CURVATURES: dict[str, CurvatureKind] = {c.name: c for c in (
                   "pseudo-gradients' second moments", exact=False, own_inverse="kronecker", layerwise_scores=True,
                   at_scale=True, fixed=(("kind", "ekfac"),)),
 )}
+
+# Inverses that solve one curvature by its structure (not a general solver of the GNH).
+OWN_INVERSES = frozenset(c.own_inverse for c in CURVATURES.values() if c.own_inverse)
 
 # Older spelling kept as an input alias only (the table has one name per curvature).
 _ALIASES = {"gauss_newton": "gnh"}

@@ -28,7 +28,7 @@ __all__ = ["lanczos_eigenpairs", "LowRankInverse", "LowRankOptions", "lowrank", 
 class LowRankOptions(InverseOptions):
     """Options of the low-rank inverse."""
 
-    rank: int = option(32, "Lanczos eigenpairs kept (that many operator products, and a few more)")
+    rank: int = option(32, "Lanczos eigenpairs kept (that many operator products, and a few more)", cli=False)
     iterations: int | None = option(None, "Lanczos iterations (None: a few more than rank)", cli=False)
     seed: int = option(0, "seed of the Lanczos start vector", cli=False)
     progress: bool = option(False, "show a progress bar over the Lanczos iterations", cli=False)

@@ -11,11 +11,12 @@ from ..errors import InputError
 __all__ = ["InverseOptions", "option", "cli_fields"]
 
 
-def option(default, help: str, *, flags: tuple[str, ...] = (), cli: bool = True):
+def option(default, help: str, *, flags: tuple[str, ...] = (), cli: bool = True, choices=None):
     """A field of an options dataclass: its default, its help, and on the command line
     ``--name-with-dashes`` (plus ``flags``, older spellings that keep working) unless ``cli``
-    is False (tensors, callables and knobs a command-line user has no use for)."""
-    return dataclasses.field(default=default, metadata={"help": help, "flags": flags, "cli": cli})
+    is False (tensors, callables and knobs a command-line user has no use for); ``choices``
+    restrict the flag's values."""
+    return dataclasses.field(default=default, metadata={"help": help, "flags": flags, "cli": cli, "choices": choices})
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ..curvatures import CURVATURES
+from ..curvatures import CURVATURES, curvature_kind
 from ..errors import InputError, InputTypeError
 from .cg import CGOptions, conjugate_gradient
 from .common import SolveResult
@@ -38,13 +38,14 @@ class PCGOptions(CGOptions):
                                     "nystrom: a rank-r sketch of the GNH that flattens its top eigenvalues (cuts "
                                     "CG's iterations on deep nets); ekfac / kfac: the Kronecker inverse (best for "
                                     "one-layer models); nystrom+ekfac / nystrom+kfac: the sketch's top eigenspace "
-                                    "exactly, the Kronecker inverse on the rest; or an object with inverse_matvec")
+                                    "exactly, the Kronecker inverse on the rest; or an object with inverse_matvec",
+                                    choices=sorted(PRECONDITIONERS))
     preconditioner_options: dict | None = option(None, "options of the named preconditioner (nystrom: rank, seed, "
                                                        "power_iterations; kfac / ekfac: KroneckerCurvature's)",
                                                  cli=False)
     preconditioner_rank: int | None = option(None, "columns of the Nystrom sketch, that many GNH products to "
-                                                   "build it once (None: min(100, d)); the same as "
-                                                   "preconditioner_options['rank']")
+                                                   "build it once (None: min(100, d)); nystrom "
+                                                   "preconditioners only; the same as preconditioner_options['rank']")
 
 
 def _build_preconditioner(op, preconditioner, options):
@@ -57,7 +58,7 @@ def _build_preconditioner(op, preconditioner, options):
     if preconditioner not in PRECONDITIONERS:
         raise InputError(f"unknown preconditioner {preconditioner!r}; choose one of {sorted(PRECONDITIONERS)} "
                          "or pass an object with inverse_matvec")
-    if getattr(op, "problem", None) is None or op.kind not in ("gnh", "hessian"):
+    if getattr(op, "problem", None) is None or not curvature_kind(op.kind).exact:
         raise InputError(f"preconditioner {preconditioner!r} is built from the operator's problem: op must be "
                          "a GaussNewton or Hessian operator")
     if not isinstance(options, dict):
@@ -112,11 +113,9 @@ def _preconditioner_options(options: PCGOptions) -> dict:
     if built is not None and not isinstance(built, dict):
         raise InputTypeError(f"preconditioner_options must be a dict, got {built!r}")
     built = dict(built or {})
-    if options.preconditioner_rank is not None:
+    nystrom = options.preconditioner in NYSTROM_KINDS
+    if options.preconditioner_rank is not None and nystrom:  # the other preconditioners have no rank
         if "rank" in built and built["rank"] != options.preconditioner_rank:
             raise InputError("give the Nystrom rank once: preconditioner_rank or preconditioner_options['rank']")
-        if not (isinstance(options.preconditioner, str) and options.preconditioner.startswith("nystrom")):
-            raise InputError(f"preconditioner_rank is the Nystrom sketch's; preconditioner "
-                             f"{options.preconditioner!r} has none")
         built["rank"] = options.preconditioner_rank
     return built

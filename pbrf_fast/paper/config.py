@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..curvatures import CURVATURES
+from ..curvatures import CURVATURES, OWN_INVERSES
 from ..inverses import INVERSES
 
 __all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "BuiltinModelConfig", "EvaluateConfig", "SWEEP_PARAMETERS",
@@ -14,10 +14,9 @@ __all__ = ["ExperimentConfig", "RunOptions", "SweepConfig", "BuiltinModelConfig"
 
 # evaluate's estimators, read off the library's tables: every inverse of the exact GNH, then every
 # approximate curvature (kfac / ekfac) solved by its own exact inverse (that inverse is not listed alone).
-_OWN_INVERSES = {c.own_inverse for c in CURVATURES.values()}
 # pcg: the exact GNH solved by preconditioned CG (EvaluateConfig.preconditioner; converges where plain CG stalls); not in the
 # default list, which keeps one exact iterative solver.
-EVALUATE_SOLVERS = (tuple(name for name in INVERSES if name not in _OWN_INVERSES)
+EVALUATE_SOLVERS = (tuple(name for name in INVERSES if name not in OWN_INVERSES)
                     + tuple(name for name, c in CURVATURES.items() if c.own_inverse))
 DEFAULT_EVALUATE_SOLVERS = tuple(s for s in EVALUATE_SOLVERS if s != "pcg")
 COLD_START_ORDERS = ("replay", "fresh")

@@ -110,7 +110,7 @@ class ScoreArguments:
             raise InputError(f"solver must be one of {SCORE_SOLVERS}, got {self.solver!r}")
         if self.curvature not in SCORE_CURVATURES:
             raise InputError(f"curvature must be one of {SCORE_CURVATURES}, got {self.curvature!r}")
-        if curvature_kind(self.curvature).own_inverse and self.solver not in ("auto", "cg"):
+        if curvature_kind(self.curvature).own_inverse and self.solver not in (AUTO, ScoreArguments.solver):
             raise InputError(f"curvature={self.curvature!r} solves with its own exact inverse; solver must be "
                              f"'auto' (or the default 'cg'), got {self.solver!r}")
         self.curvature_options = dict(self.curvature_options or {})

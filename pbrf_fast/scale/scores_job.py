@@ -24,11 +24,16 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..inverses import INVERSES
 from ..results_folder import check_results_path
 from .loading import build_user_model, load_data_file
 
 __all__ = ["ScoresConfig", "ScoresInputs", "start_run", "user_inputs", "run_scores"]
 
+
+# This command's solver defaults where they differ from the options dataclasses': a first run
+# that stops in minutes (CG to 1e-4 in 100 iterations, LiSSA 200 steps, a rank-200 sketch).
+SOLVER_DEFAULTS = {"tol": 1e-4, "max_iter": 100, "depth": 200, "preconditioner_rank": 200}
 
 @dataclasses.dataclass(frozen=True)
 class ScoresConfig:
@@ -47,11 +52,9 @@ class ScoresConfig:
     query_chunk: int | None = None
     solver: str = "cg"
     curvature: str = "gnh"           # the exact GNH, or its "kfac" / "ekfac" approximation
-    preconditioner: str = "nystrom"  # solver "pcg": "nystrom", "ekfac", "kfac", "nystrom+ekfac", "nystrom+kfac"
-    preconditioner_rank: int = 200   # columns of the Nystrom sketch
-    cg_iters: int = 100
-    tol: float = 1e-4
-    lissa_depth: int = 200
+    # the solver's options (fields of its options dataclass in pbrf_fast.INVERSES); the command
+    # line fills them from its flags, on top of SOLVER_DEFAULTS
+    solver_options: dict = dataclasses.field(default_factory=dict)
     rank: int = 32
     damping: float = 1e-3
     weight_decay: float = 5e-4
@@ -108,16 +111,14 @@ def start_run(config: ScoresConfig) -> Path:
 
 
 def _solver_options(config: ScoresConfig) -> dict:
-    if config.solver == "pcg":
-        options = {"max_iter": config.cg_iters, "tol": config.tol, "preconditioner": config.preconditioner}
-        if config.preconditioner.startswith("nystrom"):
-            options["preconditioner_options"] = {"rank": config.preconditioner_rank, "seed": config.seed}
-        return options
-    if config.solver == "cg":
-        return {"max_iter": config.cg_iters, "tol": config.tol}
-    if config.solver == "lissa":
-        return {"depth": config.lissa_depth}
-    return {}
+    """The solver's options: the job's defaults for the options it has, then the config's."""
+    fields = {f.name for f in dataclasses.fields(INVERSES[config.solver].options)} if config.solver in INVERSES else ()
+    options = {k: v for k, v in SOLVER_DEFAULTS.items() if k in fields} | dict(config.solver_options)
+    if "rank" in fields:  # the low-rank solver shares its eigenpairs with self-influence
+        options["rank"] = config.rank
+    if "preconditioner_options" in fields and "preconditioner_options" not in options:
+        options["preconditioner_options"] = {"seed": config.seed}  # the sketch / factors seeded by the run
+    return options
 
 
 def user_inputs(config: ScoresConfig) -> ScoresInputs:

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from ..errors import InputError
 from .training import TrainConfig
 
 __all__ = ["Training", "DataSubset", "Recipe", "RECIPES", "recipe", "SCORES_MODELS", "SCORES_DATASETS"]
@@ -216,5 +217,5 @@ def recipe(job: str, dataset: str, model: str, preset: str = "") -> Recipe:
         return RECIPES[job, dataset, model, preset]
     except KeyError:
         known = sorted({(d, m) for j, d, m, _ in RECIPES if j == job})
-        raise ValueError(f"no {job} recipe for dataset {dataset!r}, model {model!r}"
+        raise InputError(f"no {job} recipe for dataset {dataset!r}, model {model!r}"
                          f"{f', preset {preset!r}' if preset else ''}; the {job} settings: {known}") from None

@@ -61,8 +61,8 @@ class DataSubset:
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """One setting: its model (``width`` x ``depth`` hidden ReLU layers for an MLP; ``max_width``
-    caps a job's ``--width``), data, training, and for ``experiment`` rows the LiSSA depth whose
-    truncation matches the training (see :func:`.experiments.matched_lissa_scale`)."""
+    caps a job's ``--width``), data, training, and for ``experiment`` rows LiSSA's depth, whose
+    truncation matches the training (see :func:`.experiments.matched_lissa_scale`), and batch."""
 
     job: str
     dataset: str
@@ -76,6 +76,7 @@ class Recipe:
     max_width: int | None = None
     dtype: torch.dtype = torch.float32
     lissa_depth: int | None = None
+    lissa_batch_size: int = 128
     outputs: int = 10
 
     @property
@@ -156,7 +157,7 @@ def _transformer_experiment() -> list[Recipe]:
                             train=Training("adam", lr=1e-3, epochs=4, batch_size=20), lissa_depth=200),
                        dict(data=DataSubset(test_points=200, sequence_length=35), width=256,
                             train=Training("adam", lr=1e-3, epochs=10, batch_size=20), lissa_depth=5000),
-                       loss="sequence_cross_entropy", depth=2)
+                       loss="sequence_cross_entropy", depth=2, lissa_batch_size=20)
 
 
 def _evaluate() -> list[Recipe]:

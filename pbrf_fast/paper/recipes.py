@@ -74,7 +74,7 @@ class Recipe:
     width: int | None = None
     depth: int | None = None
     max_width: int | None = None
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None     # float64 settings (the convex ones); None: float32 data, the model as built
     lissa_depth: int | None = None
     lissa_batch_size: int = 128
     outputs: int = 10
@@ -90,11 +90,13 @@ class Recipe:
 
         if self.model == "mlp":
             hidden = (width or self.width,) * (depth or self.depth)
-            return mlp(math.prod(in_shape), hidden, num_outputs, activation="relu", seed=seed).to(self.dtype)
-        if self.model == "transformer":  # in_shape: (vocabulary,)
-            return transformer_lm(in_shape[0], width or self.width, heads=2, layers=self.depth,
-                                  max_len=self.data.sequence_length, seed=seed)
-        return build_model(self.model, in_shape, num_outputs, seed=seed).to(self.dtype)
+            net = mlp(math.prod(in_shape), hidden, num_outputs, activation="relu", seed=seed)
+        elif self.model == "transformer":  # in_shape: (vocabulary,)
+            net = transformer_lm(in_shape[0], width or self.width, heads=2, layers=self.depth,
+                                 max_len=self.data.sequence_length, seed=seed)
+        else:
+            net = build_model(self.model, in_shape, num_outputs, seed=seed)
+        return net if self.dtype is None else net.to(self.dtype)
 
 
 def _experiment(dataset, model, quick: dict, paper: dict, **shared) -> list[Recipe]:

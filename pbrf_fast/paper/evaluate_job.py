@@ -104,13 +104,14 @@ def _seeded_rows(n_total: int, count: int | None, default: int, seed: int) -> to
 
 
 def _load(config: EvaluateConfig, row: Recipe):
-    """The setting's full train and test sets, in its recipe's dtype."""
+    """The setting's full train and test sets, in its recipe's dtype (float32 by default)."""
     from .data import load_digits, load_mnist
 
+    dtype = row.dtype or torch.float32
     if config.dataset == "digits":
-        return load_digits(seed=config.seed, dtype=row.dtype)
+        return load_digits(seed=config.seed, dtype=dtype)
     if config.dataset == "mnist":
-        return load_mnist(config.data_dir, dtype=row.dtype)
+        return load_mnist(config.data_dir, dtype=dtype)
     from .data.cifar import load_cifar10
 
     return load_cifar10(config.data_dir)

@@ -62,8 +62,8 @@ class DataSubset:
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """One setting: its model (``width`` x ``depth`` hidden ReLU layers for an MLP; ``max_width``
-    caps a job's ``--width``), data, training, and for ``experiment`` rows the LiSSA depth whose
-    truncation matches the training (see :func:`.experiments.matched_lissa_scale`)."""
+    caps a job's ``--width``), data, training, and for ``experiment`` rows LiSSA's depth, whose
+    truncation matches the training (see :func:`.experiments.matched_lissa_scale`), and batch."""
 
     job: str
     dataset: str
@@ -75,8 +75,9 @@ class Recipe:
     width: int | None = None
     depth: int | None = None
     max_width: int | None = None
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None     # float64 settings (the convex ones); None: float32 data, the model as built
     lissa_depth: int | None = None
+    lissa_batch_size: int = 128
     outputs: int = 10
 
     @property
@@ -90,11 +91,13 @@ class Recipe:
 
         if self.model == "mlp":
             hidden = (width or self.width,) * (depth or self.depth)
-            return mlp(math.prod(in_shape), hidden, num_outputs, activation="relu", seed=seed).to(self.dtype)
-        if self.model == "transformer":  # in_shape: (vocabulary,)
-            return transformer_lm(in_shape[0], width or self.width, heads=2, layers=self.depth,
-                                  max_len=self.data.sequence_length, seed=seed)
-        return build_model(self.model, in_shape, num_outputs, seed=seed).to(self.dtype)
+            net = mlp(math.prod(in_shape), hidden, num_outputs, activation="relu", seed=seed)
+        elif self.model == "transformer":  # in_shape: (vocabulary,)
+            net = transformer_lm(in_shape[0], width or self.width, heads=2, layers=self.depth,
+                                 max_len=self.data.sequence_length, seed=seed)
+        else:
+            net = build_model(self.model, in_shape, num_outputs, seed=seed)
+        return net if self.dtype is None else net.to(self.dtype)
 
 
 def _experiment(dataset, model, quick: dict, paper: dict, **shared) -> list[Recipe]:
@@ -157,7 +160,7 @@ def _transformer_experiment() -> list[Recipe]:
                             train=Training("adam", lr=1e-3, epochs=4, batch_size=20), lissa_depth=200),
                        dict(data=DataSubset(test_points=200, sequence_length=35), width=256,
                             train=Training("adam", lr=1e-3, epochs=10, batch_size=20), lissa_depth=5000),
-                       loss="sequence_cross_entropy", depth=2)
+                       loss="sequence_cross_entropy", depth=2, lissa_batch_size=20)
 
 
 def _evaluate() -> list[Recipe]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from ...atomic_io import atomic_write_json
 from .rows import Row, owner
 
-__all__ = ["PAPER_SIZES", "STEP_COSTS", "expected_paper_seconds", "measure_step_costs", "expected_seconds_from_step"]
+__all__ = ["paper_sizes", "STEP_COSTS", "expected_paper_seconds", "measure_step_costs", "expected_seconds_from_step"]
 
 
 # Each data set's input shape as the experiments feed it (the PTB vocabulary for the language
@@ -31,26 +31,24 @@ def _dimension(dataset: str, model: str, width: int | None = None, depth: int | 
     return sum(p.numel() for p in net.parameters())
 
 
-# The paper preset's training-set size, epochs, removed points, LiSSA depth x repeats and LiSSA batch
-# (Appendix E.3), per data set / model.
-PAPER_SIZES = {"cancer": (400, 0, 20, 0, 0), "diabetes": (691, 0, 20, 0, 0),
-               "concrete": (930, 1000, 20, 25000, 128), "energy": (691, 1000, 20, 25000, 128),
-               "mnist-mlp": (6000, 1000, 20, 25000, 128), "fashion_mnist-mlp": (6000, 1000, 20, 25000, 128),
-               "mnist-autoencoder": (60000, 1000, 20, 50000, 128), "mnist-cnn": (6000, 200, 20, 50000, 128),
-               "cifar10-cnn": (50000, 200, 20, 50000, 128), "ptb-transformer": (25357, 10, 20, 25000, 20)}
+# Each data set's full training-set size (the recipes say which share the paper preset trains on).
+TRAIN_SET_SIZES = {"cancer": 400, "diabetes": 691, "concrete": 930, "energy": 691, "mnist": 60000,
+                   "fashion_mnist": 60000, "cifar10": 50000, "ptb": 25357}
 STEP_COSTS = "step_costs.json"
+PAPER_REMOVED = 20   # the paper preset's removed points (experiments.py)
 
 
-def _size_key(dataset: str, model: str) -> str:
-    if dataset in ("cancer", "diabetes", "concrete", "energy"):
-        return dataset
-    if dataset == "ptb":
-        return "ptb-transformer"
-    if model in ("auto", "mlp") and dataset != "cifar10":
-        return f"{dataset}-mlp"
-    if model == "autoencoder":
-        return "mnist-autoencoder"
-    return f"{dataset}-cnn"
+def paper_sizes(dataset: str, model: str) -> tuple[int, int, int, int, int]:
+    """The paper preset's training-set size, epochs, removed points, LiSSA steps (depth x repeats)
+    and LiSSA batch, from the experiment's recipe row (Appendix E.3)."""
+    from ..experiments import LISSA_REPEATS, recipe_model
+    from ..recipes import recipe
+
+    row = recipe("experiment", dataset, recipe_model(dataset, model), "paper")
+    n = round(TRAIN_SET_SIZES[dataset] * (row.data.train_fraction or 1.0))
+    if row.lissa_depth is None:   # logistic regression: a direct solve, no LiSSA
+        return n, int(row.train.epochs), PAPER_REMOVED, 0, 0
+    return n, int(row.train.epochs), PAPER_REMOVED, row.lissa_depth * LISSA_REPEATS["paper"], row.lissa_batch_size
 
 
 def _passes(n: int, epochs: int, removed: int, lissa_steps: int = 0, lissa_batch: int = 0) -> float:
@@ -92,7 +90,7 @@ def _paper_work(row: Row) -> float:
     """The paper preset's work in the same units."""
     c = dict(row.paper_job.config)
     dataset, model = c["dataset"], c.get("model", "auto")
-    n, epochs, removed, steps, batch = PAPER_SIZES[_size_key(dataset, model)]
+    n, epochs, removed, steps, batch = paper_sizes(dataset, model)
     tokens = 35 if dataset == "ptb" else 1
     scale = _cost_scale(_dimension(dataset, model), tokens)
     if row.measure == "mislabel":   # every training point scored: a PBRF run of K/2 epochs per chunk of 10 and LiSSA

@@ -249,7 +249,7 @@ def test_scores_command_takes_a_pcg_preconditioner(tmp_path):
                  "--out", str(tmp_path / "ok")]) == 0
     arguments = json.loads((tmp_path / "ok" / "arguments.json").read_text())
     assert arguments["solver_options"]["preconditioner"] == "nystrom"
-    assert arguments["solver_options"]["preconditioner_options"]["rank"] == 16
+    assert arguments["solver_options"]["preconditioner_rank"] == 16
     with pytest.raises(SystemExit):  # argparse names the argument and the choices
         main([*base, "--preconditioner", "nystorm", "--out", str(tmp_path / "bad")])
 

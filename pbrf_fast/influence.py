@@ -83,10 +83,7 @@ class Influence:
         return choose_method(self.operator)[0] if self.solver == "auto" else self.solver
 
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
-        if self.solver == AUTO:
-            self.last_solve = solve(self.operator, B, AUTO, **self.solver_options)
-        else:
-            self.last_solve = solve(self.operator, B, self.solver, self.solver_options)
+        self.last_solve = solve(self.operator, B, self.solver, self.solver_options)
         return self.last_solve.solution
 
     # -------------------------------------------------------------- gradients

@@ -85,17 +85,18 @@ def test_kronecker_tokens_and_tangents_match_autograd(kind, i):
     flat = torch.cat([expected["weight"][:, 0].reshape(G.shape[0], G.shape[1], -1)]
                      + ([expected["bias"][:, 0].unsqueeze(2)] if bias else []), 2)
     torch.testing.assert_close(G, flat, rtol=1e-10, atol=1e-12)
-    # layer-wise tangents: jvp of the layer in its input and in m parameter directions
+    # layer-wise tangents: the adapter's functional form is the layer; jvp of it in its input,
+    # and in m parameter directions stacked as m x out rows (the layer-wise product's rules)
+    f = adapter.functional()
     W, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
-    torch.testing.assert_close(adapter.forward(x, W, b), module(x))
+    torch.testing.assert_close(f(x, W, b), module(x))
     t = torch.randn_like(x)
     dW = torch.randn(2, *W.shape, dtype=torch.float64)
     db = None if b is None else torch.randn(2, *b.shape, dtype=torch.float64)
-    torch.testing.assert_close(adapter.input_tangent(t, W), torch.func.jvp(lambda z: adapter.forward(z, W, b),
-                                                                           (x,), (t,))[1])
-    stacked = adapter.parameter_tangent(x, dW, db)
+    torch.testing.assert_close(f(t, W, None), torch.func.jvp(lambda z: f(z, W, b), (x,), (t,))[1])
+    stacked = f(x, dW.flatten(0, 1), None if db is None else db.flatten())
     for k in range(2):
-        expected_k = torch.func.jvp(lambda w, c: adapter.forward(x, w, c), (W, b if b is not None else
+        expected_k = torch.func.jvp(lambda w, c: f(x, w, c), (W, b if b is not None else
                                     torch.zeros(W.shape[0], dtype=torch.float64)),
                                     (dW[k], db[k] if db is not None else torch.zeros(W.shape[0], dtype=torch.float64)))[1]
         part = stacked.unflatten(-1 if kind is nn.Linear else 1, (2, -1)).select(-2 if kind is nn.Linear else 1, k)

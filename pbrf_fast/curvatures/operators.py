@@ -118,9 +118,10 @@ class CurvatureOperator:
         problem = self.problem
         if idx is None:  # all data: contiguous slices, no gather copies
             step, count = self.batch_size, problem.n
-            # slot: which slice of the data a chunk is, so per-slice state can be cached
-            chunks = ((s, problem.inputs[s : s + step], problem.targets[s : s + step])
-                      for s in range(0, count, step))
+            # slot: which slice of the data a chunk is, so per-slice state can be cached. A list
+            # of views, not a generator: resuming one would call back here after each product.
+            chunks = [(s, problem.inputs[s : s + step], problem.targets[s : s + step])
+                      for s in range(0, count, step)]
         else:
             idx, rows = self._index_rows(idx)
             count = idx.shape[0]

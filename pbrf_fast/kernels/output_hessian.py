@@ -11,6 +11,8 @@ cuda and triton backends must match it. Shapes: logits (B, C); vectors
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import InputError
@@ -85,18 +87,23 @@ def output_hessian_product(loss_kind: str, logits: torch.Tensor, vectors: torch.
 def bind_output_hessian_product(loss_kind: str, logits: torch.Tensor, vectors: torch.Tensor,
                                 backend: str = "auto"):
     """H_y u as a function ``(logits, targets, vectors)`` -- a Loss's ``hvp`` signature, the
-    targets unused -- for repeated calls on tensors like these: the loss kind is checked and
-    the backend chosen once, so a solver's hundreds of products skip both."""
+    targets unused -- for repeated calls on tensors of these tensors' dtype and device: the loss
+    kind is checked, the backend chosen and (on "cpu") the kernel's fixed arguments bound once,
+    so a solver's hundreds of products skip all three and go from here straight to the kernel."""
     code = registry.loss_kind_code(loss_kind)
     chosen = plan_output_hessian_product(logits, vectors, backend).backend
-    kernel = registry.implementation(OP_NAME, chosen)
+    if chosen == "torch":
+        def product(logits, targets, vectors):
+            return _hessian_times(loss_kind, logits, vectors)
+
+        return product
+    launch = _cpu_launcher(code, registry.dtype_name(logits)) if chosen == "cpu" else \
+        functools.partial(registry.implementation(OP_NAME, chosen), code)
 
     def product(logits, targets, vectors):
-        if chosen == "torch":
-            return _hessian_times(loss_kind, logits, vectors)
         out = torch.empty(vectors.shape, dtype=vectors.dtype, device=vectors.device)
         if out.numel():
-            kernel(code, logits.contiguous(), vectors.contiguous(), out)
+            launch(logits.contiguous(), vectors.contiguous(), out)
         return out
 
     return product
@@ -107,13 +114,25 @@ def _problem_size(logits: torch.Tensor, vectors: torch.Tensor) -> tuple[int, int
     return batch, classes, vectors.numel() // max(batch * classes, 1)
 
 
-def _run_cpu(code: int, logits, vectors, out) -> None:
-    batch, classes, num_vectors = _problem_size(logits, vectors)
+def _cpu_launcher(code: int, dtype: str):
+    """The cpu kernel for one loss kind and dtype, ``(logits, vectors, out) -> None``: the entry
+    point and argument struct looked up once, each call naming every field of the struct by
+    keyword (the struct's constructor rejects a missing or unknown one: the rule of
+    :func:`registry.extension_args`, without a call into the registry per product)."""
     ext = registry.cpu_extension
-    ext.output_hessian_product(registry.extension_args(
-        ext.OutputHessianArgs, loss_kind=code, dtype=registry.dtype_name(logits),
-        logits=logits.data_ptr(), vectors=vectors.data_ptr(), out=out.data_ptr(), batch=batch,
-        classes=classes, num_vectors=num_vectors, threads=torch.get_num_threads()))
+    entry, arguments = ext.output_hessian_product, ext.OutputHessianArgs
+
+    def launch(logits, vectors, out) -> None:
+        batch, classes, num_vectors = _problem_size(logits, vectors)
+        entry(arguments(loss_kind=code, dtype=dtype, logits=logits.data_ptr(), vectors=vectors.data_ptr(),
+                        out=out.data_ptr(), batch=batch, classes=classes, num_vectors=num_vectors,
+                        threads=torch.get_num_threads()))
+
+    return launch
+
+
+def _run_cpu(code: int, logits, vectors, out) -> None:
+    _cpu_launcher(code, registry.dtype_name(logits))(logits, vectors, out)
 
 
 def _run_cuda(code: int, logits, vectors, out) -> None:

@@ -94,19 +94,15 @@ class LayerAdapter:
         return None
 
     # ------------------------------------------------------------ layer-wise product
-    def forward(self, inputs: torch.Tensor, weight, bias) -> torch.Tensor:
-        """The layer's output for the given parameter values."""
-        raise NotImplementedError
-
-    def input_tangent(self, tangents: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
-        """The output's change for an input change at fixed parameters (linear in the input);
-        ``groups`` > 1 applies the weight to that many channel groups of the tangent."""
-        raise NotImplementedError
-
-    def parameter_tangent(self, inputs, weight_directions, bias_directions) -> torch.Tensor:
-        """The output's change for m parameter directions at once, (b, m * out, ...): the m
-        directions (m, *weight shape) / (m, out) stacked as m x out output channels."""
-        raise NotImplementedError
+    def functional(self):
+        """The layer as one torch function ``(inputs, weight, bias) -> output`` with its geometry
+        (stride, padding, ...) bound, so that calling it runs no Python of this package: the
+        layer-wise product binds it once per layer when it parses the model and calls it per
+        step. For a weight-matrix layer it is linear in the inputs at fixed parameters (the
+        input tangent is ``f(t, W, None)``) and, the weight's rows being output channels, m
+        parameter directions stacked as m x out rows (``dW.flatten(0, 1)``, ``db.flatten()``)
+        give the m tangents stacked as m x out output channels."""
+        raise NotImplementedError(f"{type(self).__name__} has no layer-wise functional form")
 
 
 def zeros(shape, like: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 output position, the patches being the unfolded k x k neighbourhoods of the input."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,20 +78,10 @@ class Conv2dAdapter(LayerAdapter):
         return plan_conv2d_score_contraction(zeros(in_shape, like), zeros(out_shape, like), S,
                                              stride=self.module.stride, backend=backend)
 
-    def forward(self, inputs, weight, bias):
+    def functional(self):
         m = self.module
-        return F.conv2d(inputs, weight, bias, m.stride, m.padding, m.dilation)
-
-    def input_tangent(self, tangents, weight, groups=1):
-        m = self.module
-        if groups > 1:  # the same weight on every channel group
-            weight = weight.repeat(groups, 1, 1, 1)
-        return F.conv2d(tangents, weight, None, m.stride, m.padding, m.dilation, groups=groups)
-
-    def parameter_tangent(self, inputs, weight_directions, bias_directions):
-        # m directions' weights as m x C_out output channels of one convolution of the shared input
-        stacked_bias = None if bias_directions is None else bias_directions.reshape(-1)
-        return self.forward(inputs, weight_directions.reshape(-1, *weight_directions.shape[2:]), stacked_bias)
+        # F.conv2d's own ``groups`` stays free: the product's grouped columns pass groups = m
+        return functools.partial(F.conv2d, stride=m.stride, padding=m.padding, dilation=m.dilation)
 
 
 def _position_sums(t: torch.Tensor) -> torch.Tensor:

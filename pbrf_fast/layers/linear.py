@@ -77,13 +77,5 @@ class LinearAdapter(LayerAdapter):
         flat = deltas.double().reshape(b * c, -1)
         return (flat @ flat.T).reshape(b, c, b, c) * act[:, None, :, None]
 
-    def forward(self, inputs, weight, bias):
-        return F.linear(inputs, weight, bias)
-
-    def input_tangent(self, tangents, weight, groups=1):
-        return tangents @ weight.T
-
-    def parameter_tangent(self, inputs, weight_directions, bias_directions):
-        stacked_bias = None if bias_directions is None else bias_directions.reshape(-1)
-        return F.linear(inputs, weight_directions.reshape(-1, weight_directions.shape[-1]), stacked_bias)
-
+    def functional(self):
+        return F.linear

@@ -173,6 +173,11 @@ IMPLEMENTATIONS = (
 _BY_NAME = {impl.name: impl for impl in IMPLEMENTATIONS}
 
 
+def _current(runtime) -> bool:
+    """Whether a plan made under ``runtime`` (None: one that did not read it) still holds."""
+    return runtime is None or runtime is registry.cuda_runtime()
+
+
 class GnhProducts:
     """The GNH product of one Problem's model and loss: what serves it, for which batch, and
     the forward states kept for it. ``GaussNewton`` holds one and calls :meth:`product`.
@@ -222,20 +227,23 @@ class GnhProducts:
     def plan(self, x: torch.Tensor, V: torch.Tensor) -> registry.Plan:
         """Which implementation computes the product over inputs ``x`` for the block ``V``, and why."""
         columns = 1 if V.dim() == 1 else V.shape[1]
-        runtime = registry.cuda_runtime()
         # The same batch tensor product after product (a solver's kept index rows): its plan
         # without building the key (shape, dtype and device of one tensor object are fixed).
         last = self._last_plan
-        if last is not None and last[0] is x and last[1] == columns and last[2] is runtime:
+        if last is not None and last[0] is x and last[1] == columns and _current(last[2]):
             return last[3]
-        # Plans depend only on these (the model, loss and backend are fixed): kept, so a
-        # solver's hundreds of small products do not re-plan each time.
-        key = (tuple(x.shape), x.dtype, x.device, columns, runtime)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._choose(_Case(self, x, columns))
-        self._last_plan = (x, columns, runtime, plan)
-        return plan
+        # Plans depend only on these (the model, loss and backend are fixed) and, a fused-kernel
+        # plan, on the CUDA runtime it was planned under: kept, so a solver's hundreds of small
+        # products neither re-plan nor (but for a fused-kernel plan) ask the registry anything.
+        key = (tuple(x.shape), x.dtype, x.device, columns)
+        kept = self._plans.get(key)
+        if kept is None or not _current(kept[1]):
+            case = _Case(self, x, columns)
+            plan = self._choose(case)
+            # _Case.fused_kernel is the only part of a choice that reads the runtime
+            kept = self._plans[key] = (plan, registry.cuda_runtime() if "fused_kernel" in vars(case) else None)
+        self._last_plan = (x, columns, kept[1], kept[0])
+        return kept[0]
 
     def _choose(self, case: _Case) -> registry.Plan:
         if self.backend not in ("auto", "torch") and case.mlp[0] is None:

@@ -30,8 +30,11 @@ with running statistics, ReLU, max/avg/adaptive-avg pooling, Flatten, Identity, 
 zero pads, batch-preserving slices / reshapes / means / sums, additions and scalings by
 constants. A model that does not trace, or has another node, keeps the torch.func product
 (:func:`parse_layerwise` says why). How each Conv2d / Linear maps inputs and parameter
-directions to outputs is its layer adapter's (:mod:`pbrf_fast.layers`). A probe forward on three training inputs checks that every
-node keeps the example dimension first and that the traced graph reproduces the model's outputs.
+directions to outputs is its layer adapter's (:mod:`pbrf_fast.layers`): its
+:meth:`~pbrf_fast.layers.base.LayerAdapter.functional`, bound once per layer at parse time
+(``_Step.apply``), so a product calls torch directly and runs no adapter code. A probe forward on
+three training inputs checks that every node keeps the example dimension first and that the
+traced graph reproduces the model's outputs.
 
 :func:`layerwise_gnh_product` is the entry point; its torch reference is the torch.func
 product of ``GaussNewton(backend="torch")``, which the tests compare it with in float64.
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +100,9 @@ class _Step:
     example_shape: tuple = ()
     function: str = ""
     bn: "_Step | None" = None
+    # a conv or linear step's layer as one torch function (inputs, weight, bias) -> output, bound
+    # once at parse time from its adapter (LayerAdapter.functional): the passes call it, not the adapter
+    apply: Callable | None = None
 
     @property
     def relu(self) -> bool:
@@ -226,8 +233,9 @@ def parse_layerwise(problem) -> tuple[LayerwiseSpec | None, str]:
             parameterised = kind in _STEP_KINDS.values()
             params = _module_params(module, node.target, offsets) if parameterised else {}
             used.update(f"{node.target}.{role}" for role in params)
-            steps.append(_Step(node, kind, module, adapter_for(module)[0] if parameterised else None, params,
-                               function=_pointwise_function(node, module)))
+            adapter = adapter_for(module)[0] if parameterised else None
+            steps.append(_Step(node, kind, module, adapter, params, function=_pointwise_function(node, module),
+                               apply=adapter.functional() if kind in ("conv", "linear") else None))
     except _Unsupported as exc:
         return None, str(exc)
     _fold_batchnorms(steps)
@@ -388,6 +396,8 @@ def _primal_batchnorm(step, a, theta, saved, constants, keep_x_hat=True):
     inv_std = step.adapter.inverse_std(a.dtype)
     gamma, beta = _param(step, "weight", theta), _param(step, "bias", theta)
     constants[step.node] = inv_std * gamma if gamma is not None else inv_std
+    if not keep_x_hat:  # folded into the conv before it: its tangent needs 1 / sqrt(var + eps) too
+        constants[(step.node, "inverse_std")] = inv_std
     if not (keep_x_hat and "weight" in step.params):  # no x_hat to keep: torch's fused pass
         return F.batch_norm(a, m.running_mean, m.running_var, gamma, beta, False, 0.0, m.eps)
     x_hat = (a - _channel_view(m.running_mean.to(a.dtype), a.dim())) * _channel_view(inv_std, a.dim())
@@ -434,14 +444,14 @@ def _primal(spec: LayerwiseSpec, theta: torch.Tensor, x: torch.Tensor, keep_valu
         args, kwargs = value_of(node.args), value_of(node.kwargs)
         if kind == "conv":
             a = args[0]
-            out = _in_layout(spec, step.adapter.forward(a, _param(step, "weight", theta), _param(step, "bias", theta)))
+            out = _in_layout(spec, step.apply(a, _param(step, "weight", theta), _param(step, "bias", theta)))
             if "weight" in step.params or (step.bn is not None and "weight" in step.bn.params):
                 saved[node] = a
         elif kind == "linear":
             a = args[0]
             if a.dim() != 2:
                 raise _Unsupported(f"Linear {node.target} gets {a.dim()}-D inputs (only (B, features))")
-            out = step.adapter.forward(a, _param(step, "weight", theta), _param(step, "bias", theta))
+            out = step.apply(a, _param(step, "weight", theta), _param(step, "bias", theta))
             if "weight" in step.params:
                 saved[node] = a
         elif kind in ("batchnorm", "folded"):
@@ -546,6 +556,12 @@ def _add(a, b):
     return a if b is None else a + b
 
 
+def _stacked(dW: torch.Tensor, db):
+    """m parameter directions (m, out, ...) and (m, out) as one weight of m x out rows and its
+    bias: the layer applied to them gives the m tangents as m x out output channels."""
+    return dW.flatten(0, 1), None if db is None else db.flatten()
+
+
 def _bias_tangent(db: torch.Tensor, rows: int, example_shape: tuple) -> torch.Tensor:
     """The tangent of a per-channel bias (m, C), broadcast over rows and positions, folded."""
     m = len(db)
@@ -578,12 +594,12 @@ class _Tangents:
 
         so the whole BatchNorm tangent costs no pass over the activations: its slope scales
         the weights, its gamma columns join the weight columns, its beta columns the bias."""
-        m, rows, conv, bn = self.m, self.rows, step.adapter, step.bn
+        m, rows, conv, bn = self.m, self.rows, step.apply, step.bn
         W, b = _param(step, "weight", self.theta), _param(step, "bias", self.theta)
         dW, db = self.block(step, "weight"), self.block(step, "bias")
         scale = None
         if bn is not None:
-            r = bn.adapter.inverse_std(W.dtype)
+            r = self.constants[(bn.node, "inverse_std")]                    # 1 / sqrt(var + eps)
             scale = self.constants[bn.node]                                  # r * gamma
             dgamma, dbeta = self.block(bn, "weight"), self.block(bn, "bias")
             if dW is not None:
@@ -603,11 +619,11 @@ class _Tangents:
         t_in = _folded(t_in, rows, m)
         out = None
         if t_in is not None:
-            out = conv.input_tangent(t_in, W)
+            out = conv(t_in, W, None)
         if dW is not None:
             # the m columns' weights as m x C_out output channels of one convolution of the shared input:
             # its (rows, m * C_out, H, W) result is the folded (rows * m, C_out, H, W) tangent
-            term = conv.parameter_tangent(self.saved[step.node], dW, db)
+            term = conv(self.saved[step.node], *_stacked(dW, db))
             term = _stacked_to_folded(_in_layout(self.spec, term), rows, m)
             out = term if out is None else out.add_(term)
         elif db is not None:
@@ -617,17 +633,17 @@ class _Tangents:
     def _grouped_conv(self, step, t_in, W, dW, db):
         """The m columns as channel groups: conv(t, W) as one grouped convolution (W repeated
         per group, groups = m) plus the stacked conv(a, dW), whose output is already grouped."""
-        conv = step.adapter
-        out = _in_layout(self.spec, conv.parameter_tangent(self.saved[step.node], dW, db))
+        conv = step.apply
+        out = _in_layout(self.spec, conv(self.saved[step.node], *_stacked(dW, db)))
         if t_in is not None:
-            out = out.add_(conv.input_tangent(t_in.t, W, groups=self.m))
+            out = out.add_(conv(t_in.t, W.repeat(self.m, 1, 1, 1), None, groups=self.m))
         return _Grouped(out)
 
     def linear(self, step, t_in):
-        out = None if t_in is None else step.adapter.input_tangent(t_in, _param(step, "weight", self.theta))
+        out = None if t_in is None else step.apply(t_in, _param(step, "weight", self.theta), None)
         dW, db = self.block(step, "weight"), self.block(step, "bias")
         if dW is not None:
-            term = step.adapter.parameter_tangent(self.saved[step.node], dW, db)  # (rows, m * out)
+            term = step.apply(self.saved[step.node], *_stacked(dW, db))        # (rows, m * out)
             term = term.view(self.rows * self.m, -1)
             out = term if out is None else out.add_(term)
         elif db is not None:
@@ -766,6 +782,7 @@ def layerwise_gnh_product(spec: LayerwiseSpec, output_hessian, theta: torch.Tens
     rows = tangent_rows(spec, m, V2.element_size())
     blocks = _parameter_blocks(spec, V2)
     places = list(_block_offsets(spec))
+    leaves = [blocks[key] for key, _ in places]
     out = torch.zeros_like(V2)
     with torch.enable_grad():
         for r0 in range(0, len(x), rows):
@@ -774,7 +791,7 @@ def layerwise_gnh_product(spec: LayerwiseSpec, output_hessian, theta: torch.Tens
             JV = _tangent(spec, _Tangents(spec, theta, chunk, blocks, r1 - r0))   # (rows * m, C)
             JV3 = JV.reshape(r1 - r0, m, -1)
             HJV = output_hessian(y[r0:r1], targets[r0:r1], JV3.detach().transpose(0, 1).contiguous())  # (m, rows, C)
-            grads = torch.autograd.grad(JV3, [blocks[key] for key, _ in places], HJV.transpose(0, 1))
+            grads = torch.autograd.grad(JV3, leaves, HJV.transpose(0, 1))
             for ((key, (offset, size)), g) in zip(places, grads):
                 out[offset : offset + size].add_(g.reshape(m, size).T)
     return out.reshape(V.shape)

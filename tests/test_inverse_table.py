@@ -20,7 +20,7 @@ from pbrf_fast.inverses.flags import flag_names
 from factories import dense_gnh, dense_hessian, make_problem, rel_err
 
 PACKAGE = Path(pbrf_fast.__file__).resolve().parent
-README = PACKAGE.parent / "README.md"
+README = Path(__file__).resolve().parents[1] / "README.md"  # the checkout's, also when pbrf_fast is installed
 
 
 # ---------------------------------------------------------------- the rows

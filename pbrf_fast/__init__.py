@@ -9,7 +9,7 @@ import torch  # noqa: F401  -- torch's OpenMP runtime must load before our exten
 
 from .backends import backends
 from .curvatures import CurvatureOperator, GaussNewton, Hessian, make_curvature
-from .errors import DivergenceError, NonConvexLossError, PBRFError, SlowPathWarning
+from .errors import DivergenceError, NonConvexLossError, NotConvergedWarning, PBRFError, SlowPathWarning
 from .explain import explain, format_plans
 from .influence import Influence
 from .curvatures.kronecker import KroneckerCurvature, KroneckerFactors
@@ -34,6 +34,7 @@ __all__ = [
     "Loss",
     "MSELoss",
     "NonConvexLossError",
+    "NotConvergedWarning",
     "PBRFError",
     "SlowPathWarning",
     "Problem",

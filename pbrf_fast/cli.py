@@ -222,56 +222,64 @@ def _points_args(parser: argparse.ArgumentParser) -> None:
                         help="cold-start retraining replays the base run's batch order (default) or draws a fresh one")
 
 
+class _DescriptionAndDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and shows every flag's default."""
+
+
 def _scores_parser(sub) -> None:
     from .paper.recipes import SCORES_DATASETS, SCORES_MODELS
     from .inverses.flags import add_solver_flags
     from .scale.pipeline import SCORE_CURVATURES
-    from .scale.scores_job import SOLVER_DEFAULTS, ScoresConfig, __doc__ as scores_doc
+    from .scale.scores_job import ScoresConfig, __doc__ as scores_doc
     from .scale.measurement import MEASUREMENTS
 
     p = sub.add_parser("scores", help="train x test influence scores over a full training set",
-                       description=scores_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20",
+                       description=scores_doc, formatter_class=_DescriptionAndDefaults)
+    p.add_argument("--model",
                    help=f"your model, path/to/file.py:make_model or package.module:make_model (make_model() "
                         f"returns the nn.Module), or a built-in one trained here: {', '.join(SCORES_MODELS)}")
     p.add_argument("--checkpoint", action="append", default=[],
                    help="a state dict to score (repeat it: the scores are the mean over checkpoints)")
     p.add_argument("--data", default=None,
                    help="your data: data.pt or data.npz holding x_train, y_train, x_test, y_test")
-    p.add_argument("--loss", choices=["cross_entropy", "mse", "bce"], default="cross_entropy",
+    p.add_argument("--loss", choices=["cross_entropy", "mse", "bce"],
                    help="the training loss in output space")
-    p.add_argument("--measurement", choices=list(MEASUREMENTS), default="loss",
+    p.add_argument("--measurement", choices=list(MEASUREMENTS),
                    help="what a score measures on a test point: its loss, or the margin of the true class")
     p.add_argument("--dataset", choices=SCORES_DATASETS, default="cifar10", help="built-in data (without --data)")
-    p.add_argument("--data-dir", default=None, help="data directory (default $PBRF_DATA)")
-    p.add_argument("--cache-dir", default=None, help="decoded-data cache (default $PBRF_CACHE or ~/.cache/pbrf_fast)")
-    p.add_argument("--train-points", type=POSITIVE_INT, default=None, help="use N seeded training points (default all)")
-    p.add_argument("--test-points", type=POSITIVE_INT, default=10)
-    p.add_argument("--memory-gb", type=POSITIVE, default=4.0, help="memory budget that sizes the query chunks")
-    p.add_argument("--query-chunk", type=POSITIVE_INT, default=None, help="test points per chunk (overrides --memory-gb)")
-    add_solver_flags(p, default_solver=ScoresConfig.solver, command_defaults=SOLVER_DEFAULTS)
-    p.add_argument("--curvature", choices=list(SCORE_CURVATURES), default="gnh",
+    p.add_argument("--data-dir", default=None, help="data directory (unset: $PBRF_DATA)")
+    p.add_argument("--cache-dir", default=None, help="decoded-data cache (unset: $PBRF_CACHE or ~/.cache/pbrf_fast)")
+    p.add_argument("--train-points", type=POSITIVE_INT, default=None, help="use N seeded training points (unset: all)")
+    p.add_argument("--test-points", type=POSITIVE_INT, help="test points scored (built-in data)")
+    p.add_argument("--memory-gb", type=POSITIVE, help="memory budget that sizes the query chunks")
+    p.add_argument("--query-chunk", type=POSITIVE_INT, help="test points per chunk (overrides --memory-gb)")
+    add_solver_flags(p, default_solver=ScoresConfig.solver)
+    p.add_argument("--curvature", choices=list(SCORE_CURVATURES),
                    help="gnh: the exact damped GNH (solved by --solver); kfac / ekfac: its Kronecker-factored "
-                        "approximation, solved by its own inverse (use with --solver cg or auto)")
-    p.add_argument("--rank", type=POSITIVE_INT, default=32, help="Lanczos eigenpairs (lowrank solver, self-influence)")
-    p.add_argument("--damping", type=NONNEGATIVE, default=1e-3)
-    p.add_argument("--weight-decay", type=NONNEGATIVE, default=5e-4)
-    p.add_argument("--curvature-samples", type=COUNT, default=5000,
+                        "approximation, solved by its own inverse (use with --solver auto)")
+    p.add_argument("--rank", type=POSITIVE_INT, help="Lanczos eigenpairs (lowrank solver, self-influence)")
+    p.add_argument("--damping", type=NONNEGATIVE, help="lambda added to the curvature")
+    p.add_argument("--weight-decay", type=NONNEGATIVE,
+                   help="the weight decay your model was trained with (part of the objective, so of the GNH)")
+    p.add_argument("--curvature-samples", type=COUNT,
                    help="training points the GNH is averaged over (0: all)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=250)
-    p.add_argument("--curvature-batch-size", type=POSITIVE_INT, default=64)
-    p.add_argument("--top-k", type=COUNT, default=10)
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="training points per scoring pass")
+    p.add_argument("--curvature-batch-size", type=POSITIVE_INT, help="training points per GNH product batch")
+    p.add_argument("--top-k", type=COUNT, help="proponents and opponents kept per test point in topk.json")
     p.add_argument("--no-self-influence", action="store_true")
     p.add_argument("--train-epochs", type=NONNEGATIVE, default=None,
-                   help="a built-in model's training epochs (default: its recipe's, pbrf_fast/paper/recipes.py)")
-    p.add_argument("--lr", type=POSITIVE, default=None, help="a built-in model's learning rate (default: its recipe's)")
-    p.add_argument("--seed", type=COUNT, default=0)
+                   help="a built-in model's training epochs (unset: its recipe's, pbrf_fast/paper/recipes.py)")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="a built-in model's learning rate (unset: its recipe's)")
+    p.add_argument("--seed", type=COUNT, help="seed of every random choice (samples, sketches, training)")
     p.add_argument("--threads", type=COUNT, default=None)
-    p.add_argument("--device", default="cpu", help="torch device for the model and data (e.g. cuda)")
+    p.add_argument("--device", help="torch device for the model and data (e.g. cuda)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_scores)
+    # every default is ScoresConfig's (itself ScoreArguments' for the scoring settings): one set of
+    # defaults for the CLI and Python, each shown by --help
+    defaults = {f.name: f.default for f in dataclasses.fields(ScoresConfig) if f.default is not dataclasses.MISSING}
+    p.set_defaults(func=_cmd_scores, **{**defaults, "checkpoint": []})  # --checkpoint appends to a list
 
 
 def _solver_list(text: str) -> tuple[str, ...]:

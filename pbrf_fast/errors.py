@@ -45,6 +45,11 @@ class InputIndexError(InputError, IndexError):
     """An index is out of range, or a mask has the wrong length."""
 
 
+class NotConvergedWarning(PBRFError, UserWarning):
+    """A solve ended with columns above their tolerance: the message names the columns,
+    their relative residuals and what to change (iterations, solver, damping)."""
+
+
 class SlowPathWarning(PBRFError, UserWarning):
     """A call will run far slower than it needs to (a memory budget too small for its
     method, say); the message says why and which argument to change."""

@@ -179,10 +179,13 @@ class Influence:
         """Predicted increase of each training example's own loss on its removal: (k,)."""
         idx = as_index(train_idx, self.problem.n)
         epsilon = 1.0 / self.problem.n
-        out = []
+        out, solves = [], []
         for chunk, grads in self.problem.training_gradients(idx, chunk_size):
             S = self._solve(grads.T)
+            solves.append(self.last_solve)
             out.append((grads.T * S).sum(0) * epsilon)
+        if solves:  # last_solve describes the whole call, every chunk's columns
+            self.last_solve = SolveResult.combine(solves)
         if not out:
             return torch.zeros(0, dtype=self.problem.dtype, device=self.problem.device)
         return torch.cat(out)

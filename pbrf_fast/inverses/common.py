@@ -11,7 +11,7 @@ import torch
 
 from ..errors import InputError, InputTypeError, NonFiniteError
 
-__all__ = ["SolveResult", "check_columns", "positive_number", "integer_option", "relative_residuals", "finish",
+__all__ = ["SolveResult", "default_tol", "resolve_tol", "check_columns", "positive_number", "integer_option", "relative_residuals", "finish",
            "progress_bar"]
 
 
@@ -33,11 +33,49 @@ class SolveResult:
     time: float
     info: dict = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def combine(cls, results: list["SolveResult"]) -> "SolveResult":
+        """One result for a call that solved its columns in several blocks (self-influence by
+        chunks): per-column iterations, residuals and flags in column order, the total time;
+        the solutions are not kept (the caller consumed each block)."""
+        if len(results) == 1:
+            return results[0]
+
+        def joined(name):
+            parts = [getattr(r, name) for r in results]
+            if any(p is None for p in parts):
+                return None
+            return torch.cat([torch.as_tensor(p).reshape(-1).expand(_columns_of(r)) for p, r in zip(parts, results)])
+
+        return cls(torch.empty(0), results[0].method, joined("iterations"), joined("residual_norms"),
+                   joined("converged"), sum(r.time for r in results),
+                   {"blocks": len(results), "columns": sum(_columns_of(r) for r in results)})
+
     def __repr__(self) -> str:
         res = None if self.residual_norms is None else float(self.residual_norms.max())
         conv = None if self.converged is None else f"{int(self.converged.sum())}/{self.converged.numel()}"
         return (f"SolveResult(method={self.method!r}, shape={tuple(self.solution.shape)}, "
                 f"max_rel_residual={res}, converged={conv}, time={self.time:.3g}s)")
+
+
+def _columns_of(result: SolveResult) -> int:
+    for value in (result.residual_norms, result.converged, result.iterations):
+        if isinstance(value, torch.Tensor) and value.dim() == 1:
+            return value.numel()
+    shape = result.solution.shape
+    return shape[1] if len(shape) == 2 else 1
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """The relative residual a solve can promise in ``dtype``: 1e-6 in float64; 1e-4 below,
+    where float32 round-off in the operator products alone leaves residuals near 1e-6-1e-5 on
+    ordinary networks, so a tighter default could never report convergence."""
+    return 1e-6 if dtype == torch.float64 else 1e-4
+
+
+def resolve_tol(tol, dtype: torch.dtype) -> float:
+    """A tolerance option: the dtype's :func:`default_tol` for None, else finite and > 0."""
+    return default_tol(dtype) if tol is None else positive_number("tol", tol)
 
 
 def check_columns(op: CurvatureOperator, B: torch.Tensor, name: str = "right-hand side B") -> torch.Tensor:
@@ -86,6 +124,7 @@ def finish(op, X2, B, B2, method, iterations, start, compute_residual, tol, info
         bad = (~torch.isfinite(X2)).any(0).nonzero().reshape(-1).tolist()
         raise NonFiniteError(f"{method}: the solution has NaN/Inf in columns {bad[:10]} (the operator "
                              "produced non-finite values; check the model, the data and the damping)")
+    info["tol"] = tol  # the tolerance the flags were judged by (a dtype's default resolved)
     if compute_residual:
         # converged always means the true residual met tol (the solver's own estimate,
         # e.g. CG's recurrence, can drift from it): one meaning for every method.
@@ -102,6 +141,9 @@ def progress_bar(total, desc, enabled):
     if not enabled:
         class _Silent:
             def update(self, k):
+                pass
+
+            def set_postfix_str(self, text):
                 pass
 
             def close(self):

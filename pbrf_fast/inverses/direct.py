@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..errors import IndefiniteOperatorError, InputError
-from .common import SolveResult, check_columns, finish, positive_number
+from .common import SolveResult, check_columns, finish, resolve_tol
 from .options import InverseOptions, option
 
 # Above this many parameters a dense d x d factorisation stops being cheap.
@@ -19,7 +19,8 @@ DIRECT_MAX_DIM = 6000
 class DirectOptions(InverseOptions):
     """Options of the ``direct`` solve."""
 
-    tol: float = option(1e-6, "relative residual ||A x - b|| / ||b|| a column must meet to count as converged")
+    tol: float | None = option(None, "relative residual ||A x - b|| / ||b|| a column must meet to count as "
+                                     "converged (None: 1e-6 in float64, 1e-4 in float32)")
     compute_residual: bool = option(True, "measure the true residual with one more operator product", cli=False)
 
 
@@ -28,7 +29,7 @@ def direct(op, B: torch.Tensor, options: DirectOptions) -> SolveResult:
     """Dense solve through the cached float64 eigendecomposition of the data term."""
     start = time.perf_counter()
     B2 = check_columns(op, B)
-    tol = positive_number("tol", options.tol)
+    tol = resolve_tol(options.tol, B2.dtype)
     if op.dim > 4 * DIRECT_MAX_DIM:
         raise InputError(f"direct solver needs a dense {op.dim}x{op.dim} matrix; use method='cg' or 'lissa'")
     evals, evecs = op.eigh_data()

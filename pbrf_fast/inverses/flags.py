@@ -47,14 +47,15 @@ def add_solver_flags(parser: argparse.ArgumentParser, *, default_solver: str,
     command_defaults = dict(command_defaults or {})
     lines = "; ".join(f"{name}: {entry.use_when}" for name, entry in INVERSES.items())
     parser.add_argument("--solver", choices=[*INVERSES, AUTO], default=default_solver,
-                        help=f"how (C + lambda I)^-1 is applied (default {default_solver}; auto: the cheapest exact "
-                             f"inverse by size). {lines}")
+                        help=f"how (C + lambda I)^-1 is applied (auto: the cheapest exact inverse by size: "
+                             f"direct, kernel, else Nystrom-PCG). {lines}")
     group = parser.add_argument_group("solver options (each used by the solvers named in its help)")
     for field_name, (field, solvers) in _shared_fields().items():
         kind = field_type(INVERSES[solvers[0]].options, field)
         convert = None if kind in (str, object) else _positive(kind)
+        # SUPPRESS: an unset flag leaves no value, so the options dataclass's default applies
         group.add_argument(*flag_names(field), dest=_DEST + field_name, metavar=field_name.upper(), type=convert,
-                           default=None,
+                           default=argparse.SUPPRESS,
                            choices=field.metadata.get("choices"),
                            help=f"{', '.join(solvers)}: {field.metadata['help']} "
                                 f"({_default_text(field_name, solvers, command_defaults)})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from .common import SolveResult, check_columns, finish, positive_number
+from .common import SolveResult, check_columns, finish, resolve_tol
 from .options import InverseOptions, option
 
 # The output-space solver keeps about three (N*C)^2 float64 matrices.
@@ -15,7 +15,8 @@ KERNEL_MEMORY_BYTES = 4 << 30
 class KernelOptions(InverseOptions):
     """Options of the output-space (``kernel``) solve."""
 
-    tol: float = option(1e-6, "relative residual ||A x - b|| / ||b|| a column must meet to count as converged")
+    tol: float | None = option(None, "relative residual ||A x - b|| / ||b|| a column must meet to count as "
+                                     "converged (None: 1e-6 in float64, 1e-4 in float32)")
     compute_residual: bool = option(True, "measure the true residual with one more operator product", cli=False)
 
 
@@ -26,7 +27,7 @@ def kernel(op, B, options: KernelOptions) -> SolveResult:
 
     start = time.perf_counter()
     B2 = check_columns(op, B)
-    tol = positive_number("tol", options.tol)
+    tol = resolve_tol(options.tol, B2.dtype)
     # All N training outputs enter one Gram matrix: a sharded operator gathers them first.
     local = op.gathered() if op.spans_processes else op
     X2 = OutputSpaceSolver(local).solve(B2)

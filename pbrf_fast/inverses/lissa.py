@@ -18,7 +18,7 @@ from .options import InverseOptions, option
 class LissaOptions(InverseOptions):
     """Options of LiSSA (Eq. 52)."""
 
-    depth: int = option(5000, "recursion steps per repeat", flags=("--depth", "--lissa-depth"))
+    depth: int = option(1000, "recursion steps per repeat", flags=("--depth", "--lissa-depth"))
     repeats: int = option(1, "independent recursions averaged")
     batch_size: int = option(128, "training examples in each step's mini-batch curvature",
                              flags=("--lissa-batch-size",))

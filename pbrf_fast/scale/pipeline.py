@@ -51,8 +51,8 @@ from ..curvatures import CURVATURES, KroneckerCurvature, KroneckerFactors, curva
 from ..losses import Loss, get_loss
 from ..problem import Problem
 from ..results_folder import ResultsFolder
-from ..inverses import (AUTO, DEFAULT_PRECONDITIONER, INVERSES, LowRankInverse, LowRankOptions, lanczos_eigenpairs,
-                        lowrank_eigenpairs, make_options, solve)
+from ..inverses import (AUTO, DEFAULT_PRECONDITIONER, INVERSES, LowRankInverse, LowRankOptions, choose_method,
+                        lanczos_eigenpairs, lowrank_eigenpairs, make_options, solve)
 from . import distributed as D
 from .data import as_data_source, tensor_digest
 from .layer_scores import LayerScorer
@@ -89,11 +89,11 @@ class ScoreArguments:
 
     damping: float = 1e-3
     weight_decay: float = 0.0
-    solver: str = "cg"
+    solver: str = AUTO
     solver_options: dict = dataclasses.field(default_factory=dict)
     rank: int = 32
     lanczos_iterations: int | None = None
-    memory_gb: float = 2.0
+    memory_gb: float = 4.0
     query_chunk: int | None = None
     curvature_samples: int | None = None
     batch_size: int = 256
@@ -368,7 +368,9 @@ class ScorePipeline:
                                           test_problem.targets)
             result = self._solve(op, grads)
             info = {"checkpoint": k, "chunk": c, "method": result.method, "time": result.time,
-                    "max_residual": None if result.residual_norms is None else float(result.residual_norms.max())}
+                    "max_residual": None if result.residual_norms is None else float(result.residual_norms.max()),
+                    "converged_columns": None if result.converged is None else int(result.converged.sum()),
+                    "columns": int(grads.shape[1]), "tol": result.info.get("tol")}
             self.log["solves"].append(info)
             if self.rank_ == 0:
                 atomic_save_tensor(path, {"s_test": result.solution, "info": info})
@@ -385,10 +387,13 @@ class ScorePipeline:
         if a.solver == "lowrank":  # the eigenpairs stage cached them on op under these options
             return solve(op, grads, "lowrank", self.lowrank_options())
         options = dict(a.solver_options)
+        method = choose_method(op)[0] if a.solver == AUTO else a.solver
+        if "progress" in {f.name for f in dataclasses.fields(INVERSES[method].options)}:
+            options.setdefault("progress", self.progress and self.rank_ == 0)  # a long solve shows itself
         if self.preconditioner is not None:  # pcg with stored Kronecker factors, not rebuilt
             options.pop("preconditioner_options", None)
             options["preconditioner"] = self.preconditioner
-        return solve(op, grads, a.solver, **options)
+        return solve(op, grads, method, **options)
 
     def _scorer(self) -> LayerScorer:
         x1, t1 = self.probe.inputs, self.probe.targets

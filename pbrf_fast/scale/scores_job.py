@@ -25,6 +25,7 @@ import torch
 
 from ..errors import InputError
 from ..inverses import INVERSES
+from .pipeline import ScoreArguments
 from ..results_folder import check_results_path
 from .loading import build_user_model, load_data_file
 
@@ -33,8 +34,6 @@ __all__ = ["ScoresConfig", "ScoresInputs", "start_run", "user_inputs", "run_scor
 
 # This command's solver defaults where they differ from the options dataclasses': a first run
 # that stops in minutes (CG to 1e-4 in 100 iterations, LiSSA 200 steps, a rank-200 sketch).
-SOLVER_DEFAULTS = {"tol": 1e-4, "max_iter": 100, "depth": 200, "preconditioner_rank": 200}
-
 @dataclasses.dataclass(frozen=True)
 class ScoresConfig:
     """The ``scores`` job's settings: what to score, and how the scores are computed with
@@ -48,22 +47,22 @@ class ScoresConfig:
     measurement: str = "loss"
     train_points: int | None = None
     test_points: int = 10
-    memory_gb: float = 4.0
-    query_chunk: int | None = None
-    solver: str = "cg"
-    curvature: str = "gnh"           # the exact GNH, or its "kfac" / "ekfac" approximation
-    # the solver's options (fields of its options dataclass in pbrf_fast.INVERSES); the command
-    # line fills them from its flags, on top of SOLVER_DEFAULTS
+    # The scoring settings default to ScoreArguments' own: one set of defaults for the CLI and Python.
+    memory_gb: float = ScoreArguments.memory_gb
+    query_chunk: int | None = ScoreArguments.query_chunk
+    solver: str = ScoreArguments.solver
+    curvature: str = ScoreArguments.curvature   # the exact GNH, or its "kfac" / "ekfac" approximation
+    # the solver's options (fields of its options dataclass in pbrf_fast.INVERSES), from the CLI's flags
     solver_options: dict = dataclasses.field(default_factory=dict)
-    rank: int = 32
-    damping: float = 1e-3
-    weight_decay: float = 5e-4
-    curvature_samples: int = 5000
-    batch_size: int = 250
-    curvature_batch_size: int = 64
-    top_k: int = 10
-    no_self_influence: bool = False
-    seed: int = 0
+    rank: int = ScoreArguments.rank
+    damping: float = ScoreArguments.damping
+    weight_decay: float = ScoreArguments.weight_decay
+    curvature_samples: int = 0                    # 0: all training points (ScoreArguments' None)
+    batch_size: int = ScoreArguments.batch_size
+    curvature_batch_size: int = ScoreArguments.curvature_batch_size
+    top_k: int = ScoreArguments.top_k
+    no_self_influence: bool = not ScoreArguments.self_influence
+    seed: int = ScoreArguments.seed
     threads: int | None = None
     device: str = "cpu"
     overwrite: bool = False
@@ -111,9 +110,9 @@ def start_run(config: ScoresConfig) -> Path:
 
 
 def _solver_options(config: ScoresConfig) -> dict:
-    """The solver's options: the job's defaults for the options it has, then the config's."""
+    """The solver's options as the config gives them (the options dataclass fills the rest)."""
     fields = {f.name for f in dataclasses.fields(INVERSES[config.solver].options)} if config.solver in INVERSES else ()
-    options = {k: v for k, v in SOLVER_DEFAULTS.items() if k in fields} | dict(config.solver_options)
+    options = dict(config.solver_options)
     if "rank" in fields:  # the low-rank solver shares its eigenpairs with self-influence
         options["rank"] = config.rank
     if "preconditioner_options" in fields and "preconditioner_options" not in options:

@@ -122,23 +122,18 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_scores(args) -> int:
+    from .paper.recipes import SCORES_MODELS
     from .scale.scores_job import ScoresConfig, run_scores, start_run
 
     args.checkpoint = tuple(args.checkpoint)  # a frozen config holds a tuple
     config, inputs = _fields(ScoresConfig, args), None
-    if args.model in _builtin_scores_models():  # the paper harness trains a built-in model first
+    if args.model in SCORES_MODELS:  # a built-in model: the paper harness trains it first; yours goes straight on
         from .paper.builtin_scores import builtin_inputs
         from .paper.config import BuiltinModelConfig
 
         inputs = builtin_inputs(config, _fields(BuiltinModelConfig, args), start_run(config))
     run_scores(config, inputs)
     return 0
-
-
-def _builtin_scores_models() -> tuple[str, ...]:
-    from .paper.recipes import SCORES_MODELS
-
-    return SCORES_MODELS
 
 
 def _cmd_evaluate(args) -> int:

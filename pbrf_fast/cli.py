@@ -124,24 +124,19 @@ def _cmd_demo(args) -> int:
 
 def _cmd_scores(args) -> int:
     from .inverses.flags import solver_options_from_flags
+    from .paper.recipes import SCORES_MODELS
     from .scale.scores_job import ScoresConfig, run_scores, start_run
 
     args.checkpoint = tuple(args.checkpoint)  # a frozen config holds a tuple
     args.solver_options = solver_options_from_flags(args)
     config, inputs = _fields(ScoresConfig, args), None
-    if args.model in _builtin_scores_models():  # the paper harness trains a built-in model first
+    if args.model in SCORES_MODELS:  # a built-in model: the paper harness trains it first; yours goes straight on
         from .paper.builtin_scores import builtin_inputs
         from .paper.config import BuiltinModelConfig
 
         inputs = builtin_inputs(config, _fields(BuiltinModelConfig, args), start_run(config))
     run_scores(config, inputs)
     return 0
-
-
-def _builtin_scores_models() -> tuple[str, ...]:
-    from .paper.recipes import SCORES_MODELS
-
-    return SCORES_MODELS
 
 
 def _cmd_evaluate(args) -> int:
@@ -235,7 +230,7 @@ def _scores_parser(sub) -> None:
 
     p = sub.add_parser("scores", help="train x test influence scores over a full training set",
                        description=scores_doc, formatter_class=_DescriptionAndDefaults)
-    p.add_argument("--model",
+    p.add_argument("--model", default=SCORES_MODELS[0],  # a CLI default only: the library job needs a model named
                    help=f"your model, path/to/file.py:make_model or package.module:make_model (make_model() "
                         f"returns the nn.Module), or a built-in one trained here: {', '.join(SCORES_MODELS)}")
     p.add_argument("--checkpoint", action="append", default=[],

@@ -32,7 +32,7 @@ def test_the_scores_command_defaults_are_the_python_defaults():
     assert args.curvature_samples == 0 and python.curvature_samples is None  # both: every training point
     # no solver option is set unless given: each solver's dataclass defaults apply, as in Python
     assert not any(key.startswith("solver_option_") for key in vars(args))
-    config = ScoresConfig(out="x")
+    config = ScoresConfig(out="x", model="my_net.py:make_model")
     assert (config.damping, config.weight_decay, config.solver) == (python.damping, python.weight_decay, python.solver)
 
 

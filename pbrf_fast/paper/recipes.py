@@ -24,7 +24,8 @@ import torch
 from ..errors import InputError
 from .training import TrainConfig
 
-__all__ = ["Training", "DataSubset", "Recipe", "RECIPES", "recipe", "SCORES_MODELS", "SCORES_DATASETS"]
+__all__ = ["Training", "DataSubset", "Recipe", "RECIPES", "recipe", "SCORES_MODELS", "SCORES_DATASETS", "LighterQuick",
+           "REPRODUCTION_QUICK"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,3 +223,40 @@ def recipe(job: str, dataset: str, model: str, preset: str = "") -> Recipe:
         known = sorted({(d, m) for j, d, m, _ in RECIPES if j == job})
         raise InputError(f"no {job} recipe for dataset {dataset!r}, model {model!r}"
                          f"{f', preset {preset!r}' if preset else ''}; the {job} settings: {known}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LighterQuick:
+    """The reproduction's quick run of a setting whose ``quick`` row is too slow on a 2-core CPU:
+    a smaller share of the data, fewer epochs, a shorter LiSSA over smaller batches (its scale
+    matched again) and fewer removed points; ``None`` keeps the quick row's value."""
+
+    train_fraction: float | None = None
+    epochs: int | None = None
+    lissa_depth: int | None = None
+    lissa_batch_size: int | None = None
+    removed: int | None = None
+
+    def overrides(self) -> dict:
+        """The :func:`.experiments.build` keywords of this run (the removed points go to its config)."""
+        values = {"fraction": self.train_fraction, "epochs": self.epochs, "lissa_depth": self.lissa_depth,
+                  "lissa_batch_size": self.lissa_batch_size}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+# LiSSA dominates the convolutional nets' quick cost (a GNH product per example of its batch per step and
+# column); the big nets (AlexNet and VGG13 take 4-7 s per 128-example step here, ResNet-20 0.5-2.5 s) run
+# on 1% of the data for 2 epochs. VGG13 on MNIST runs its CIFAR-10 sibling's lighter LiSSA and 3 removed
+# points: at 5 points and depth 100 its quick row was estimated at ~73 min here, most of it LiSSA (cost ~
+# depth x batch x points).
+REPRODUCTION_QUICK: dict[tuple[str, str], LighterQuick] = {
+    ("mnist", "autoencoder"): LighterQuick(lissa_depth=100, lissa_batch_size=32, removed=5),
+    ("mnist", "lenet"): LighterQuick(0.02, 4, 200, 32, removed=8),
+    ("mnist", "alexnet"): LighterQuick(0.01, 2, 100, 32, removed=5),
+    ("mnist", "vgg13"): LighterQuick(0.01, 2, 50, 16, removed=3),
+    ("mnist", "resnet20"): LighterQuick(0.01, 2, 100, 32, removed=5),
+    ("cifar10", "lenet"): LighterQuick(0.04, 4, 200, 32, removed=5),
+    ("cifar10", "alexnet"): LighterQuick(0.01, 2, 50, 16, removed=3),
+    ("cifar10", "vgg13"): LighterQuick(0.01, 2, 50, 16, removed=3),
+    ("cifar10", "resnet20"): LighterQuick(0.01, 2, 50, 16, removed=3),
+}

@@ -40,7 +40,7 @@ class ScoresConfig:
     :class:`~pbrf_fast.scale.ScorePipeline`."""
 
     out: str
-    model: str = "resnet20"          # your own: "file.py:make_model" / "module:make_model"; or a built-in name
+    model: str                       # your own: "file.py:make_model" / "module:make_model" (or the CLI's built-in name)
     data: str | None = None          # your own data: data.pt / data.npz with x_train, y_train, x_test, y_test
     checkpoint: tuple[str, ...] = ()  # state dicts to score (mean over several); none: the model's own weights
     loss: str = "cross_entropy"

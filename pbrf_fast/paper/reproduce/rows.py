@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ...errors import InputError
 from ..config import ExperimentConfig
+from ..recipes import REPRODUCTION_QUICK
 from .paper_values import FIGURE5, TABLE2, TABLE4, TABLE5, TABLE6, TABLE7, TABLE8
 
 __all__ = ["Job", "Row", "ROWS", "TARGETS", "PRIORITY", "FRESH_ORDER_ROWS", "ReproduceError", "owner", "job_folder",
@@ -99,34 +100,19 @@ NOTE_T8 = "Table 8's warm-start and PBRF columns equal Table 7's, so it is read 
 
 # ----------------------------------------------------------------------------------------- the jobs
 def _decomposition_jobs() -> dict[str, tuple[Job, Job]]:
-    """(quick, paper) job per Table 5 row. Quick keeps each preset's own reduced settings (see
-    experiments.py) and, for the convolutional nets, fewer removed points."""
-    jobs = {"cancer": (_job(dataset="cancer"), _job(dataset="cancer")),
-            "diabetes": (_job(dataset="diabetes"), _job(dataset="diabetes")),
-            "concrete": (_job(dataset="concrete"), _job(dataset="concrete")),
-            "energy": (_job(dataset="energy"), _job(dataset="energy")),
-            "mlp-mnist": (_job(dataset="mnist", model="mlp"), _job(dataset="mnist", model="mlp")),
-            "mlp-fashion_mnist": (_job(dataset="fashion_mnist", model="mlp"),
-                                  _job(dataset="fashion_mnist", model="mlp")),
-            "autoencoder-mnist": (_job(dataset="mnist", model="autoencoder", removed=5,
-                                       overrides={"lissa_depth": 100, "lissa_batch_size": 32}),
-                                  _job(dataset="mnist", model="autoencoder")),
-            "transformer-ptb": (_job(dataset="ptb", model="transformer"), _job(dataset="ptb", model="transformer"))}
-    # The convolutional nets: LiSSA dominates their quick cost (a GNH product per example of its batch per
-    # step and column), so quick runs a shorter, smaller-batch LiSSA (its scale matched again); the big
-    # nets (AlexNet and VGG13 take 4-7 s per 128-example step here, ResNet-20 0.5-2.5 s) run on 1% of
-    # the data for 2 epochs.
-    # VGG13 on MNIST runs its CIFAR-10 sibling's lighter LiSSA and 3 removed points: at 5 points and depth 100
-    # its quick row was estimated at ~73 min here, most of it LiSSA (cost ~ depth x batch x points).
-    small = {"lenet": (0.02, 4, 8, 200, 32), "alexnet": (0.01, 2, 5, 100, 32), "vgg13": (0.01, 2, 3, 50, 16),
-             "resnet20": (0.01, 2, 5, 100, 32)}
-    small_cifar = {"lenet": (0.04, 4, 5, 200, 32), "alexnet": (0.01, 2, 3, 50, 16), "vgg13": (0.01, 2, 3, 50, 16),
-                   "resnet20": (0.01, 2, 3, 50, 16)}
-    for dataset, table in (("mnist", small), ("cifar10", small_cifar)):
-        for model, (fraction, epochs, removed, depth, batch) in table.items():
-            overrides = {"fraction": fraction, "epochs": epochs, "lissa_depth": depth, "lissa_batch_size": batch}
-            jobs[f"{model}-{dataset}"] = (_job(dataset=dataset, model=model, removed=removed, overrides=overrides),
-                                          _job(dataset=dataset, model=model))
+    """(quick, paper) job per Table 5 row. Quick keeps each preset's own reduced settings (the
+    experiment's quick recipe) or, where that is too slow here, the lighter run of
+    :data:`..recipes.REPRODUCTION_QUICK` (the convolutional nets, the autoencoder)."""
+    jobs = {name: (_job(**config), _job(**config)) for name, config in (
+        ("cancer", {"dataset": "cancer"}), ("diabetes", {"dataset": "diabetes"}),
+        ("concrete", {"dataset": "concrete"}), ("energy", {"dataset": "energy"}),
+        ("mlp-mnist", {"dataset": "mnist", "model": "mlp"}),
+        ("mlp-fashion_mnist", {"dataset": "fashion_mnist", "model": "mlp"}),
+        ("transformer-ptb", {"dataset": "ptb", "model": "transformer"}))}
+    for (dataset, model), lighter in REPRODUCTION_QUICK.items():
+        jobs[f"{model}-{dataset}"] = (_job(dataset=dataset, model=model, removed=lighter.removed,
+                                           overrides=lighter.overrides()),
+                                      _job(dataset=dataset, model=model))
     return jobs
 
 

@@ -130,6 +130,9 @@ def _cmd_scores(args) -> int:
     args.checkpoint = tuple(args.checkpoint)  # a frozen config holds a tuple
     args.solver_options = solver_options_from_flags(args)
     config, inputs = _fields(ScoresConfig, args), None
+    if args.model in SCORES_MODELS and args.data is not None:
+        raise InputError(f"--data is your own data for your own --model file.py:make_model; the built-in --model "
+                         f"{args.model} trains and scores on --dataset {args.dataset}")
     if args.model in SCORES_MODELS:  # a built-in model: the paper harness trains it first; yours goes straight on
         from .paper.builtin_scores import builtin_inputs
         from .paper.config import BuiltinModelConfig

@@ -48,7 +48,12 @@ def load_model_factory(spec: str):
 
 
 def build_user_model(spec: str) -> nn.Module:
-    model = load_model_factory(spec)()
+    factory = load_model_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:  # the user's own code: name it, keep its traceback as the cause
+        raise InputError(f"--model {spec!r}: calling {spec.rpartition(':')[2]}() raised "
+                         f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise InputError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -59,13 +64,17 @@ def load_data_file(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--data {path} does not exist")
+    if path.suffix == ".npy":
+        raise InputError(f"--data {path}: a .npy file holds one array; save the four as "
+                         f"np.savez('data.npz', {', '.join(f'{k}={k}' for k in DATA_KEYS)})")
     if path.suffix == ".npz":
-        with np.load(path) as archive:
-            data = {k: torch.from_numpy(archive[k]) for k in archive.files}
+        try:
+            with np.load(path) as archive:
+                data = {k: torch.from_numpy(archive[k]) for k in archive.files}
+        except Exception as exc:
+            raise InputError(f"--data {path} is not a readable .npz ({type(exc).__name__}: {exc})") from exc
     else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(data, dict):
-            raise InputError(f"--data {path} holds a {type(data).__name__}, expected a dict of tensors")
+        data = _load_torch_data(path)
     missing = [k for k in DATA_KEYS if k not in data]
     if missing:
         raise InputError(f"--data {path} lacks {missing}; it must hold {list(DATA_KEYS)}")
@@ -75,3 +84,27 @@ def load_data_file(path) -> dict[str, torch.Tensor]:
             raise InputError(f"--data {path}: x_{split} has {len(out[f'x_{split}'])} rows, "
                              f"y_{split} {len(out[f'y_{split}'])}")
     return out
+
+
+def _load_torch_data(path: Path) -> dict:
+    """A torch-saved dict of tensors; numpy arrays inside it are read too (the way many people
+    write data.pt), everything else gets a message that says how to save the file."""
+    how = (f"save it as torch.save({{{', '.join(f'{k!r}: torch.as_tensor({k})' for k in DATA_KEYS)}}}, "
+           f"'{path.name}') or as np.savez('data.npz', ...)")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"--data {path} cannot be read as a dict of tensors ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]}); {how}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"--data {path} holds a {type(data).__name__}, expected a dict of tensors; {how}")
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+            for k, v in data.items()}
+
+
+# What a pickled numpy array refers to: allowed for torch.load(weights_only=True), nothing else.
+# The reconstructor is taken from an array's own pickle recipe (its module moved in numpy 2).
+_NUMPY_GLOBALS = [np.ndarray, np.dtype, np.zeros(1).__reduce__()[0],
+                  *{type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32",
+                                                "int64", "uint8", "bool")}]

@@ -164,12 +164,35 @@ def _state_dict(checkpoint):
     if isinstance(checkpoint, (str, Path)):
         if not Path(checkpoint).is_file():
             raise InputError(f"checkpoint {checkpoint} does not exist")
-        checkpoint = load_tensor(checkpoint)
+        path = checkpoint
+        try:
+            checkpoint = load_tensor(path)
+        except Exception as exc:  # truncated, not written by torch.save, or another format
+            raise InputError(f"checkpoint {path} cannot be read by torch.load ({type(exc).__name__}: {exc}); "
+                             "expected a file written by torch.save(model.state_dict(), path)") from exc
     if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
         checkpoint = checkpoint["model"]  # the {"model": state_dict, ...} files training scripts write
     if not isinstance(checkpoint, dict):
         raise InputError(f"a checkpoint must be a state dict or a path to one, got {type(checkpoint).__name__}")
     return checkpoint
+
+
+def check_checkpoint(checkpoint, model: nn.Module, where: str) -> dict:
+    """The checkpoint's state dict, refused with its name and the first mismatches unless it
+    fits ``model`` exactly (same keys, same shapes): a file for another architecture fails at
+    the door, before any work, not inside torch's load_state_dict after hours of scoring."""
+    state = _state_dict(checkpoint)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(getattr(state[k], 'shape', ()))} (model {tuple(own[k].shape)})" for k in own
+              if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    problems = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
+                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("other shapes", shapes)) if items]
+    if problems:
+        raise InputError(f"{where} does not fit the model: {'; '.join(problems)}")
+    return state
 
 
 def _activation_numel(model, x1) -> int:
@@ -237,6 +260,10 @@ class ScorePipeline:
         self.rank_, self.world = D.rank(), D.world_size()
         self.n_train, self.n_test = len(task.train), len(task.test)
         self.checkpoints = [None] if task.checkpoints is None else list(task.checkpoints)
+        for k, checkpoint in enumerate(self.checkpoints):  # every one, before any work
+            if checkpoint is not None:
+                name = checkpoint if isinstance(checkpoint, (str, Path)) else f"checkpoints[{k}]"
+                check_checkpoint(checkpoint, task.model, f"checkpoint {name}")
         self.row_lo, self.row_hi = D.shard_range(self.n_train, self.rank_, self.world)
         self.log = {"solves": []}
         self.preconditioner = None  # solver "pcg": the K-FAC / EK-FAC operator of the current checkpoint

@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from pbrf_fast.paper.data.cifar import load_cifar10, load_cifar10_arrays
@@ -94,3 +95,14 @@ def test_real_cifar10_copy():
     # The user cache ($PBRF_CACHE or ~/.cache/pbrf_fast): decoded once per machine (~15 s).
     x, y = load_cifar10_arrays(REAL, None, "test")
     assert x.shape == (10000, 32, 32, 3) and np.bincount(y).tolist() == [1000] * 10
+
+
+def test_subsets_of_a_class_sorted_copy_are_seeded_random_not_the_first_n(tmp_path):
+    write_tree(tmp_path / "tree")  # stored class by class: the first 3 training images are all airplanes
+    _, y_tr, _, y_te = load_cifar10(tmp_path / "tree", tmp_path / "cache", n_train=4, n_test=3, seed=1)
+    assert len(y_tr) == 4 and len(y_te) == 3
+    assert len(set(y_tr.tolist())) > 1 and len(set(y_te.tolist())) > 1
+    again = load_cifar10(tmp_path / "tree", tmp_path / "cache", n_train=4, n_test=3, seed=1)
+    assert torch.equal(again[1], y_tr) and torch.equal(again[3], y_te)  # the seed decides
+    other = load_cifar10(tmp_path / "tree", tmp_path / "cache", n_train=4, n_test=3, seed=2)
+    assert not (torch.equal(other[1], y_tr) and torch.equal(other[3], y_te))

@@ -25,17 +25,7 @@ def load_dataset(name, data_dir=None, cache_dir=None, n_train=None, n_test=None,
     if name == "cifar10":
         from .data.cifar import load_cifar10
 
-        x_tr, y_tr, x_te, y_te = load_cifar10(data_dir, cache_dir)
-        # Image-folder copies are stored class by class: take seeded random
-        # subsets, never the first N (which would all be one class).
-        gen = torch.Generator().manual_seed(seed)
-        if n_train is not None and n_train < len(x_tr):
-            keep = torch.randperm(len(x_tr), generator=gen)[:n_train].sort().values
-            x_tr, y_tr = x_tr[keep], y_tr[keep]
-        if n_test is not None:
-            keep = torch.randperm(len(x_te), generator=gen)[:n_test].sort().values
-            x_te, y_te = x_te[keep], y_te[keep]
-        return x_tr, y_tr, x_te, y_te
+        return load_cifar10(data_dir, cache_dir, n_train, n_test, seed)  # seeded random subsets
     if name == "digits":
         from .data import load_digits
 

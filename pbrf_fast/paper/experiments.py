@@ -159,7 +159,8 @@ def _load(row: Recipe, data_dir, seed, fraction):
     elif row.dataset == "cifar10":
         from .data.cifar import load_cifar10
 
-        x, y, xt, yt = load_cifar10(data_dir)
+        # the test points a seeded random subset: the image-folder copy is stored class by class
+        x, y, xt, yt = load_cifar10(data_dir, n_test=row.data.test_points, seed=seed)
     else:
         load = load_mnist if row.dataset == "mnist" else load_fashion_mnist
         x, y, xt, yt = load(data_dir, flatten=row.model in ("mlp", "autoencoder"))

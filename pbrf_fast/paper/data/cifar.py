@@ -166,15 +166,22 @@ def cifar10_normalise(images: np.ndarray, mean=None, std=None) -> torch.Tensor:
     return ((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).contiguous()
 
 
-def load_cifar10(data_dir=None, cache=None, n_train: int | None = None, n_test: int | None = None):
+def load_cifar10(data_dir=None, cache=None, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
     """Normalised CIFAR-10 tensors ``x_train, y_train, x_test, y_test`` (per-channel
-    statistics of the *full* training set, applied to both splits)."""
+    statistics of the *full* training set, applied to both splits). ``n_train`` / ``n_test``
+    take seeded random subsets (in index order), never the first N: image-folder copies are
+    stored class by class, so the first N would all be one class."""
     x_tr, y_tr = load_cifar10_arrays(data_dir, cache, "train")
     x_te, y_te = load_cifar10_arrays(data_dir, cache, "test")
     stats = torch.from_numpy(x_tr).float().div_(255.0)
     mean, std = stats.mean((0, 1, 2)), stats.std((0, 1, 2))
     del stats
-    x_tr, y_tr = x_tr[:n_train], y_tr[:n_train]
-    x_te, y_te = x_te[:n_test], y_te[:n_test]
+    gen = torch.Generator().manual_seed(seed)
+    if n_train is not None and n_train < len(x_tr):
+        keep = torch.randperm(len(x_tr), generator=gen)[:n_train].sort().values.numpy()
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    if n_test is not None:
+        keep = torch.randperm(len(x_te), generator=gen)[:n_test].sort().values.numpy()
+        x_te, y_te = x_te[keep], y_te[keep]
     return (cifar10_normalise(x_tr, mean, std), torch.from_numpy(y_tr),
             cifar10_normalise(x_te, mean, std), torch.from_numpy(y_te))

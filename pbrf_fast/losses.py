@@ -131,6 +131,9 @@ class CrossEntropyLoss(Loss):
 
     def prepare_targets(self, targets, num_outputs):
         if torch.is_floating_point(targets):
+            if targets.dim() == 1:  # float class labels, the usual slip: say what is expected
+                raise InputError("cross_entropy: integer class labels expected (n,), got float targets; convert "
+                                 f"them with .long(), or give soft targets of shape (n, {num_outputs})")
             if targets.dim() != 2 or targets.shape[-1] != num_outputs:
                 raise InputError(
                     f"cross_entropy soft targets must have shape (n, {num_outputs}); "

@@ -118,3 +118,27 @@ def test_data_with_a_built_in_model_is_a_usage_error_not_ignored(files, capsys):
     assert main(["scores", "--model", "mlp", "--dataset", "synthetic", "--data", str(tmp / "data.pt"),
                  "--out", str(tmp / "builtin")]) == 2
     assert "--data is your own data" in capsys.readouterr().err
+
+
+def test_float_class_labels_for_cross_entropy_say_integer_labels_expected():
+    import pbrf_fast
+
+    model = torch.nn.Linear(3, 4)
+    with pytest.raises(InputError, match=r"integer class labels expected \(n,\), got float targets; convert them "
+                                         r"with \.long\(\), or give soft targets of shape \(n, 4\)"):
+        pbrf_fast.Problem(model, "cross_entropy", torch.randn(5, 3), torch.tensor([0.0, 1.0, 2.0, 3.0, 1.0]))
+
+
+def test_an_explicit_dense_solve_that_cannot_fit_memory_is_refused_by_size(monkeypatch):
+    import pbrf_fast
+    from pbrf_fast.inverses import output_space
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    problem = pbrf_fast.Problem(model, "mse", torch.randn(6, 3, dtype=torch.float64),
+                                torch.randn(6, 2, dtype=torch.float64))
+    B = torch.randn(problem.dim, dtype=torch.float64)
+    monkeypatch.setattr(output_space, "_free_bytes", lambda device: 1000)  # a machine with 1000 bytes free
+    for method, what in (("kernel", r"N\*C = 12 training outputs' float64 Gram matrices need"),
+                         ("direct", rf"d = {problem.dim} parameters' dense float64 matrices need")):
+        with pytest.raises(InputError, match=rf"solver '{method}': {what} .* GiB are free; use solver='pcg'"):
+            pbrf_fast.solve(pbrf_fast.GaussNewton(problem, 0.1), B, method)

@@ -78,6 +78,17 @@ def resolve_tol(tol, dtype: torch.dtype) -> float:
     return default_tol(dtype) if tol is None else positive_number("tol", tol)
 
 
+def check_memory(method: str, needed_bytes: int, what: str, device) -> None:
+    """Refuse, by name and size, a dense solve whose matrices cannot fit the memory free now
+    (an explicit method; ``auto`` sizes its choice): not an allocator error asking for terabytes."""
+    from .output_space import _free_bytes
+
+    free = _free_bytes(torch.device(device))
+    if free is not None and needed_bytes > free:
+        raise InputError(f"solver {method!r}: {what} need {needed_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB "
+                         "are free; use solver='pcg' (or 'auto', which sizes its choice)")
+
+
 def check_columns(op: CurvatureOperator, B: torch.Tensor, name: str = "right-hand side B") -> torch.Tensor:
     """``B`` as a finite (d, m) block; a named error for anything else."""
     try:

@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..errors import IndefiniteOperatorError, InputError
-from .common import SolveResult, check_columns, finish, resolve_tol
+from .common import SolveResult, check_columns, check_memory, finish, resolve_tol
 from .options import InverseOptions, option
 
 # Above this many parameters a dense d x d factorisation stops being cheap.
@@ -32,6 +32,8 @@ def direct(op, B: torch.Tensor, options: DirectOptions) -> SolveResult:
     tol = resolve_tol(options.tol, B2.dtype)
     if op.dim > 4 * DIRECT_MAX_DIM:
         raise InputError(f"direct solver needs a dense {op.dim}x{op.dim} matrix; use method='cg' or 'lissa'")
+    if "eigh" not in op._cache:  # a cached factorisation needs no new memory
+        check_memory("direct", 3 * 8 * op.dim ** 2, f"d = {op.dim} parameters' dense float64 matrices", op.device)
     evals, evecs = op.eigh_data()
     shifted = evals + op.shift
     smallest = float(shifted.min())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from .common import SolveResult, check_columns, finish, resolve_tol
+from .common import SolveResult, check_columns, check_memory, finish, resolve_tol
 from .options import InverseOptions, option
 
 # The output-space solver keeps about three (N*C)^2 float64 matrices.
@@ -28,6 +28,10 @@ def kernel(op, B, options: KernelOptions) -> SolveResult:
     start = time.perf_counter()
     B2 = check_columns(op, B)
     tol = resolve_tol(options.tol, B2.dtype)
+    outputs = op.num_examples * op.problem.num_outputs
+    if "output_space" not in op._cache:  # a cached factorisation needs no new memory
+        check_memory("kernel", 3 * 8 * outputs ** 2, f"N*C = {outputs} training outputs' float64 Gram matrices",
+                     op.device)
     # All N training outputs enter one Gram matrix: a sharded operator gathers them first.
     local = op.gathered() if op.spans_processes else op
     X2 = OutputSpaceSolver(local).solve(B2)

@@ -153,7 +153,8 @@ def _cmd_evaluate(args) -> int:
 def _cmd_show(args) -> int:
     from .paper.show import show_scores
 
-    for path in show_scores(args.out, test_points=args.test_points, k=args.k, data_dir=args.data_dir):
+    for path in show_scores(args.out, test_points=args.test_points, k=args.k, data_dir=args.data_dir,
+                            relative=args.relative):
         print(path)
     return 0
 
@@ -430,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--test-points", type=POSITIVE_INT, default=8, help="test images shown")
     show.add_argument("-k", type=POSITIVE_INT, default=5, help="proponents and opponents per test image")
     show.add_argument("--data-dir", default=None, help="built-in data sets folder (default: as recorded)")
+    show.add_argument("--relative", action="store_true",
+                      help="rank proponents by score / self-influence (relative influence) instead of the score")
     show.set_defaults(func=_cmd_show)
     return parser
 

@@ -3,13 +3,16 @@
 - ``self_influence.png``: a histogram of self-influence (mislabelled or atypical
   examples sit in the right tail);
 - ``proponents.png`` (image data): each test image beside its top proponents and
-  opponents, with their scores.
+  opponents, each labelled with its training index, class and score (or, with
+  ``relative=True``, score / self-influence, which keeps examples that move every test
+  point from topping every list); the title says how many test points are drawn.
 
 The images come from the run's data: ``--data`` file for the user's own runs, the
 built-in loader otherwise (recorded in arguments.json).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +25,24 @@ __all__ = ["show_scores"]
 
 
 def _images(arguments: dict, data_dir=None):
-    """(x_train, x_test) of the run, or None when they are not images or not recorded."""
+    """(x_train, y_train, x_test), or a sentence saying why the run's images cannot be drawn."""
     extra = arguments.get("extra", {})
     if extra.get("data"):
         from ..scale.loading import load_data_file
 
         data = load_data_file(extra["data"])
-        x_tr, x_te = data["x_train"], data["x_test"]
+        x_tr, y_tr, x_te = data["x_train"], data["y_train"], data["x_test"]
     elif extra.get("dataset"):
         from .builtin_scores import load_dataset
 
-        x_tr, _, x_te, _ = load_dataset(extra["dataset"], data_dir or extra.get("data_dir"), None,
-                                        extra.get("train_points"), arguments.get("n_test"), extra.get("seed", 0))
+        x_tr, y_tr, x_te, _ = load_dataset(extra["dataset"], data_dir or extra.get("data_dir"), None,
+                                           extra.get("train_points"), arguments.get("n_test"), extra.get("seed", 0))
     else:
-        return None
+        return ("the run recorded no data file or built-in data set (a Python-API run): its training "
+                "examples cannot be drawn from here")
     if x_tr.dim() != 4 or x_tr.shape[1] not in (1, 3):
-        return None
-    return x_tr, x_te
+        return f"the inputs are not images (shape {tuple(x_tr.shape[1:])} per example)"
+    return x_tr, y_tr, x_te
 
 
 def _to_image(x: torch.Tensor) -> np.ndarray:
@@ -47,8 +51,63 @@ def _to_image(x: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).squeeze(-1).numpy()
 
 
-def show_scores(out_dir, *, test_points: int = 8, k: int = 5, data_dir=None) -> list[Path]:
-    """Write the figures into ``out_dir``; returns their paths."""
+def _ranked(results, j: int, k: int, relative: bool) -> tuple[list, list]:
+    """The top-k proponents and opponents of test point j: (index, value) pairs, by score or
+    by score / self-influence (relative influence: an example that moves every test point,
+    as high-self-influence ones do, no longer tops every list)."""
+    if not relative:
+        entry = results.topk[str(j)]
+        return entry["proponents"][:k], entry["opponents"][:k]
+    column = np.asarray(results.scores[:, j], dtype=np.float64) / np.maximum(results.self_influence, 1e-30)
+    order = np.argsort(column)
+    return ([(int(i), float(column[i])) for i in order[::-1][:k]], [(int(i), float(column[i])) for i in order[:k]])
+
+
+def _label(index: int, y_train, value: float) -> str:
+    label = y_train[index]
+    cls = f" class {int(label)}" if label.dim() == 0 and not torch.is_floating_point(label) else ""
+    return f"#{index}{cls}\n{value:.2g}"
+
+
+def _histogram(results, out: Path, plt) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(results.self_influence, bins=60, color="#0072b2")
+    ax.set_title(f"self-influence of {len(results.self_influence)} training examples ({out.name})", fontsize=9)
+    ax.set_xlabel("self-influence (own-loss increase on removal)")
+    ax.set_ylabel("training examples")
+    ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out / "self_influence.png", dpi=120)
+    plt.close(fig)
+    return out / "self_influence.png"
+
+
+def _proponents(results, images, out: Path, plt, test_points: int, k: int, relative: bool) -> Path:
+    x_tr, y_tr, x_te = images
+    rows = min(test_points, len(x_te), len(results.topk))
+    k = min(k, len(results.topk["0"]["proponents"]))
+    fig, axes = plt.subplots(rows, 1 + 2 * k, figsize=(1.5 * (1 + 2 * k), 1.75 * rows), squeeze=False)
+    for j in range(rows):
+        proponents, opponents = _ranked(results, j, k, relative)
+        panels = ([(x_te[j], f"test #{j}", "black")] + [(x_tr[i], _label(i, y_tr, v), "#009e73") for i, v in proponents]
+                  + [(x_tr[i], _label(i, y_tr, v), "#d55e00") for i, v in opponents])
+        for ax, (image, title, colour) in zip(axes[j], panels):
+            ax.imshow(_to_image(image), cmap="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=6.5, color=colour)
+    what = "relative influence (score / self-influence)" if relative else "influence score"
+    fig.suptitle(f"{out.name}: test points 0-{rows - 1} of {len(x_te)}; top {k} proponents (green) and opponents "
+                 f"(red) by {what}; each titled #index, class, value", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "proponents.png", dpi=120)
+    plt.close(fig)
+    return out / "proponents.png"
+
+
+def show_scores(out_dir, *, test_points: int = 8, k: int = 5, data_dir=None, relative: bool = False) -> list[Path]:
+    """Write the figures into ``out_dir``; returns their paths. ``relative``: rank and label
+    proponents by score / self-influence instead of the score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,38 +115,15 @@ def show_scores(out_dir, *, test_points: int = 8, k: int = 5, data_dir=None) -> 
 
     out = Path(out_dir)
     results = load_scores(out)
-    written = []
-    if results.self_influence is not None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.hist(results.self_influence, bins=60, color="#4472c4")
-        ax.set_xlabel("self-influence (own-loss increase on removal)")
-        ax.set_ylabel("training examples")
-        ax.set_yscale("log")
-        fig.tight_layout()
-        fig.savefig(out / "self_influence.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "self_influence.png")
+    if relative and results.self_influence is None:
+        raise InputError(f"{out}: --relative divides by self-influence, which this run did not compute "
+                         "(it ran with --no-self-influence)")
+    written = [] if results.self_influence is None else [_histogram(results, out, plt)]
     images = _images(results.arguments, data_dir)
-    if images is not None:
-        x_tr, x_te = images
-        rows = min(test_points, len(x_te), len(results.topk))
-        k = min(k, len(results.topk["0"]["proponents"]))
-        fig, axes = plt.subplots(rows, 1 + 2 * k, figsize=(1.4 * (1 + 2 * k), 1.5 * rows), squeeze=False)
-        for j in range(rows):
-            entry = results.topk[str(j)]
-            panels = ([(x_te[j], "test", None)] + [(x_tr[i], "proponent", s) for i, s in entry["proponents"][:k]]
-                      + [(x_tr[i], "opponent", s) for i, s in entry["opponents"][:k]])
-            for ax, (image, kind, score) in zip(axes[j], panels):
-                ax.imshow(_to_image(image), cmap="gray")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_title(kind if score is None else f"{score:.2g}", fontsize=7,
-                             color={"proponent": "#2e7d32", "opponent": "#c62828"}.get(kind, "black"))
-        fig.suptitle("each test image, its top proponents (green) and opponents (red)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "proponents.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "proponents.png")
+    if isinstance(images, str):
+        warnings.warn(f"{out}: proponents.png not drawn: {images}", stacklevel=2)
+    else:
+        written.append(_proponents(results, images, out, plt, test_points, k, relative))
     if not written:
-        raise InputError(f"{out}: nothing to show (no self-influence and no image data recorded)")
+        raise InputError(f"{out}: nothing to show (no self-influence, and {images})")
     return written

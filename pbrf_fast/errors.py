@@ -45,6 +45,11 @@ class InputIndexError(InputError, IndexError):
     """An index is out of range, or a mask has the wrong length."""
 
 
+class DataNotFoundError(PBRFError, FileNotFoundError):
+    """A data set's files are not where the loaders look: the message names the files, their
+    layout and where they go (``--data-dir`` / ``$PBRF_DATA``)."""
+
+
 class NotConvergedWarning(PBRFError, UserWarning):
     """A solve ended with columns above their tolerance: the message names the columns,
     their relative residuals and what to change (iterations, solver, damping)."""

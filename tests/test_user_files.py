@@ -142,3 +142,11 @@ def test_an_explicit_dense_solve_that_cannot_fit_memory_is_refused_by_size(monke
                          ("direct", rf"d = {problem.dim} parameters' dense float64 matrices need")):
         with pytest.raises(InputError, match=rf"solver '{method}': {what} .* GiB are free; use solver='pcg'"):
             pbrf_fast.solve(pbrf_fast.GaussNewton(problem, 0.1), B, method)
+
+
+def test_a_data_set_missing_from_its_folder_is_one_line_naming_the_files_and_layout(tmp_path, capsys):
+    assert main(["decompose", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "missing train-images-idx3-ubyte(.gz)" in err and "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]" in err
+    assert "--data-dir DIR or set $PBRF_DATA" in err

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...errors import DataNotFoundError
+
 __all__ = ["CIFAR10_CLASSES", "load_cifar10", "load_cifar10_arrays", "cifar10_normalise", "cache_dir"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -38,10 +40,10 @@ def cache_dir(path=None) -> Path:
 def _data_dir(path) -> Path:
     path = path or os.environ.get("PBRF_DATA")
     if not path:
-        raise FileNotFoundError("CIFAR-10: no data directory given; pass data_dir= or set $PBRF_DATA")
+        raise DataNotFoundError("CIFAR-10: no data directory given; pass data_dir= or set $PBRF_DATA")
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"CIFAR-10: data directory {path} does not exist")
+        raise DataNotFoundError(f"CIFAR-10: data directory {path} does not exist")
     return path
 
 
@@ -57,7 +59,7 @@ def _find_source(root: Path) -> tuple[str, Path]:
     tars = sorted(p for p in root.glob("*.tar.gz") if "cifar" in p.name.lower() and "100" not in p.name)
     if tars:
         return "image-tar", tars[0]
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"CIFAR-10 not found in {root}: expected cifar-10-batches-py/data_batch_1..5 + test_batch, "
         "cifar-10-python.tar.gz, a train/<class>/*.jpg + test/<class>/*.jpg tree, or a cifar*.tar.gz of one")
 
@@ -83,7 +85,7 @@ def _stack(items: dict, split: str, where) -> tuple[np.ndarray, np.ndarray]:
     """items: {(split, class, file): decoded image} -> arrays in (class, file) order."""
     keys = sorted(k for k in items if k[0] == split)
     if not keys:
-        raise FileNotFoundError(f"CIFAR-10: no {split}/<class>/ images in {where}")
+        raise DataNotFoundError(f"CIFAR-10: no {split}/<class>/ images in {where}")
     classes = sorted({k[1] for k in keys})
     label = {c: i for i, c in enumerate(classes)}
     return np.stack([items[k] for k in keys]), np.array([label[k[1]] for k in keys], dtype=np.int64)
@@ -118,7 +120,7 @@ def _read_source(kind: str, path: Path) -> dict[str, tuple[np.ndarray, np.ndarra
     if kind == "pickles":
         missing = [n for n in train_names + ["test_batch"] if not (path / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"CIFAR-10: {missing} missing in {path}")
+            raise DataNotFoundError(f"CIFAR-10: {missing} missing in {path}")
         opener = lambda n: open(path / n, "rb")  # noqa: E731
         return {"train": _unpickle_batches(opener, train_names), "test": _unpickle_batches(opener, ["test_batch"])}
     if kind == "pickle-tar":

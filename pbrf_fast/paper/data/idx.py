@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .uci import resolve_data_dir
+from ...errors import DataNotFoundError
 
 __all__ = ["read_idx", "load_mnist", "load_fashion_mnist", "subset", "corrupt_labels"]
 
@@ -38,7 +39,9 @@ def _find(folder: Path, stem: str) -> Path:
     for candidate in (folder / f"{stem}.gz", folder / stem):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"missing {stem}(.gz) in {folder}")
+    raise DataNotFoundError(f"missing {stem}(.gz) in {folder}: expected the standard IDX files "
+                            f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz] in <data dir>/{folder.name}/ "
+                            "(as torchvision's raw folder); pass --data-dir DIR or set $PBRF_DATA")
 
 
 def _load(name: str, data_dir, flatten: bool, dtype):

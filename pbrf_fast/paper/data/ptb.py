@@ -14,6 +14,7 @@ from collections import Counter
 import torch
 
 from .uci import resolve_data_dir
+from ...errors import DataNotFoundError
 
 __all__ = ["load_ptb", "build_vocabulary"]
 
@@ -46,7 +47,7 @@ def load_ptb(data_dir=None, seq_len: int = 35):
     for split in ("train", "test"):
         path = folder / f"ptb.{split}.txt"
         if not path.is_file():
-            raise FileNotFoundError(f"ptb: expected {path} (plain text, one sentence a line); it is missing")
+            raise DataNotFoundError(f"ptb: expected {path} (plain text, one sentence a line); it is missing")
         splits[split] = _tokens(path)
     vocabulary = build_vocabulary(splits["train"])
     unknown = vocabulary.get("<unk>", 0)

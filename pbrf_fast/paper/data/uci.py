@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .builtin import standardise
+from ...errors import DataNotFoundError
 
 __all__ = ["resolve_data_dir", "load_concrete", "load_energy", "load_diabetes_pima", "UCI_FILES"]
 
@@ -28,17 +29,18 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The data directory: the argument, else $PBRF_DATA; an error says where it looked."""
     chosen = data_dir if data_dir is not None else os.environ.get("PBRF_DATA")
     if chosen is None:
-        raise FileNotFoundError("no data directory: pass data_dir=... (CLI: --data-dir) or set PBRF_DATA")
+        raise DataNotFoundError("no data directory: pass data_dir=... (CLI: --data-dir DIR) or set $PBRF_DATA to the "
+                                "folder holding uci/, mnist/, fashion-mnist/, ptb/ and the CIFAR-10 files")
     path = Path(chosen).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"data directory {path} does not exist")
+        raise DataNotFoundError(f"data directory {path} does not exist")
     return path
 
 
 def _read_csv(name: str, data_dir) -> np.ndarray:
     path = resolve_data_dir(data_dir) / UCI_FILES[name]
     if not path.is_file():
-        raise FileNotFoundError(f"{name}: expected the CSV file {path} (with a header row); it is missing")
+        raise DataNotFoundError(f"{name}: expected the CSV file {path} (with a header row); it is missing")
     return np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64)
 
 

@@ -89,7 +89,7 @@ def check_memory(method: str, needed_bytes: int, what: str, device) -> None:
                          "are free; use solver='pcg' (or 'auto', which sizes its choice)")
 
 
-def check_columns(op: CurvatureOperator, B: torch.Tensor, name: str = "right-hand side B") -> torch.Tensor:
+def check_columns(op, B: torch.Tensor, name: str = "right-hand side B") -> torch.Tensor:
     """``B`` as a finite (d, m) block; a named error for anything else."""
     try:
         B2 = op.check_vectors(B)

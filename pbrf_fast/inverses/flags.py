@@ -1,8 +1,7 @@
 """The command line's solver flags, generated from :data:`pbrf_fast.INVERSES`: ``--solver``
 with the table's names as choices, and one flag per command-line field of any inverse's
 options dataclass (a field several solvers share, like ``tol``, is one flag). A flag left
-unset leaves the option to its solver's default, or to the command's own default where a
-command states one; ``--help`` shows both."""
+unset leaves the option to its solver's default, which ``--help`` shows."""
 from __future__ import annotations
 
 import argparse
@@ -31,20 +30,15 @@ def _shared_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
     return fields
 
 
-def _default_text(field_name: str, solvers: list[str], command_defaults: dict) -> str:
-    if field_name in command_defaults:
-        return f"default here {command_defaults[field_name]!r}"
+def _default_text(field_name: str, solvers: list[str]) -> str:
     defaults = {n: getattr(INVERSES[n].options, field_name) for n in solvers}
     if len(set(map(repr, defaults.values()))) == 1:
         return f"default {next(iter(defaults.values()))!r}"
     return "default " + ", ".join(f"{n}: {v!r}" for n, v in defaults.items())
 
 
-def add_solver_flags(parser: argparse.ArgumentParser, *, default_solver: str,
-                     command_defaults: dict | None = None) -> None:
-    """``--solver`` and every solver option's flag; ``command_defaults`` (field -> value) are
-    this command's own defaults where they differ from the options dataclasses'."""
-    command_defaults = dict(command_defaults or {})
+def add_solver_flags(parser: argparse.ArgumentParser, *, default_solver: str) -> None:
+    """``--solver`` and every solver option's flag, each showing its dataclass default."""
     lines = "; ".join(f"{name}: {entry.use_when}" for name, entry in INVERSES.items())
     parser.add_argument("--solver", choices=[*INVERSES, AUTO], default=default_solver,
                         help=f"how (C + lambda I)^-1 is applied (auto: the cheapest exact inverse by size: "
@@ -58,7 +52,7 @@ def add_solver_flags(parser: argparse.ArgumentParser, *, default_solver: str,
                            default=argparse.SUPPRESS,
                            choices=field.metadata.get("choices"),
                            help=f"{', '.join(solvers)}: {field.metadata['help']} "
-                                f"({_default_text(field_name, solvers, command_defaults)})")
+                                f"({_default_text(field_name, solvers)})")
 
 
 def _positive(kind):
@@ -78,8 +72,8 @@ def _positive(kind):
 
 
 def solver_options_from_flags(args: argparse.Namespace) -> dict:
-    """The chosen solver's options set on the command line (the command applies its own
-    defaults to the rest); a flag given for a solver that lacks the option is an error."""
+    """The chosen solver's options set on the command line (its options dataclass
+    fills the rest); a flag given for a solver that lacks the option is an error."""
     values = vars(args)
     method = args.solver
     own = {f.name for f in dataclasses.fields(INVERSES[method].options)} if method in INVERSES else set()

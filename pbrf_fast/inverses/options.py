@@ -22,7 +22,7 @@ def option(default, help: str, *, flags: tuple[str, ...] = (), cli: bool = True,
 @dataclasses.dataclass
 class InverseOptions:
     """Base of every inverse's options: built from a mapping with a named error for an
-    option the method does not have, and given back as keyword arguments."""
+    option the method does not have,."""
 
     @classmethod
     def from_mapping(cls, method: str, mapping: dict | None) -> "InverseOptions":
@@ -33,15 +33,6 @@ class InverseOptions:
             raise InputError(f"solver {method!r} has no option {', '.join(map(repr, unknown))}; its options are "
                              f"{names or 'none'}")
         return cls(**mapping)
-
-    def to_kwargs(self) -> dict:
-        # shallow on purpose: a warm start x0 or a preconditioner object passes through as it is
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def changed(self) -> dict:
-        """The options that differ from their defaults (what a run's arguments record)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not f.default and getattr(self, f.name) != f.default}
 
 
 def cli_fields(options_type: type) -> list[dataclasses.Field]:

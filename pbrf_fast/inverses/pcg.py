@@ -61,8 +61,6 @@ def _build_preconditioner(op, preconditioner, options):
     if getattr(op, "problem", None) is None or not curvature_kind(op.kind).exact:
         raise InputError(f"preconditioner {preconditioner!r} is built from the operator's problem: op must be "
                          "a GaussNewton or Hessian operator")
-    if not isinstance(options, dict):
-        raise InputTypeError(f"preconditioner_options must be a dict, got {options!r}")
     built = PRECONDITIONERS[preconditioner](op, **options)
     getattr(built, "factors", None)  # a Kronecker preconditioner computes its factors on first use
     return built, preconditioner

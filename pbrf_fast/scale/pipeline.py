@@ -414,13 +414,13 @@ class ScorePipeline:
         if a.solver == "lowrank":  # the eigenpairs stage cached them on op under these options
             return solve(op, grads, "lowrank", self.lowrank_options())
         options = dict(a.solver_options)
-        method = choose_method(op)[0] if a.solver == AUTO else a.solver
+        method = choose_method(op)[0] if a.solver == AUTO else a.solver  # which options it will take
         if "progress" in {f.name for f in dataclasses.fields(INVERSES[method].options)}:
             options.setdefault("progress", self.progress and self.rank_ == 0)  # a long solve shows itself
         if self.preconditioner is not None:  # pcg with stored Kronecker factors, not rebuilt
             options.pop("preconditioner_options", None)
             options["preconditioner"] = self.preconditioner
-        return solve(op, grads, method, **options)
+        return solve(op, grads, a.solver, **options)  # auto records its choice in info["dispatch"]
 
     def _scorer(self) -> LayerScorer:
         x1, t1 = self.probe.inputs, self.probe.targets

@@ -3,7 +3,6 @@ and 6 (ours beside the paper's claim, with the figure files they draw or copy)."
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from .paper_values import GAP_NAMES

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 
 import torch
 
@@ -153,8 +154,13 @@ def _cmd_evaluate(args) -> int:
 def _cmd_show(args) -> int:
     from .paper.show import show_scores
 
-    for path in show_scores(args.out, test_points=args.test_points, k=args.k, data_dir=args.data_dir,
-                            relative=args.relative):
+    with warnings.catch_warnings(record=True) as caught:  # on the terminal: one plain line each
+        warnings.simplefilter("always")
+        written = show_scores(args.out, test_points=args.test_points, k=args.k, data_dir=args.data_dir,
+                              relative=args.relative)
+    for warning in caught:
+        print(f"pbrf-fast show: {warning.message}", file=sys.stderr)
+    for path in written:
         print(path)
     return 0
 

@@ -40,6 +40,21 @@ def _number(kind, minimum, strict: bool):
     return parse
 
 
+def _damping(text: str):
+    """An argparse type: a damping >= 0 or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return NONNEGATIVE(text)
+
+
+def _damping_list(text: str) -> tuple:
+    """An argparse type: comma-separated dampings (numbers >= 0 or ``auto``), e.g. 1e-3,1e-1,auto."""
+    values = tuple(_damping(s) for s in text.split(",") if s.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated dampings (numbers >= 0 or auto), got {text!r}")
+    return values
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated positive integers, e.g. 3,32,32."""
     try:
@@ -263,7 +278,9 @@ def _scores_parser(sub) -> None:
                    help="gnh: the exact damped GNH (solved by --solver); kfac / ekfac: its Kronecker-factored "
                         "approximation, solved by its own inverse (use with --solver auto)")
     p.add_argument("--rank", type=POSITIVE_INT, help="Lanczos eigenpairs (lowrank solver, self-influence)")
-    p.add_argument("--damping", type=NONNEGATIVE, help="lambda added to the curvature")
+    p.add_argument("--damping", type=_damping,
+                   help="lambda added to the curvature, or auto: chosen from the curvature's spectrum "
+                        "(pbrf_fast.damping; the value and why are printed and saved in summary.json)")
     p.add_argument("--weight-decay", type=NONNEGATIVE,
                    help="the weight decay your model was trained with (part of the objective, so of the GNH)")
     p.add_argument("--curvature-samples", type=COUNT,
@@ -324,7 +341,9 @@ def _evaluate_parser(sub) -> None:
                    help="correctly classified test points checked for brittleness (retraining per k and solver)")
     p.add_argument("--brittleness-ks", type=_int_list, default=(10, 20, 40, 80),
                    help="top-proponent counts removed, e.g. 10,20,40,80")
-    p.add_argument("--damping", type=NONNEGATIVE, default=1e-3)
+    p.add_argument("--damping", type=_damping_list, default=("auto",),
+                   help="comma-separated dampings, each a number or auto, e.g. 1e-4,1e-3,1e-2,1e-1,1,auto: "
+                        "every solver at each, against one ground truth (a table row each and lds_damping.png)")
     p.add_argument("--weight-decay", type=NONNEGATIVE, default=None)
     p.add_argument("--epochs", type=POSITIVE_INT, default=None)
     p.add_argument("--lr", type=POSITIVE, default=None)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .curvatures import curvature_kind, make_curvature
+from .damping import AUTO as AUTO_DAMPING, DampingChoice, auto_damping, check_damping
 from .problem import Problem, as_index
 from .inverses import AUTO, SolveResult, choose_method, make_options, solve
 from .errors import InputError, InputTypeError
@@ -43,7 +44,9 @@ class Influence:
     problem:
         The training problem at the parameters to analyse (theta^s).
     damping:
-        lambda added to the curvature (weight decay is added on top, as part of J).
+        lambda added to the curvature (weight decay is added on top, as part of J), or
+        ``"auto"`` (the default): chosen from the curvature's spectrum by the rule of
+        :mod:`pbrf_fast.damping` (the value and why: :attr:`damping_choice`).
     curvature:
         ``"gnh"`` (Gauss-Newton Hessian, the default), ``"hessian"``, or its
         Kronecker-factored approximations ``"kfac"`` / ``"ekfac"``
@@ -62,10 +65,18 @@ class Influence:
         dict of its fields; checked here, so a misspelt option fails before any work.
     """
 
-    def __init__(self, problem: Problem, damping: float = 1e-3, curvature: str = "gnh",
+    def __init__(self, problem: Problem, damping: float | str = AUTO_DAMPING, curvature: str = "gnh",
                  solver: str = "auto", solver_options: dict | None = None, curvature_options: dict | None = None):
         self.problem = problem
-        self.operator = make_curvature(problem, curvature, damping, **dict(curvature_options or {}))
+        damping = check_damping(damping)
+        auto = damping == AUTO_DAMPING
+        operator = make_curvature(problem, curvature, 0.0 if auto else damping, **dict(curvature_options or {}))
+        # What "auto" chose and from what (None for a damping given as a number).
+        self.damping_choice: DampingChoice | None = None
+        if auto:
+            self.damping_choice = auto_damping(operator, curvature_kind(curvature).name)
+            operator = operator.with_damping(self.damping_choice.value)
+        self.operator = operator
         self.solver = solver
         if solver != AUTO:
             self.solver_options = make_options(solver, solver_options)

@@ -39,7 +39,7 @@ def test_the_scores_command_defaults_are_the_python_defaults():
 def test_scores_help_shows_every_default():
     text = _scores_parser().format_help()
     text = text[text.index("options:"):]  # the flags' help, not the usage line
-    for flag, default in (("--damping", "0.001"), ("--weight-decay", "0.0"), ("--memory-gb", "4.0"),
+    for flag, default in (("--damping", "auto"), ("--weight-decay", "0.0"), ("--memory-gb", "4.0"),
                           ("--solver", "auto"), ("--rank", "32"), ("--top-k", "10"), ("--depth", "1000"),
                           ("--repeats", "1"), ("--preconditioner", "'nystrom'")):
         start = text.index(f"  {flag} ")

@@ -263,11 +263,14 @@ def test_evaluate_command_writes_table_results_and_figure(tmp_path):
     assert (tmp_path / "lds.png").exists()
     table = (tmp_path / "table.md").read_text()
     assert "LDS vs PBRF" in table and "kernel" in table
-    direct = results["methods"]["direct"]
+    # one damping, "auto" by default: its value recorded on each row
+    assert set(results["methods"]["direct"]) == {"auto"}
+    direct = results["methods"]["direct"]["auto"]
     assert set(direct) == {"1", "2"} and "lds_pbrf" in direct["1"] and "lds_pbrf" not in direct["2"]
+    assert len(direct["1"]["damping"]) == 1 and direct["1"]["damping"][0] > 0 and len(direct["2"]["damping"]) == 2
     # the two exact solvers agree
     assert direct["1"]["lds_retraining"]["mean"] == pytest.approx(
-        results["methods"]["kernel"]["1"]["lds_retraining"]["mean"], abs=1e-6)
+        results["methods"]["kernel"]["auto"]["1"]["lds_retraining"]["mean"], abs=1e-6)
     fragile = results["brittleness"]["direct"]
     assert len(fragile["test_points"]) == 1 and set(fragile["flipped_fraction"]) == {"3", "60"}
     assert fragile["flipped_fraction"]["3"] <= fragile["flipped_fraction"]["60"]
@@ -276,7 +279,7 @@ def test_evaluate_command_writes_table_results_and_figure(tmp_path):
     assert cli.main(args[:-2] + ["--solvers", "direct", "--out", str(tmp_path), "--resume"]) == 0
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["ground_truth_computed_subsets"] == {"retraining": 0, "pbrf": 0}
-    assert again["methods"]["direct"]["1"]["lds_retraining"] == direct["1"]["lds_retraining"]
+    assert again["methods"]["direct"]["auto"]["1"]["lds_retraining"] == direct["1"]["lds_retraining"]
     assert set(again["methods"]) == {"direct"}
     # more LOO points add to the run (each stored by its removed point); the old ones are reused
     assert cli.main(args[:-2] + ["--solvers", "direct", "--loo", "6", "--out", str(tmp_path), "--resume"]) == 0
@@ -284,11 +287,34 @@ def test_evaluate_command_writes_table_results_and_figure(tmp_path):
     for count in (4, 6):
         points = np.random.default_rng(211).choice(150, size=count, replace=False)
         assert set(points.tolist()) <= set(stored)
-    assert len(json.loads((tmp_path / "results.json").read_text())["methods"]["direct"]["1"]["loo_pearson"]
+    assert len(json.loads((tmp_path / "results.json").read_text())["methods"]["direct"]["auto"]["1"]["loo_pearson"]
                ["per_test"]) == 12
 
 
-@pytest.mark.parametrize("argv", [["--solvers", "cg,bogus"], ["--alpha", "1.5"], ["--checkpoints", "0"],
+def test_evaluate_damping_grid_one_ground_truth(tmp_path):
+    """--damping a,b,auto: each solver at each damping against one retraining ground truth,
+    a PBRF per damping, a table row each and the LDS-vs-damping figure."""
+    args = ["evaluate", "--dataset", "digits", "--model", "logreg", "--train-points", "120", "--test-points", "8",
+            "--subsets", "4", "--solvers", "direct,identity", "--damping", "1e-3,1,auto", "--lbfgs-iters", "60",
+            "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]["direct"]) == {"0.001", "1", "auto"}
+    rows = results["methods"]["direct"]
+    assert rows["0.001"]["1"]["damping"] == pytest.approx([1e-3]) and rows["1"]["1"]["damping"] == pytest.approx([1.0])
+    assert rows["auto"]["1"]["damping"][0] > 0
+    # a different damping gives a different exact answer, against the same retraining
+    assert rows["0.001"]["1"]["lds_retraining"]["mean"] != rows["1"]["1"]["lds_retraining"]["mean"]
+    # the gradient dot product ignores the damping
+    ident = results["methods"]["identity"]
+    assert ident["0.001"]["1"]["lds_retraining"]["mean"] == pytest.approx(ident["1"]["1"]["lds_retraining"]["mean"])
+    assert results["ground_truth_computed_subsets"]["retraining"] == 4
+    assert (tmp_path / "lds_damping.png").exists()
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("| direct |") == 3
+
+
+@pytest.mark.parametrize("argv", [["--solvers", "cg,bogus"], ["--damping", "1e-3,fast"], ["--damping", "-1"], ["--alpha", "1.5"], ["--checkpoints", "0"],
                                   ["--dataset", "mnist", "--model", "resnet20"]])
 def test_evaluate_bad_input_exits_2(argv, tmp_path, capsys):
     try:

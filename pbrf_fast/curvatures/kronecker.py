@@ -551,6 +551,16 @@ class KroneckerCurvature(CurvatureOperator):
         o = dict(self.options)
         return type(self)(self.problem, damping, self.kind, batch_size=self.batch_size, _cache=self._cache, **o)
 
+    def eigenvalues(self) -> torch.Tensor:
+        """Every eigenvalue of the approximation K (relative damping included, weight decay and
+        damping not): each layer's block, then the other parameters' diagonal (zeros where
+        they get damping only). ``damping="auto"`` reads its scale from them."""
+        blocks, (rows, diag) = self._blocks()
+        parts = [values.reshape(-1) for _, _, _, values in blocks]
+        if rows is not None:
+            parts.append(diag.reshape(-1).to(self.dtype))
+        return torch.cat(parts)
+
     def _other_slices(self):
         offsets = self.problem.param_ranges
         return [offsets[n] for n in self.others]

@@ -117,7 +117,8 @@ class EvaluateConfig:
     loo: int = 0                        # leave-one-out retrainings for the LOO correlation (0: none)
     brittleness: int = 0                # test points checked for brittleness (0: none)
     brittleness_ks: tuple[int, ...] = (10, 20, 40, 80)
-    damping: float = 1e-3
+    # each a number or "auto" (pbrf_fast.damping); several put damping on the table's axis
+    damping: tuple = ("auto",)
     weight_decay: float | None = None
     epochs: int | None = None
     lr: float | None = None
@@ -141,6 +142,18 @@ class EvaluateConfig:
         object.__setattr__(self, "solvers", tuple(self.solvers))
         object.__setattr__(self, "checkpoints", tuple(sorted(set(self.checkpoints))))
         object.__setattr__(self, "brittleness_ks", tuple(sorted(set(self.brittleness_ks))))
+        from ..damping import check_damping
+        from .jobs import ConfigError
+
+        dampings = self.damping if isinstance(self.damping, (tuple, list)) else (self.damping,)
+        if not dampings:
+            raise ConfigError("damping: give at least one value (a number or 'auto')")
+        checked = []
+        for value in dampings:
+            value = check_damping(value, "--damping")
+            if value not in checked:
+                checked.append(value)
+        object.__setattr__(self, "damping", tuple(checked))
 
     def arguments(self) -> dict:
         return dataclasses.asdict(self)

@@ -52,7 +52,8 @@ from ..influence import Influence
 from ..problem import Problem
 from ..results_folder import ResultsFolder
 from ..inverses import DIRECT_MAX_DIM, KERNEL_MEMORY_BYTES
-from ..curvatures import CURVATURES
+from ..curvatures import CURVATURES, GaussNewton
+from ..damping import AUTO as AUTO_DAMPING, AUTO_DAMPING_FACTORS, auto_damping
 from .config import EVALUATE_SOLVERS, EvaluateConfig, RunOptions
 from .ground_truth import pbrf_ground_truth, retraining_ground_truth, train_on_subsets
 from .jobs import ConfigError
@@ -63,11 +64,11 @@ from .training import TrainConfig, TrainResult, train
 
 __all__ = ["Setting", "build_setting", "run_evaluate", "solver_scores", "EVALUATE_SETTINGS"]
 
-# Settings that change no stored piece, or only score matrices, whose file names carry
-# them (see _solver_tag), or that only add pieces of their own (the PBRF subsets; LOO
+# Settings that change no stored piece, or only score matrices and PBRF rows, whose file
+# names carry them (see _solver_tag, _damping_tag), or that only add pieces of their own (the PBRF subsets; LOO
 # retrainings, stored by the removed point's index; brittleness files, which record
 # their test points and k): a rerun with other values reuses everything else on disk.
-REPORT_ONLY = ("solvers", "checkpoints", "cg_iters", "tol", "preconditioner", "preconditioner_rank",
+REPORT_ONLY = ("solvers", "checkpoints", "damping", "cg_iters", "tol", "preconditioner", "preconditioner_rank",
                "lissa_depth", "lissa_batch_size", "rank",
                "pbrf", "loo", "brittleness", "brittleness_ks")
 EVALUATE_SETTINGS = {(dataset, model) for job, dataset, model, _ in RECIPES if job == "evaluate"}
@@ -222,6 +223,18 @@ def _solver_tag(solver: str, config: EvaluateConfig) -> str:
     return f"{solver}-{options}" if options else solver
 
 
+def _damping_tag(damping) -> str:
+    """A damping of the job as a file-name piece: the number, or ``auto`` with its rule's factors
+    (another rule is another file)."""
+    if damping == AUTO_DAMPING:
+        return "auto-" + "-".join(f"{k}{v:g}" for k, v in sorted(AUTO_DAMPING_FACTORS.items()))
+    return f"{damping:g}"
+
+
+def _damping_label(damping) -> str:
+    return damping if isinstance(damping, str) else f"{damping:g}"
+
+
 def _skip_reason(solver: str, problem: Problem) -> str | None:
     outputs = problem.n * problem.num_outputs
     if solver == "direct" and problem.dim > 2 * DIRECT_MAX_DIM:
@@ -243,19 +256,25 @@ def _solver_options(solver: str, config: EvaluateConfig) -> dict:
             "lowrank": {"rank": config.rank, "seed": config.seed}}.get(solver, {})
 
 
-def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test, t_test) -> tuple[np.ndarray, dict]:
-    """Scores (n_train, m) of one solver at the problem's parameters, and what it did."""
+def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test, t_test,
+                  damping=None) -> tuple[np.ndarray, dict]:
+    """Scores (n_train, m) of one solver at the problem's parameters and ``damping`` (a number or
+    "auto"; default: the config's first), and what it did."""
     if solver not in EVALUATE_SOLVERS:
         raise ConfigError(f"unknown solver {solver!r}; choose from {EVALUATE_SOLVERS}")
+    damping = config.damping[0] if damping is None else damping
+    start = time.perf_counter()
     if solver in CURVATURES:
         # Exact pseudo-gradients up to 16 outputs (kronecker's "auto"), sampled ones seeded by the run.
-        influence = Influence(problem, config.damping, curvature=solver, solver="auto",
+        influence = Influence(problem, damping, curvature=solver, solver="auto",
                               curvature_options={"seed": config.seed})
     else:
-        influence = Influence(problem, config.damping, solver=solver, solver_options=_solver_options(solver, config))
-    start = time.perf_counter()
+        influence = Influence(problem, damping, solver=solver, solver_options=_solver_options(solver, config))
     scores = influence.scores(x_test, t_test)
-    info = {"seconds": time.perf_counter() - start}
+    # the time includes what "auto" spent measuring the spectrum (and K-FAC's factors)
+    info = {"seconds": time.perf_counter() - start, "damping": influence.damping}
+    if influence.damping_choice is not None:
+        info["damping_choice"] = influence.damping_choice.as_dict()
     last = influence.last_solve
     if last is not None and last.converged is not None:  # a solve that measured its residuals
         info["iterations"] = int(torch.as_tensor(last.iterations).max())
@@ -266,33 +285,45 @@ def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test,
 
 
 def _all_scores(models, config: EvaluateConfig, setting: Setting, folder: ResultsFolder, progress: bool) -> dict:
-    """{solver: {"scores": [per checkpoint (n, m)], "info": [...]} or {"skipped": reason}}."""
+    """{solver: {damping label: {"scores": [per checkpoint (n, m)], "info": [...]}} or {"skipped": reason}}."""
     from tqdm.auto import tqdm
 
     out = {}
-    bar = tqdm(total=len(config.solvers) * len(models), desc="scores", leave=False, disable=not progress)
+    bar = tqdm(total=len(config.solvers) * len(config.damping) * len(models), desc="scores", leave=False,
+               disable=not progress)
     for solver in config.solvers:
         reason = _skip_reason(solver, models[0][0])
         if reason:
             out[solver] = {"skipped": reason}
-            bar.update(len(models))
+            bar.update(len(models) * len(config.damping))
             continue
-        entry = {"scores": [], "info": []}
-        for c, (problem, _) in enumerate(models):
-            stem = f"scores/{_solver_tag(solver, config)}-{c}"
-            path, meta = folder.file(f"{stem}.npy"), folder.file(f"{stem}.json")
-            if path.exists() and meta.exists():
-                scores, info = np.load(path), json.loads(meta.read_text())
-            else:
-                scores, info = solver_scores(problem, solver, config, setting.x_test, setting.y_test)
-                atomic_write(path, lambda handle: np.save(handle, scores))
-                atomic_write_json(meta, info)
-            entry["scores"].append(scores)
-            entry["info"].append(info)
-            bar.update(1)
-        out[solver] = entry
+        out[solver] = {}
+        for damping in config.damping:
+            entry = {"scores": [], "info": []}
+            for c, (problem, _) in enumerate(models):
+                stem = f"scores/{_solver_tag(solver, config)}-damping{_damping_tag(damping)}-{c}"
+                path, meta = folder.file(f"{stem}.npy"), folder.file(f"{stem}.json")
+                if path.exists() and meta.exists():
+                    scores, info = np.load(path), json.loads(meta.read_text())
+                else:
+                    bar.set_postfix_str(f"{solver} at damping {_damping_label(damping)}")
+                    scores, info = solver_scores(problem, solver, config, setting.x_test, setting.y_test, damping)
+                    atomic_write(path, lambda handle: np.save(handle, scores))
+                    atomic_write_json(meta, info)
+                entry["scores"].append(scores)
+                entry["info"].append(info)
+                bar.update(1)
+            out[solver][_damping_label(damping)] = entry
     bar.close()
     return out
+
+
+def _pbrf_damping(config: EvaluateConfig, damping, problem: Problem) -> float:
+    """The PBRF's proximity weight for one damping of the job: the number, or what "auto" gives
+    the exact GNH at the first base model (the question the exact solver answers there)."""
+    if damping != AUTO_DAMPING:
+        return damping
+    return auto_damping(GaussNewton(problem, 0.0), "gnh").value
 
 
 def _starts(setting: Setting, base_problem: Problem):
@@ -350,7 +381,9 @@ def _brittleness(setting, config, problem0, base0, scores, folder, progress) -> 
                                              [seed] * len(g), lbfgs_max_iter=config.lbfgs_iters) for g in groups])
         return (_predictions(problem0, params, setting.x_test[j : j + 1])[:, 0] != base_prediction[j]).tolist()
 
-    rankings = {solver: entry["scores"][0] for solver, entry in scores.items() if "skipped" not in entry}
+    # each solver ranked at the job's first damping
+    first = _damping_label(config.damping[0])
+    rankings = {solver: entry[first]["scores"][0] for solver, entry in scores.items() if "skipped" not in entry}
     rankings["random"] = rng.random((n, len(setting.x_test)))
     out = {}
     for solver, ranking in rankings.items():
@@ -401,14 +434,20 @@ def run_evaluate(config: EvaluateConfig, run: RunOptions) -> dict:
                                       repeats=config.repeats, seed=config.seed, chunk=config.chunk, folder=folder,
                                       progress=progress, lbfgs_max_iter=config.lbfgs_iters)
     truths["retraining"], timing["retraining"] = retrain["truth"], retrain
-    if config.pbrf:
-        solver = ResponseSolver(problem0, base0, ResponseSettings(damping=config.damping))
-        pbrf = pbrf_ground_truth(solver, masks, setting.x_test, setting.y_test, chunk=config.chunk, folder=folder,
-                                 progress=progress, lbfgs_max_iter=config.lbfgs_iters)
-        truths["pbrf"], timing["pbrf"] = pbrf["truth"], pbrf
+    pbrf_dampings = {}
+    if config.pbrf:  # one PBRF per damping: the proximity term is the damping's question
+        for damping in config.damping:
+            value = _pbrf_damping(config, damping, problem0)
+            solver = ResponseSolver(problem0, base0, ResponseSettings(damping=value))
+            name = "pbrf" if len(config.damping) == 1 else f"pbrf at damping {_damping_label(damping)}"
+            pbrf = pbrf_ground_truth(solver, masks, setting.x_test, setting.y_test, chunk=config.chunk, folder=folder,
+                                     progress=progress, lbfgs_max_iter=config.lbfgs_iters,
+                                     kind=f"pbrf-damping{value:.6g}")
+            truths[name], timing[name] = pbrf["truth"], pbrf
+            pbrf_dampings[_damping_label(damping)] = (name, value)
     loo = _loo_changes(setting, config, problem0, folder, progress) if config.loo else None
     scores = _all_scores(models, config, setting, folder, progress)
-    results = _evaluate(config, setting, masks, truths, scores, loo)
+    results = _evaluate(config, setting, masks, truths, scores, loo, pbrf_dampings)
     if config.brittleness:
         results["brittleness"] = _brittleness(setting, config, problem0, base0, scores, folder, progress)
     # every stored row's time, also those an earlier (killed) call of a resumed job finished
@@ -425,9 +464,13 @@ def run_evaluate(config: EvaluateConfig, run: RunOptions) -> dict:
     atomic_write_text(folder.file("table.md"), md)
     atomic_write_json(folder.file("results.json"), results)
     _figure(folder.file("lds.png"), setting.name, results)
+    written = "table.md, results.json, lds.png"
+    if len(config.damping) > 1:
+        _damping_figure(folder.file("lds_damping.png"), setting.name, results)
+        written += ", lds_damping.png"
     if progress:
         print(md)
-        print(f"results in {folder.path}/ (table.md, results.json, lds.png)")
+        print(f"results in {folder.path}/ ({written})")
     return results
 
 
@@ -436,27 +479,34 @@ def _accuracy(problem: Problem, x, t) -> float:
         return float((problem.forward(problem.theta, x.to(problem.device)).argmax(1).cpu() == t).double().mean())
 
 
-def _evaluate(config, setting, masks, truths, scores, loo) -> dict:
+def _evaluate(config, setting, masks, truths, scores, loo, pbrf_dampings) -> dict:
+    """{"setting", "methods": {solver: {damping label: {checkpoint count: row}} or {"skipped"}}}.
+    A row's ``lds_pbrf`` is against the PBRF at the row's own damping."""
     methods = {}
-    for solver, entry in scores.items():
-        if "skipped" in entry:
-            methods[solver] = {"skipped": entry["skipped"]}
+    for solver, by_damping in scores.items():
+        if "skipped" in by_damping:
+            methods[solver] = {"skipped": by_damping["skipped"]}
             continue
-        rows = {}
-        for count in config.checkpoints:
-            mean_scores = np.mean(entry["scores"][:count], 0)
-            row = {"seconds": float(sum(i["seconds"] for i in entry["info"][:count])), "info": entry["info"][:count]}
-            for name, truth in truths.items():
+        methods[solver] = {}
+        for label, entry in by_damping.items():
+            rows = {}
+            for count in config.checkpoints:
+                mean_scores = np.mean(entry["scores"][:count], 0)
+                info = entry["info"][:count]
+                row = {"seconds": float(sum(i["seconds"] for i in info)), "info": info,
+                       "damping": [i.get("damping") for i in info]}
+                row["lds_retraining"] = linear_datamodeling_score(mean_scores, masks, truths["retraining"]).as_dict()
                 # The PBRF is the response of the first base model: its LDS is reported for one checkpoint.
-                if name == "pbrf" and count != 1:
-                    continue
-                row[f"lds_{name}"] = linear_datamodeling_score(mean_scores, masks, truth).as_dict()
-            if loo is not None:
-                points, changes, _ = loo
-                for method in ("pearson", "spearman"):
-                    row[f"loo_{method}"] = loo_correlation(mean_scores[points], changes, method).as_dict()
-            rows[str(count)] = row
-        methods[solver] = rows
+                if label in pbrf_dampings and count == 1:
+                    name, value = pbrf_dampings[label]
+                    row["lds_pbrf"] = linear_datamodeling_score(mean_scores, masks, truths[name]).as_dict()
+                    row["pbrf_damping"] = value
+                if loo is not None:
+                    points, changes, _ = loo
+                    for method in ("pearson", "spearman"):
+                        row[f"loo_{method}"] = loo_correlation(mean_scores[points], changes, method).as_dict()
+                rows[str(count)] = row
+            methods[solver][label] = rows
     return {"setting": setting.name, "methods": methods}
 
 
@@ -467,20 +517,30 @@ def _cell(result: dict | None) -> str:
     return text + (f" ({result['n_undefined']} undefined)" if result["n_undefined"] else "")
 
 
+def _damping_cell(label: str, row: dict) -> str:
+    values = [v for v in row.get("damping", []) if v is not None]
+    if label != AUTO_DAMPING or not values:
+        return label
+    return "auto (" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
 def _table(name: str, config: EvaluateConfig, results: dict) -> str:
-    header = ["solver", "checkpoints", "LDS vs retraining", "LDS vs PBRF"]
+    header = ["solver", "damping", "checkpoints", "LDS vs retraining", "LDS vs PBRF"]
     header += ["LOO Pearson", "LOO Spearman"] if config.loo else []
     header += ["seconds"]
     rows = []
-    for solver, entry in results["methods"].items():
-        if "skipped" in entry:
-            rows.append([solver, "-", f"skipped: {entry['skipped']}", "-"] + ["-"] * (2 if config.loo else 0) + ["-"])
+    for solver, by_damping in results["methods"].items():
+        if "skipped" in by_damping:
+            rows.append([solver, "-", "-", f"skipped: {by_damping['skipped']}", "-"]
+                        + ["-"] * (2 if config.loo else 0) + ["-"])
             continue
-        for count, row in entry.items():
-            cells = [_solver_tag(solver, config), count, _cell(row.get("lds_retraining")), _cell(row.get("lds_pbrf"))]
-            if config.loo:
-                cells += [_cell(row.get("loo_pearson")), _cell(row.get("loo_spearman"))]
-            rows.append(cells + [f"{row['seconds']:.1f}"])
+        for label, entry in by_damping.items():
+            for count, row in entry.items():
+                cells = [_solver_tag(solver, config), _damping_cell(label, row), count,
+                         _cell(row.get("lds_retraining")), _cell(row.get("lds_pbrf"))]
+                if config.loo:
+                    cells += [_cell(row.get("loo_pearson")), _cell(row.get("loo_spearman"))]
+                rows.append(cells + [f"{row['seconds']:.1f}"])
     seconds = results["ground_truth_seconds"]
     missing = {k: v for k, v in results.get("ground_truth_untimed_subsets", {}).items() if v}
     untimed = ("" if not missing else " (subsets stored without a time, not counted: "
@@ -494,7 +554,8 @@ def _table(name: str, config: EvaluateConfig, results: dict) -> str:
                                     [[solver] + [f"{r['flipped_fraction'][str(k)]:.2f}" for k in ks]
                                      for solver, r in results["brittleness"].items()]))
     text = (f"**Attribution quality, {name}**: {config.subsets} subsets at alpha = {config.alpha}, "
-            f"{config.repeats} retraining run(s) per subset; damping {config.damping}; measurement: test loss\n\n"
+            f"{config.repeats} retraining run(s) per subset; damping {', '.join(map(_damping_label, config.damping))} "
+            "(auto: pbrf_fast.damping's rule); measurement: test loss\n\n"
             + markdown_table(header, rows)
             + "\n\nGround truth time (s, all subsets, including calls before a resume): "
             + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + untimed + fragile + "\n")
@@ -504,13 +565,14 @@ def _table(name: str, config: EvaluateConfig, results: dict) -> str:
 def _figure(path, name: str, results: dict) -> None:
     plt = _pyplot()
     labels, values, colours = [], [], []
-    for solver, entry in results["methods"].items():
-        if "skipped" in entry:
+    for solver, by_damping in results["methods"].items():
+        if "skipped" in by_damping:
             continue
-        for count, row in entry.items():
+        rows = [(label, count, row) for label, entry in by_damping.items() for count, row in entry.items()]
+        for label, count, row in rows:
             for truth, colour in (("retraining", "tab:blue"), ("pbrf", "tab:orange")):
                 if f"lds_{truth}" in row:
-                    labels.append(f"{solver} x{count}\nvs {truth}")
+                    labels.append(f"{solver} x{count}\ndamping {label}\nvs {truth}")
                     mean = row[f"lds_{truth}"]["mean"]
                     values.append(mean if mean is not None and np.isfinite(mean) else 0.0)
                     colours.append(colour)
@@ -520,5 +582,32 @@ def _figure(path, name: str, results: dict) -> None:
     ax.set_ylabel("LDS (Spearman)")
     ax.set_title(f"LDS, {name}")
     ax.axhline(0, color="black", linewidth=0.5)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _damping_figure(path, name: str, results: dict) -> None:
+    """LDS against retraining as a function of the damping, one line per solver (one checkpoint);
+    ``auto`` is a marker at the value it chose."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = plt.get_cmap("tab10").colors
+    for i, (solver, by_damping) in enumerate(results["methods"].items()):
+        if "skipped" in by_damping:
+            continue
+        colour = colours[i % len(colours)]
+        points = sorted((float(label), entry["1"]["lds_retraining"]["mean"]) for label, entry in by_damping.items()
+                        if label != AUTO_DAMPING and "1" in entry)
+        if points:
+            ax.plot(*zip(*points), marker="o", color=colour, label=solver)
+        auto = by_damping.get(AUTO_DAMPING, {}).get("1")
+        if auto is not None and auto["damping"] and auto["damping"][0]:
+            ax.plot([auto["damping"][0]], [auto["lds_retraining"]["mean"]], marker="*", markersize=14,
+                    color=colour, linestyle="none", label=f"{solver} at auto")
+    ax.set_xscale("log")
+    ax.set_xlabel("damping lambda (added to the curvature's eigenvalues)")
+    ax.set_ylabel("LDS vs retraining (Spearman, 1 checkpoint)")
+    ax.set_title(f"LDS against damping, {name}")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, path)
     plt.close(fig)

@@ -186,14 +186,15 @@ def _timing(done: dict[int, dict], count: int, call_seconds: float, computed: in
 
 
 def pbrf_ground_truth(solver: ResponseSolver, masks, x_test, t_test, *, chunk: int = 20,
-                      folder: ResultsFolder | None = None, progress: bool = True, lbfgs_max_iter: int = 500) -> dict:
+                      folder: ResultsFolder | None = None, progress: bool = True, lbfgs_max_iter: int = 500,
+                      kind: str = "pbrf") -> dict:
     """Test losses at the PBRF response to removing each subset's complement: (K, m).
 
     Returns ``{"truth", "seconds", "call_seconds", "computed", "untimed"}`` like
     :func:`retraining_ground_truth`.
     """
     masks = torch.as_tensor(np.asarray(masks), dtype=torch.bool)
-    done, todo = _resumed(folder, "pbrf", len(masks))
+    done, todo = _resumed(folder, kind, len(masks))
     bar = tqdm(total=len(masks), initial=len(done), desc="PBRF subsets", leave=False, disable=not progress)
     start = time.perf_counter()
     for first in range(0, len(todo), chunk):
@@ -205,7 +206,7 @@ def pbrf_ground_truth(solver: ResponseSolver, masks, x_test, t_test, *, chunk: i
         for k, row in zip(part, rows):
             done[k] = {"truth": row.tolist(), "seconds": share}
             if folder is not None:
-                atomic_write_json(folder.point_file("pbrf", k), done[k])
+                atomic_write_json(folder.point_file(kind, k), done[k])
         bar.update(len(part))
     bar.close()
     return _timing(done, len(masks), time.perf_counter() - start, len(todo))

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -46,6 +47,7 @@ from torch import nn
 
 from ..atomic_io import atomic_save_tensor, atomic_write_json, load_tensor, open_memmap
 from ..curvatures import GaussNewton
+from ..damping import AUTO as AUTO_DAMPING, auto_damping, check_damping
 from ..errors import InputError
 from ..curvatures import CURVATURES, KroneckerCurvature, KroneckerFactors, curvature_kind
 from ..losses import Loss, get_loss
@@ -85,9 +87,13 @@ class ScoreArguments:
     to it; s_test and self-influence are then its exact inverse, so ``solver`` must be
     ``"auto"`` or the default ``"cg"``). The factors are computed once per checkpoint,
     stored and reused on resume; solver ``"pcg"`` stores its preconditioner's the same way.
+
+    ``damping``: a number, or ``"auto"`` (the default): chosen per checkpoint from the
+    curvature's spectrum (:mod:`pbrf_fast.damping`), stored as ``damping.json`` in the
+    checkpoint's folder (a resume reuses it) and reported in ``summary.json``.
     """
 
-    damping: float = 1e-3
+    damping: float | str = AUTO_DAMPING
     weight_decay: float = 0.0
     solver: str = AUTO
     solver_options: dict = dataclasses.field(default_factory=dict)
@@ -106,6 +112,7 @@ class ScoreArguments:
     curvature_options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        self.damping = check_damping(self.damping)
         if self.solver not in SCORE_SOLVERS:
             raise InputError(f"solver must be one of {SCORE_SOLVERS}, got {self.solver!r}")
         if self.curvature not in SCORE_CURVATURES:
@@ -326,15 +333,36 @@ class ScorePipeline:
         problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=a.weight_decay,
                           batch_size=a.curvature_batch_size)
         if curvature_kind(a.curvature).own_inverse:
-            return self.kronecker_factors(k, problem, a.curvature, a.curvature_options)
+            return self.auto_damping(k, self.kronecker_factors(k, problem, a.curvature, a.curvature_options))
         op_cls = D.DistributedGaussNewton if self.world > 1 else GaussNewton
-        op = op_cls(problem, a.damping, backend=a.backend)
+        op = self.auto_damping(k, op_cls(problem, 0.0 if a.damping == AUTO_DAMPING else a.damping,
+                                         backend=a.backend))
         preconditioner = a.solver_options.get("preconditioner", DEFAULT_PRECONDITIONER) if a.solver == "pcg" else None
         # stored Kronecker factors (a Nystrom sketch is built and cached on op)
         if preconditioner in CURVATURES and CURVATURES[preconditioner].own_inverse:
             options = a.solver_options.get("preconditioner_options") or {}
             self.preconditioner = self.kronecker_factors(k, problem, preconditioner, options)
         return op
+
+    def auto_damping(self, k: int, op):
+        """``op`` at the damping of checkpoint k: the given number, or what ``"auto"`` chose
+        (read from ``damping.json``, or measured on op, written and printed)."""
+        a = self.args
+        if a.damping != AUTO_DAMPING:
+            return op
+        path = self.folder(k) / "damping.json"
+        if path.exists():
+            choice = json.loads(path.read_text())
+        else:
+            # every rank measures the same seeded probes over the same global examples
+            choice = auto_damping(op, a.curvature, seed=a.seed).as_dict()
+            if self.rank_ == 0:
+                atomic_write_json(path, choice)
+            D.barrier()
+        self.log.setdefault("damping", {})[str(k)] = choice
+        if self.progress and self.rank_ == 0:
+            print(f"checkpoint {k}: damping {choice['value']:.3g} ({choice['reason']})", file=sys.stderr)
+        return op.with_damping(choice["value"])
 
     def kronecker_factors(self, k: int, problem: Problem, kind: str, options: dict) -> KroneckerCurvature:
         """Stage 2': the K-FAC / EK-FAC operator of checkpoint k, its factors read from
@@ -343,7 +371,8 @@ class ScorePipeline:
         factors = None
         if path.exists():
             factors = KroneckerFactors.from_state_dict(load_tensor(path))
-        op = KroneckerCurvature(problem, self.args.damping, kind, batch_size=self.args.curvature_batch_size,
+        damping = 0.0 if self.args.damping == AUTO_DAMPING else self.args.damping
+        op = KroneckerCurvature(problem, damping, kind, batch_size=self.args.curvature_batch_size,
                                 distributed=self.world > 1, factors=factors,
                                 progress=self.progress and self.rank_ == 0, **{"seed": self.args.seed, **options})
         if factors is None:
@@ -552,6 +581,7 @@ class ScorePipeline:
                                       f"{a.curvature}: exact quadratic form of its inverse" if a.curvature != "gnh"
                                       else f"low-rank: top-{a.rank} Lanczos eigenpairs + remainder ||g||^2/shift"),
             "curvature_samples": self.curvature_samples, "world_size": self.world,
+            "damping": self.log.get("damping") or a.damping,
         }
         atomic_write_json(self.out / "summary.json", summary)
         D.barrier()

@@ -64,6 +64,56 @@ def gnh_conv_net():
     return op.plan_product(problem.inputs, torch.zeros(op.dim, 2))
 
 
+def gnh_fallback(model, x, y):
+    problem = pbrf_fast.Problem(model, "cross_entropy", x, y)
+    op = pbrf_fast.GaussNewton(problem, 0.1)
+    with pytest.warns(pbrf_fast.errors.SlowPathWarning):
+        return op.plan_product(problem.inputs, torch.zeros(op.dim, 2))
+
+
+def gnh_transformer():
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x).mean(1))
+
+    return gnh_fallback(Encoder(), torch.randn(3, 5, 4), torch.randint(3, (3,)))
+
+
+class _OldStyleTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def gnh_custom_function():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            if x.dim() != 2:  # control flow on the input: torch.fx cannot trace it (not layer-wise)
+                raise ValueError("expected (b, 4) inputs")
+            return self.b(_OldStyleTanh.apply(self.a(x)))
+
+    return gnh_fallback(Net(), torch.randn(3, 4), torch.randint(3, (3,)))
+
+
 def lissa_plan(engine="auto", columns=1, batch_size=16, widths=(8, 16, 16, 1)):
     op = mlp_operator(widths)
     return plan_lissa(op, torch.zeros(op.dim, columns), batch_size=batch_size, engine=engine)
@@ -99,6 +149,10 @@ CASES = [
      lambda: gnh(2, backend="torch"), "torch.func", "torch", None),
     ("| `gnh_product` (`GaussNewton.matvec`) | `backend=\"torch\"`, or neither a supported MLP nor a layer-wise network | `torch.func` |",
      gnh_not_mlp, "torch.func", "torch", None),
+    ("| `gnh_product` | as `torch.func`, but forward-mode AD fails on a fused attention kernel (`nn.TransformerEncoderLayer` in eval mode) | `torch.func-unfused` (fused fast paths off, one warning) |",
+     gnh_transformer, "torch.func-unfused", "torch", None),
+    ("| `gnh_product` | as `torch.func`, but torch.func cannot transform the model even unfused (a custom `autograd.Function` without `setup_context`, `jvp` or a vmap rule) | `reverse` (J v as a backward of a backward, one warning) |",
+     gnh_custom_function, "reverse", "torch", None),
     ("| `gnh_product` | not an MLP, `\"auto\"`, every traced layer Conv2d, eval BatchNorm, ReLU / tanh / sigmoid, pooling, Linear, flatten, pad or residual add | `layerwise` |",
      gnh_conv_net, "layerwise", "torch", None),
     ("| `gnh_product` | supported MLP, `\"auto\"`, 12 or more columns | `mlp-blas` |",

@@ -13,12 +13,15 @@ jvp -> output-Hessian product -> vjp.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
+from .. import autodiff
+
 from ..problem import Problem, as_index
 from ..products import GnhProducts
-from ..errors import InputError, InputTypeError
+from ..errors import InputError, InputTypeError, SlowPathWarning
 
 __all__ = ["CurvatureOperator", "GaussNewton", "Hessian"]
 
@@ -272,7 +275,11 @@ class GaussNewton(CurvatureOperator):
 
 
 class Hessian(CurvatureOperator):
-    """Damped Hessian of J (forward-over-reverse products); may be indefinite."""
+    """Damped Hessian of J (forward-over-reverse products); may be indefinite.
+
+    A model torch.func cannot push forward (fused attention kernels, a custom autograd.Function
+    without jvp) gets the same products with fused attention off, or reverse over reverse
+    (:func:`pbrf_fast.autodiff.choose_mode`, probed once; a fallback is warned about once)."""
 
     kind = "hessian"
 
@@ -282,10 +289,30 @@ class Hessian(CurvatureOperator):
         def total_loss(th):
             return self.problem.example_losses(th, x, t).sum()
 
-        gradient = torch.func.grad(total_loss)
+        def forward_over_reverse(V):
+            gradient = torch.func.grad(total_loss)
 
-        def hvp(v):
-            return torch.func.jvp(gradient, (theta,), (v,))[1]
+            def hvp(v):
+                return torch.func.jvp(gradient, (theta,), (v,))[1]
 
-        with torch.enable_grad():
-            return torch.func.vmap(hvp)(V.T).detach().T
+            with torch.enable_grad():
+                return torch.func.vmap(hvp)(V.T).detach().T
+
+        mode = self._autodiff_mode(forward_over_reverse, x)
+        if mode == "torch.func":
+            return forward_over_reverse(V)
+        if mode == "torch.func-unfused":
+            with autodiff.unfused_attention():
+                return forward_over_reverse(V)
+        return autodiff.reverse_hessian_product(total_loss, theta, V)
+
+    def _autodiff_mode(self, forward_over_reverse, x) -> str:
+        """Which products this model takes, probed once with two columns (shared by damped copies)."""
+        kept = self._cache.get("hessian_autodiff")
+        if kept is None:
+            V = torch.zeros(self.dim, 2, dtype=self.dtype, device=self.device)
+            kept = self._cache["hessian_autodiff"] = autodiff.choose_mode(
+                lambda: forward_over_reverse(V), lambda: self.problem.forward(self.problem.theta, x[:1]))
+            if kept[0] != "torch.func":
+                warnings.warn(f"Hessian product: {kept[1]}", SlowPathWarning, stacklevel=5)
+        return kept[0]

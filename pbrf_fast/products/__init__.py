@@ -15,8 +15,18 @@ planner that picks among them and says why.
 - ``layerwise``: :func:`pbrf_fast.products.layerwise.layerwise_gnh_product`, a conv net's product
   layer by layer (one kept primal pass, one tangent pass over all columns, one backward):
   "auto" for a model that is not a supported MLP but whose traced graph has only supported layers;
-- ``torch.func``: jvp -> output-Hessian product -> vjp (any model; the only one for
-  ``backend="torch"``).
+- ``torch.func``: jvp -> output-Hessian product -> vjp (any model torch.func can transform;
+  the only one for ``backend="torch"``);
+- ``torch.func-unfused``: the same with the fused attention fast paths switched off, for a model
+  whose fused attention kernels have no forward-mode rule (``nn.TransformerEncoderLayer`` in
+  eval mode);
+- ``reverse``: :func:`pbrf_fast.autodiff.reverse_gnh_product`, reverse mode only (J v as a
+  backward pass of a backward pass), for a model torch.func cannot transform at all (a custom
+  ``autograd.Function`` without ``setup_context``, ``jvp`` or a vmap rule).
+
+Which of the last three runs is probed once per model on one example
+(:func:`pbrf_fast.autodiff.choose_mode`); a fallback is said in the plan's reason and in one
+:class:`~pbrf_fast.errors.SlowPathWarning`.
 
 An explicit compiled backend that cannot serve the product raises BackendUnavailable.
 The forward states the MLP and layer-wise paths keep between products (a solver applies
@@ -24,6 +34,7 @@ the operator hundreds of times to the same data) stay under :data:`FORWARD_CACHE
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from .. import autodiff
+from ..errors import SlowPathWarning
 from ..kernels import mlp_gnh, registry
 from ..kernels.output_hessian import bind_output_hessian_product
 from . import layerwise, mlp
@@ -124,10 +137,29 @@ def _layerwise_applies(case: _Case):
                      f"pass, one tangent pass for all {case.columns} column(s), one backward")
 
 
-def _torch_func_applies(case: _Case):
+def _generic_reason(case: _Case) -> str:
     if case.backend == "torch":
-        return "torch", "backend='torch' requested"
-    return "torch", f"not a supported MLP: {case.mlp[1]}; not a layer-wise network: {case.layerwise[1]}"
+        return "backend='torch' requested"
+    return f"not a supported MLP: {case.mlp[1]}; not a layer-wise network: {case.layerwise[1]}"
+
+
+def _torch_func_applies(case: _Case):
+    mode, why = case.products.autodiff_mode(case.x)
+    if mode != "torch.func":
+        return None, why
+    return "torch", _generic_reason(case)
+
+
+def _unfused_applies(case: _Case):
+    mode, why = case.products.autodiff_mode(case.x)
+    if mode != "torch.func-unfused":
+        return None, "torch.func runs as is" if mode == "torch.func" else why
+    return "torch", f"{_generic_reason(case)}; {why}"
+
+
+def _reverse_applies(case: _Case):
+    mode, why = case.products.autodiff_mode(case.x)
+    return "torch", f"{_generic_reason(case)}; {why}" if why else "reverse mode requested"
 
 
 # ---- running the chosen one ----------------------------------------------------------------------
@@ -156,6 +188,17 @@ def _run_torch_func(products, plan, V, x, t, slot):
     return torch_func_gnh_product(products.problem, products.output_hessian(theta), theta, x, t, V)
 
 
+def _run_unfused(products, plan, V, x, t, slot):
+    with autodiff.unfused_attention():
+        return _run_torch_func(products, plan, V, x, t, slot)
+
+
+def _run_reverse(products, plan, V, x, t, slot):
+    problem, theta = products.problem, products.problem.theta
+    return autodiff.reverse_gnh_product(lambda th: problem.forward(th, x), products.output_hessian(theta),
+                                        theta, t, V)
+
+
 @dataclass(frozen=True)
 class Implementation:
     name: str
@@ -169,6 +212,8 @@ IMPLEMENTATIONS = (
     Implementation("mlp-fused", _mlp_fused_applies, _run_mlp),
     Implementation("layerwise", _layerwise_applies, _run_layerwise),
     Implementation("torch.func", _torch_func_applies, _run_torch_func),
+    Implementation("torch.func-unfused", _unfused_applies, _run_unfused),
+    Implementation("reverse", _reverse_applies, _run_reverse),
 )
 _BY_NAME = {impl.name: impl for impl in IMPLEMENTATIONS}
 
@@ -189,7 +234,7 @@ class GnhProducts:
 
     def __init__(self, problem, backend: str, batch_size: int, cache: dict):
         self.problem, self.backend, self.batch_size, self.cache = problem, backend, batch_size, cache
-        self._mlp = self._layerwise = None
+        self._mlp = self._layerwise = self._autodiff = None
         self._plans, self._last_plan, self._output_hessians = {}, None, {}
 
     def mlp_spec(self) -> tuple:
@@ -210,6 +255,23 @@ class GnhProducts:
         if self._layerwise is None:
             self._layerwise = layerwise.parse_layerwise(self.problem)
         return self._layerwise
+
+    def autodiff_mode(self, x: torch.Tensor) -> tuple[str, str]:
+        """(mode, why) of :func:`pbrf_fast.autodiff.choose_mode` for this model's torch.func
+        product, probed once on the first example of ``x`` with two columns (the model's
+        structure decides it, not the batch). A fallback is warned about once."""
+        if self._autodiff is None:
+            problem = self.problem
+            theta = problem.theta
+            x1 = x[:1]
+            V = torch.zeros(theta.numel(), 2, dtype=theta.dtype, device=theta.device)
+            identity = lambda y, t, u: u  # noqa: E731 - the probe needs no loss, only the transforms
+            self._autodiff = autodiff.choose_mode(
+                lambda: torch_func_gnh_product(problem, identity, theta, x1, None, V),
+                lambda: problem.forward(theta, x1))
+            if self._autodiff[0] != "torch.func":
+                warnings.warn(f"GNH product: {self._autodiff[1]}", SlowPathWarning, stacklevel=4)
+        return self._autodiff
 
     def output_hessian(self, like: torch.Tensor):
         """The loss's output-Hessian product ``(y, t, u) -> H_y u`` for tensors like ``like``:
@@ -252,7 +314,7 @@ class GnhProducts:
             backend, reason = implementation.applies(case)
             if backend is not None:
                 return registry.Plan(GNH_PRODUCT, implementation.name, backend, reason)
-        raise AssertionError("torch.func applies to every model")
+        raise AssertionError("the reverse-mode product applies to every model")
 
     def product(self, V: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, slot=None,
                 plan: registry.Plan | None = None) -> torch.Tensor:

@@ -37,6 +37,18 @@ class InputError(PBRFError, ValueError):
     what was expected."""
 
 
+class NondeterministicModelError(InputError):
+    """The model is not one fixed function of each example (dropout active in ``forward``,
+    batch norm normalising by batch statistics, any other randomness or coupling between the
+    examples of a batch): influence differentiates f(theta, x_i), so it must be one. The message
+    names the module and what to do (``model.eval()``, ``training=self.training``)."""
+
+
+class UnsupportedModelError(InputError):
+    """A model, layer or option the requested computation cannot serve; the message names the
+    module, why, and what can serve it instead."""
+
+
 class InputTypeError(InputError, TypeError):
     """An argument has the wrong type (e.g. float indices, a string for a number)."""
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError, InputIndexError, InputTypeError
+from .errors import InputError, InputIndexError, InputTypeError, NondeterministicModelError
 from .losses import Loss, get_loss
 
 __all__ = ["Problem", "as_index"]
@@ -65,6 +65,55 @@ def as_index(idx, n: int, device=None) -> torch.Tensor:
         raise InputIndexError(f"index out of range for {n} training examples (got {int(out.min())}..{int(out.max())})")
     out = torch.where(out < 0, out + n, out)
     return out.to(device) if device is not None else out
+
+
+def _tensors(value) -> list:
+    """Every tensor in a module's inputs or outputs (tensors, tuples, lists, dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to what batching changes in floating point (GEMM blocking), far below what
+    dropout or batch statistics change."""
+    if a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    tol = 1e-4 if a.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    return bool((a - b).abs().max() <= tol * (1 + a.abs().max())) if a.numel() else True
+
+
+def _traced_forward(problem, x):
+    """(outputs, [(module name, type, inputs, outputs)] in call order) of one forward pass."""
+    calls, handles = [], []
+    for name, module in problem.model.named_modules():
+        def hook(module, inputs, output, name=name):
+            calls.append((name or "<model>", type(module).__name__, _tensors(inputs), _tensors(output)))
+        handles.append(module.register_forward_hook(hook))
+    try:
+        return problem.forward(problem.theta, x), calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _first_divergence(calls_a, calls_b, rows) -> str:
+    """' in module NAME (TYPE)': the first module called with the same inputs (``rows`` of run
+    a's tensors against run b's) whose outputs differ; '' if none is found."""
+    for (name, kind, in_a, out_a), (_, _, in_b, out_b) in zip(calls_a, calls_b):
+        same_in = len(in_a) == len(in_b) and all(_close(rows(a), b) for a, b in zip(in_a, in_b)
+                                                 if a.dim() and b.dim())
+        same_out = len(out_a) == len(out_b) and all(_close(rows(a), b) for a, b in zip(out_a, out_b)
+                                                    if a.dim() and b.dim())
+        if same_in and not same_out:
+            return f" first in module {name!r} ({kind}), whose outputs differ for the same inputs"
+    return ""
 
 
 class Problem:
@@ -129,7 +178,10 @@ class Problem:
         self.version = 0  # bumped when theta changes, so cached curvature is dropped
 
         self.inputs = self._check_inputs(inputs, "inputs")
-        self.num_outputs = self._probe_outputs()
+        # the probes consume no randomness of the caller's (a random model draws in them)
+        with torch.random.fork_rng(devices=[]):
+            self.num_outputs = self._probe_outputs()
+            self._check_deterministic()
         self.targets = self._check_targets(targets, len(self.inputs))
 
     def _probe_outputs(self) -> int:
@@ -140,6 +192,12 @@ class Problem:
             with torch.no_grad():
                 out = self.forward(self._theta, first)
         except Exception as exc:  # the model's own error, whatever it is
+            if self._runs_on_two():
+                raise NondeterministicModelError(
+                    f"the model runs on a batch of two examples but not on one ({type(exc).__name__}: {exc}): "
+                    "the examples of a batch interact (batch norm by batch statistics?). Influence needs each "
+                    "example's outputs to depend on it alone: call model.eval(), and in forward pass "
+                    "training=self.training to F.batch_norm") from exc
             raise InputError(f"the model cannot run on inputs of per-example shape {tuple(first.shape[1:])} "
                              f"and dtype {first.dtype}: {type(exc).__name__}: {exc}") from exc
         if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != 1:
@@ -148,6 +206,52 @@ class Problem:
                              f"shape {shape}; expected (1, C): inputs need a leading example dimension "
                              "(e.g. x.reshape(-1, 1) for one feature per example)")
         return out.shape[-1]
+
+    def _runs_on_two(self) -> bool:
+        if len(self.inputs) < 2:
+            return False
+        saved = {k: b.clone() for k, b in self.buffers.items()}
+        try:
+            with torch.no_grad():
+                self.forward(self._theta, self.inputs[:2])
+            return True
+        except Exception:  # fails on two as well: the inputs are wrong, not the batch
+            return False
+        finally:
+            with torch.no_grad():
+                for k, b in self.buffers.items():
+                    b.copy_(saved[k])
+
+    def _check_deterministic(self) -> None:
+        """Influence differentiates f(theta, x_i), one fixed function of each example: refuse,
+        naming the module, a forward pass that is random (dropout active in ``forward``:
+        ``F.dropout`` defaults to ``training=True``) or couples the examples of a batch (batch
+        norm by batch statistics), before a vmap error deep in a product says neither. Two
+        examples are run twice together and once each; buffers and the RNG are restored."""
+        x = self.inputs[:2]
+        saved = {k: b.clone() for k, b in self.buffers.items()}
+        try:
+            with torch.no_grad():
+                first, second = _traced_forward(self, x), _traced_forward(self, x)
+                singles = [_traced_forward(self, x[i:i + 1]) for i in range(len(x))] if len(x) > 1 else []
+        finally:
+            with torch.no_grad():
+                for k, b in self.buffers.items():
+                    b.copy_(saved[k])
+        if not _close(first[0], second[0]):
+            where = _first_divergence(first[1], second[1], lambda a: a)
+            raise NondeterministicModelError(
+                f"the model is random: two forward passes on the same inputs differ{where}. Influence needs "
+                "a deterministic function of each example: call model.eval(), and in forward pass "
+                "training=self.training to F.dropout (it defaults to training=True)")
+        for i, single in enumerate(singles):
+            if not _close(first[0][i:i + 1], single[0]):
+                where = _first_divergence(first[1], single[1], lambda a: a[i:i + 1])
+                raise NondeterministicModelError(
+                    f"the examples of a batch interact in the forward pass: example {i}'s outputs differ alone "
+                    f"and in a batch{where}. Influence needs each example's outputs to depend on it alone: "
+                    "call model.eval() (batch norm then uses its running statistics), and in forward pass "
+                    "training=self.training to F.batch_norm / F.instance_norm")
 
     # ----------------------------------------------------------------- set-up
     @classmethod

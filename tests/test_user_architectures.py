@@ -145,3 +145,77 @@ def test_hessian_product_falls_back_and_matches_dense(make):
     with pytest.warns(SlowPathWarning, match="Hessian product"):
         HV = pbrf_fast.Hessian(problem).data_matvec(V)
     assert rel_err(HV, H @ V) < 1e-10
+
+
+# ----------------------------------------------------- item 2: a forward pass that is not one function
+class DropoutInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(nn.functional.dropout(self.a(x), 0.5))   # training=True by default: random
+
+
+class DropoutModule(nn.Module):
+    """An nn.Dropout forced into training mode (its train() ignores eval())."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 2)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.drop.training = True
+        return self
+
+    def forward(self, x):
+        return self.b(self.drop(self.a(x)))
+
+
+class BatchStatisticsNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        n = self.norm
+        return self.b(nn.functional.batch_norm(h, n.running_mean, n.running_var, n.weight, n.bias, training=True))
+
+
+class TrainingBatchNorm2d(nn.Module):
+    """An nn.BatchNorm2d forced into training mode: a batch of one runs (spatial positions), but
+    every example's output depends on the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2), nn.Linear(8, 2)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.norm.training = True
+        return self
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x.reshape(-1, 1, 3, 1).expand(-1, 1, 3, 3))).flatten(1))
+
+
+@pytest.mark.parametrize("model,words", [
+    (DropoutInForward, ["random", "'<model>'", "training=self.training"]),
+    (DropoutModule, ["random", "'drop' (Dropout)", "model.eval()"]),
+    (BatchStatisticsNorm, ["interact", "batch of two examples but not on one", "model.eval()"]),
+    (TrainingBatchNorm2d, ["interact", "'norm' (BatchNorm2d)", "model.eval()"]),
+], ids=["F.dropout", "nn.Dropout", "F.batch_norm", "nn.BatchNorm2d"])
+def test_a_forward_that_is_not_one_function_of_each_example_is_named(model, words):
+    torch.manual_seed(0)
+    m = model().to(DT)
+    running = m.state_dict()
+    x, t = torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT)
+    rng = torch.random.get_rng_state()
+    with pytest.raises(pbrf_fast.errors.NondeterministicModelError) as caught:
+        pbrf_fast.Problem(m, "mse", x, t)
+    for word in words:
+        assert word in str(caught.value)
+    assert torch.equal(torch.random.get_rng_state(), rng)          # the check consumed no randomness
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in running.items())  # nor moved statistics

@@ -23,8 +23,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MODES", "batched_grad", "choose_mode", "describe", "per_example_rows", "reverse_gnh_product",
-           "reverse_hessian_product", "reverse_output_tangents", "unfused_attention"]
+__all__ = ["MODES", "batched_grad", "choose_mode", "describe", "example_jacobians", "output_tangents", "per_example_gradients",
+           "per_example_rows", "pullback_rows", "reverse_gnh_product", "reverse_hessian_product",
+           "reverse_output_tangents", "unfused_attention"]
 
 # torch.func as is; torch.func with fused attention switched off; torch.autograd reverse mode only
 MODES = ("torch.func", "torch.func-unfused", "reverse")
@@ -134,12 +135,66 @@ def reverse_hessian_product(loss: Callable, theta: torch.Tensor, V: torch.Tensor
         return batched_grad(g, th, V.T).detach().T
 
 
+def pullback_rows(fn: Callable, theta: torch.Tensor, cotangents: Callable) -> torch.Tensor:
+    """(m, d): the vector-Jacobian products of ``y = fn(theta)`` with the m cotangents
+    ``cotangents(y)`` (m, *y.shape), through one batched forward pass."""
+    with torch.enable_grad(), unfused_attention():
+        th = theta.detach().requires_grad_()
+        out = fn(th)
+        return batched_grad(out, th, cotangents(out.detach())).detach()
+
+
 def per_example_rows(values: Callable, theta: torch.Tensor, count: int) -> torch.Tensor:
     """(count, d): the gradient of each entry of ``values(theta)`` (count,), one backward pass
     of the batched forward vmapped over unit cotangents. Row i is example i's gradient when the
     examples do not interact in the forward pass (eval mode; what Problem checks)."""
-    with torch.enable_grad(), unfused_attention():
-        th = theta.detach().requires_grad_()
-        out = values(th)
-        eye = torch.eye(count, dtype=out.dtype, device=out.device)
-        return batched_grad(out, th, eye).detach()
+    return pullback_rows(values, theta, lambda out: torch.eye(count, dtype=out.dtype, device=out.device))
+
+
+def per_example_gradients(one: Callable, batched: Callable, theta: torch.Tensor, *rows) -> torch.Tensor:
+    """(b, d): the gradient of ``one(theta, *row_i)`` (a scalar) for each example i of the
+    tensors ``rows``: vmap over examples of torch.func.grad where torch.func runs the model;
+    otherwise (recurrent layers, which fail inside vmap over examples; custom Functions) the rows
+    of one batched backward pass of ``batched(theta)`` (b,) over unit cotangents, which are the
+    same gradients when the examples do not interact (:func:`per_example_rows`)."""
+    for context in (contextlib.nullcontext, unfused_attention):
+        try:
+            with torch.enable_grad(), context():
+                return torch.func.vmap(torch.func.grad(one), in_dims=(None,) + (0,) * len(rows))(theta, *rows).detach()
+        except TRANSFORM_ERRORS:
+            pass
+    return per_example_rows(batched, theta, len(rows[0]))
+
+
+def example_jacobians(fn: Callable, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(b * C, d): the rows of each example's output Jacobian, ordered (example, output), for
+    ``fn(theta, x) -> (b, C)``: vmap over examples of torch.func.jacrev where torch.func runs the
+    model, else the pullbacks of one batched forward pass along unit cotangents (the examples
+    being independent)."""
+    def single(x_row):
+        return torch.func.jacrev(lambda th: fn(th, x_row.unsqueeze(0))[0])(theta)
+
+    for context in (contextlib.nullcontext, unfused_attention):
+        try:
+            with torch.enable_grad(), context():
+                return torch.func.vmap(single)(x).reshape(-1, theta.numel()).detach()
+        except TRANSFORM_ERRORS:
+            pass
+    return pullback_rows(lambda th: fn(th, x), theta,
+                         lambda y: torch.eye(y.numel(), dtype=y.dtype, device=y.device).reshape(-1, *y.shape))
+
+
+def output_tangents(fn: Callable, theta: torch.Tensor, V_rows: torch.Tensor) -> torch.Tensor:
+    """(m, *y.shape): J V for the rows of V_rows (m, d), by vmap over torch.func.jvp, with fused
+    attention off where that is what it takes, else in reverse mode only
+    (:func:`reverse_output_tangents`)."""
+    def forward_mode():
+        return torch.func.vmap(lambda v: torch.func.jvp(fn, (theta,), (v,))[1])(V_rows).detach()
+
+    for context in (contextlib.nullcontext, unfused_attention):
+        try:
+            with torch.enable_grad(), context():
+                return forward_mode()
+        except TRANSFORM_ERRORS:
+            pass
+    return reverse_output_tangents(fn, theta, V_rows)[1]

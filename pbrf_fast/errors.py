@@ -44,6 +44,13 @@ class NondeterministicModelError(InputError):
     names the module and what to do (``model.eval()``, ``training=self.training``)."""
 
 
+class ExamplesInteractWarning(PBRFError, UserWarning):
+    """The examples of a batch interact in the model's forward pass (batch norm by batch
+    statistics, a mean over the batch): the curvature of the batch objective is still defined,
+    but per-example gradients and influence are not those of the examples alone. The message
+    names the module."""
+
+
 class UnsupportedModelError(InputError):
     """A model, layer or option the requested computation cannot serve; the message names the
     module, why, and what can serve it instead."""

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import torch
 
+from . import autodiff
 from .errors import InputError
-from .layers import adapter_for
+from .layers import adapter_for, forward_hooks
 
 __all__ = ["JacobianRows"]
 
@@ -111,13 +112,8 @@ class JacobianRows:
             else:  # input, output and its copy once; C output gradients and their (b, C) transpose
                 sizes.append(n_in + 3 * n_out + 2 * c * n_out)
 
-        handles = [a.module.register_forward_hook(hook) for a, _ in self.layers]
-        try:
-            with torch.no_grad():
-                p.forward(p.theta, p.inputs[:1])
-        finally:
-            for h in handles:
-                h.remove()
+        with forward_hooks([a.module for a, _ in self.layers], hook), torch.no_grad():
+            p.forward(p.theta, p.inputs[:1])
         return rows + sum(sizes) * item
 
     # -------------------------------------------------------------------- rows
@@ -145,11 +141,7 @@ class JacobianRows:
 
     def _func_rows(self, x):
         p = self.problem
-
-        def single(x_row):
-            return torch.func.jacrev(lambda th: p.forward(th, x_row.unsqueeze(0))[0])(p.theta)
-
-        return torch.func.vmap(single)(x).reshape(-1, p.dim)
+        return autodiff.example_jacobians(p.forward, p.theta, x)
 
     def _capture(self, x):
         """Forward pass with hooks: outputs y, each layer's (input, output) and the grad-enabled theta."""

@@ -12,13 +12,16 @@ care how the model stores its parameters.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError, InputIndexError, InputTypeError, NondeterministicModelError
+from . import autodiff
+from .errors import (ExamplesInteractWarning, InputError, InputIndexError, InputTypeError,
+                     NondeterministicModelError)
 from .losses import Loss, get_loss
 
 __all__ = ["Problem", "as_index"]
@@ -247,11 +250,14 @@ class Problem:
         for i, single in enumerate(singles):
             if not _close(first[0][i:i + 1], single[0]):
                 where = _first_divergence(first[1], single[1], lambda a: a[i:i + 1])
-                raise NondeterministicModelError(
+                # a warning, not an error: the batch objective's curvature is still one operator
+                warnings.warn(
                     f"the examples of a batch interact in the forward pass: example {i}'s outputs differ alone "
                     f"and in a batch{where}. Influence needs each example's outputs to depend on it alone: "
                     "call model.eval() (batch norm then uses its running statistics), and in forward pass "
-                    "training=self.training to F.batch_norm / F.instance_norm")
+                    "training=self.training to F.batch_norm / F.instance_norm", ExamplesInteractWarning,
+                    stacklevel=4)
+                return
 
     # ----------------------------------------------------------------- set-up
     @classmethod
@@ -404,12 +410,12 @@ class Problem:
         """
         theta = self._theta if theta is None else theta
 
-        def one(x_row, t_row):
-            return torch.func.grad(
-                lambda th: self.example_losses(th, x_row.unsqueeze(0), t_row.unsqueeze(0)).sum()
-            )(theta)
+        def one(th, x_row, t_row):
+            return self.example_losses(th, x_row.unsqueeze(0), t_row.unsqueeze(0)).sum()
 
-        return torch.func.vmap(one)(x, t)
+        # vmap over examples where torch.func runs the model; a batched backward pass where it
+        # does not (GRU / LSTM, custom Functions): the same rows, the examples being independent
+        return autodiff.per_example_gradients(one, lambda th: self.example_losses(th, x, t), theta, x, t)
 
     def gradient_chunk_size(self, requested: int | None = None) -> int:
         """Rows per per-example-gradient chunk that fit the memory cap."""

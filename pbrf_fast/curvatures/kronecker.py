@@ -52,12 +52,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .. import autodiff
 from .operators import CurvatureOperator
-from ..errors import InputError, InputTypeError
-from ..layers import LayerAdapter, adapter_for
+from ..errors import InputError, InputTypeError, UnsupportedModelError
+from ..layers import LayerAdapter, adapter_for, silent_modules
 
 __all__ = ["KRONECKER_KINDS", "PSEUDO_GRADIENTS", "KroneckerCurvature", "KroneckerFactors", "KroneckerLayer",
-           "kronecker_layers", "output_hessian_factors", "compute_factors"]
+           "kronecker_layers", "kronecker_layout", "output_hessian_factors", "compute_factors"]
 
 KRONECKER_KINDS = ("kfac", "ekfac")
 PSEUDO_GRADIENTS = ("auto", "exact", "sampled")
@@ -123,6 +124,46 @@ class KroneckerLayer:
 
 def kronecker_layers(problem) -> tuple[list[KroneckerLayer], list[str]]:
     """The covered layers of the problem's model and the names of every other parameter."""
+    layers, others, _ = kronecker_layout(problem)
+    return layers, others
+
+
+def kronecker_layout(problem) -> tuple[list[KroneckerLayer], list[str], dict]:
+    """(covered layers, every other parameter's name, why each other parameter is not in a
+    Kronecker-factored layer). A layer whose forward never runs -- its weight used functionally,
+    as ``nn.MultiheadAttention`` uses ``out_proj`` -- has no hook to see its inputs: it is not
+    covered (found by one probe forward pass on one example)."""
+    layers, _ = _candidate_layers(problem)
+    silent = silent_modules(problem, [layer.module for layer in layers])
+    layers = [layer for layer in layers if id(layer.module) not in silent]
+    covered = set()
+    for layer in layers:
+        prefix = f"{layer.name}." if layer.name else ""
+        covered.update({prefix + "weight"} | ({prefix + "bias"} if layer.bias is not None else set()))
+    others = [n for n in problem.param_names if n not in covered]
+    return layers, others, {n: _why_not_factored(problem, n, silent) for n in others}
+
+
+def _why_not_factored(problem, name: str, silent: set) -> str:
+    """Why parameter ``name`` is not in a Kronecker-factored layer, naming its module."""
+    module_name = name.rpartition(".")[0]
+    module = dict(problem.model.named_modules()).get(module_name)
+    if module is None:
+        return "a parameter of the model itself, outside any layer"
+    label = f"{type(module).__name__} {module_name!r}"
+    if id(module) in silent:
+        return (f"{label}: its forward never runs (its weight is used functionally, as nn.MultiheadAttention "
+                "uses out_proj), so no hook sees its inputs")
+    adapter, why = adapter_for(module)
+    if adapter is None:
+        return f"{label}: {why}"
+    if not adapter.kronecker:
+        return f"{label}: per-channel parameters, no Kronecker factors"
+    return f"{label}: its weight is frozen"
+
+
+def _candidate_layers(problem) -> tuple[list[KroneckerLayer], list[str]]:
+    """Every module with a Kronecker adapter and a trainable weight, and the other parameters."""
     offsets = problem.param_ranges
     layers, covered = [], set()
     for mod_name, module in problem.model.named_modules():
@@ -289,8 +330,30 @@ def _other_gradient_squares(problem, names, x, Q):
         (g,) = torch.func.vmap(pullback)(q_rows)
         return torch.cat([g[k].reshape(q_rows.shape[0], -1) for k in names], 1).pow(2).sum(0)
 
-    with torch.enable_grad():
-        return torch.func.vmap(one)(x, Q.transpose(0, 1)).detach()
+    try:
+        with torch.enable_grad():
+            return torch.func.vmap(one)(x, Q.transpose(0, 1)).detach()
+    except autodiff.TRANSFORM_ERRORS:
+        pass
+    # torch.func cannot vmap this model over examples (GRU / LSTM; fused attention; a custom
+    # Function): the same squares from one batched forward pass, pulled back along cotangent
+    # (n, k) = Q[k, n] in row n and zeros elsewhere (the examples do not interact; Problem checks)
+    shapes = [chosen[k].shape for k in names]
+    flat = torch.cat([chosen[k].reshape(-1) for k in names])
+    K, b = Q.shape[0], x.shape[0]
+
+    def batched(values):
+        sub = {k: c.reshape(shape) for k, c, shape in zip(names, values.split([s.numel() for s in shapes]), shapes)}
+        out = torch.func.functional_call(problem.model, ({**fixed, **sub}, problem.buffers), (x,))
+        return out.reshape(b, -1)
+
+    def cotangents(y):
+        rows = torch.zeros(b, K, *y.shape, dtype=y.dtype, device=y.device)
+        index = torch.arange(b, device=y.device)
+        rows[index, :, index] = Q.transpose(0, 1).to(y.dtype)
+        return rows.reshape(b * K, *y.shape)
+
+    return autodiff.pullback_rows(batched, flat, cotangents).reshape(b, K, -1).pow(2).sum(1)
 
 
 # ------------------------------------------------------------------------------------ factors
@@ -507,17 +570,19 @@ class KroneckerCurvature(CurvatureOperator):
         self.options = {"relative_damping": relative_damping, "pseudo_gradients": pseudo_gradients,
                         "samples": samples, "seed": seed, "other": other, "distributed": distributed,
                         "progress": progress}
-        self.layers, self.others = kronecker_layers(problem)
+        self.layers, self.others, self.reasons = kronecker_layout(problem)
         if not self.layers:
             raise InputError(f"{kind}: the model has no nn.Linear or nn.Conv2d (groups=1, zero padding) layer "
                              "with a trainable weight to factorise")
         if self.others and other == "error":
-            raise InputError(f"{kind}: parameters {self.others} are not in an nn.Linear / nn.Conv2d layer "
-                             "(other='error'); use other='diagonal' or other='damping'")
+            why = "; ".join(sorted(set(self.reasons.values())))
+            raise UnsupportedModelError(f"{kind}: parameters {self.others} are not in an nn.Linear / nn.Conv2d "
+                                        f"layer ({why}) (other='error'); use other='diagonal' or other='damping'")
         if self.others:
             treatment = "the exact GNH diagonal" if other == "diagonal" else "damping only"
+            why = "; ".join(sorted(set(self.reasons.values())))
             warnings.warn(f"{kind}: parameters {self.others} are outside Linear/Conv2d layers and get "
-                          f"{treatment} (see .coverage)", stacklevel=2)
+                          f"{treatment} (see .coverage and .reasons): {why}", stacklevel=2)
         if factors is not None:
             self._cache["kronecker_factors"] = (problem.version, factors)
 

@@ -42,6 +42,7 @@ import warnings
 
 import torch
 
+from .. import autodiff
 from ..curvatures import CurvatureOperator
 from ..errors import InputError, SlowPathWarning
 from ..jacobian_rows import JacobianRows
@@ -142,12 +143,7 @@ def _gram_by_layers(problem, x, layers, rows_x=None) -> torch.Tensor:
 
 def _gram_by_jacobians(problem, x) -> torch.Tensor:
     """Theta = J J^T from explicit per-example Jacobians (any model; O(N C d) memory)."""
-    theta = problem.theta
-
-    def single(x_row):
-        return torch.func.jacrev(lambda th: problem.forward(th, x_row.unsqueeze(0))[0])(theta)
-
-    J = torch.func.vmap(single)(x).reshape(-1, problem.dim).double()  # (b*C, d)
+    J = autodiff.example_jacobians(problem.forward, problem.theta, x).double()  # (b*C, d)
     return J @ J.T
 
 
@@ -432,10 +428,8 @@ class OutputSpaceSolver:
         for chunk in p.batches():
             x, _ = p.batch(chunk)
 
-            def tangent(v):
-                return torch.func.jvp(lambda th: p.forward(th, x), (p.theta,), (v,))[1]
-
-            parts.append(torch.func.vmap(tangent)(V.T).permute(1, 2, 0).double())
+            JV = autodiff.output_tangents(lambda th: p.forward(th, x), p.theta, V.T)  # fallbacks included
+            parts.append(JV.permute(1, 2, 0).double())
         return torch.cat(parts)
 
     def jacobian_transpose_products(self, W: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,9 @@ coordinate equal to one.
 """
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 
 from .base import LayerAdapter
@@ -21,7 +24,8 @@ from .batchnorm import BatchNormAdapter
 from .conv2d import Conv2dAdapter
 from .linear import LinearAdapter
 
-__all__ = ["ADAPTERS", "LayerAdapter", "adapter_for", "parameter_slots", "register_adapter"]
+__all__ = ["ADAPTERS", "LayerAdapter", "adapter_for", "parameter_slots", "forward_hooks", "register_adapter",
+           "silent_modules"]
 
 # module type -> adapter class; exact types, so a subclass with its own forward is not
 # mistaken for the layer it extends (it is "unsupported", and callers fall back)
@@ -53,3 +57,24 @@ def parameter_slots(module_name: str, module: nn.Module, offsets: dict) -> dict:
     prefix = f"{module_name}." if module_name else ""
     return {role: offsets[prefix + role] for role in LayerAdapter.roles
             if getattr(module, role, None) is not None and prefix + role in offsets}
+
+
+@contextlib.contextmanager
+def forward_hooks(modules, hook):
+    """``hook`` registered as a forward hook on every module while the block runs."""
+    handles = [module.register_forward_hook(hook) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def silent_modules(problem, modules) -> set:
+    """ids of the ``modules`` whose forward does not run in a forward pass of the problem's model
+    (one example): a layer whose weight the model uses functionally -- as nn.MultiheadAttention
+    uses ``out_proj`` -- is invisible to hooks, so nothing hook-based may count on it."""
+    ran = set()
+    with forward_hooks(modules, lambda m, i, o: ran.add(id(m))), torch.no_grad():
+        problem.forward(problem.theta, problem.inputs[:1])
+    return {id(m) for m in modules} - ran

@@ -19,7 +19,8 @@ import warnings
 
 import torch
 
-from ..layers import adapter_for, parameter_slots
+from .. import autodiff
+from ..layers import adapter_for, parameter_slots, silent_modules
 
 __all__ = ["LayerScorer"]
 
@@ -43,8 +44,13 @@ class LayerScorer:
             adapter, _ = adapter_for(module)
             slots = parameter_slots(mod_name, module, offsets) if adapter is not None else {}
             if slots:
-                self.layers.append((adapter, slots))
-                covered.update(f"{mod_name}.{role}" if mod_name else role for role in slots)
+                self.layers.append((adapter, slots, mod_name))
+        # a layer whose forward never runs (its weight used functionally) has no hook to see it
+        silent = silent_modules(problem, [adapter.module for adapter, _, _ in self.layers])
+        kept = [(adapter, slots, name) for adapter, slots, name in self.layers if id(adapter.module) not in silent]
+        for _, slots, mod_name in kept:
+            covered.update(f"{mod_name}.{role}" if mod_name else role for role in slots)
+        self.layers = [(adapter, slots) for adapter, slots, _ in kept]
         self.fallback = [n for n in problem.param_names if n not in covered]
         if self.fallback:
             warnings.warn(f"LayerScorer: no hook for parameters {self.fallback}; their share of each score "
@@ -93,26 +99,33 @@ class LayerScorer:
             total += self._fallback_scores(x, t, y, S)
         return total
 
-    def _fallback_scores(self, x, t, y, S):
-        problem = self.problem
+    def _fallback_function(self):
+        """(the fallback parameters as one flat vector, f(flat, inputs) -> outputs (b, C))."""
         names = self.fallback
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         buffers = dict(self.model.named_buffers())
-        primals = tuple(params[n] for n in names)
-        tangents = [S[self.offsets[n][0]:self.offsets[n][1]].T.reshape(S.shape[1], *params[n].shape)
-                    for n in names]
+        shapes = [params[n].shape for n in names]
+        flat = torch.cat([params[n].reshape(-1) for n in names])
 
-        def outputs(*fallback_values):
-            values = dict(params, **dict(zip(names, fallback_values)))
-            out = torch.func.functional_call(self.model, (values, buffers), (x,))
+        def outputs(values, x):
+            chunks = values.split([s.numel() for s in shapes])
+            own = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
+            out = torch.func.functional_call(self.model, ({**params, **own}, buffers), (x,))
             return out.reshape(out.shape[0], -1)
 
-        def push(*tangent):
-            return torch.func.jvp(outputs, primals, tangent)[1]
+        return flat, outputs
 
-        JS = torch.func.vmap(push)(*tangents)                    # (m, b, C)
-        dldy = problem.loss.grad(y, t).reshape(y.shape[0], -1)   # (b, C)
-        return torch.einsum("bc,mbc->bm", dldy, JS)
+    def _fallback_rows(self, S):
+        """S's rows of the fallback parameters, in their order, as (m, their numel)."""
+        return torch.cat([S[self.offsets[n][0]:self.offsets[n][1]] for n in self.fallback]).T
+
+    def _fallback_scores(self, x, t, y, S):
+        # g_i^T s = (dL_i/dy_i)^T (J_i s): one tangent per column (forward mode, or reverse only
+        # where the model has no forward-mode rule: pbrf_fast.autodiff)
+        flat, outputs = self._fallback_function()
+        JS = autodiff.output_tangents(lambda values: outputs(values, x), flat, self._fallback_rows(S).to(flat.dtype))   # (m, b, C)
+        dldy = self.problem.loss.grad(y, t).reshape(y.shape[0], -1)                            # (b, C)
+        return torch.einsum("bc,mbc->bm", dldy, JS.to(dldy.dtype))
 
     # ------------------------------------------------------------ squared norms
     def norms_squared(self, x, t, chunk: int = 64) -> torch.Tensor:
@@ -124,17 +137,12 @@ class LayerScorer:
             for inputs, grad_out in records[id(adapter.module)]:
                 total += adapter.gradient_norms_squared(inputs, grad_out, tuple(slots), chunk=chunk)
         if self.fallback:
-            names = self.fallback
-            params = {n: p.detach() for n, p in self.model.named_parameters()}
-            buffers = dict(self.model.named_buffers())
+            flat, outputs = self._fallback_function()
+            loss = self.problem.loss
 
-            def loss_one(fb, xi, ti):
-                values = dict(params, **fb)
-                out = torch.func.functional_call(self.model, (values, buffers), (xi.unsqueeze(0),))
-                return self.problem.loss.value(out.reshape(1, -1), ti.unsqueeze(0)).sum()
+            def one(values, xi, ti):
+                return loss.value(outputs(values, xi.unsqueeze(0)), ti.unsqueeze(0)).sum()
 
-            fb = {n: params[n] for n in names}
-            grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(fb, x, t)
-            for g in grads.values():
-                total += g.reshape(g.shape[0], -1).double().pow(2).sum(1)
+            grads = autodiff.per_example_gradients(one, lambda values: loss.value(outputs(values, x), t), flat, x, t)
+            total += grads.double().pow(2).sum(1)
         return total

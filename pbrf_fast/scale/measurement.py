@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .. import autodiff
 from ..errors import InputError
 from ..problem import Problem
 
@@ -51,17 +52,16 @@ def measurement_gradients(problem: Problem, f: Callable, x: torch.Tensor, t: tor
     x, t = problem.check_data(x, t)
     theta = problem.theta
 
-    def one(th, xi, ti):
-        out = problem.forward(th, xi.unsqueeze(0))
-        value = f(out.reshape(1, -1), ti.unsqueeze(0))
-        if not isinstance(value, torch.Tensor) or value.shape != (1,):
+    def values(th, xs, ts):
+        value = f(problem.forward(th, xs), ts)
+        if not isinstance(value, torch.Tensor) or value.shape != (len(xs),):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise InputError(f"a measurement must return one value per example, shape (b,); got {shape} for b = 1")
-        return value.sum()
+            raise InputError(f"a measurement must return one value per example, shape (b,); got {shape} for "
+                             f"b = {len(xs)}")
+        return value
 
-    with torch.enable_grad():
-        grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(theta, x, t)
-    values = grads.detach()
+    values = autodiff.per_example_gradients(lambda th, xi, ti: values(th, xi.unsqueeze(0), ti.unsqueeze(0)).sum(),
+                                            lambda th: values(th, x, t), theta, x, t)
     if not torch.isfinite(values).all():
         raise InputError("the measurement's gradient is not finite on some test point")
     return values.T.contiguous()

@@ -215,53 +215,77 @@ class BCEWithLogitsLoss(Loss):
 
 
 class SequenceCrossEntropyLoss(Loss):
-    """Next-token cross-entropy, averaged over the positions of each sequence.
+    """Token-level cross-entropy of a sequence model, one value per sequence.
 
-    Outputs arrive flattened as (b, T * vocab); targets are token ids (b, T).
-    The output Hessian is block diagonal: (diag(p_t) - p_t p_t^T) / T per position.
+    Outputs arrive flattened as (b, T * vocab); targets are token ids (b, T), where
+    ``ignore_index`` (default -100, the Hugging Face convention: padding, the prompt, the last
+    position of a shifted sequence) marks positions that are not scored. ``reduction``: ``"mean"``
+    over each sequence's scored tokens (a sequence without any scores 0) or their ``"sum"``.
+    ``vocab``: the vocabulary size, or None to read it from the outputs (T * vocab of them).
+    With weights w_t (1 / scored tokens for the mean, 1 for the sum; 0 where ignored) the loss is
+    sum_t w_t CE(y_t, t_t) and its output Hessian block diagonal, w_t (diag(p_t) - p_t p_t^T).
     """
 
     name = "sequence_cross_entropy"
     kernel_kind = None
+    REDUCTIONS = ("mean", "sum")
 
-    def __init__(self, vocab: int):
-        self.vocab = int(vocab)
+    def __init__(self, vocab: int | None = None, reduction: str = "mean", ignore_index: int = -100):
+        if reduction not in self.REDUCTIONS:
+            raise InputError(f"reduction must be one of {self.REDUCTIONS}, got {reduction!r}")
+        self.vocab = None if vocab is None else int(vocab)
+        self.reduction, self.ignore_index = reduction, int(ignore_index)
         self.token = CrossEntropyLoss()
 
     def prepare_targets(self, targets, num_outputs):
-        if torch.is_floating_point(targets) or targets.dim() != 2 or targets.shape[1] * self.vocab != num_outputs:
+        length = targets.shape[1] if targets.dim() == 2 else 0
+        vocab = self.vocab or (num_outputs // length if length else 0)
+        if torch.is_floating_point(targets) or targets.dim() != 2 or length * vocab != num_outputs:
             raise InputError(f"sequence_cross_entropy targets must be token ids of shape (n, T) with "
-                             f"T * {self.vocab} = {num_outputs} outputs; got {tuple(targets.shape)}")
-        if targets.numel() and (targets.min() < 0 or targets.max() >= self.vocab):
-            raise InputError(f"token ids must lie in [0, {self.vocab})")
+                             f"T * vocab = {num_outputs} outputs; got {tuple(targets.shape)}")
+        scored = targets[targets != self.ignore_index]
+        if scored.numel() and (scored.min() < 0 or scored.max() >= vocab):
+            raise InputError(f"token ids must lie in [0, {vocab}) or be ignore_index={self.ignore_index}")
         return targets.long()
 
-    def _tokens(self, y):
-        return y.reshape(y.shape[0], -1, self.vocab)
+    def _tokens(self, y, t):
+        return y.reshape(y.shape[0], t.shape[1], -1)
+
+    def _weights(self, t, dtype):
+        """(b, T): each position's weight in its sequence's loss (0 where ignored)."""
+        scored = (t != self.ignore_index).to(dtype)
+        if self.reduction == "sum":
+            return scored
+        return scored / scored.sum(-1, keepdim=True).clamp_min(1)
+
+    def _ids(self, t):
+        return t.clamp_min(0) if self.ignore_index < 0 else torch.where(t == self.ignore_index, 0, t)
 
     def value(self, y, t):
-        yt = self._tokens(y)
-        return torch.logsumexp(yt, -1).mean(-1) - yt.gather(-1, t.unsqueeze(-1)).squeeze(-1).mean(-1)
+        yt = self._tokens(y, t)
+        per_token = torch.logsumexp(yt, -1) - yt.gather(-1, self._ids(t).unsqueeze(-1)).squeeze(-1)
+        return (per_token * self._weights(t, y.dtype)).sum(-1)
 
     def grad(self, y, t):
-        yt = self._tokens(y)
-        onehot = torch.zeros_like(yt).scatter(-1, t.unsqueeze(-1), 1.0)
-        return ((torch.softmax(yt, -1) - onehot) / yt.shape[1]).reshape(y.shape)
+        yt = self._tokens(y, t)
+        onehot = torch.zeros_like(yt).scatter(-1, self._ids(t).unsqueeze(-1), 1.0)
+        return ((torch.softmax(yt, -1) - onehot) * self._weights(t, y.dtype).unsqueeze(-1)).reshape(y.shape)
 
     def hvp(self, y, t, u):
-        b, length = y.shape[0], y.shape[1] // self.vocab
-        tokens = y.reshape(b * length, self.vocab)
-        product = _output_hessian_product("cross_entropy", tokens, u.reshape(*u.shape[:-2], b * length, self.vocab))
-        return product.reshape(u.shape) / length
+        b, length = y.shape[0], t.shape[1]
+        tokens = y.reshape(b * length, -1)
+        product = _output_hessian_product("cross_entropy", tokens, u.reshape(*u.shape[:-2], b * length, tokens.shape[1]))
+        return (product * self._weights(t, y.dtype).reshape(b * length, 1)).reshape(u.shape)
 
     def bregman(self, y, y_ref, t):
-        yt, rt = self._tokens(y), self._tokens(y_ref)
+        yt, rt = self._tokens(y, t), self._tokens(y_ref, t)
         p_ref = torch.softmax(rt, -1)
         per_token = torch.logsumexp(yt, -1) - torch.logsumexp(rt, -1) - (p_ref * (yt - rt)).sum(-1)
-        return per_token.mean(-1)
+        return (per_token * self._weights(t, y.dtype)).sum(-1)
 
     def __repr__(self) -> str:
-        return f"SequenceCrossEntropyLoss(vocab={self.vocab})"
+        return (f"SequenceCrossEntropyLoss(vocab={self.vocab}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index})")
 
 
 class AutogradLoss(Loss):
@@ -310,11 +334,14 @@ _LOSSES = {
     "ce": CrossEntropyLoss,
     "bce": BCEWithLogitsLoss,
     "bce_with_logits": BCEWithLogitsLoss,
+    "sequence_cross_entropy": SequenceCrossEntropyLoss,   # token-level, vocabulary read from the outputs
+    "token_cross_entropy": SequenceCrossEntropyLoss,
 }
 
 
 def get_loss(name: str | Loss) -> Loss:
-    """A loss by name (``mse``, ``cross_entropy``/``ce``, ``bce``); a Loss passes through."""
+    """A loss by name (``mse``, ``cross_entropy``/``ce``, ``bce``, ``token_cross_entropy``); a Loss
+    passes through."""
     if isinstance(name, Loss):
         return name
     key = str(name).lower()

@@ -2,7 +2,9 @@
 and checkpoints, with per-layer contractions, a reusable low-rank inverse, resumable
 on-disk results and torch.distributed sharding. Each module has one job:
 
-- :mod:`.data`         training / test data from tensors, a Dataset or a DataLoader
+- :mod:`.data`         training / test data from tensors, a Dataset (pairs, dicts, tuples), an
+                       IterableDataset or a DataLoader
+- :mod:`.task`         :class:`BatchTask`: batches that are not (input, target) pairs
 - :mod:`.measurement`  what a score measures on a test point (loss, margin, your own)
 - :mod:`.distributed`  :class:`DistributedGaussNewton`, rank helpers, sharding
 - :mod:`.layer_scores` hooks that turn activations x output gradients into scores
@@ -16,8 +18,9 @@ from .data import DataSource
 from .distributed import DistributedGaussNewton
 from .layer_scores import LayerScorer
 from .measurement import MEASUREMENTS, margin
+from .task import BatchTask, TaskModel
 from .pipeline import ScoreArguments, ScorePipeline, ScoreResults, ScoreTask, compute_scores, load_scores
 
-__all__ = ["DataSource", "DistributedGaussNewton", "LayerScorer", "MEASUREMENTS", "ScoreArguments",
+__all__ = ["BatchTask", "TaskModel", "DataSource", "DistributedGaussNewton", "LayerScorer", "MEASUREMENTS", "ScoreArguments",
            "ScorePipeline", "ScoreResults", "ScoreTask", "compute_scores", "load_scores",
            "margin"]

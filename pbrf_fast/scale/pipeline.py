@@ -60,6 +60,7 @@ from .data import as_data_source, tensor_digest
 from .layer_scores import LayerScorer
 from .measurement import measurement_gradients, resolve_measurement
 from .safetensors_io import save_safetensors
+from .task import BatchTask, TaskModel
 
 __all__ = ["ScoreArguments", "ScoreTask", "ScorePipeline", "compute_scores", "load_scores", "RESULT_KEYS"]
 logger = logging.getLogger(__name__)
@@ -142,13 +143,17 @@ class ScoreArguments:
 class ScoreTask:
     """What to score: the user's things.
 
-    ``model``: any ``nn.Module`` mapping a batch of inputs to outputs (b, C).
-    ``loss``: the training loss in output space (a name or a :class:`pbrf_fast.Loss`;
-    the GNH refuses one that is not convex). ``train`` / ``test``: (inputs, targets)
-    tensors, a map-style Dataset of (input, target) pairs, or a DataLoader.
+    ``model``: any ``nn.Module`` mapping a batch of inputs to outputs (b, C) (or (b, T, vocab):
+    outputs are flattened per example). ``loss``: the training loss in output space (a name or a
+    :class:`pbrf_fast.Loss`; the GNH refuses one that is not convex; ``"token_cross_entropy"`` for
+    a language model). ``train`` / ``test``: (inputs, targets) tensors, a map-style Dataset of
+    (input, target) pairs, of dicts or of tuples, an IterableDataset, or a DataLoader over one.
     ``measurement``: ``"loss"``, ``"margin"`` or a callable f(outputs, targets) -> (b,).
     ``checkpoints``: state dicts (or paths to them); the scores are their mean. None:
-    the model as it is.
+    the model as it is. ``batch_task``: how a batch that is not an (input, target) pair is read
+    and fed to the model (:class:`pbrf_fast.scale.task.BatchTask`; the default one for dict and
+    tuple items when None). ``network`` is what the library differentiates: ``model`` itself, or
+    it behind the batch task (:class:`~pbrf_fast.scale.task.TaskModel`).
     """
 
     model: nn.Module
@@ -157,11 +162,18 @@ class ScoreTask:
     test: object
     measurement: str | Callable = "loss"
     checkpoints: list | None = None
+    batch_task: BatchTask | None = None
 
     def __post_init__(self):
         self.loss = get_loss(self.loss)
-        self.train = as_data_source(self.train, "train")
-        self.test = as_data_source(self.test, "test")
+        self.train = as_data_source(self.train, "train", self.batch_task)
+        # the test data is read the same way as the training data (one layout of fields)
+        self.batch_task = self.train.batch_task
+        self.test = as_data_source(self.test, "test", self.batch_task)
+        if self.test.batch_task is not self.batch_task:
+            raise InputError("train and test must be read by the same batch task: both (input, target) pairs, or "
+                             "both batches of the same fields")
+        self.network = self.model if self.batch_task is None else TaskModel(self.model, self.batch_task)
         self.measurement_name, self.measurement_fn = resolve_measurement(self.measurement, self.loss)
         if self.checkpoints is not None and len(self.checkpoints) == 0:
             raise InputError("checkpoints: give at least one state dict or path, or None for the model as it is")
@@ -276,10 +288,10 @@ class ScorePipeline:
         self.preconditioner = None  # solver "pcg": the K-FAC / EK-FAC operator of the current checkpoint
         task.model.eval()
         x1, t1 = task.train.range(0, 1)
-        self.probe = Problem(task.model, task.loss, x1, t1, weight_decay=arguments.weight_decay)
+        self.probe = Problem(task.network, task.loss, x1, t1, weight_decay=arguments.weight_decay)
         self.curvature_samples = min(self.n_train, arguments.curvature_samples or self.n_train)
         self.query_chunk = arguments.query_chunk or query_chunk_size(
-            self.probe.dim, _activation_numel(task.model, self.probe.inputs), arguments.curvature_batch_size,
+            self.probe.dim, _activation_numel(task.network, self.probe.inputs), arguments.curvature_batch_size,
             arguments.memory_gb, self.n_test, torch.finfo(self.probe.dtype).bits // 8)
         self.chunks = [(c0, min(self.n_test, c0 + self.query_chunk)) for c0 in range(0, self.n_test, self.query_chunk)]
 
@@ -330,7 +342,7 @@ class ScorePipeline:
         sample = torch.randperm(self.n_train, generator=gen)[:self.curvature_samples].sort().values
         lo, hi = D.shard_range(len(sample), self.rank_, self.world)
         x, t = self.task.train.take(sample[lo:hi])
-        problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=a.weight_decay,
+        problem = Problem(self.task.network, self.task.loss, x, t, weight_decay=a.weight_decay,
                           batch_size=a.curvature_batch_size)
         if curvature_kind(a.curvature).own_inverse:
             return self.auto_damping(k, self.kronecker_factors(k, problem, a.curvature, a.curvature_options))
@@ -419,7 +431,7 @@ class ScorePipeline:
                 return load_tensor(path)["s_test"].to(op.dtype)
             c0, c1 = self.chunks[c]
             x, t = self.task.test.range(c0, c1)
-            test_problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=self.args.weight_decay)
+            test_problem = Problem(self.task.network, self.task.loss, x, t, weight_decay=self.args.weight_decay)
             grads = measurement_gradients(test_problem, self.task.measurement_fn, test_problem.inputs,
                                           test_problem.targets)
             result = self._solve(op, grads)
@@ -453,7 +465,7 @@ class ScorePipeline:
 
     def _scorer(self) -> LayerScorer:
         x1, t1 = self.probe.inputs, self.probe.targets
-        return LayerScorer(Problem(self.task.model, self.task.loss, x1, t1, weight_decay=self.args.weight_decay),
+        return LayerScorer(Problem(self.task.network, self.task.loss, x1, t1, weight_decay=self.args.weight_decay),
                            self.args.backend)
 
     def score_chunk(self, k: int, c: int, S: torch.Tensor, scorer: LayerScorer) -> None:

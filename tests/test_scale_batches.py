@@ -1,0 +1,186 @@
+"""Batches that are not (input, target) pairs through the scale pipeline (issue 31, item 4): a tiny
+causal language model written here (embedding + LayerNorm + causal self-attention + linear head,
+Hugging-Face-style dict batches with attention masks), dicts, 3-tuples and an IterableDataset,
+scored with the exact solver and with EK-FAC against dense float64 references built from the
+model directly (per-sequence masked token losses by torch's own cross_entropy, Jacobians by
+torch.autograd.functional)."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+import pbrf_fast
+from pbrf_fast.autodiff import unfused_attention
+from pbrf_fast.scale import BatchTask, ScoreArguments, ScorePipeline, ScoreTask
+from pbrf_fast.losses import SequenceCrossEntropyLoss
+
+DT = torch.float64
+VOCAB, LENGTH, WIDTH = 5, 4, 4
+
+
+class TinyCausalLM(nn.Module):
+    """What a Hugging Face causal LM looks like from outside: forward(input_ids, attention_mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.position = nn.Parameter(torch.randn(LENGTH, WIDTH) * 0.1)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.attention = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.norm(self.embed(input_ids) + self.position[: input_ids.shape[1]])
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=h.device).triu(1)
+        a, _ = self.attention(h, h, h, attn_mask=causal, key_padding_mask=attention_mask == 0, need_weights=False)
+        return self.head(h + a)                                     # (b, T, vocab)
+
+
+def sequences(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+    mask = torch.ones(n, LENGTH, dtype=torch.long)
+    for i in range(n):                                           # right padding of 0..2 positions
+        pad = i % 3
+        if pad:
+            mask[i, LENGTH - pad:] = 0
+            ids[i, LENGTH - pad:] = 0
+    return ids, mask
+
+
+class DictDataset(Dataset):
+    def __init__(self, ids, mask):
+        self.ids, self.mask = ids, mask
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.ids[i]}
+
+
+class TupleDataset(DictDataset):
+    def __getitem__(self, i):
+        return self.ids[i], self.mask[i], self.ids[i]
+
+
+class Stream(IterableDataset):
+    def __init__(self, ids, mask):
+        self.ids, self.mask = ids, mask
+
+    def __iter__(self):
+        for i in range(len(self.ids)):
+            yield {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.ids[i]}
+
+
+def make_model():
+    torch.manual_seed(0)
+    return TinyCausalLM().to(DT).eval()
+
+
+# --------------------------------------------------------------------------- dense reference
+def reference_parts(model, ids, mask, reduction):
+    """(per-sequence losses as a function of theta, theta, per-example gradients, dense GNH):
+    next-token cross-entropy over the scored positions (mask of the target token), mean or sum."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    labels = torch.where(mask == 0, -100, ids)
+    targets = torch.cat([labels[:, 1:], torch.full((len(ids), 1), -100)], 1)
+
+    def logits(th):
+        params = dict(zip(names, [c.reshape(s) for c, s in zip(th.split([s.numel() for s in shapes]), shapes)]))
+        return torch.func.functional_call(model, params, (ids, mask))
+
+    def losses(th):
+        out = logits(th)
+        per_token = nn.functional.cross_entropy(out.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100,
+                                                reduction="none").reshape(len(ids), -1)
+        scored = (targets != -100).to(DT)
+        total = (per_token * scored).sum(1)
+        return total if reduction == "sum" else total / scored.sum(1).clamp_min(1)
+
+    with unfused_attention():
+        grads = torch.autograd.functional.jacobian(losses, theta)                   # (n, d)
+        J = torch.autograd.functional.jacobian(logits, theta)                        # (n, T, V, d)
+    p = torch.softmax(logits(theta).detach(), -1)
+    scored = (targets != -100).to(DT)
+    weights = scored if reduction == "sum" else scored / scored.sum(1, keepdim=True).clamp_min(1)
+    H = (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)) * weights[..., None, None]
+    G = torch.einsum("ntvd,ntvw,ntwe->de", J, H, J) / len(ids)
+    return grads, G
+
+
+def run_pipeline(tmp_path, train, test, batch_task=None, reduction="mean", **arguments):
+    loss = SequenceCrossEntropyLoss(reduction=reduction)
+    task = ScoreTask(make_model(), loss, train, test, batch_task=batch_task)
+    args = ScoreArguments(damping=0.1, self_influence=False, top_k=2, **arguments)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pipeline = ScorePipeline(task, args, tmp_path, progress=False)
+        pipeline.run()
+    return pipeline, np.load(tmp_path / "scores.npy")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_causal_lm_dict_batches_with_the_exact_solver_match_dense(tmp_path, reduction):
+    ids, mask = sequences(6, 0)
+    test_ids, test_mask = sequences(3, 1)
+    _, scores = run_pipeline(tmp_path, DictDataset(ids, mask), DictDataset(test_ids, test_mask),
+                             BatchTask(shift_labels=True), reduction, solver="direct")
+    model = make_model()
+    grads, G = reference_parts(model, ids, mask, reduction)
+    test_grads, _ = reference_parts(model, test_ids, test_mask, reduction)
+    expected = grads @ torch.linalg.solve(G + 0.1 * torch.eye(len(G), dtype=DT), test_grads.T) / len(ids)
+    assert np.abs(scores - expected.numpy()).max() <= 1e-5 * np.abs(expected.numpy()).max()  # float32 on disk
+
+
+def test_causal_lm_with_ekfac_matches_its_dense_operator(tmp_path):
+    ids, mask = sequences(6, 0)
+    test_ids, test_mask = sequences(3, 1)
+    pipeline, scores = run_pipeline(tmp_path, DictDataset(ids, mask), DictDataset(test_ids, test_mask),
+                                    BatchTask(shift_labels=True), curvature="ekfac")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        op = pipeline.curvature_operator(0)           # factors read back from disk
+    assert op.coverage["kronecker"] == ["model.head"]
+    assert "MultiheadAttention 'model.attention'" in op.reasons["model.attention.in_proj_weight"]
+    model = make_model()
+    grads, _ = reference_parts(model, ids, mask, "mean")
+    test_grads, _ = reference_parts(model, test_ids, test_mask, "mean")
+    expected = grads @ torch.linalg.solve(op.dense(), test_grads.T) / len(ids)
+    assert np.abs(scores - expected.numpy()).max() <= 1e-5 * np.abs(expected.numpy()).max()
+
+
+@pytest.mark.parametrize("form", ["3-tuples", "iterable", "iterable-with-length"])
+def test_tuples_and_streams_score_like_dicts(tmp_path, form):
+    ids, mask = sequences(6, 0)
+    test_ids, test_mask = sequences(3, 1)
+    _, expected = run_pipeline(tmp_path / "dict", DictDataset(ids, mask), DictDataset(test_ids, test_mask),
+                               BatchTask(shift_labels=True), solver="direct")
+    if form == "3-tuples":
+        train, test = TupleDataset(ids, mask), TupleDataset(test_ids, test_mask)
+        batch_task = BatchTask(attention_mask=1, shift_labels=True)
+    else:
+        train, test = Stream(ids, mask), Stream(test_ids, test_mask)
+        if form == "iterable-with-length":
+            train.__class__ = type("SizedStream", (Stream,), {"__len__": lambda self: len(self.ids)})
+        batch_task = BatchTask(shift_labels=True)
+    _, scores = run_pipeline(tmp_path / form, train, test, batch_task, solver="direct", batch_size=4)
+    assert np.allclose(scores, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_default_batch_task_reads_dicts_and_names_what_is_missing():
+    ids, mask = sequences(4, 0)
+    task = ScoreTask(make_model(), "token_cross_entropy", DictDataset(ids, mask), DictDataset(ids, mask))
+    x, t = task.train.range(0, 4)
+    assert t.shape == (4, LENGTH) and (t == -100).sum() == int((mask == 0).sum())  # padding not scored
+    fields = task.batch_task.unpack(x)
+    assert torch.equal(fields["input_ids"], ids) and torch.equal(fields["attention_mask"], mask)
+    with pytest.raises(pbrf_fast.errors.InputError, match="no targets field 'target'"):
+        ScoreTask(make_model(), "token_cross_entropy", DictDataset(ids, mask), DictDataset(ids, mask),
+                  batch_task=BatchTask(targets="target"))

@@ -262,8 +262,9 @@ def _scores_parser(sub) -> None:
                    help="a state dict to score (repeat it: the scores are the mean over checkpoints)")
     p.add_argument("--data", default=None,
                    help="your data: data.pt or data.npz holding x_train, y_train, x_test, y_test")
-    p.add_argument("--loss", choices=["cross_entropy", "mse", "bce"],
-                   help="the training loss in output space")
+    p.add_argument("--loss", choices=["cross_entropy", "mse", "bce", "token_cross_entropy"],
+                   help="the training loss in output space (token_cross_entropy: a sequence model's (b, T, vocab) "
+                        "outputs against (b, T) token targets, -100 where not scored, mean over each sequence)")
     p.add_argument("--measurement", choices=list(MEASUREMENTS),
                    help="what a score measures on a test point: its loss, or the margin of the true class")
     p.add_argument("--dataset", choices=SCORES_DATASETS, default="cifar10", help="built-in data (without --data)")

@@ -184,3 +184,49 @@ def test_default_batch_task_reads_dicts_and_names_what_is_missing():
     with pytest.raises(pbrf_fast.errors.InputError, match="no targets field 'target'"):
         ScoreTask(make_model(), "token_cross_entropy", DictDataset(ids, mask), DictDataset(ids, mask),
                   batch_task=BatchTask(targets="target"))
+
+
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+class TokenLM(nn.Module):
+    """Token ids in (pad id 0 masked out of attention), next-token logits out."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Embedding(5, 4), nn.LayerNorm(4)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, ids):
+        h = self.norm(self.embed(ids))
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).triu(1)
+        return self.head(h + self.attention(h, h, h, attn_mask=causal, need_weights=False)[0])
+
+
+def make_model():
+    torch.manual_seed(0)
+    return TokenLM().double()
+'''
+
+
+@pytest.mark.parametrize("curvature", ["gnh", "ekfac"])
+def test_scores_command_takes_a_language_model_file(tmp_path, curvature):
+    from pbrf_fast.cli import main
+    (tmp_path / "lm.py").write_text(MODEL_FILE)
+    ids, mask = sequences(6, 0)
+    targets = torch.cat([torch.where(mask == 0, -100, ids)[:, 1:], torch.full((6, 1), -100)], 1)
+    torch.save({"x_train": ids, "y_train": targets, "x_test": ids[:2], "y_test": targets[:2]}, tmp_path / "data.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert main(["scores", "--model", f"{tmp_path / 'lm.py'}:make_model", "--data", str(tmp_path / "data.pt"),
+                     "--loss", "token_cross_entropy", "--curvature", curvature, "--no-progress",
+                     "--no-self-influence", "--out", str(tmp_path / "out")]) in (0, None)
+    scores = np.load(tmp_path / "out" / "scores.npy")
+    assert scores.shape == (6, 2) and np.isfinite(scores).all()
+    # a training point scored against itself as a test point: positive (its own loss goes up)
+    assert scores[0, 0] > 0 and scores[1, 1] > 0
+    import json
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["damping"]["0"]["value"] > 0  # "auto"

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 __all__ = ["MODES", "batched_grad", "choose_mode", "describe", "example_jacobians", "output_tangents", "per_example_gradients",
-           "per_example_rows", "pullback_rows", "reverse_gnh_product", "reverse_hessian_product",
+           "per_example_rows", "pullback_rows", "vjp_rows", "reverse_gnh_product", "reverse_hessian_product",
            "reverse_output_tangents", "unfused_attention"]
 
 # torch.func as is; torch.func with fused attention switched off; torch.autograd reverse mode only
@@ -142,6 +142,19 @@ def pullback_rows(fn: Callable, theta: torch.Tensor, cotangents: Callable) -> to
         th = theta.detach().requires_grad_()
         out = fn(th)
         return batched_grad(out, th, cotangents(out.detach())).detach()
+
+
+def vjp_rows(fn: Callable, theta: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
+    """(m, d): J^T u for the m cotangents (m, *y.shape) of ``y = fn(theta)``: torch.func (vjp,
+    vmap over the pullback) where it runs the model, else :func:`pullback_rows`."""
+    for context in (contextlib.nullcontext, unfused_attention):
+        try:
+            with torch.enable_grad(), context():
+                _, pullback = torch.func.vjp(fn, theta)
+                return torch.func.vmap(pullback)(cotangents)[0].detach()
+        except TRANSFORM_ERRORS:
+            pass
+    return pullback_rows(fn, theta, lambda y: cotangents.to(y.dtype))
 
 
 def per_example_rows(values: Callable, theta: torch.Tensor, count: int) -> torch.Tensor:

@@ -322,3 +322,23 @@ def test_score_contraction_of_attention_and_recurrent_models(name):
     grads = dense_gradients(problem, x, t)
     assert rel_err(scorer.scores(x, t, S), grads @ S) < 1e-10
     assert rel_err(scorer.norms_squared(x, t), grads.pow(2).sum(1)) < 1e-10
+
+
+@pytest.mark.parametrize("make", [lambda: tokens_problem(TransformerClassifier()),
+                                  lambda: tokens_problem(GRUClassifier()),
+                                  lambda: custom_problem(OldStyleSquare)], ids=["transformer-eval", "gru", "old-style"])
+@pytest.mark.parametrize("solver", ["auto", "cg", "kernel"])
+def test_influence_on_models_beyond_the_layer_wise_family_matches_dense(make, solver):
+    problem = make()
+    x, t = problem.inputs[:2], problem.targets[:2]
+    grads, test_grads = dense_gradients(problem, problem.inputs, problem.targets), dense_gradients(problem, x, t)
+    expected = grads @ torch.linalg.solve(dense_gnh(problem, 0.1), test_grads.T) / problem.n
+    options = {"tol": 1e-12, "max_iter": 500} if solver == "cg" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        influence = pbrf_fast.Influence(problem, damping=0.1, solver=solver, solver_options=options)
+        scores = influence.scores(x, t)
+        self_influence = influence.self_influence()
+    assert rel_err(scores, expected) < 1e-8
+    own = (grads.T * torch.linalg.solve(dense_gnh(problem, 0.1), grads.T)).sum(0) / problem.n
+    assert rel_err(self_influence, own) < 1e-8

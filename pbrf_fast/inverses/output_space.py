@@ -444,9 +444,8 @@ class OutputSpaceSolver:
             return out
         for chunk in p.batches():
             x, _ = p.batch(chunk)
-            _, pullback = torch.func.vjp(lambda th: p.forward(th, x), p.theta)
             cot = W[chunk.to(W.device)].to(p.dtype).permute(2, 0, 1)  # (m, b, C)
-            out += torch.func.vmap(pullback)(cot)[0].T.double()
+            out += autodiff.vjp_rows(lambda th: p.forward(th, x), p.theta, cot).T.double()
         return out
 
     # ------------------------------------------------------------- solves

@@ -83,23 +83,30 @@ def make_model():
 
 
 # --------------------------------------------------------------------------- dense reference
-def reference_parts(model, ids, mask, reduction):
-    """(per-sequence losses as a function of theta, theta, per-example gradients, dense GNH):
-    next-token cross-entropy over the scored positions (mask of the target token), mean or sum."""
+def shifted_targets(ids, mask):
+    """Next-token targets: -100 at padding and at the last position."""
+    labels = torch.where(mask == 0, -100, ids)
+    return torch.cat([labels[:, 1:], torch.full((len(ids), 1), -100)], 1)
+
+
+def reference_parts(model, ids, mask, reduction, inputs=None):
+    """(per-example gradients (n, d), dense GNH (d, d)) of the next-token cross-entropy over the
+    scored positions, mean or sum per sequence; ``inputs``: what the model takes (default
+    (ids, mask))."""
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-    labels = torch.where(mask == 0, -100, ids)
-    targets = torch.cat([labels[:, 1:], torch.full((len(ids), 1), -100)], 1)
+    targets = shifted_targets(ids, mask)
+    inputs = (ids, mask) if inputs is None else inputs
 
     def logits(th):
         params = dict(zip(names, [c.reshape(s) for c, s in zip(th.split([s.numel() for s in shapes]), shapes)]))
-        return torch.func.functional_call(model, params, (ids, mask))
+        return torch.func.functional_call(model, params, inputs)
 
     def losses(th):
         out = logits(th)
-        per_token = nn.functional.cross_entropy(out.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100,
-                                                reduction="none").reshape(len(ids), -1)
+        per_token = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1),
+                                                ignore_index=-100, reduction="none").reshape(len(ids), -1)
         scored = (targets != -100).to(DT)
         total = (per_token * scored).sum(1)
         return total if reduction == "sum" else total / scored.sum(1).clamp_min(1)
@@ -217,7 +224,7 @@ def test_scores_command_takes_a_language_model_file(tmp_path, curvature):
     from pbrf_fast.cli import main
     (tmp_path / "lm.py").write_text(MODEL_FILE)
     ids, mask = sequences(6, 0)
-    targets = torch.cat([torch.where(mask == 0, -100, ids)[:, 1:], torch.full((6, 1), -100)], 1)
+    targets = shifted_targets(ids, mask)
     torch.save({"x_train": ids, "y_train": targets, "x_test": ids[:2], "y_test": targets[:2]}, tmp_path / "data.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -230,3 +237,37 @@ def test_scores_command_takes_a_language_model_file(tmp_path, curvature):
     assert scores[0, 0] > 0 and scores[1, 1] > 0
     import json
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["damping"]["0"]["value"] > 0  # "auto"
+
+
+@pytest.mark.parametrize("curvature", ["gnh", "ekfac"])
+def test_the_papers_transformer_lm_through_the_pipeline(tmp_path, curvature):
+    """pbrf_fast.paper.models.TransformerLM (2 layers, its own causal attention of nn.Linear
+    projections: K-FAC factors them with one token per position) on token tensors."""
+    from pbrf_fast.paper.models import transformer_lm
+    from pbrf_fast.scale import compute_scores
+
+    ids, mask = sequences(6, 0)
+    mask = torch.ones_like(mask)                                   # PTB windows have no padding
+    test_ids = sequences(2, 1)[0]
+    model = transformer_lm(VOCAB, width=4, heads=2, layers=2, max_len=LENGTH, seed=0).to(DT).eval()
+    targets, test_targets = shifted_targets(ids, mask), shifted_targets(test_ids, torch.ones_like(test_ids))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        compute_scores(model, "token_cross_entropy", ids, targets, test_ids, test_targets, tmp_path, progress=False,
+                       damping=0.1, solver="direct" if curvature == "gnh" else "auto", curvature=curvature,
+                       self_influence=False)
+    scores = np.load(tmp_path / "scores.npy")
+    grads, G = reference_parts(model, ids, mask, "mean", inputs=(ids,))
+    test_grads, _ = reference_parts(model, test_ids, torch.ones_like(test_ids), "mean", inputs=(test_ids,))
+    if curvature == "gnh":
+        operator = G + 0.1 * torch.eye(len(G), dtype=DT)
+    else:  # the EK-FAC operator the pipeline stored: the Linear projections factored, per token
+        problem = pbrf_fast.Problem(model, "token_cross_entropy", ids, targets)
+        factors = pbrf_fast.curvatures.KroneckerFactors.from_state_dict(torch.load(tmp_path / "factors_ekfac.pt"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            op = pbrf_fast.KroneckerCurvature(problem, 0.1, "ekfac", factors=factors)
+        assert "blocks.0.attention.qkv" in op.coverage["kronecker"] and "head" in op.coverage["kronecker"]
+        operator = op.dense()
+    expected = grads @ torch.linalg.solve(operator, test_grads.T) / len(ids)
+    assert np.abs(scores - expected.numpy()).max() <= 1e-5 * np.abs(expected.numpy()).max()

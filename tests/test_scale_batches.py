@@ -154,8 +154,9 @@ def test_causal_lm_with_ekfac_matches_its_dense_operator(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         op = pipeline.curvature_operator(0)           # factors read back from disk
-    assert op.coverage["kronecker"] == ["model.head"]
-    assert "MultiheadAttention 'model.attention'" in op.reasons["model.attention.in_proj_weight"]
+    # the attention's query / key / value / output blocks are factored (causal and padding masks)
+    assert op.coverage["kronecker"] == ["model.attention.in_proj[q]", "model.attention.in_proj[k]",
+                                        "model.attention.in_proj[v]", "model.attention.out_proj", "model.head"]
     model = make_model()
     grads, _ = reference_parts(model, ids, mask, "mean")
     test_grads, _ = reference_parts(model, test_ids, test_mask, "mean")

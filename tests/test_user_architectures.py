@@ -261,18 +261,76 @@ def test_per_example_gradients_of_attention_and_recurrent_models(name):
 
 
 @pytest.mark.parametrize("name", sorted(SEQUENCE_MODELS))
-def test_ekfac_gives_attention_and_recurrent_parameters_their_exact_gnh_diagonal(name):
+def test_ekfac_on_attention_and_recurrent_models_against_dense(name):
+    """Attention: its query / key / value / output blocks are Kronecker-factored; recurrent
+    weights and embeddings get the exact GNH diagonal, and .reasons names their module."""
     problem = SEQUENCE_MODELS[name]()
     with pytest.warns(UserWarning, match="has no layer adapter"):
         op = pbrf_fast.KroneckerCurvature(problem, 1e-2, "ekfac")
-    layer = {"transformer-eval": "MultiheadAttention 'enc.self_attn'", "gru": "GRU 'rnn'", "lstm": "LSTM 'rnn'"}[name]
-    others = [n for n in problem.param_names if n.startswith(("enc.self_attn", "rnn"))]
-    assert set(others) <= set(op.coverage["diagonal"]) and "head" in op.coverage["kronecker"]
-    assert any(layer in op.reasons[n] for n in others)
+    if name == "transformer-eval":
+        assert op.coverage["kronecker"][:4] == ["enc.self_attn.in_proj[q]", "enc.self_attn.in_proj[k]",
+                                                "enc.self_attn.in_proj[v]", "enc.self_attn.out_proj"]
+        assert not [n for n in op.others if "self_attn" in n]
+    else:
+        others = [n for n in problem.param_names if n.startswith("rnn")]
+        assert set(others) <= set(op.coverage["diagonal"]) and "head" in op.coverage["kronecker"]
+        assert all(f"{name.upper()} 'rnn'" in op.reasons[n] for n in others)
+    assert "Embedding 'emb'" in op.reasons["emb.weight"]
     rows = torch.cat([torch.arange(*problem.param_ranges[n]) for n in op.others])
     G = dense_gnh(problem)
     assert rel_err(op.factors.diagonal, torch.diagonal(G)[rows]) < 1e-10
-    # the quadratic form g^T (K + damping)^{-1} g per example, against the dense operator
+    # the quadratic form g^T (K + damping)^{-1} g per example, against the dense operator: each
+    # block's tokens and output gradients rebuild the per-example gradients exactly
+    grads = dense_gradients(problem, problem.inputs, problem.targets)
+    expected = (grads.T * torch.linalg.solve(op.dense(), grads.T)).sum(0)
+    assert rel_err(op.quadratic_form_per_example(problem.inputs, problem.targets), expected) < 1e-10
+
+
+def block_indices(layer):
+    """(o, i') positions in theta of a Kronecker layer's matrix (bias as the last column)."""
+    lo, hi = layer.weight
+    index = torch.arange(lo, hi).reshape(layer.out_dim, -1)
+    if layer.bias is not None:
+        index = torch.cat([index, torch.arange(*layer.bias).unsqueeze(1)], 1)
+    return index
+
+
+class SequenceFirstAttention(nn.Module):
+    """nn.MultiheadAttention in its (T, b, E) layout, cross-attention, a key padding mask (token 0)."""
+
+    def __init__(self, vocab=7, width=4, classes=3):
+        super().__init__()
+        self.emb, self.memory = nn.Embedding(vocab, width), nn.Linear(width, width)
+        self.attention = nn.MultiheadAttention(width, 2)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        e = self.emb(x)
+        h, memory = e.transpose(0, 1), self.memory(e).transpose(0, 1)  # (T, b, E)
+        padding = x == 0
+        padding[:, 0] = False                                        # every query sees one key
+        out, _ = self.attention(h, memory, h, key_padding_mask=padding)
+        return self.head(out.mean(0))
+
+
+@pytest.mark.parametrize("make", [SEQUENCE_MODELS["transformer-eval"],
+                                  lambda: tokens_problem(SequenceFirstAttention())],
+                         ids=["transformer-eval", "sequence-first-cross-attention"])
+def test_ekfac_eigenvalues_of_attention_blocks_are_the_exact_gnh_in_their_eigenbasis(make):
+    """With exact pseudo-gradients EK-FAC's corrected eigenvalues are the diagonal of the exact
+    GNH block in the Kronecker eigenbasis: for each attention block too."""
+    problem = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        op = pbrf_fast.KroneckerCurvature(problem, 1e-2, "ekfac", pseudo_gradients="exact")
+    G = dense_gnh(problem)
+    for layer in op.layers:
+        index = block_indices(layer).reshape(-1)
+        _, Q_A, _, Q_S = op.factors.eigen[layer.name]
+        basis = torch.kron(Q_S, Q_A)                        # row-major vec of Q_S[:, a] Q_A[:, c]^T
+        exact = torch.einsum("pa,pq,qa->a", basis, G[index][:, index], basis).reshape(layer.out_dim, -1)
+        assert rel_err(op.factors.corrected[layer.name], exact) < 1e-10, layer.name
+    assert any("in_proj[k]" in layer.name for layer in op.layers)
     grads = dense_gradients(problem, problem.inputs, problem.targets)
     expected = (grads.T * torch.linalg.solve(op.dense(), grads.T)).sum(0)
     assert rel_err(op.quadratic_form_per_example(problem.inputs, problem.targets), expected) < 1e-10
@@ -342,3 +400,20 @@ def test_influence_on_models_beyond_the_layer_wise_family_matches_dense(make, so
     assert rel_err(scores, expected) < 1e-8
     own = (grads.T * torch.linalg.solve(dense_gnh(problem, 0.1), grads.T)).sum(0) / problem.n
     assert rel_err(self_influence, own) < 1e-8
+
+
+def test_a_linear_layer_on_sequence_first_tensors_is_refused_by_kfac_not_mixed():
+    class SequenceFirstLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mix, self.head = nn.Embedding(7, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.mix(self.emb(x).transpose(0, 1)).mean(0))
+
+    problem = tokens_problem(SequenceFirstLinear())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        op = pbrf_fast.KroneckerCurvature(problem, 1e-2, "ekfac")
+        with pytest.raises(pbrf_fast.errors.UnsupportedModelError, match="'mix' .* example dimension is not first"):
+            op.factors

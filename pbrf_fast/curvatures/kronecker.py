@@ -51,11 +51,12 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import autodiff
 from .operators import CurvatureOperator
 from ..errors import InputError, InputTypeError, UnsupportedModelError
-from ..layers import LayerAdapter, adapter_for, silent_modules
+from ..layers import LayerAdapter, adapter_for, attention, silent_modules
 
 __all__ = ["KRONECKER_KINDS", "PSEUDO_GRADIENTS", "KroneckerCurvature", "KroneckerFactors", "KroneckerLayer",
            "kronecker_layers", "kronecker_layout", "output_hessian_factors", "compute_factors"]
@@ -133,15 +134,35 @@ def kronecker_layout(problem) -> tuple[list[KroneckerLayer], list[str], dict]:
     Kronecker-factored layer). A layer whose forward never runs -- its weight used functionally,
     as ``nn.MultiheadAttention`` uses ``out_proj`` -- has no hook to see its inputs: it is not
     covered (found by one probe forward pass on one example)."""
-    layers, _ = _candidate_layers(problem)
-    silent = silent_modules(problem, [layer.module for layer in layers])
+    layers = _candidate_layers(problem)
+    silent = silent_modules(problem, list({id(layer.module): layer.module for layer in layers}.values()))
+    silent |= _unreproduced_attention(problem, layers)
     layers = [layer for layer in layers if id(layer.module) not in silent]
-    covered = set()
-    for layer in layers:
-        prefix = f"{layer.name}." if layer.name else ""
-        covered.update({prefix + "weight"} | ({prefix + "bias"} if layer.bias is not None else set()))
+    covered = _covered(layers, problem)
     others = [n for n in problem.param_names if n not in covered]
     return layers, others, {n: _why_not_factored(problem, n, silent) for n in others}
+
+
+def _unreproduced_attention(problem, layers) -> set:
+    """ids of the attention modules whose output the blocks' recomputation does not reproduce
+    on one example (their parameters then keep the exact GNH diagonal)."""
+    modules = {id(layer.module): layer.module for layer in layers if isinstance(layer.adapter, attention.AttentionPart)}
+    if not modules:
+        return set()
+    calls = {}
+
+    def hook(module, args, kwargs, output):
+        calls[id(module)] = (attention.capture(module, args, kwargs), output[0].detach())
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules.values()]
+    try:
+        with torch.no_grad(), autodiff.unfused_attention():
+            problem.forward(problem.theta, problem.inputs[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key for key, module in modules.items()
+            if key not in calls or not attention.reproduces(module, *calls[key])}
 
 
 def _why_not_factored(problem, name: str, silent: set) -> str:
@@ -151,6 +172,11 @@ def _why_not_factored(problem, name: str, silent: set) -> str:
     if module is None:
         return "a parameter of the model itself, outside any layer"
     label = f"{type(module).__name__} {module_name!r}"
+    if isinstance(module, nn.MultiheadAttention):
+        why = attention.unsupported_reason(module) or ("its query / key / value / output blocks cannot be "
+                                                       "recomputed from its inputs (unbatched inputs or another "
+                                                       "call than nn.MultiheadAttention's)")
+        return f"{label}: {why}"
     if id(module) in silent:
         return (f"{label}: its forward never runs (its weight is used functionally, as nn.MultiheadAttention "
                 "uses out_proj), so no hook sees its inputs")
@@ -162,11 +188,16 @@ def _why_not_factored(problem, name: str, silent: set) -> str:
     return f"{label}: its weight is frozen"
 
 
-def _candidate_layers(problem) -> tuple[list[KroneckerLayer], list[str]]:
-    """Every module with a Kronecker adapter and a trainable weight, and the other parameters."""
+def _candidate_layers(problem) -> list[KroneckerLayer]:
+    """Every module with a Kronecker adapter and a trainable weight, and the query / key / value /
+    output blocks of every nn.MultiheadAttention (:mod:`pbrf_fast.layers.attention`)."""
     offsets = problem.param_ranges
     layers, covered = [], set()
     for mod_name, module in problem.model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and not attention.unsupported_reason(module):
+            for name, part, weight, bias in attention.attention_parts(mod_name, module, offsets):
+                layers.append(KroneckerLayer(name, part, weight, bias))
+            continue
         adapter, _ = adapter_for(module)
         if adapter is None or not adapter.kronecker:
             continue
@@ -176,8 +207,17 @@ def _candidate_layers(problem) -> tuple[list[KroneckerLayer], list[str]]:
             continue
         bias = offsets.get(prefix + "bias") if adapter.has("bias") else None
         layers.append(KroneckerLayer(mod_name, adapter, weight, bias))
-        covered.update({prefix + "weight"} | ({prefix + "bias"} if bias is not None else set()))
-    return layers, [n for n in problem.param_names if n not in covered]
+    return layers
+
+
+def _covered(layers, problem) -> set:
+    """The parameter names the layers' weight and bias slices lie in."""
+    ranges, covered = problem.param_ranges, set()
+    for layer in layers:
+        for piece in (layer.weight, layer.bias):
+            if piece is not None:
+                covered.update(n for n, (lo, hi) in ranges.items() if lo <= piece[0] < hi)
+    return covered
 
 
 # ------------------------------------------------------------------------- pseudo-gradients
@@ -236,12 +276,15 @@ class _LayerCapture:
     def __enter__(self):
         self.handles = []
         for layer in self.layers:
-            def hook(module, inputs, output, name=layer.name):
+            def hook(module, args, kwargs, output, name=layer.name, part=isinstance(layer.adapter,
+                                                                                    attention.AttentionPart)):
                 if name in self.records:
                     raise InputError(f"layer {name!r} ({type(module).__name__}) runs more than once per forward "
                                      "pass (a shared layer); K-FAC needs each covered layer called once")
-                self.records[name] = (inputs[0].detach(), output)
-            self.handles.append(layer.module.register_forward_hook(hook))
+                # an attention block keeps the whole call (its inputs are derived from it)
+                self.records[name] = ((attention.capture(module, args, kwargs), output[0]) if part
+                                      else (args[0].detach(), output))
+            self.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc):
@@ -271,8 +314,17 @@ def _pseudo_gradient_pass(problem, layers, x, Q_fn, diagonal=None):
     b = x.shape[0]
     grads = [torch.zeros(Q.shape[0], *out.shape, dtype=out.dtype, device=out.device) if g is None else g.detach()
              for out, g in zip(outs, grads)]
-    parts = [(layer.tokens(capture.records[layer.name][0]), layer.output_tokens(g, b))
-             for layer, g in zip(layers, grads)]
+    parts, shared = [], {}
+    for layer, g in zip(layers, grads):
+        inputs = capture.records[layer.name][0]
+        if isinstance(layer.adapter, attention.AttentionPart):  # inputs and gradients of the block
+            inputs, g = layer.adapter.part_data(inputs, g, shared)
+        elif inputs.shape[0] != b:  # tokens would be read across examples: refuse, never mix them
+            raise UnsupportedModelError(
+                f"layer {layer.name!r} ({type(layer.module).__name__}) gets inputs of shape {tuple(inputs.shape)} "
+                f"for a batch of {b}: its example dimension is not first (a sequence-first layout?), which "
+                "K-FAC cannot read per example; apply it batch-first or use curvature='gnh'")
+        parts.append((layer.tokens(inputs), layer.output_tokens(g, b)))
     if diagonal is None:
         return parts, Q, None
     bn_parts = [(capture.records[layer.name][0], g) for layer, g in zip(extra, grads[len(layers):])]

@@ -19,6 +19,8 @@ import contextlib
 import torch
 from torch import nn
 
+from ..autodiff import unfused_attention
+
 from .base import LayerAdapter
 from .batchnorm import BatchNormAdapter
 from .conv2d import Conv2dAdapter
@@ -75,6 +77,8 @@ def silent_modules(problem, modules) -> set:
     (one example): a layer whose weight the model uses functionally -- as nn.MultiheadAttention
     uses ``out_proj`` -- is invisible to hooks, so nothing hook-based may count on it."""
     ran = set()
-    with forward_hooks(modules, lambda m, i, o: ran.add(id(m))), torch.no_grad():
+    # fused attention off, as in the passes that rely on the hooks (they run with gradients,
+    # where torch never takes its fused fast paths, which skip the submodules' forwards)
+    with forward_hooks(modules, lambda m, i, o: ran.add(id(m))), torch.no_grad(), unfused_attention():
         problem.forward(problem.theta, problem.inputs[:1])
     return {id(m) for m in modules} - ran

@@ -402,7 +402,11 @@ def test_influence_on_models_beyond_the_layer_wise_family_matches_dense(make, so
     assert rel_err(self_influence, own) < 1e-8
 
 
-def test_a_linear_layer_on_sequence_first_tensors_is_refused_by_kfac_not_mixed():
+def test_a_linear_layer_on_sequence_first_tensors_is_not_read_across_examples():
+    """Its rows are positions, not examples: K-FAC gives it the exact GNH diagonal and says why,
+    the score contraction its exact fallback."""
+    from pbrf_fast.scale import LayerScorer
+
     class SequenceFirstLinear(nn.Module):
         def __init__(self):
             super().__init__()
@@ -411,9 +415,14 @@ def test_a_linear_layer_on_sequence_first_tensors_is_refused_by_kfac_not_mixed()
         def forward(self, x):
             return self.head(self.mix(self.emb(x).transpose(0, 1)).mean(0))
 
-    problem = tokens_problem(SequenceFirstLinear())
+    problem = tokens_problem(SequenceFirstLinear(), n=5, length=5)   # T == b: no shape error would say it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         op = pbrf_fast.KroneckerCurvature(problem, 1e-2, "ekfac")
-        with pytest.raises(pbrf_fast.errors.UnsupportedModelError, match="'mix' .* example dimension is not first"):
-            op.factors
+        scorer = LayerScorer(problem)
+    assert op.coverage["kronecker"] == ["head"] and "example dimension first" in op.reasons["mix.weight"]
+    rows = torch.cat([torch.arange(*problem.param_ranges[n]) for n in op.others])
+    assert rel_err(op.factors.diagonal, torch.diagonal(dense_gnh(problem))[rows]) < 1e-10
+    x, t = problem.inputs, problem.targets
+    S = torch.randn(problem.dim, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
+    assert rel_err(scorer.scores(x, t, S), dense_gradients(problem, x, t) @ S) < 1e-10

@@ -56,7 +56,7 @@ from torch import nn
 from .. import autodiff
 from .operators import CurvatureOperator
 from ..errors import InputError, InputTypeError, UnsupportedModelError
-from ..layers import LayerAdapter, adapter_for, attention, silent_modules
+from ..layers import LayerAdapter, adapter_for, attention, unreadable_modules
 
 __all__ = ["KRONECKER_KINDS", "PSEUDO_GRADIENTS", "KroneckerCurvature", "KroneckerFactors", "KroneckerLayer",
            "kronecker_layers", "kronecker_layout", "output_hessian_factors", "compute_factors"]
@@ -135,12 +135,12 @@ def kronecker_layout(problem) -> tuple[list[KroneckerLayer], list[str], dict]:
     as ``nn.MultiheadAttention`` uses ``out_proj`` -- has no hook to see its inputs: it is not
     covered (found by one probe forward pass on one example)."""
     layers = _candidate_layers(problem)
-    silent = silent_modules(problem, list({id(layer.module): layer.module for layer in layers}.values()))
-    silent |= _unreproduced_attention(problem, layers)
+    unreadable = unreadable_modules(problem, list({id(layer.module): layer.module for layer in layers}.values()))
+    silent = set(unreadable) | _unreproduced_attention(problem, layers)
     layers = [layer for layer in layers if id(layer.module) not in silent]
     covered = _covered(layers, problem)
     others = [n for n in problem.param_names if n not in covered]
-    return layers, others, {n: _why_not_factored(problem, n, silent) for n in others}
+    return layers, others, {n: _why_not_factored(problem, n, unreadable) for n in others}
 
 
 def _unreproduced_attention(problem, layers) -> set:
@@ -165,7 +165,7 @@ def _unreproduced_attention(problem, layers) -> set:
             if key not in calls or not attention.reproduces(module, *calls[key])}
 
 
-def _why_not_factored(problem, name: str, silent: set) -> str:
+def _why_not_factored(problem, name: str, unreadable: dict) -> str:
     """Why parameter ``name`` is not in a Kronecker-factored layer, naming its module."""
     module_name = name.rpartition(".")[0]
     module = dict(problem.model.named_modules()).get(module_name)
@@ -177,9 +177,8 @@ def _why_not_factored(problem, name: str, silent: set) -> str:
                                                        "recomputed from its inputs (unbatched inputs or another "
                                                        "call than nn.MultiheadAttention's)")
         return f"{label}: {why}"
-    if id(module) in silent:
-        return (f"{label}: its forward never runs (its weight is used functionally, as nn.MultiheadAttention "
-                "uses out_proj), so no hook sees its inputs")
+    if id(module) in unreadable:
+        return f"{label}: {unreadable[id(module)]}"
     adapter, why = adapter_for(module)
     if adapter is None:
         return f"{label}: {why}"

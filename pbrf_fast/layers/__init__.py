@@ -27,7 +27,7 @@ from .conv2d import Conv2dAdapter
 from .linear import LinearAdapter
 
 __all__ = ["ADAPTERS", "LayerAdapter", "adapter_for", "parameter_slots", "forward_hooks", "register_adapter",
-           "silent_modules"]
+           "unreadable_modules"]
 
 # module type -> adapter class; exact types, so a subclass with its own forward is not
 # mistaken for the layer it extends (it is "unsupported", and callers fall back)
@@ -72,13 +72,27 @@ def forward_hooks(modules, hook):
             handle.remove()
 
 
-def silent_modules(problem, modules) -> set:
-    """ids of the ``modules`` whose forward does not run in a forward pass of the problem's model
-    (one example): a layer whose weight the model uses functionally -- as nn.MultiheadAttention
-    uses ``out_proj`` -- is invisible to hooks, so nothing hook-based may count on it."""
-    ran = set()
+def unreadable_modules(problem, modules) -> dict:
+    """id -> why, for the ``modules`` whose inputs forward hooks cannot read per example: one
+    whose forward never runs (its weight used functionally, as nn.MultiheadAttention uses
+    ``out_proj``), or one whose input does not have the example dimension first (a Linear on a
+    sequence-first (T, b, E) tensor: its rows are positions, not examples). Probed on two copies
+    of the first example. nn.MultiheadAttention reads its own layout and is not layout-checked."""
+    rows = {}
+    x = problem.inputs[:1]
+    x = torch.cat([x, x])
     # fused attention off, as in the passes that rely on the hooks (they run with gradients,
     # where torch never takes its fused fast paths, which skip the submodules' forwards)
-    with forward_hooks(modules, lambda m, i, o: ran.add(id(m))), torch.no_grad(), unfused_attention():
-        problem.forward(problem.theta, problem.inputs[:1])
-    return {id(m) for m in modules} - ran
+    with forward_hooks(modules, lambda m, i, o: rows.setdefault(id(m), []).append(i[0].shape[0] if i and
+                                                                                  hasattr(i[0], "shape") else 2)), \
+            torch.no_grad(), unfused_attention():
+        problem.forward(problem.theta, x)
+    why = {}
+    for module in modules:
+        if id(module) not in rows:
+            why[id(module)] = ("its forward never runs (its weight is used functionally, as nn.MultiheadAttention "
+                               "uses out_proj), so no hook sees its inputs")
+        elif not isinstance(module, nn.MultiheadAttention) and any(r != 2 for r in rows[id(module)]):
+            why[id(module)] = ("its input does not have the example dimension first (a sequence-first layout?), "
+                               "so hooks cannot read it per example")
+    return why

@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from .. import autodiff
-from ..layers import adapter_for, parameter_slots, silent_modules
+from ..layers import adapter_for, parameter_slots, unreadable_modules
 
 __all__ = ["LayerScorer"]
 
@@ -45,9 +45,10 @@ class LayerScorer:
             slots = parameter_slots(mod_name, module, offsets) if adapter is not None else {}
             if slots:
                 self.layers.append((adapter, slots, mod_name))
-        # a layer whose forward never runs (its weight used functionally) has no hook to see it
-        silent = silent_modules(problem, [adapter.module for adapter, _, _ in self.layers])
-        kept = [(adapter, slots, name) for adapter, slots, name in self.layers if id(adapter.module) not in silent]
+        # a layer whose forward never runs (its weight used functionally) or whose inputs are not
+        # example-first has no hook that reads it per example: its parameters take the fallback
+        unreadable = unreadable_modules(problem, [adapter.module for adapter, _, _ in self.layers])
+        kept = [(adapter, slots, name) for adapter, slots, name in self.layers if id(adapter.module) not in unreadable]
         for _, slots, mod_name in kept:
             covered.update(f"{mod_name}.{role}" if mod_name else role for role in slots)
         self.layers = [(adapter, slots) for adapter, slots, _ in kept]

@@ -87,15 +87,16 @@ def batched_grad(outputs: torch.Tensor, inputs: torch.Tensor, grad_rows: torch.T
                  retain_graph: bool = False) -> torch.Tensor:
     """(m, *inputs.shape): the vector-Jacobian products of ``outputs`` with each row of
     ``grad_rows`` (m, *outputs.shape). Batched through the graph when its ops have batching
-    rules; one backward pass per row when they do not (a custom Function's backward, say)."""
+    rules; one backward pass per row when they do not (a custom Function's backward, say).
+    The graph is kept for the fallback's passes and, with ``retain_graph``, after."""
     if grad_rows.shape[0] == 0:
         return inputs.new_zeros(0, *inputs.shape)
     try:
         (rows,) = torch.autograd.grad(outputs, inputs, grad_rows, retain_graph=True, is_grads_batched=True)
     except TRANSFORM_ERRORS:
-        rows = torch.stack([torch.autograd.grad(outputs, inputs, row, retain_graph=True)[0] for row in grad_rows])
-    if not retain_graph:
-        del outputs
+        last = len(grad_rows) - 1
+        rows = torch.stack([torch.autograd.grad(outputs, inputs, row, retain_graph=retain_graph or i < last)[0]
+                            for i, row in enumerate(grad_rows)])
     return rows
 
 

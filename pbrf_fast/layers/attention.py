@@ -63,9 +63,10 @@ class AttentionPart(LinearAdapter):
         return self.module.embed_dim
 
     def has(self, role: str) -> bool:
-        source = self.module.out_proj if self.part == "out" else self.module
-        return getattr(source, "bias" if self.part == "out" else "in_proj_bias", None) is not None \
-            if role == "bias" else True
+        if role != "bias":
+            return True
+        bias = self.module.out_proj.bias if self.part == "out" else self.module.in_proj_bias
+        return bias is not None
 
     def part_data(self, record, grads: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs (b, T, E), output gradients (K, b, T, E)) of this block, from the module's

@@ -426,3 +426,54 @@ def test_a_linear_layer_on_sequence_first_tensors_is_not_read_across_examples():
     x, t = problem.inputs, problem.targets
     S = torch.randn(problem.dim, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
     assert rel_err(scorer.scores(x, t, S), dense_gradients(problem, x, t) @ S) < 1e-10
+
+
+# ------------------------------------------ the issue's model families through the scale pipeline
+class DepthwiseSeparable(nn.Module):
+    """Depthwise (groups = channels) + pointwise convolutions with SiLU: outside the layer-wise
+    product and K-FAC's Conv2d (groups != 1), so torch.func and the exact GNH diagonal."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.depthwise, self.pointwise = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = nn.functional.silu(self.stem(x))
+        h = nn.functional.silu(self.pointwise(self.depthwise(h)))
+        return self.head(h.mean((2, 3)))
+
+
+def image_problem(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return pbrf_fast.Problem(DepthwiseSeparable().to(DT), "cross_entropy", torch.randn(n, 1, 5, 5, generator=g, dtype=DT),
+                             torch.randint(0, 3, (n,), generator=g))
+
+
+FAMILIES = {"transformer-eval": SEQUENCE_MODELS["transformer-eval"], "gru": SEQUENCE_MODELS["gru"],
+            "depthwise-silu": image_problem}
+
+
+@pytest.mark.parametrize("curvature", ["gnh", "ekfac"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_families_through_the_scale_pipeline_match_dense(tmp_path, family, curvature):
+    from pbrf_fast.scale import compute_scores
+    import numpy as np
+
+    problem = FAMILIES[family]()
+    x, t = problem.inputs, problem.targets
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        compute_scores(problem.model, "cross_entropy", x, t, x[:2], t[:2], tmp_path, progress=False, damping=0.1,
+                       solver="direct" if curvature == "gnh" else "auto", curvature=curvature, self_influence=False)
+        if curvature == "gnh":
+            operator = dense_gnh(problem, 0.1)
+        else:
+            factors = pbrf_fast.curvatures.KroneckerFactors.from_state_dict(torch.load(tmp_path / "factors_ekfac.pt"))
+            operator = pbrf_fast.KroneckerCurvature(problem, 0.1, "ekfac", factors=factors).dense()
+    grads = dense_gradients(problem, x, t)
+    expected = grads @ torch.linalg.solve(operator, grads[:2].T) / problem.n
+    scores = torch.from_numpy(np.load(tmp_path / "scores.npy")).to(DT)
+    assert rel_err(scores, expected) < 1e-5                                   # float32 on disk

@@ -272,3 +272,23 @@ def test_the_papers_transformer_lm_through_the_pipeline(tmp_path, curvature):
         operator = op.dense()
     expected = grads @ torch.linalg.solve(operator, test_grads.T) / len(ids)
     assert np.abs(scores - expected.numpy()).max() <= 1e-5 * np.abs(expected.numpy()).max()
+
+
+def test_influence_on_dict_batches_matches_dense():
+    """Influence (not the pipeline) on a Dataset of dicts, through problem_from_data."""
+    from pbrf_fast.scale.data import DataSource
+    from pbrf_fast.scale.task import problem_from_data
+
+    ids, mask = sequences(6, 0)
+    test_ids, test_mask = sequences(3, 1)
+    model = make_model()
+    problem, _ = problem_from_data(model, SequenceCrossEntropyLoss(), DictDataset(ids, mask),
+                                   BatchTask(shift_labels=True))
+    x_test, t_test = DataSource(DictDataset(test_ids, test_mask), "test", problem.batch_task).range(0, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        scores = pbrf_fast.Influence(problem, damping=0.1, solver="direct").scores(x_test, t_test)
+    grads, G = reference_parts(model, ids, mask, "mean")
+    test_grads, _ = reference_parts(model, test_ids, test_mask, "mean")
+    expected = grads @ torch.linalg.solve(G + 0.1 * torch.eye(len(G), dtype=DT), test_grads.T) / len(ids)
+    assert float((scores - expected).norm() / expected.norm()) < 1e-10

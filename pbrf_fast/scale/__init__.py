@@ -18,9 +18,9 @@ from .data import DataSource
 from .distributed import DistributedGaussNewton
 from .layer_scores import LayerScorer
 from .measurement import MEASUREMENTS, margin
-from .task import BatchTask, TaskModel
+from .task import BatchTask, TaskModel, problem_from_data
 from .pipeline import ScoreArguments, ScorePipeline, ScoreResults, ScoreTask, compute_scores, load_scores
 
-__all__ = ["BatchTask", "TaskModel", "DataSource", "DistributedGaussNewton", "LayerScorer", "MEASUREMENTS", "ScoreArguments",
+__all__ = ["BatchTask", "TaskModel", "problem_from_data", "DataSource", "DistributedGaussNewton", "LayerScorer", "MEASUREMENTS", "ScoreArguments",
            "ScorePipeline", "ScoreResults", "ScoreTask", "compute_scores", "load_scores",
            "margin"]

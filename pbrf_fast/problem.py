@@ -182,7 +182,7 @@ class Problem:
 
         self.inputs = self._check_inputs(inputs, "inputs")
         # the probes consume no randomness of the caller's (a random model draws in them)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             self.num_outputs = self._probe_outputs()
             self._check_deterministic()
         self.targets = self._check_targets(targets, len(self.inputs))

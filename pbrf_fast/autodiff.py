@@ -23,14 +23,34 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MODES", "batched_grad", "choose_mode", "describe", "example_jacobians", "output_tangents", "per_example_gradients",
-           "per_example_rows", "pullback_rows", "vjp_rows", "reverse_gnh_product", "reverse_hessian_product",
-           "reverse_output_tangents", "unfused_attention"]
+__all__ = ["MODES", "TRANSFORM_ERRORS", "batched_grad", "choose_mode", "describe", "example_jacobians",
+           "output_tangents", "per_example_gradients", "per_example_rows", "pullback_rows", "reverse_gnh_product",
+           "reverse_hessian_product", "reverse_output_tangents", "transform_failure", "unfused_attention",
+           "vjp_rows"]
 
 # torch.func as is; torch.func with fused attention switched off; torch.autograd reverse mode only
 MODES = ("torch.func", "torch.func-unfused", "reverse")
 # what torch raises when a transform meets an op or Function it has no rule for
 TRANSFORM_ERRORS = (NotImplementedError, RuntimeError)
+
+
+def transform_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (caught as one of TRANSFORM_ERRORS) may be a transform's failure, worth a
+    fallback: running out of memory is not one (another path would only run out again)."""
+    return not isinstance(exc, torch.OutOfMemoryError)
+
+
+def _torch_func_then(run: Callable, fallback: Callable):
+    """``run()`` (a torch.func computation) as is, then with fused attention off; ``fallback()``
+    if torch.func fails both ways."""
+    for context in (contextlib.nullcontext, unfused_attention):
+        try:
+            with torch.enable_grad(), context():
+                return run()
+        except TRANSFORM_ERRORS as exc:
+            if not transform_failure(exc):
+                raise
+    return fallback()
 
 
 def describe(exc: BaseException) -> str:
@@ -67,6 +87,8 @@ def choose_mode(probe: Callable[[], object], plain: Callable[[], object]) -> tup
             probe()
         return "torch.func", ""
     except TRANSFORM_ERRORS as exc:
+        if not transform_failure(exc):
+            raise
         first = describe(exc)
     try:
         with torch.no_grad():
@@ -79,6 +101,8 @@ def choose_mode(probe: Callable[[], object], plain: Callable[[], object]) -> tup
         return "torch.func-unfused", (f"torch.func fails on a fused attention kernel ({first}); with the fused "
                                       "fast paths off the same layers run as differentiable ops")
     except TRANSFORM_ERRORS as exc:
+        if not transform_failure(exc):
+            raise
         return "reverse", (f"torch.func fails on this model ({first}; with fused attention off: {describe(exc)}): "
                            "reverse mode only, J v as a backward pass of a backward pass")
 
@@ -93,7 +117,9 @@ def batched_grad(outputs: torch.Tensor, inputs: torch.Tensor, grad_rows: torch.T
         return inputs.new_zeros(0, *inputs.shape)
     try:
         (rows,) = torch.autograd.grad(outputs, inputs, grad_rows, retain_graph=True, is_grads_batched=True)
-    except TRANSFORM_ERRORS:
+    except TRANSFORM_ERRORS as exc:
+        if not transform_failure(exc):
+            raise
         last = len(grad_rows) - 1
         rows = torch.stack([torch.autograd.grad(outputs, inputs, row, retain_graph=retain_graph or i < last)[0]
                             for i, row in enumerate(grad_rows)])
@@ -148,14 +174,11 @@ def pullback_rows(fn: Callable, theta: torch.Tensor, cotangents: Callable) -> to
 def vjp_rows(fn: Callable, theta: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
     """(m, d): J^T u for the m cotangents (m, *y.shape) of ``y = fn(theta)``: torch.func (vjp,
     vmap over the pullback) where it runs the model, else :func:`pullback_rows`."""
-    for context in (contextlib.nullcontext, unfused_attention):
-        try:
-            with torch.enable_grad(), context():
-                _, pullback = torch.func.vjp(fn, theta)
-                return torch.func.vmap(pullback)(cotangents)[0].detach()
-        except TRANSFORM_ERRORS:
-            pass
-    return pullback_rows(fn, theta, lambda y: cotangents.to(y.dtype))
+    def reverse_by_torch_func():
+        _, pullback = torch.func.vjp(fn, theta)
+        return torch.func.vmap(pullback)(cotangents)[0].detach()
+
+    return _torch_func_then(reverse_by_torch_func, lambda: pullback_rows(fn, theta, lambda y: cotangents.to(y.dtype)))
 
 
 def per_example_rows(values: Callable, theta: torch.Tensor, count: int) -> torch.Tensor:
@@ -171,13 +194,9 @@ def per_example_gradients(one: Callable, batched: Callable, theta: torch.Tensor,
     otherwise (recurrent layers, which fail inside vmap over examples; custom Functions) the rows
     of one batched backward pass of ``batched(theta)`` (b,) over unit cotangents, which are the
     same gradients when the examples do not interact (:func:`per_example_rows`)."""
-    for context in (contextlib.nullcontext, unfused_attention):
-        try:
-            with torch.enable_grad(), context():
-                return torch.func.vmap(torch.func.grad(one), in_dims=(None,) + (0,) * len(rows))(theta, *rows).detach()
-        except TRANSFORM_ERRORS:
-            pass
-    return per_example_rows(batched, theta, len(rows[0]))
+    return _torch_func_then(
+        lambda: torch.func.vmap(torch.func.grad(one), in_dims=(None,) + (0,) * len(rows))(theta, *rows).detach(),
+        lambda: per_example_rows(batched, theta, len(rows[0])))
 
 
 def example_jacobians(fn: Callable, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -188,14 +207,10 @@ def example_jacobians(fn: Callable, theta: torch.Tensor, x: torch.Tensor) -> tor
     def single(x_row):
         return torch.func.jacrev(lambda th: fn(th, x_row.unsqueeze(0))[0])(theta)
 
-    for context in (contextlib.nullcontext, unfused_attention):
-        try:
-            with torch.enable_grad(), context():
-                return torch.func.vmap(single)(x).reshape(-1, theta.numel()).detach()
-        except TRANSFORM_ERRORS:
-            pass
-    return pullback_rows(lambda th: fn(th, x), theta,
-                         lambda y: torch.eye(y.numel(), dtype=y.dtype, device=y.device).reshape(-1, *y.shape))
+    return _torch_func_then(
+        lambda: torch.func.vmap(single)(x).reshape(-1, theta.numel()).detach(),
+        lambda: pullback_rows(lambda th: fn(th, x), theta,
+                              lambda y: torch.eye(y.numel(), dtype=y.dtype, device=y.device).reshape(-1, *y.shape)))
 
 
 def output_tangents(fn: Callable, theta: torch.Tensor, V_rows: torch.Tensor) -> torch.Tensor:
@@ -205,10 +220,4 @@ def output_tangents(fn: Callable, theta: torch.Tensor, V_rows: torch.Tensor) -> 
     def forward_mode():
         return torch.func.vmap(lambda v: torch.func.jvp(fn, (theta,), (v,))[1])(V_rows).detach()
 
-    for context in (contextlib.nullcontext, unfused_attention):
-        try:
-            with torch.enable_grad(), context():
-                return forward_mode()
-        except TRANSFORM_ERRORS:
-            pass
-    return reverse_output_tangents(fn, theta, V_rows)[1]
+    return _torch_func_then(forward_mode, lambda: reverse_output_tangents(fn, theta, V_rows)[1])

@@ -274,7 +274,8 @@ class SequenceCrossEntropyLoss(Loss):
     def hvp(self, y, t, u):
         b, length = y.shape[0], t.shape[1]
         tokens = y.reshape(b * length, -1)
-        product = _output_hessian_product("cross_entropy", tokens, u.reshape(*u.shape[:-2], b * length, tokens.shape[1]))
+        u_tokens = u.reshape(*u.shape[:-2], b * length, tokens.shape[1])
+        product = _output_hessian_product("cross_entropy", tokens, u_tokens)
         return (product * self._weights(t, y.dtype).reshape(b * length, 1)).reshape(u.shape)
 
     def bregman(self, y, y_ref, t):

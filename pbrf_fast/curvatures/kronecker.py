@@ -384,8 +384,9 @@ def _other_gradient_squares(problem, names, x, Q):
     try:
         with torch.enable_grad():
             return torch.func.vmap(one)(x, Q.transpose(0, 1)).detach()
-    except autodiff.TRANSFORM_ERRORS:
-        pass
+    except autodiff.TRANSFORM_ERRORS as exc:
+        if not autodiff.transform_failure(exc):
+            raise
     # torch.func cannot vmap this model over examples (GRU / LSTM; fused attention; a custom
     # Function): the same squares from one batched forward pass, pulled back along cotangent
     # (n, k) = Q[k, n] in row n and zeros elsewhere (the examples do not interact; Problem checks)

@@ -161,7 +161,9 @@ def _blocks(module, record, grads):
         out = _attend(module, *leaves, arguments, (eye, eye, eye), None, Wo, bo)
         try:
             pulled = torch.autograd.grad(out, leaves, grads, is_grads_batched=True)
-        except RuntimeError:  # an op without a batching rule: one backward per pseudo-gradient
+        except RuntimeError as exc:  # an op without a batching rule: one backward per pseudo-gradient
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
             rows = [torch.autograd.grad(out, leaves, g, retain_graph=True) for g in grads]
             pulled = [torch.stack(r) for r in zip(*rows)]
     with torch.no_grad():

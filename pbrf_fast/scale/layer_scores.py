@@ -124,7 +124,8 @@ class LayerScorer:
         # g_i^T s = (dL_i/dy_i)^T (J_i s): one tangent per column (forward mode, or reverse only
         # where the model has no forward-mode rule: pbrf_fast.autodiff)
         flat, outputs = self._fallback_function()
-        JS = autodiff.output_tangents(lambda values: outputs(values, x), flat, self._fallback_rows(S).to(flat.dtype))   # (m, b, C)
+        rows = self._fallback_rows(S).to(flat.dtype)
+        JS = autodiff.output_tangents(lambda values: outputs(values, x), flat, rows)           # (m, b, C)
         dldy = self.problem.loss.grad(y, t).reshape(y.shape[0], -1)                            # (b, C)
         return torch.einsum("bc,mbc->bm", dldy, JS.to(dldy.dtype))
 

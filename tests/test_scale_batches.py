@@ -164,7 +164,7 @@ def test_causal_lm_with_ekfac_matches_its_dense_operator(tmp_path):
     assert np.abs(scores - expected.numpy()).max() <= 1e-5 * np.abs(expected.numpy()).max()
 
 
-@pytest.mark.parametrize("form", ["3-tuples", "iterable", "iterable-with-length"])
+@pytest.mark.parametrize("form", ["3-tuples", "iterable", "iterable-with-length", "dataloader-over-stream"])
 def test_tuples_and_streams_score_like_dicts(tmp_path, form):
     ids, mask = sequences(6, 0)
     test_ids, test_mask = sequences(3, 1)
@@ -177,6 +177,9 @@ def test_tuples_and_streams_score_like_dicts(tmp_path, form):
         train, test = Stream(ids, mask), Stream(test_ids, test_mask)
         if form == "iterable-with-length":
             train.__class__ = type("SizedStream", (Stream,), {"__len__": lambda self: len(self.ids)})
+        if form == "dataloader-over-stream":
+            from torch.utils.data import DataLoader
+            train, test = DataLoader(train, batch_size=4), DataLoader(test, batch_size=2)
         batch_task = BatchTask(shift_labels=True)
     _, scores = run_pipeline(tmp_path / form, train, test, batch_task, solver="direct", batch_size=4)
     assert np.allclose(scores, expected, rtol=1e-6, atol=1e-9)
@@ -292,3 +295,29 @@ def test_influence_on_dict_batches_matches_dense():
     test_grads, _ = reference_parts(model, test_ids, test_mask, "mean")
     expected = grads @ torch.linalg.solve(G + 0.1 * torch.eye(len(G), dtype=DT), test_grads.T) / len(ids)
     assert float((scores - expected).norm() / expected.norm()) < 1e-10
+
+
+class HuggingFaceStyle(nn.Module):
+    """Returns an output object with .logits, as transformers' models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = make_model()
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+        return SimpleNamespace(logits=self.inner(input_ids, attention_mask), loss=None)
+
+
+def test_an_output_object_with_logits_is_read_like_its_logits(tmp_path):
+    ids, mask = sequences(6, 0)
+    test_ids, test_mask = sequences(2, 1)
+    _, expected = run_pipeline(tmp_path / "plain", DictDataset(ids, mask), DictDataset(test_ids, test_mask),
+                               BatchTask(shift_labels=True), solver="direct")
+    task = ScoreTask(HuggingFaceStyle().to(DT), SequenceCrossEntropyLoss(), DictDataset(ids, mask),
+                     DictDataset(test_ids, test_mask), batch_task=BatchTask(shift_labels=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ScorePipeline(task, ScoreArguments(damping=0.1, self_influence=False, top_k=2, solver="direct"),
+                      tmp_path / "hf", progress=False).run()
+    assert np.allclose(np.load(tmp_path / "hf" / "scores.npy"), expected, rtol=1e-6, atol=1e-9)

@@ -321,3 +321,30 @@ def test_an_output_object_with_logits_is_read_like_its_logits(tmp_path):
         ScorePipeline(task, ScoreArguments(damping=0.1, self_influence=False, top_k=2, solver="direct"),
                       tmp_path / "hf", progress=False).run()
     assert np.allclose(np.load(tmp_path / "hf" / "scores.npy"), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_batches_padded_to_their_own_length_score_like_fixed_length_ones(tmp_path):
+    """Data collated with padding to each batch's longest sequence (as Hugging Face's
+    DataCollatorWithPadding does): max_length right-pads every batch to one length."""
+    from torch.utils.data import DataLoader
+
+    ids, mask = sequences(6, 0)
+    test_ids, test_mask = sequences(2, 1)
+    _, expected = run_pipeline(tmp_path / "fixed", DictDataset(ids, mask), DictDataset(test_ids, test_mask),
+                               BatchTask(shift_labels=True), solver="direct")
+
+    def collate_trimmed(items):  # pad only to the longest sequence of this batch
+        batch = torch.utils.data.default_collate(items)
+        longest = int(batch["attention_mask"].sum(1).max())
+        return {k: v[:, :longest] for k, v in batch.items()}
+
+    train = DataLoader(DictDataset(ids, mask), batch_size=2, collate_fn=collate_trimmed)
+    test = DataLoader(DictDataset(test_ids, test_mask), batch_size=2, collate_fn=collate_trimmed)
+    with pytest.raises(pbrf_fast.errors.InputError, match="max_length"):
+        ScorePipeline(ScoreTask(make_model(), SequenceCrossEntropyLoss(), train, test,
+                                batch_task=BatchTask(shift_labels=True)),
+                      ScoreArguments(damping=0.1, self_influence=False, solver="direct", batch_size=2),
+                      tmp_path / "unpadded", progress=False).run()
+    _, scores = run_pipeline(tmp_path / "padded", train, test, BatchTask(shift_labels=True, max_length=LENGTH),
+                             solver="direct", batch_size=2)
+    assert np.allclose(scores, expected, rtol=1e-6, atol=1e-9)

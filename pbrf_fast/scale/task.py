@@ -37,6 +37,11 @@ class BatchTask:
     """How to read one collated batch (a dict or a tuple of tensors); see the module docstring.
 
     ``run``: an optional ``f(model, fields) -> outputs`` replacing :meth:`run_model`.
+    ``max_length``: right-pad every sequence field (integer, last dimension) to this many
+    positions -- inputs with 0 (so the attention mask hides them), token targets with
+    ``ignore_index`` (not scored) -- for data collated with padding to each batch's longest
+    sequence; the library needs one per-example shape. Harmless for a model that honours its
+    attention mask (and a causal one: right padding never precedes a real token).
     """
 
     inputs: tuple | None = None
@@ -45,6 +50,7 @@ class BatchTask:
     shift_labels: bool = False
     ignore_index: int = -100
     run: Callable | None = None
+    max_length: int | None = None
 
     def __post_init__(self):
         self._layout = None  # (kind, names, per-example shapes, dtypes), learnt from the first batch
@@ -71,7 +77,7 @@ class BatchTask:
         missing = [n for n in names if (n not in batch if kind == "dict" else not 0 <= n < len(batch))]
         if missing:
             raise InputError(f"a batch lacks the input fields {missing}")
-        fields = [torch.as_tensor(batch[n]) for n in names]
+        fields = [self._padded(torch.as_tensor(batch[n]), 0) for n in names]
         if any(f.dim() == 0 for f in fields) or len({len(f) for f in fields}) != 1:
             raise InputError(f"the input fields {list(names)} must all have the example dimension first "
                              f"(shapes {[tuple(f.shape) for f in fields]})")
@@ -80,7 +86,8 @@ class BatchTask:
             self._layout = layout
         elif layout[:2] != self._layout[:2] or layout[2] != self._layout[2]:
             raise InputError(f"batches differ in their fields or per-example shapes ({layout[1:3]} against "
-                             f"{self._layout[1:3]}): pad every example to one length (or collate with padding)")
+                             f"{self._layout[1:3]}): pad every example to one length (BatchTask(max_length=...) "
+                             "right-pads sequences)")
         return self._pack(fields), self._targets(batch, kind)
 
     def _targets(self, batch, kind) -> torch.Tensor:
@@ -88,7 +95,7 @@ class BatchTask:
         t = torch.as_tensor(batch[target])
         if t.dim() < 2 or t.is_floating_point():  # class labels, regression targets: as they are
             return t
-        t = t.clone().long()
+        t = self._padded(t.long(), self.ignore_index).clone()
         mask = self._mask(batch, kind)
         if mask is not None:
             if mask.shape != t.shape:
@@ -104,8 +111,20 @@ class BatchTask:
         if key is None:
             return None
         if kind == "dict":
-            return torch.as_tensor(batch[key]) if key in batch else None
-        return torch.as_tensor(batch[key]) if isinstance(key, int) and -len(batch) <= key < len(batch) else None
+            found = key in batch
+        else:
+            found = isinstance(key, int) and -len(batch) <= key < len(batch)
+        return self._padded(torch.as_tensor(batch[key]), 0) if found else None
+
+    def _padded(self, field: torch.Tensor, value: int) -> torch.Tensor:
+        """An integer sequence field (b, ..., T) right-padded to ``max_length`` with ``value``."""
+        if self.max_length is None or field.dim() < 2 or field.is_floating_point():
+            return field
+        extra = self.max_length - field.shape[-1]
+        if extra < 0:
+            raise InputError(f"a batch has sequences of {field.shape[-1]} positions, more than "
+                             f"max_length={self.max_length}")
+        return torch.nn.functional.pad(field, (0, extra), value=value) if extra else field
 
     # ----------------------------------------------------------------- packing
     @staticmethod

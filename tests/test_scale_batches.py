@@ -348,3 +348,37 @@ def test_batches_padded_to_their_own_length_score_like_fixed_length_ones(tmp_pat
     _, scores = run_pipeline(tmp_path / "padded", train, test, BatchTask(shift_labels=True, max_length=LENGTH),
                              solver="direct", batch_size=2)
     assert np.allclose(scores, expected, rtol=1e-6, atol=1e-9)
+
+
+PTB_MODEL_FILE = '''
+from pbrf_fast.paper.models import transformer_lm
+
+
+def make_model():
+    return transformer_lm(10000, width=8, heads=2, layers=2, max_len=10, seed=0)
+'''
+
+
+@pytest.mark.slow
+def test_the_papers_lm_on_ptb_through_the_scores_command(tmp_path):
+    """The paper's 2-layer Transformer LM on the real PTB windows, as a user's model file through
+    `pbrf-fast scores` (a smoke test: 10k-token vocabulary, so no dense reference here; the same
+    model is checked against dense float64 on a small vocabulary above)."""
+    from factories import shared_data_dir
+    from pbrf_fast.cli import main
+    from pbrf_fast.paper.data.ptb import load_ptb
+
+    data_dir = shared_data_dir()
+    if data_dir is None or not (data_dir / "ptb" / "ptb.train.txt").is_file():
+        pytest.skip("PTB not found (../shared/data/ptb or $PBRF_DATA)")
+    x, y, x_test, y_test, vocabulary = load_ptb(data_dir, seq_len=10)
+    assert len(vocabulary) == 10000
+    torch.save({"x_train": x[:8], "y_train": y[:8], "x_test": x_test[:2], "y_test": y_test[:2]}, tmp_path / "data.pt")
+    (tmp_path / "ptb_lm.py").write_text(PTB_MODEL_FILE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        main(["scores", "--model", f"{tmp_path / 'ptb_lm.py'}:make_model", "--data", str(tmp_path / "data.pt"),
+              "--loss", "token_cross_entropy", "--solver", "cg", "--cg-iters", "20", "--no-self-influence",
+              "--no-progress", "--out", str(tmp_path / "out")])
+    scores = np.load(tmp_path / "out" / "scores.npy")
+    assert scores.shape == (8, 2) and np.isfinite(scores).all() and np.abs(scores).max() > 0

@@ -133,12 +133,15 @@ def run_pipeline(tmp_path, train, test, batch_task=None, reduction="mean", **arg
     return pipeline, np.load(tmp_path / "scores.npy")
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_causal_lm_dict_batches_with_the_exact_solver_match_dense(tmp_path, reduction):
+@pytest.mark.parametrize("reduction,solver", [("mean", "direct"), ("sum", "direct"), ("mean", "pcg-ekfac")])
+def test_causal_lm_dict_batches_with_the_exact_solver_match_dense(tmp_path, reduction, solver):
     ids, mask = sequences(6, 0)
     test_ids, test_mask = sequences(3, 1)
+    options = {}
+    if solver == "pcg-ekfac":  # PCG on the exact GNH, preconditioned by EK-FAC (attention blocks included)
+        solver, options = "pcg", {"preconditioner": "ekfac", "tol": 1e-10, "max_iter": 400}
     _, scores = run_pipeline(tmp_path, DictDataset(ids, mask), DictDataset(test_ids, test_mask),
-                             BatchTask(shift_labels=True), reduction, solver="direct")
+                             BatchTask(shift_labels=True), reduction, solver=solver, solver_options=options)
     model = make_model()
     grads, G = reference_parts(model, ids, mask, reduction)
     test_grads, _ = reference_parts(model, test_ids, test_mask, reduction)

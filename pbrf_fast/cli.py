@@ -288,7 +288,13 @@ def _scores_parser(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE_INT, help="training points per scoring pass")
     p.add_argument("--curvature-batch-size", type=POSITIVE_INT, help="training points per GNH product batch")
     p.add_argument("--top-k", type=COUNT, help="proponents and opponents kept per test point in topk.json")
-    p.add_argument("--no-self-influence", action="store_true")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--self-influence", dest="self_influence", action="store_const", const=True,
+                       help="compute self-influence (default auto: where it comes from the scores' own inverse -- "
+                            "ekfac/kfac, solver lowrank -- not with the exact GNH solved iteratively, where this flag "
+                            "gives its low-rank Lanczos approximation)")
+    group.add_argument("--no-self-influence", dest="self_influence", action="store_const", const=False,
+                       help="never compute self-influence")
     p.add_argument("--train-epochs", type=NONNEGATIVE, default=None,
                    help="a built-in model's training epochs (unset: its recipe's, pbrf_fast/paper/recipes.py)")
     p.add_argument("--lr", type=POSITIVE, default=None, help="a built-in model's learning rate (unset: its recipe's)")

@@ -79,8 +79,14 @@ class ScoreArguments:
     ``solver``: a name in :data:`pbrf_fast.INVERSES` or ``auto``; ``solver_options``: a
     dict of the fields of its options dataclass (checked here, saved as given). ``lowrank``
     uses ``rank`` Lanczos eigenpairs, shared with self-influence. ``query_chunk`` test points are solved and scored together
-    (default: as many as ``memory_gb`` allows). Self-influence uses the rank-``rank``
-    eigenpairs plus the exact remainder ||g||^2 / (weight_decay + damping).
+    (default: as many as ``memory_gb`` allows).
+
+    ``self_influence``: ``"auto"`` (the default) computes it where it comes from the same
+    inverse as the scores -- K-FAC / EK-FAC (their exact quadratic form) and the ``lowrank``
+    solver (its eigenpairs) -- and leaves it off for the exact GNH solved iteratively, where
+    the exact value needs one solve per training point. ``True`` there computes the low-rank
+    approximation: the rank-``rank`` Lanczos eigenpairs plus the exact remainder
+    ||g||^2 / (weight_decay + damping) (``summary.json`` names the method); ``False``: never.
 
     ``curvature``: ``"gnh"`` (the exact damped GNH, solved by ``solver``) or ``"kfac"`` /
     ``"ekfac"`` (:class:`pbrf_fast.curvatures.kronecker.KroneckerCurvature`, ``curvature_options`` go
@@ -105,14 +111,23 @@ class ScoreArguments:
     batch_size: int = 256
     curvature_batch_size: int = 64
     top_k: int = 10
-    self_influence: bool = True
+    self_influence: bool | str = AUTO
     seed: int = 0
     backend: str = "auto"
     curvature: str = "gnh"
     curvature_options: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def computes_self_influence(self) -> bool:
+        """Whether the run computes self-influence (``"auto"`` resolved: see the class doc)."""
+        if self.self_influence != AUTO:
+            return self.self_influence
+        return curvature_kind(self.curvature).own_inverse or self.solver == "lowrank"
+
     def __post_init__(self):
         self.damping = check_damping(self.damping)
+        if self.self_influence != AUTO and not isinstance(self.self_influence, bool):
+            raise InputError(f"self_influence must be True, False or 'auto', got {self.self_influence!r}")
         if self.solver not in SCORE_SOLVERS:
             raise InputError(f"solver must be one of {SCORE_SOLVERS}, got {self.solver!r}")
         if self.curvature not in SCORE_CURVATURES:
@@ -391,7 +406,7 @@ class ScorePipeline:
     def eigenpairs(self, k: int, op) -> LowRankInverse | None:
         """Stage 2: the top-``rank`` eigenpairs, when the solver or self-influence needs them."""
         a = self.args
-        if (a.solver != "lowrank" and not a.self_influence) or curvature_kind(a.curvature).own_inverse:
+        if (a.solver != "lowrank" and not a.computes_self_influence) or curvature_kind(a.curvature).own_inverse:
             return None
         path = self.folder(k) / "eigenpairs.pt"
 
@@ -555,13 +570,13 @@ class ScorePipeline:
                     continue
                 self.score_chunk(k, c, self.s_test(k, c, op), scorer)
             D.barrier()
-            if self.args.self_influence:
+            if self.args.computes_self_influence:
                 self.self_influence(k, scorer, lowrank, op)
             D.barrier()
         if len(self.checkpoints) > 1:
             self.stages.run("combine", lambda: self.combine_checkpoints("scores.npy", (self.n_train, self.n_test),
                                                                          np.float32))
-            if self.args.self_influence:
+            if self.args.computes_self_influence:
                 self.combine_checkpoints("self_influence.npy", (self.n_train,), np.float64)
         D.barrier()
         return self._summary()
@@ -577,7 +592,7 @@ class ScorePipeline:
             "chunks": len(self.chunks), "checkpoints": len(self.checkpoints),
             "measurement": self.task.measurement_name,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "self_influence_method": (None if not a.self_influence else
+            "self_influence_method": (self._self_influence_off() if not a.computes_self_influence else
                                       f"{a.curvature}: exact quadratic form of its inverse" if a.curvature != "gnh"
                                       else f"low-rank: top-{a.rank} Lanczos eigenpairs + remainder ||g||^2/shift"),
             "curvature_samples": self.curvature_samples, "world_size": self.world,
@@ -586,6 +601,13 @@ class ScorePipeline:
         atomic_write_json(self.out / "summary.json", summary)
         D.barrier()
         return summary
+
+    def _self_influence_off(self) -> str:
+        if self.args.self_influence is False:
+            return "off (self_influence=False)"
+        return ("off: with the exact GNH solved iteratively it needs one solve per training point; "
+                "self_influence=True (--self-influence) gives its rank-"
+                f"{self.args.rank} low-rank approximation, curvature ekfac its EK-FAC value")
 
 
 def compute_scores(model, loss, x_train, y_train, x_test, y_test, out_dir, *, measurement="loss", checkpoints=None,

@@ -61,7 +61,7 @@ class ScoresConfig:
     batch_size: int = ScoreArguments.batch_size
     curvature_batch_size: int = ScoreArguments.curvature_batch_size
     top_k: int = ScoreArguments.top_k
-    no_self_influence: bool = not ScoreArguments.self_influence
+    self_influence: bool | str = ScoreArguments.self_influence   # True, False or "auto"
     seed: int = ScoreArguments.seed
     threads: int | None = None
     device: str = "cpu"
@@ -149,7 +149,7 @@ def run_scores(config: ScoresConfig, inputs: ScoresInputs | None = None) -> dict
         solver_options=_solver_options(config), rank=config.rank, memory_gb=config.memory_gb,
         query_chunk=config.query_chunk, curvature_samples=config.curvature_samples or None,
         batch_size=config.batch_size, curvature_batch_size=config.curvature_batch_size, top_k=config.top_k,
-        self_influence=not config.no_self_influence, seed=config.seed, curvature=config.curvature)
+        self_influence=config.self_influence, seed=config.seed, curvature=config.curvature)
     summary = ScorePipeline(task, arguments, out, overwrite=config.overwrite, progress=not config.no_progress,
                             extra=inputs.extra).run()
     summary = dict(summary, setup_seconds=inputs.setup_seconds, train_log=inputs.train_log)

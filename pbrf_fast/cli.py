@@ -158,9 +158,26 @@ def _cmd_scores(args) -> int:
     return 0
 
 
+def _evaluate_model(text: str) -> str:
+    """An argparse type: a built-in evaluate model or the user's file.py:make_model."""
+    if text in ("logreg", "mlp", "resnet20") or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(f"expected logreg, mlp, resnet20 or your own file.py:make_model, got {text!r}")
+
+
 def _cmd_evaluate(args) -> int:
     from .paper.config import EvaluateConfig
-    from .paper.evaluate_job import run_evaluate
+    from .paper.evaluate_job import is_user_model, run_evaluate
+
+    if is_user_model(args.model):
+        if args.dataset is not None:
+            raise InputError(f"--dataset picks a built-in setting; your own --model {args.model} takes --data")
+        args.dataset = "user"
+    else:
+        args.dataset = args.dataset or "digits"
+        if args.optimizer is not None or args.loss != "cross_entropy":
+            raise InputError("--optimizer and --loss describe your own --model file.py:make_model; the built-in "
+                             f"--model {args.model} has its recipe (pbrf_fast/paper/recipes.py)")
 
     run_evaluate(_fields(EvaluateConfig, args, pbrf=not args.no_pbrf), _run_options(args))
     return 0
@@ -328,8 +345,18 @@ def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="attribution quality of each solver: LDS against retraining and the PBRF, "
                                         "LOO correlation, time", description=evaluate_doc,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["digits", "mnist", "cifar10"], default="digits")
-    p.add_argument("--model", choices=["logreg", "mlp", "resnet20"], default="logreg")
+    p.add_argument("--dataset", choices=["digits", "mnist", "cifar10"], default=None,
+                   help="a built-in setting's data set (default digits)")
+    p.add_argument("--model", type=_evaluate_model, default="logreg",
+                   help="logreg, mlp or resnet20 (built-in settings), or your own: file.py:make_model with "
+                        "--data, --loss and the recipe you trained it with (--epochs, --lr, --optimizer, "
+                        "--batch-size, --weight-decay)")
+    p.add_argument("--data", default=None, help="your own model's data: data.pt / data.npz with x_train, "
+                                                "y_train, x_test, y_test")
+    p.add_argument("--loss", choices=["cross_entropy", "mse", "bce"], default="cross_entropy",
+                   help="your own model's training loss")
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default=None,
+                   help="your own model's optimizer (default sgd), for retraining on each subset")
     p.add_argument("--solvers", type=_solver_list, default=DEFAULT_EVALUATE_SOLVERS,
                    help="comma-separated: cg,pcg,lissa,lowrank,kernel,direct,kfac,ekfac,identity (pcg: CG "
                         "preconditioned by --preconditioner, --cg-iters/--tol as cg; kfac/ekfac: the Kronecker "

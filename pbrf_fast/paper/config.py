@@ -150,11 +150,11 @@ class EvaluateConfig:
         object.__setattr__(self, "checkpoints", tuple(sorted(set(self.checkpoints))))
         object.__setattr__(self, "brittleness_ks", tuple(sorted(set(self.brittleness_ks))))
         from ..damping import check_damping
-        from .jobs import ConfigError
+        from ..errors import InputError
 
         dampings = self.damping if isinstance(self.damping, (tuple, list)) else (self.damping,)
         if not dampings:
-            raise ConfigError("damping: give at least one value (a number or 'auto')")
+            raise InputError("damping: give at least one value (a number or 'auto')")
         checked = []
         for value in dampings:
             value = check_damping(value, "--damping")

@@ -1,7 +1,9 @@
 """The user's own files checked at the door (issue 32, item 3): checkpoints matched to the
 model before any work (all of them), unreadable checkpoints and data files named, numpy
 arrays in data.pt read, a .npy told how to save, the user's factory errors wrapped with the
-function named, and --data refused for a built-in model. Every CLI case: one line, exit 2."""
+function named, and --data refused for a built-in model. Every CLI case: one line, exit 2.
+Loaders (item 1): a sampler's subset scored as that subset alone, other samplers refused by
+name, and an example changed between a run and its rerun or resume refused by name."""
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,155 @@ def test_a_data_set_missing_from_its_folder_is_one_line_naming_the_files_and_lay
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "missing train-images-idx3-ubyte(.gz)" in err and "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]" in err
     assert "--data-dir DIR or set $PBRF_DATA" in err
+
+
+# ---------------------------------------------------------------- loaders, samplers (issue 32, item 1)
+from torch.utils.data import (BatchSampler, DataLoader, IterableDataset, RandomSampler,  # noqa: E402
+                              SequentialSampler, SubsetRandomSampler, TensorDataset, WeightedRandomSampler)
+from torch.utils.data.distributed import DistributedSampler  # noqa: E402
+
+from pbrf_fast.scale import ScoreArguments, ScorePipeline, ScoreTask, load_scores  # noqa: E402
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+
+
+def _points(n_train=40, n_test=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(3, (n_train + n_test,), generator=g)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def _run(out, train, test, **arguments):
+    task = ScoreTask(_net(), "cross_entropy", train, test)
+    arguments = dict(damping=1e-2, solver="direct", rank=4, batch_size=6, curvature_samples=15) | arguments
+    ScorePipeline(task, ScoreArguments(**arguments), out, progress=False).run()
+    return load_scores(out)
+
+
+@pytest.mark.parametrize("selected", [list(range(20)), [38, 3, 17, 0, 25, 11, 30, 7, 19, 22, 5, 14, 33, 9, 27, 1, 36,
+                                                        12, 24, 31]])
+def test_a_sampler_subset_is_scored_as_the_subset_alone(tmp_path, selected):
+    """20 of 40 examples through SubsetRandomSampler score as a run on those 20 alone: rows,
+    curvature sample and 1/N over the subset, rows named by dataset index."""
+    x, y, xt, yt = _points()
+    loader = DataLoader(TensorDataset(x, y), sampler=SubsetRandomSampler(selected), batch_size=7)
+    got = _run(tmp_path / "sampler", loader, (xt, yt))
+    chosen = sorted(selected)
+    alone = _run(tmp_path / "alone", (x[chosen], y[chosen]), (xt, yt))
+    assert got.scores.shape == (20, 5)
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(alone.scores), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(got.self_influence, alone.self_influence, rtol=1e-10, atol=0)
+    np.testing.assert_array_equal(got.train_indices, chosen)
+    assert alone.train_indices is None
+    for j in map(str, range(5)):  # proponents named by dataset index, the same examples as the lone run
+        assert [[chosen[i], s] for i, s in alone.topk[j]["proponents"]] == got.topk[j]["proponents"]
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        yield from zip(torch.randn(4, 3), range(4))
+
+
+class _EveryOther(torch.utils.data.Sampler):
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(0, self.n, 2))
+
+    def __len__(self):
+        return self.n // 2
+
+
+def test_samplers_without_one_fixed_subset_are_refused_by_name():
+    x, y, xt, yt = _points()
+    ds = TensorDataset(x, y)
+    refused = {
+        "RandomSampler draws 10 of 40 examples, a different set": DataLoader(ds, sampler=RandomSampler(ds, num_samples=10)),
+        "RandomSampler draws 40 of 40 examples with replacement": DataLoader(ds, sampler=RandomSampler(ds, True)),
+        "sampler WeightedRandomSampler is not supported": DataLoader(ds, sampler=WeightedRandomSampler([1.0] * 40, 20)),
+        "sampler _EveryOther is not supported": DataLoader(ds, sampler=_EveryOther(40)),
+        "sampler DistributedSampler is not supported: the pipeline shards the data across ranks itself":
+            DataLoader(ds, sampler=DistributedSampler(ds, num_replicas=2, rank=0)),
+        "batch_sampler list is not supported": DataLoader(ds, batch_sampler=[[0, 1], [2, 3]]),
+        "SubsetRandomSampler indices repeat an example": DataLoader(ds, sampler=SubsetRandomSampler([1, 2, 2])),
+        r"SubsetRandomSampler indices must lie in \[0, 40\); got range \[0, 40\]":
+            DataLoader(ds, sampler=SubsetRandomSampler([0, 40])),
+        "reads an IterableDataset": DataLoader(_Stream(), batch_size=2),
+    }
+    for message, loader in refused.items():
+        with pytest.raises(InputError, match=f"train: .*{message}"):
+            ScoreTask(_net(), "cross_entropy", loader, (xt, yt))
+    for whole in (DataLoader(ds, shuffle=True, batch_size=5), DataLoader(ds, batch_size=None),
+                  DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 4, False))):
+        task = ScoreTask(_net(), "cross_entropy", whole, (xt, yt))
+        assert len(task.train) == 40 and task.train.indices is None
+
+
+# ---------------------------------------------------------------- changed data on resume (issue 32, item 1)
+from pbrf_fast.errors import DataChangedError  # noqa: E402
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_one_changed_example_in_the_middle_is_refused_on_rerun_and_resume(tmp_path, as_dataset):
+    """200 examples (more than a first/last-64 probe covers), the curvature sample 15 of them:
+    example 100 changed is refused by name both on a rerun of the finished folder and on a
+    resume after a crash; --overwrite starts fresh; unchanged data reruns to the same numbers."""
+    x, y, xt, yt = _points(n_train=200)
+    wrap = (lambda a, b: TensorDataset(a, b)) if as_dataset else (lambda a, b: (a, b))
+    first = _run(tmp_path / "run", wrap(x, y), (xt, yt), query_chunk=2)
+    scores = np.array(first.scores)
+    again = _run(tmp_path / "run", wrap(x, y), (xt, yt), query_chunk=2)  # unchanged: resumes, same numbers
+    np.testing.assert_array_equal(np.asarray(again.scores), scores)
+
+    changed = x.clone()
+    changed[100, 1] += 1e-6
+    with pytest.raises(DataChangedError, match=r"training example 100 \(dataset index 100\) is not the one the "
+                                               r"results in .*run were computed from .*--overwrite"):
+        _run(tmp_path / "run", wrap(changed, y), (xt, yt), query_chunk=2)
+
+    def crash(c):
+        if c == 0:
+            raise _Crash
+
+    task = ScoreTask(_net(), "cross_entropy", wrap(x, y), (xt, yt))
+    arguments = ScoreArguments(damping=1e-2, solver="direct", rank=4, batch_size=6, curvature_samples=15, query_chunk=2)
+    with pytest.raises(_Crash):
+        ScorePipeline(task, arguments, tmp_path / "crashed", progress=False, on_chunk_done=crash).run()
+    task = ScoreTask(_net(), "cross_entropy", wrap(changed, y), (xt, yt))
+    with pytest.raises(DataChangedError, match="training example 100 "):
+        ScorePipeline(task, arguments, tmp_path / "crashed", progress=False).run()
+
+    ScorePipeline(task, arguments, tmp_path / "run", progress=False, overwrite=True).run()  # starts afresh
+    elsewhere = _run(tmp_path / "new", wrap(changed, y), (xt, yt), query_chunk=2)
+    np.testing.assert_array_equal(np.asarray(load_scores(tmp_path / "run").scores), np.asarray(elsewhere.scores))
+    assert not np.array_equal(np.asarray(elsewhere.scores), scores)
+
+
+def test_a_changed_test_point_is_refused_by_name(tmp_path):
+    x, y, xt, yt = _points()
+    _run(tmp_path / "run", (x, y), TensorDataset(xt, yt))
+    yt = yt.clone()
+    yt[3] = (yt[3] + 1) % 3
+    with pytest.raises(DataChangedError, match=r"test example 3 \(dataset index 3\)"):
+        _run(tmp_path / "run", (x, y), TensorDataset(xt, yt))
+
+
+def test_the_cli_refuses_a_changed_data_file_in_one_line(files, capsys):
+    tmp, data = files
+    assert _scores(tmp) == 0
+    data["x_train"][6, 0] += 1.0
+    torch.save(data, tmp / "data.pt")
+    capsys.readouterr()
+    assert _scores(tmp) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "training example 6 (dataset index 6) is not the one" in err
+    assert _scores(tmp, "--overwrite") == 0

@@ -7,6 +7,10 @@ the output folder and is skipped when its result is already there:
 
 1. ``arguments.json``       every argument; a rerun with different result-affecting
                             arguments is refused unless ``overwrite=True``;
+   ``fingerprints/``        a 64-bit digest of every training and test example as first
+                            read; every later read compares (``errors.DataChangedError``);
+   ``train_indices.npy``    the dataset index of each row when a DataLoader's sampler
+                            selects a subset (``test_indices.npy`` likewise);
 2. ``eigenpairs.pt``        Lanczos top-k of the GNH (solver ``lowrank``, and for
                             self-influence), computed once, reused by every query;
    ``factors_ekfac.pt``     K-FAC / EK-FAC factors (``curvature="kfac"`` / ``"ekfac"``,
@@ -15,7 +19,7 @@ the output folder and is skipped when its result is already there:
 4. ``scores.npy``           (n_train, N) float32 memmap, filled chunk by chunk;
                             ``chunks/chunk_XXXX.rankR.done`` marks finished ones;
 5. ``self_influence.npy``   g_i^T (G + lambda I)^{-1} g_i / N (low-rank, see below);
-6. ``topk.json``            top-k proponents / opponents per test point;
+6. ``topk.json``            top-k proponents / opponents per test point (dataset indices);
    ``scores.safetensors``   the score matrix again, for tools that read safetensors;
    ``summary.json``         time per stage, peak memory, solver diagnostics.
 
@@ -28,6 +32,11 @@ grad f_j^T (G + lambda I)^{-1} grad L(z_i) / N`` (for f = the loss, positive: re
 z_i raises test loss j). The GNH is averaged over ``curvature_samples`` training
 points (all by default). Under torch.distributed, training points are sharded
 across ranks for scoring and self-influence and GNH products are all-reduced.
+
+Changed data is caught without a pass of its own: the test points are compared when the
+folder is opened, the training examples as the curvature sample and every score pass
+read them; a rerun of a finished folder whose curvature sample left rows unread reads
+those rows once (no gradients) to compare them.
 :func:`load_scores` reads a finished folder back.
 """
 from __future__ import annotations
@@ -45,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic_io import atomic_save_tensor, atomic_write_json, load_tensor, open_memmap
+from ..atomic_io import atomic_save_tensor, atomic_write, atomic_write_json, load_tensor, open_memmap
 from ..curvatures import GaussNewton
 from ..damping import AUTO as AUTO_DAMPING, auto_damping, check_damping
 from ..errors import InputError
@@ -56,7 +65,7 @@ from ..results_folder import ResultsFolder
 from ..inverses import (AUTO, DEFAULT_PRECONDITIONER, INVERSES, LowRankInverse, LowRankOptions, choose_method,
                         lanczos_eigenpairs, lowrank_eigenpairs, make_options, solve)
 from . import distributed as D
-from .data import as_data_source, tensor_digest
+from .data import RowFingerprints, as_data_source, tensor_digest
 from .layer_scores import LayerScorer
 from .measurement import measurement_gradients, resolve_measurement
 from .safetensors_io import save_safetensors
@@ -273,6 +282,7 @@ class ScorePipeline:
                 check_checkpoint(checkpoint, task.model, f"checkpoint {name}")
         self.row_lo, self.row_hi = D.shard_range(self.n_train, self.rank_, self.world)
         self.log = {"solves": []}
+        self._rows_checked = False  # set once every training row of this rank was compared with its digest
         self.preconditioner = None  # solver "pcg": the K-FAC / EK-FAC operator of the current checkpoint
         task.model.eval()
         x1, t1 = task.train.range(0, 1)
@@ -313,7 +323,9 @@ class ScorePipeline:
         arguments, error = self.arguments(), None
         if self.rank_ == 0:
             try:
-                ResultsFolder(self.out, arguments, result_keys=RESULT_KEYS, overwrite=self.overwrite)
+                # overwrite: results of the same arguments but other data are discarded too
+                resume = not (self.overwrite and self._stored_data_changed())
+                ResultsFolder(self.out, arguments, result_keys=RESULT_KEYS, overwrite=self.overwrite, resume=resume)
             except Exception as exc:  # tell the other ranks before raising
                 error = exc
         error_text = D.broadcast_object(None if error is None else repr(error))
@@ -321,6 +333,38 @@ class ScorePipeline:
             raise error
         if error_text is not None:
             raise RuntimeError(f"rank 0 refused the results folder: {error_text}")
+        self.fingerprints = {split: self._row_fingerprints(split, source)
+                             for split, source in (("training", self.task.train), ("test", self.task.test))}
+        # The test points are few and every chunk's s_test reads them: check them all now, so a
+        # resume never pairs stored s_test vectors with changed test points.
+        for c0, x, t in self.task.test.batches(0, self.n_test, self.args.batch_size):
+            self.fingerprints["test"].check(range(c0, c0 + len(x)), x, t)
+        self.fingerprints["test"].flush()
+        if self.rank_ == 0:
+            for split, source in (("train", self.task.train), ("test", self.task.test)):
+                if source.indices is not None:  # which dataset index each row / column is
+                    atomic_write(self.out / f"{split}_indices.npy", lambda h, v=source.indices: np.save(h, v.numpy()))
+        D.barrier()
+
+    def _stored_data_changed(self) -> bool:
+        """Whether any example differs from the digest stored in the folder: a full read, made
+        only when the caller asked to overwrite, so a folder of other data is started afresh."""
+        for split, source in (("training", self.task.train), ("test", self.task.test)):
+            path = self.out / "fingerprints" / f"{split}_rows.npy"
+            if not path.exists():
+                continue
+            stored = RowFingerprints(open_memmap(path, (len(source),), np.uint64), source, split, self.out)
+            for b0, x, t in source.batches(0, len(source), self.args.batch_size):
+                if not stored.matches(range(b0, b0 + len(x)), x, t):
+                    return True
+        return False
+
+    def _row_fingerprints(self, split: str, source) -> RowFingerprints:
+        path = self.out / "fingerprints" / f"{split}_rows.npy"
+        if self.rank_ == 0:
+            open_memmap(path, (len(source),), np.uint64, create=True)
+        D.barrier()
+        return RowFingerprints(open_memmap(path, (len(source),), np.uint64), source, split, self.out)
 
     def curvature_operator(self, k: int = 0) -> GaussNewton | KroneckerCurvature:
         """The damped GNH (or its K-FAC / EK-FAC approximation, factors from
@@ -330,6 +374,10 @@ class ScorePipeline:
         sample = torch.randperm(self.n_train, generator=gen)[:self.curvature_samples].sort().values
         lo, hi = D.shard_range(len(sample), self.rank_, self.world)
         x, t = self.task.train.take(sample[lo:hi])
+        self.fingerprints["training"].check(sample[lo:hi], x, t)
+        self.fingerprints["training"].flush()
+        if len(sample) == self.n_train:
+            self._rows_checked = True  # the curvature sample is every example (over all ranks)
         problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=a.weight_decay,
                           batch_size=a.curvature_batch_size)
         if curvature_kind(a.curvature).own_inverse:
@@ -419,6 +467,7 @@ class ScorePipeline:
                 return load_tensor(path)["s_test"].to(op.dtype)
             c0, c1 = self.chunks[c]
             x, t = self.task.test.range(c0, c1)
+            self.fingerprints["test"].check(range(c0, c1), x, t)
             test_problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=self.args.weight_decay)
             grads = measurement_gradients(test_problem, self.task.measurement_fn, test_problem.inputs,
                                           test_problem.targets)
@@ -480,12 +529,28 @@ class ScorePipeline:
 
     def _over_rows(self, write, memmap, bar) -> None:
         """``write(b0, x, t)`` for every checked training batch of this rank's rows, then flush ``memmap``."""
+        fingerprints = self.fingerprints["training"]
         for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
+            fingerprints.check(range(b0, b0 + len(x)), x, t)  # a changed example stops the pass before its row
             x, t = self.probe.check_data(x, t)
             write(b0, x, t)
             if bar is not None:
                 bar.update(len(x))
         memmap.flush()
+        fingerprints.flush()
+        self._rows_checked = True
+
+    def check_training_rows(self) -> None:
+        """Read this rank's training rows only to compare them with their stored digests: what
+        a rerun of a finished folder does when no stage read every example (a curvature sample
+        smaller than the training set), so changed data is refused there too."""
+        if self._rows_checked:
+            return
+        fingerprints = self.fingerprints["training"]
+        for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
+            fingerprints.check(range(b0, b0 + len(x)), x, t)
+        fingerprints.flush()
+        self._rows_checked = True
 
     def self_influence(self, k: int, scorer: LayerScorer, lowrank: LowRankInverse | None, op=None) -> None:
         """Stage 5: g_i^T (G + lambda I)^{-1} g_i / N for this rank's rows (the Kronecker
@@ -534,7 +599,8 @@ class ScorePipeline:
     def topk(self) -> None:
         """Stage 6: proponents and opponents per test point, and the safetensors copy."""
         scores_mm = open_memmap(self.out / "scores.npy", (self.n_train, self.n_test), np.float32)
-        _write_topk(self.out, scores_mm, self.args.top_k)
+        _write_topk(self.out, scores_mm, self.args.top_k, self.task.train.dataset_index(np.arange(self.n_train)),
+                    self.task.test.dataset_index(np.arange(self.n_test)))
         save_safetensors(self.out / "scores.safetensors", {"scores": np.asarray(scores_mm)})
 
     # ------------------------------------------------------------------- driver
@@ -558,6 +624,7 @@ class ScorePipeline:
             if self.args.self_influence:
                 self.self_influence(k, scorer, lowrank, op)
             D.barrier()
+        self.check_training_rows()
         if len(self.checkpoints) > 1:
             self.stages.run("combine", lambda: self.combine_checkpoints("scores.npy", (self.n_train, self.n_test),
                                                                          np.float32))
@@ -611,6 +678,9 @@ class ScoreResults:
     topk: dict                         # test index -> {"proponents": [[i, score]...], "opponents": ...}
     arguments: dict
     summary: dict
+    # the dataset index of each row / column when a DataLoader's sampler selected a subset, else None
+    train_indices: np.ndarray | None = None
+    test_indices: np.ndarray | None = None
 
 
 def load_scores(out_dir) -> ScoreResults:
@@ -621,12 +691,16 @@ def load_scores(out_dir) -> ScoreResults:
     arguments = json.loads((out / "arguments.json").read_text())
     scores = np.load(out / "scores.npy", mmap_mode="r")
     path = out / "self_influence.npy"
+    indices = [np.load(out / f"{split}_indices.npy") if (out / f"{split}_indices.npy").exists() else None
+               for split in ("train", "test")]
     return ScoreResults(scores, np.load(path) if path.exists() and arguments.get("self_influence") else None,
                         json.loads((out / "topk.json").read_text()), arguments,
-                        json.loads((out / "summary.json").read_text()))
+                        json.loads((out / "summary.json").read_text()), *indices)
 
 
-def _write_topk(out, scores_mm, k):
+def _write_topk(out, scores_mm, k, train_index, test_index):
+    """topk.json: per test point (by its dataset index), the ``k`` training points (by dataset
+    index: a sampler's subset names its own examples) with the largest and smallest scores."""
     n_train, n_test = scores_mm.shape
     k = min(k, n_train)
     result = {}
@@ -636,7 +710,7 @@ def _write_topk(out, scores_mm, k):
             col = block[:, jj]
             order = np.argsort(col, kind="stable")
             pro, opp = order[::-1][:k], order[:k]
-            result[str(j0 + jj)] = {"proponents": [[int(i), float(col[i])] for i in pro],
-                                    "opponents": [[int(i), float(col[i])] for i in opp]}
+            result[str(int(test_index[j0 + jj]))] = {"proponents": [[int(train_index[i]), float(col[i])] for i in pro],
+                                                     "opponents": [[int(train_index[i]), float(col[i])] for i in opp]}
     atomic_write_json(out / "topk.json", result)
     return result

@@ -53,12 +53,12 @@ def _no_space(path: Path, needed: str) -> NoSpaceError:
                         "choose another --out) and rerun the same command to resume")
 
 
-def _disk_error(exc: OSError, path: Path, needed: str) -> ResultsWriteError | None:
+def _disk_error(exc: OSError, path: Path, needed: str, verb: str = "write") -> ResultsWriteError | None:
     """``exc`` as the named error a user can act on, or None when it is not about the disk."""
     if exc.errno in _NO_SPACE:
         return _no_space(path, needed)
     if exc.errno in _NOT_WRITABLE:
-        return ResultsWriteError(f"cannot write {path.name} in {path.parent}: {exc.strerror} (a read-only folder "
+        return ResultsWriteError(f"cannot {verb} {path.name} in {path.parent}: {exc.strerror} (a read-only folder "
                                  "or one owned by someone else); make it writable or choose another --out")
     return None
 
@@ -69,7 +69,7 @@ def make_folder(path: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        error = _disk_error(exc, path / ".", "a folder")
+        error = _disk_error(exc, path, "a folder", verb="make the folder")
         if error is None:
             raise
         raise error from exc
@@ -120,8 +120,20 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
 
 
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists, tuples): what torch.save needs at least."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def atomic_save_tensor(path: str | os.PathLike, obj) -> Path:
-    """``torch.save(obj)`` to ``path``, atomically."""
+    """``torch.save(obj)`` to ``path``, atomically (its tensors' bytes checked against the free space first)."""
+    check_free_space(make_folder(Path(path).parent) / Path(path).name, _tensor_bytes(obj))
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 

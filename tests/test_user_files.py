@@ -304,3 +304,130 @@ def test_the_cli_refuses_a_changed_data_file_in_one_line(files, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "training example 6 (dataset index 6) is not the one" in err
     assert _scores(tmp, "--overwrite") == 0
+
+
+# ---------------------------------------------------------------- full and read-only disks (issue 32, item 2)
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+
+@pytest.fixture
+def big_files(files):
+    """The model file with 2,000 training points: scores.npy for 50 test points is 400,128 bytes."""
+    tmp, _ = files
+    g = torch.Generator().manual_seed(1)
+    torch.save({"x_train": torch.randn(2000, 3, generator=g), "y_train": torch.randint(2, (2000,), generator=g),
+                "x_test": torch.randn(50, 3, generator=g), "y_test": torch.randint(2, (50,), generator=g)},
+               tmp / "big.pt")
+    return tmp
+
+
+def _big(tmp, out):
+    return _scores(tmp, "--test-points", "50", data="big.pt", out=out)
+
+
+def _leftovers(folder):
+    """Temporary files left behind, and final-named .npy files shorter than their header says."""
+    bad = [p for p in folder.rglob(".*.tmp")]
+    for path in folder.rglob("*.npy"):
+        try:
+            np.load(path, mmap_mode="r")
+        except ValueError:  # a file shorter than its shape
+            bad.append(path)
+    return bad
+
+
+def _one_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_too_little_free_space_is_refused_before_the_memmap_and_a_resume_finishes(big_files, monkeypatch, capsys):
+    tmp = big_files
+    assert _big(tmp, "reference") == 0
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=100_000))
+    assert _big(tmp, "run") == 2
+    err = _one_line(capsys)
+    assert f"no space left in {tmp / 'run'} for scores.npy: it needs 400128 bytes (390.8 KiB), 100000 bytes " \
+           "(97.7 KiB) free; free space there (or choose another --out) and rerun the same command" in err
+    assert not (tmp / "run" / "scores.npy").exists() and not _leftovers(tmp / "run")
+    monkeypatch.undo()
+    assert _big(tmp, "run") == 0  # space freed: the same command resumes and finishes
+    np.testing.assert_array_equal(np.load(tmp / "run" / "scores.npy"), np.load(tmp / "reference" / "scores.npy"))
+
+
+def test_a_memmap_is_created_at_full_size_with_its_blocks_allocated(tmp_path):
+    from pbrf_fast.atomic_io import open_memmap
+
+    mm = open_memmap(tmp_path / "sub" / "m.npy", (500, 400), np.float32, create=True)
+    assert mm.shape == (500, 400) and not mm.any()
+    assert (tmp_path / "sub" / "m.npy").stat().st_blocks * 512 >= 500 * 400 * 4  # not a sparse file
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["m.npy"]
+
+
+def test_a_read_only_out_folder_is_one_line_naming_it(big_files, capsys):
+    tmp = big_files
+    folder = tmp / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("chmod does not stop this user writing (root): the read-only tmpfs test covers it")
+        assert _big(tmp, "locked") == 2
+        err = _one_line(capsys)
+        assert f"cannot write arguments.json in {folder}: Permission denied" in err and "--out" in err
+    finally:
+        folder.chmod(0o755)
+
+
+@contextlib.contextmanager
+def _tmpfs(path, options):
+    """A small tmpfs at ``path`` (root only; skipped where mount fails), always unmounted."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_read_only_disk_is_one_line_naming_the_folder(big_files, capsys):
+    tmp = big_files
+    with _tmpfs(tmp / "ro", "ro,size=1m") as disk:
+        assert _big(tmp, disk / "run") == 2
+        err = _one_line(capsys)
+        assert f"cannot make the folder run in {disk}: Read-only file system (a read-only folder" in err
+        assert _big(tmp, disk) == 2  # the mount point itself exists: the first file is refused
+        assert f"cannot write arguments.json in {disk}: Read-only file system" in _one_line(capsys)
+
+
+def test_a_full_tmpfs_stops_with_one_line_leaves_no_partial_file_and_resumes_to_the_same_numbers(
+        big_files, monkeypatch, capsys):
+    tmp = big_files
+    assert _big(tmp, "reference") == 0
+    reference = np.load(tmp / "reference" / "scores.npy")
+    with _tmpfs(tmp / "disk", "size=2m") as disk:
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 150_000))  # 150 kB left: less than scores.npy
+        capsys.readouterr()
+        assert _big(tmp, disk / "run") == 2  # refused by the free-space check
+        assert "for scores.npy: it needs 400128 bytes" in _one_line(capsys)
+        real = shutil.disk_usage  # a disk that claims space it does not have: the allocation itself fails
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=10 ** 12))
+        assert _big(tmp, disk / "run") == 2
+        assert f"no space left in {disk / 'run'} for scores.npy" in _one_line(capsys)
+        assert not (disk / "run" / "scores.npy").exists() and not _leftovers(disk / "run")
+        monkeypatch.undo()
+        filler.unlink()
+        assert _big(tmp, disk / "run") == 0
+        scores_file = disk / "run" / "scores.npy"
+        np.testing.assert_array_equal(np.load(scores_file), reference)
+        assert scores_file.stat().st_blocks * 512 >= reference.nbytes  # allocated, not a sparse file

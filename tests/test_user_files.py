@@ -431,3 +431,66 @@ def test_a_full_tmpfs_stops_with_one_line_leaves_no_partial_file_and_resumes_to_
         scores_file = disk / "run" / "scores.npy"
         np.testing.assert_array_equal(np.load(scores_file), reference)
         assert scores_file.stat().st_blocks * 512 >= reference.nbytes  # allocated, not a sparse file
+
+
+# ---------------------------------------------------------------- messages name the split and the user's shapes (item 4)
+def _task(train, test):
+    return ScorePipeline(ScoreTask(_net(), "cross_entropy", train, test),
+                         ScoreArguments(damping=1e-2, solver="direct", curvature_samples=5, batch_size=8,
+                                        self_influence=False), "unused", progress=False)
+
+
+def test_nan_in_a_training_row_outside_the_curvature_sample_names_the_training_split_and_row(tmp_path):
+    x, y, xt, yt = _points()
+    sample = set(torch.randperm(40, generator=torch.Generator().manual_seed(0))[:5].tolist())
+    row = next(i for i in range(39, 0, -1) if i not in sample)  # a row only the score pass reads
+    x = x.clone()
+    x[row, 1] = float("nan")
+    with pytest.raises(InputError, match=rf"^training inputs contain NaN or Inf: example {row} "
+                                         rf"\(dataset index {row}\)$"):
+        _task((x, y), (xt, yt))
+    # a Dataset is read as it is scored: the same message from the score pass, by dataset index
+    loader = DataLoader(TensorDataset(x, y), sampler=SubsetRandomSampler(range(10, 40)))
+    task = ScoreTask(_net(), "cross_entropy", loader, (xt, yt))
+    arguments = ScoreArguments(damping=1e-2, solver="direct", curvature_samples=3, self_influence=False)
+    with pytest.raises(InputError, match=rf"^training inputs contain NaN or Inf: example {row - 10} "
+                                         rf"\(dataset index {row}\)$"):
+        ScorePipeline(task, arguments, tmp_path / "run", progress=False).run()
+
+
+def test_target_errors_quote_the_users_array_not_a_one_row_probe():
+    x, y, xt, yt = _points()
+    soft = torch.full((40, 2), 0.5, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"^training targets: cross_entropy soft targets must have shape \(n, 3\); "
+                                         r"got \(40, 2\)$"):
+        _task((x, soft), (xt, yt))
+    yt = yt.clone()
+    yt[3] = 7  # not the first row: a one-row probe would not see it
+    with pytest.raises(InputError, match=r"^test targets: cross_entropy class targets must lie in \[0, 3\); "
+                                         r"got range \[0, 7\]$"):
+        _task((x, y), (xt, yt))
+
+
+def test_test_inputs_of_another_feature_count_name_the_split_and_both_shapes(files, capsys):
+    x, y, xt, yt = _points()
+    with pytest.raises(InputError, match=r"^test inputs have per-example shape \(4,\) but training inputs \(3,\): "
+                                         r"test inputs of shape \(5, 4\), targets \(5,\); training inputs of shape "
+                                         r"\(40, 3\), targets \(40,\)$"):
+        _task((x, y), (torch.randn(5, 4, dtype=torch.float64), yt))
+    tmp, data = files
+    data["x_test"] = torch.randn(3, 5)
+    torch.save(data, tmp / "wide.pt")
+    assert _scores(tmp, data="wide.pt") == 2
+    err = _one_line(capsys)
+    assert "test inputs have per-example shape (5,) but training inputs (3,): test inputs of shape (3, 5)" in err
+
+
+def test_influence_names_the_first_non_finite_test_row():
+    import pbrf_fast
+
+    x, y, xt, yt = _points()
+    xt = xt.clone()
+    xt[2, 0] = float("inf")
+    influence = pbrf_fast.Influence(pbrf_fast.Problem(_net(), "cross_entropy", x, y), damping=0.1, solver="direct")
+    with pytest.raises(InputError, match=r"^test inputs contain NaN or Inf \(row 2 of shape \(5, 3\)\)$"):
+        influence.scores(xt, yt)

@@ -165,6 +165,33 @@ class DataSource:
             b1 = min(stop, b0 + batch_size)
             yield (b0, *self.range(b0, b1))
 
+    @property
+    def split(self) -> str:
+        """How errors name this data: "training" or "test"."""
+        return "training" if self.name == "train" else self.name
+
+    def describe(self) -> str:
+        """The user's own shapes (tensors) or size and class (a Dataset), for error messages."""
+        if self._tensors is not None:
+            x, t = self._tensors
+            return f"inputs of shape {tuple(x.shape)}, targets {tuple(t.shape)}"
+        return f"{len(self)} examples of a {type(self._dataset).__name__}"
+
+    def check_finite(self, positions, x: torch.Tensor, t: torch.Tensor) -> None:
+        """Refuse NaN / Inf in the examples at ``positions``, naming the split and the first such example."""
+        for what, v in (("inputs", x), ("targets", t)):
+            if torch.is_floating_point(v) and v.numel():
+                bad = ~torch.isfinite(v.reshape(len(v), -1)).all(1)
+                if bool(bad.any()):
+                    row = int(np.asarray(positions).reshape(-1)[int(bad.nonzero()[0])])
+                    raise InputError(f"{self.split} {what} contain NaN or Inf: example {row} (dataset index "
+                                     f"{int(self.dataset_index([row])[0])})")
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The in-memory ``(inputs, targets)``, or None for a Dataset."""
+        return self._tensors
+
     def fingerprint(self) -> str:
         """What a results folder records about the data without reading it: the number of
         examples, which ones a sampler selects, and the first example's shapes and dtypes.

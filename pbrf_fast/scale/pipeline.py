@@ -211,6 +211,17 @@ def check_checkpoint(checkpoint, model: nn.Module, where: str) -> dict:
     return state
 
 
+def _output_size(model: nn.Module, x1: torch.Tensor) -> int | None:
+    """Outputs per example of ``model`` on one input, or None when it cannot run on it."""
+    try:
+        p = next(model.parameters())
+        x = x1.to(p.device, p.dtype) if torch.is_floating_point(x1) else x1.to(p.device)
+        with torch.no_grad():
+            return int(model(x).reshape(len(x), -1).shape[-1])
+    except Exception:  # the probe's own message says why
+        return None
+
+
 def _activation_numel(model, x1) -> int:
     """Numbers stored per example in a forward pass (sum of leaf-module outputs)."""
     total = [0]
@@ -285,13 +296,49 @@ class ScorePipeline:
         self._rows_checked = False  # set once every training row of this rank was compared with its digest
         self.preconditioner = None  # solver "pcg": the K-FAC / EK-FAC operator of the current checkpoint
         task.model.eval()
-        x1, t1 = task.train.range(0, 1)
-        self.probe = Problem(task.model, task.loss, x1, t1, weight_decay=arguments.weight_decay)
+        self.probe = self._probe(arguments.weight_decay)
+        self._check_splits()
         self.curvature_samples = min(self.n_train, arguments.curvature_samples or self.n_train)
         self.query_chunk = arguments.query_chunk or query_chunk_size(
             self.probe.dim, _activation_numel(task.model, self.probe.inputs), arguments.curvature_batch_size,
             arguments.memory_gb, self.n_test, torch.finfo(self.probe.dtype).bits // 8)
         self.chunks = [(c0, min(self.n_test, c0 + self.query_chunk)) for c0 in range(0, self.n_test, self.query_chunk)]
+
+    def _probe(self, weight_decay: float) -> Problem:
+        """A one-example Problem (dimension, dtype, per-batch checks). What it refuses is said of
+        the user's training data, with the user's own shapes where they are in memory, never
+        the one-example batch's."""
+        task = self.task
+        x1, t1 = task.train.range(0, 1)
+        try:
+            return Problem(task.model, task.loss, x1, t1, weight_decay=weight_decay)
+        except InputError as exc:
+            outputs = _output_size(task.model, x1)
+            if outputs is not None:  # the model runs: the targets are wrong, say so of the whole array
+                self._check_targets(task.train, outputs)
+            raise InputError(f"training data ({task.train.describe()}): {exc}") from exc
+
+    def _check_targets(self, source, outputs: int) -> None:
+        if source.tensors is not None:
+            try:
+                self.task.loss.prepare_targets(source.tensors[1], outputs)
+            except InputError as exc:
+                raise InputError(f"{source.split} targets: {exc}") from exc
+
+    def _check_splits(self) -> None:
+        """Before any work: test inputs shaped as the training ones, and in-memory data whole
+        (targets as the loss needs them, no NaN), each error naming its split and the user's shapes."""
+        train, test = self.task.train, self.task.test
+        x_test = test.range(0, 1)[0]
+        if tuple(x_test.shape[1:]) != tuple(self.probe.inputs.shape[1:]):
+            raise InputError(f"test inputs have per-example shape {tuple(x_test.shape[1:])} but training inputs "
+                             f"{tuple(self.probe.inputs.shape[1:])}: test {test.describe()}; training "
+                             f"{train.describe()}")
+        for source in (train, test):
+            if source.tensors is not None:
+                x, t = source.tensors
+                source.check_finite(range(len(x)), x, t)
+                self._check_targets(source, self.probe.num_outputs)
 
     # ------------------------------------------------------------------ stages
     def folder(self, k: int) -> Path:
@@ -375,6 +422,7 @@ class ScorePipeline:
         lo, hi = D.shard_range(len(sample), self.rank_, self.world)
         x, t = self.task.train.take(sample[lo:hi])
         self.fingerprints["training"].check(sample[lo:hi], x, t)
+        self.task.train.check_finite(sample[lo:hi], x, t)
         self.fingerprints["training"].flush()
         if len(sample) == self.n_train:
             self._rows_checked = True  # the curvature sample is every example (over all ranks)
@@ -468,6 +516,7 @@ class ScorePipeline:
             c0, c1 = self.chunks[c]
             x, t = self.task.test.range(c0, c1)
             self.fingerprints["test"].check(range(c0, c1), x, t)
+            self.task.test.check_finite(range(c0, c1), x, t)
             test_problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=self.args.weight_decay)
             grads = measurement_gradients(test_problem, self.task.measurement_fn, test_problem.inputs,
                                           test_problem.targets)
@@ -532,7 +581,11 @@ class ScorePipeline:
         fingerprints = self.fingerprints["training"]
         for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
             fingerprints.check(range(b0, b0 + len(x)), x, t)  # a changed example stops the pass before its row
-            x, t = self.probe.check_data(x, t)
+            self.task.train.check_finite(range(b0, b0 + len(x)), x, t)
+            try:
+                x, t = self.probe.check_data(x, t, "training")
+            except InputError as exc:  # a Dataset's later example: name where it is
+                raise InputError(f"training examples {b0}..{b0 + len(x) - 1}: {exc}") from exc
             write(b0, x, t)
             if bar is not None:
                 bar.update(len(x))

@@ -232,8 +232,8 @@ class RowFingerprints:
     just read with what is stored and stores the new ones, so a resume meets any changed
     example on its way through the data instead of in a pass of its own."""
 
-    def __init__(self, memmap: np.memmap, source: DataSource, split: str, folder: Path):
-        self.memmap, self.source, self.split, self.folder = memmap, source, split, Path(folder)
+    def __init__(self, memmap: np.memmap, source: DataSource, folder: Path):
+        self.memmap, self.source, self.folder = memmap, source, Path(folder)
 
     def _compare(self, positions, x, t):
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
@@ -252,7 +252,7 @@ class RowFingerprints:
         if changed.any():
             first = int(positions[changed][0])
             raise DataChangedError(
-                f"{self.split} example {first} (dataset index {int(self.source.dataset_index([first])[0])}) is not "
+                f"{self.source.split} example {first} (dataset index {int(self.source.dataset_index([first])[0])}) is not "
                 f"the one the results in {self.folder} were computed from ({int(changed.sum())} of the "
                 f"{len(positions)} examples just read changed; a Dataset with random transforms changes at "
                 "every read: score without augmentation); restore the data, or start fresh with another --out or "

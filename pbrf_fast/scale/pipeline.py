@@ -32,12 +32,12 @@ grad f_j^T (G + lambda I)^{-1} grad L(z_i) / N`` (for f = the loss, positive: re
 z_i raises test loss j). The GNH is averaged over ``curvature_samples`` training
 points (all by default). Under torch.distributed, training points are sharded
 across ranks for scoring and self-influence and GNH products are all-reduced.
+:func:`load_scores` reads a finished folder back.
 
 Changed data is caught without a pass of its own: the test points are compared when the
 folder is opened, the training examples as the curvature sample and every score pass
 read them; a rerun of a finished folder whose curvature sample left rows unread reads
 those rows once (no gradients) to compare them.
-:func:`load_scores` reads a finished folder back.
 """
 from __future__ import annotations
 
@@ -380,8 +380,7 @@ class ScorePipeline:
             raise error
         if error_text is not None:
             raise RuntimeError(f"rank 0 refused the results folder: {error_text}")
-        self.fingerprints = {split: self._row_fingerprints(split, source)
-                             for split, source in (("training", self.task.train), ("test", self.task.test))}
+        self.fingerprints = {source.split: self._row_fingerprints(source) for source in (self.task.train, self.task.test)}
         # The test points are few and every chunk's s_test reads them: check them all now, so a
         # resume never pairs stored s_test vectors with changed test points.
         for c0, x, t in self.task.test.batches(0, self.n_test, self.args.batch_size):
@@ -396,22 +395,25 @@ class ScorePipeline:
     def _stored_data_changed(self) -> bool:
         """Whether any example differs from the digest stored in the folder: a full read, made
         only when the caller asked to overwrite, so a folder of other data is started afresh."""
-        for split, source in (("training", self.task.train), ("test", self.task.test)):
-            path = self.out / "fingerprints" / f"{split}_rows.npy"
+        for source in (self.task.train, self.task.test):
+            path = self._fingerprints_path(source)
             if not path.exists():
                 continue
-            stored = RowFingerprints(open_memmap(path, (len(source),), np.uint64), source, split, self.out)
+            stored = RowFingerprints(open_memmap(path, (len(source),), np.uint64), source, self.out)
             for b0, x, t in source.batches(0, len(source), self.args.batch_size):
                 if not stored.matches(range(b0, b0 + len(x)), x, t):
                     return True
         return False
 
-    def _row_fingerprints(self, split: str, source) -> RowFingerprints:
-        path = self.out / "fingerprints" / f"{split}_rows.npy"
+    def _fingerprints_path(self, source) -> Path:
+        return self.out / "fingerprints" / f"{source.split}_rows.npy"
+
+    def _row_fingerprints(self, source) -> RowFingerprints:
+        path = self._fingerprints_path(source)
         if self.rank_ == 0:
             open_memmap(path, (len(source),), np.uint64, create=True)
         D.barrier()
-        return RowFingerprints(open_memmap(path, (len(source),), np.uint64), source, split, self.out)
+        return RowFingerprints(open_memmap(path, (len(source),), np.uint64), source, self.out)
 
     def curvature_operator(self, k: int = 0) -> GaussNewton | KroneckerCurvature:
         """The damped GNH (or its K-FAC / EK-FAC approximation, factors from
@@ -515,8 +517,7 @@ class ScorePipeline:
                 return load_tensor(path)["s_test"].to(op.dtype)
             c0, c1 = self.chunks[c]
             x, t = self.task.test.range(c0, c1)
-            self.fingerprints["test"].check(range(c0, c1), x, t)
-            self.task.test.check_finite(range(c0, c1), x, t)
+            self.task.test.check_finite(range(c0, c1), x, t)  # compared with their digests in open_folder
             test_problem = Problem(self.task.model, self.task.loss, x, t, weight_decay=self.args.weight_decay)
             grads = measurement_gradients(test_problem, self.task.measurement_fn, test_problem.inputs,
                                           test_problem.targets)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic_io import make_folder
 from ..errors import InputError
 from ..inverses import INVERSES
 from .pipeline import ScoreArguments
@@ -104,9 +105,7 @@ def start_run(config: ScoresConfig) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     _init_distributed(config.device)
-    out = check_results_path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return make_folder(check_results_path(config.out))  # a folder that cannot be made: one named line
 
 
 def _solver_options(config: ScoresConfig) -> dict:

@@ -76,7 +76,8 @@ def test_scores_command_on_a_users_own_cnn_equals_direct_influence(tmp_path):
                "--checkpoint", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data.pt"),
                "--loss", "cross_entropy", "--measurement", "loss", "--solver", "cg", "--cg-iters", "500",
                "--tol", "1e-12", "--damping", str(DAMPING), "--weight-decay", str(WEIGHT_DECAY),
-               "--curvature-samples", "0", "--rank", "8", "--query-chunk", "2", "--no-progress", "--out", str(out)]
+               "--curvature-samples", "0", "--rank", "8", "--query-chunk", "2", "--no-progress", "--self-influence",
+               "--out", str(out)]
     env = dict(**__import__("os").environ)
     env["PYTHONPATH"] = str(Path(pbrf_fast.__file__).resolve().parents[1])
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

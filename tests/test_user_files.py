@@ -182,7 +182,7 @@ def _points(n_train=40, n_test=5, seed=0):
 
 def _run(out, train, test, **arguments):
     task = ScoreTask(_net(), "cross_entropy", train, test)
-    arguments = dict(damping=1e-2, solver="direct", rank=4, batch_size=6, curvature_samples=15) | arguments
+    arguments = dict(damping=1e-2, solver="direct", rank=4, batch_size=6, curvature_samples=15, self_influence=True) | arguments
     ScorePipeline(task, ScoreArguments(**arguments), out, progress=False).run()
     return load_scores(out)
 

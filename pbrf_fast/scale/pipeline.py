@@ -557,7 +557,10 @@ class ScorePipeline:
         if a.solver == "lowrank":  # the eigenpairs stage cached them on op under these options
             return solve(op, grads, "lowrank", self.lowrank_options())
         options = dict(a.solver_options)
-        method = choose_method(op)[0] if a.solver == AUTO else a.solver  # which options it will take
+        method, reason = choose_method(op) if a.solver == AUTO else (a.solver, None)  # which options it will take
+        if reason and self.progress and self.rank_ == 0 and not getattr(self, "_plan_printed", False):
+            self._plan_printed = True  # the plan, once per run, before the longest step starts
+            print(f"solver auto: {method} ({reason})", file=sys.stderr)
         if "progress" in {f.name for f in dataclasses.fields(INVERSES[method].options)}:
             options.setdefault("progress", self.progress and self.rank_ == 0)  # a long solve shows itself
         if self.preconditioner is not None:  # pcg with stored Kronecker factors, not rebuilt

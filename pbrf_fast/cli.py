@@ -587,11 +587,17 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    formatwarning = warnings.formatwarning
+    # a warning on the terminal is one plain line, not Python's source location and code line
+    warnings.formatwarning = lambda message, category, *_, **__: (f"pbrf-fast {args.command}: "
+                                                                  f"{category.__name__}: {message}\n")
     try:
         return args.func(args)
     except PBRFError as exc:
         print(f"pbrf-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

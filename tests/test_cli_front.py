@@ -109,3 +109,17 @@ def test_the_summary_of_a_cpu_only_machine_has_no_error_text():
     no_toolkit = dict(report, cuda={"available": False, "reason": "import pbrf_fast._C_cuda failed: "
                                                                   "ModuleNotFoundError: No module named 'x'"})
     assert "not compiled" in format_backends(no_toolkit)
+
+
+def test_a_warning_during_a_command_is_one_plain_line():
+    # in a fresh interpreter: pytest records warnings instead of printing them
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "import warnings\n"
+         "from pbrf_fast import cli\n"
+         "cli._cmd_demo = lambda args: warnings.warn('lissa: 3 of 3 columns did not reach tol') or 0\n"
+         "assert cli.main(['demo']) == 0\n"
+         "assert 'pbrf-fast' not in warnings.formatwarning('x', UserWarning, 'f.py', 1)  # put back\n"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "pbrf-fast demo: UserWarning: lissa: 3 of 3 columns did not reach tol\n"

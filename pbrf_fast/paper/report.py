@@ -131,7 +131,7 @@ def figure_scatter(path: Path, records: list[dict], title: str) -> Path:
         for ax, name in zip(axes[0], panels):
             actual = np.array([r["test_loss_change"][name] for r in records]).ravel()
             plotting.estimate_vs_truth(ax, actual, predicted, title=_gap_label(name), xlabel="actual change",
-                                       ylabel="influence estimate" if ax is axes[0][0] else "",
+                                       ylabel="influence estimate",
                                        correlation=corr[name]["pearson"], correlation_name="Pearson")
         fig.suptitle(f"{title}: test-loss change after removing a training point, influence estimate vs "
                      f"retraining ({len(records)} removed points; Pearson: mean over test points)", wrap=True)

@@ -123,3 +123,16 @@ def test_a_warning_during_a_command_is_one_plain_line():
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "pbrf-fast demo: UserWarning: lissa: 3 of 3 columns did not reach tol\n"
+
+
+def test_import_pbrf_fast_is_lazy_and_every_public_name_resolves():
+    out = _python(
+        "import sys\n"
+        "import pbrf_fast\n"
+        "print('torch' in sys.modules)\n"
+        "import pbrf_fast.backends, pbrf_fast.explain  # the submodules named like public functions\n"
+        "print(callable(pbrf_fast.backends), callable(pbrf_fast.explain))\n"
+        "print(all(getattr(pbrf_fast, name) is not None for name in pbrf_fast.__all__))\n"
+        "from pbrf_fast import Influence, solve\n"
+        "print(Influence.__module__, solve.__module__)\n")
+    assert out.split("\n")[:4] == ["False", "True True", "True", "pbrf_fast.influence pbrf_fast.inverses"]

@@ -608,15 +608,15 @@ def _damping_figure(path, name: str, results: dict) -> None:
     ``auto`` is a marker at the value it chose."""
     with plotting.styled() as plt:
         fig, ax = plt.subplots(figsize=(6.8, 4.0))
-        colours, markers = plotting.COLOURS, plotting.MARKERS
         for i, (solver, by_damping) in enumerate(results["methods"].items()):
             if "skipped" in by_damping:
                 continue
-            colour, marker = colours[i % len(colours)], markers[i % len(markers)]
+            style = plotting.line_style(i)
+            colour = style["color"]
             points = sorted((float(label), entry["1"]["lds_retraining"]["mean"]) for label, entry in by_damping.items()
                             if label != AUTO_DAMPING and "1" in entry)
             if points:
-                ax.plot(*zip(*points), marker=marker, color=colour, label=solver)
+                ax.plot(*zip(*points), label=solver, **style)
             auto = by_damping.get(AUTO_DAMPING, {}).get("1")
             if auto is not None and auto["damping"] and auto["damping"][0]:
                 ax.plot([auto["damping"][0]], [auto["lds_retraining"]["mean"]], marker="*", markersize=13,

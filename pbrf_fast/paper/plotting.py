@@ -23,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COLOURS", "MARKERS", "REFERENCE", "styled", "save", "estimate_vs_truth", "tidy_ticks", "label_axes",
+__all__ = ["COLOURS", "MARKERS", "LINESTYLES", "REFERENCE", "line_style", "styled", "save", "estimate_vs_truth", "tidy_ticks", "label_axes",
            "legend_beside", "legend_below", "pearson"]
 
 # Okabe & Ito (2008), "Color Universal Design": blue, orange, bluish green, vermillion,
 # reddish purple, sky blue, yellow; black for references (y = x, random, baselines).
 COLOURS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+# lines of equal values (two exact solvers, influence and PBRF) lie on top of each other:
+# the later one dashed with hollow markers lets the first show through
+LINESTYLES = ("-", "--", "-.", ":")
 REFERENCE = "black"
 
 _STYLE = {
@@ -82,6 +85,12 @@ def save(fig, path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def line_style(i: int) -> dict:
+    """The i-th line's colour, marker and dashes, for plot(**line_style(i))."""
+    return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": LINESTYLES[i % len(LINESTYLES)], "markerfacecolor": "none" if i % 2 else None}
 
 
 def tidy_ticks(ax, x: int = 4, y: int = 5) -> None:

@@ -143,8 +143,7 @@ def figure_detection(path: Path, fractions, curves: dict[str, list[float]], titl
     with plotting.styled() as plt:
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
         for k, (name, curve) in enumerate(curves.items()):
-            # dashes on every other line: influence and PBRF curves often coincide
-            ax.plot(fractions, curve, label=name, linestyle="-" if k % 2 == 0 else "--")
+            ax.plot(fractions, curve, label=name, **plotting.line_style(k))  # influence and PBRF often coincide
         ax.plot(fractions, fractions, color=plotting.REFERENCE, linestyle=":", linewidth=1, marker="",
                 label="random order")
         ax.set_xlabel("fraction of training data inspected\n(highest self-influence first)")
@@ -157,16 +156,21 @@ def figure_detection(path: Path, fractions, curves: dict[str, list[float]], titl
 
 def figure_sweep(path: Path, parameter: str, values: list, gaps_per_value: list[dict], title: str = "") -> Path:
     """Figure 5: each term against the swept parameter."""
+    from matplotlib.ticker import NullLocator
+
     with plotting.styled() as plt:
         fig, ax = plt.subplots(figsize=(5.6, 3.4))
-        for gap, _, _ in GAPS:
+        for k, (gap, _, _) in enumerate(GAPS):
             ax.plot(values, [max(g.get(gap, {}).get("mean", 0.0), GAP_FLOOR) for g in gaps_per_value],
-                    label=_gap_label(gap))
+                    label=_gap_label(gap), **plotting.line_style(k))
         ax.set_xscale("log" if all(v > 0 for v in values) and max(values) / min(values) > 20 else "linear")
         ax.set_yscale("log")
         ax.set_xlabel(_gap_label(parameter))
         ax.set_ylabel("mean L2 output distance\n(log scale)")
         ax.set_title(title or f"Each term of the decomposition against {_gap_label(parameter)}")
         plotting.tidy_ticks(ax)
+        if len(values) <= 6:  # a few swept values: tick exactly those
+            ax.set_xticks(values, [f"{v:g}" for v in values])
+            ax.xaxis.set_minor_locator(NullLocator())
         plotting.legend_beside(ax)
         return plotting.save(fig, path)

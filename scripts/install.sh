@@ -18,6 +18,9 @@ STAMP="$VENV/.pbrf_fast_source"
 # The test extras need the CUDA emulator module too (tests/test_cuda_emulation.py and
 # the "cuda" parameter of the parity tests on CPU tensors); plain installs leave it out.
 export PBRF_FAST_CUDA_EMULATOR=1
+# CI and containers run as root: pip's warning about it is noise at the end of a good install
+# (an environment variable, which a pip too old to know the setting ignores)
+export PIP_ROOT_USER_ACTION=ignore
 
 source_fingerprint() {
   # Outside a git checkout (an unpacked archive) there is no file list to trust:

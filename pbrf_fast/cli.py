@@ -161,9 +161,26 @@ def _cmd_scores(args) -> int:
     return 0
 
 
+def _evaluate_model(text: str) -> str:
+    """An argparse type: a built-in evaluate model or the user's file.py:make_model."""
+    if text in ("logreg", "mlp", "resnet20") or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(f"expected logreg, mlp, resnet20 or your own file.py:make_model, got {text!r}")
+
+
 def _cmd_evaluate(args) -> int:
     from .paper.config import EvaluateConfig
-    from .paper.evaluate_job import run_evaluate
+    from .paper.evaluate_job import is_user_model, run_evaluate
+
+    if is_user_model(args.model):
+        if args.dataset is not None:
+            raise InputError(f"--dataset picks a built-in setting; your own --model {args.model} takes --data")
+        args.dataset = "user"
+    else:
+        args.dataset = args.dataset or "digits"
+        if args.optimizer is not None or args.loss != "cross_entropy":
+            raise InputError("--optimizer and --loss describe your own --model file.py:make_model; the built-in "
+                             f"--model {args.model} has its recipe (pbrf_fast/paper/recipes.py)")
 
     run_evaluate(_fields(EvaluateConfig, args, pbrf=not args.no_pbrf), _run_options(args))
     return 0
@@ -371,7 +388,13 @@ def _scores_options(p) -> None:
     p.add_argument("--batch-size", type=POSITIVE_INT, help="training points per scoring pass")
     p.add_argument("--curvature-batch-size", type=POSITIVE_INT, help="training points per GNH product batch")
     p.add_argument("--top-k", type=COUNT, help="proponents and opponents kept per test point in topk.json")
-    p.add_argument("--no-self-influence", action="store_true", help="skip the training points' self-influence")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--self-influence", dest="self_influence", action="store_const", const=True,
+                       help="compute self-influence (default auto: where it comes from the scores' own inverse -- "
+                            "ekfac/kfac, solver lowrank -- not with the exact GNH solved iteratively, where this flag "
+                            "gives its low-rank Lanczos approximation)")
+    group.add_argument("--no-self-influence", dest="self_influence", action="store_const", const=False,
+                       help="never compute self-influence")
     p.add_argument("--train-epochs", type=NONNEGATIVE, default=None,
                    help="a built-in model's training epochs (unset: its recipe's, pbrf_fast/paper/recipes.py)")
     p.add_argument("--lr", type=POSITIVE, default=None, help="a built-in model's learning rate (unset: its recipe's)")
@@ -405,8 +428,18 @@ def _evaluate_options(p) -> None:
     from .paper.evaluate_job import __doc__ as evaluate_doc
 
     p.description = evaluate_doc
-    p.add_argument("--dataset", choices=["digits", "mnist", "cifar10"], default="digits", help="built-in data set")
-    p.add_argument("--model", choices=["logreg", "mlp", "resnet20"], default="logreg", help="the model trained")
+    p.add_argument("--dataset", choices=["digits", "mnist", "cifar10"], default=None,
+                   help="a built-in setting's data set (default digits)")
+    p.add_argument("--model", type=_evaluate_model, default="logreg",
+                   help="logreg, mlp or resnet20 (built-in settings), or your own: file.py:make_model with "
+                        "--data, --loss and the recipe you trained it with (--epochs, --lr, --optimizer, "
+                        "--batch-size, --weight-decay)")
+    p.add_argument("--data", default=None, help="your own model's data: data.pt / data.npz with x_train, "
+                                                "y_train, x_test, y_test")
+    p.add_argument("--loss", choices=["cross_entropy", "mse", "bce"], default="cross_entropy",
+                   help="your own model's training loss")
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default=None,
+                   help="your own model's optimizer (default sgd), for retraining on each subset")
     p.add_argument("--solvers", type=_name_list(EVALUATE_SOLVERS, "solvers"), default=DEFAULT_EVALUATE_SOLVERS,
                    help=f"comma-separated: {','.join(EVALUATE_SOLVERS)} (pcg: CG preconditioned by "
                         "--preconditioner, --cg-iters/--tol as cg; kfac/ekfac: the Kronecker approximations; "
@@ -428,9 +461,12 @@ def _evaluate_options(p) -> None:
     p.add_argument("--damping", type=_damping_list, default=("auto",),
                    help="comma-separated dampings, each a number or auto, e.g. 1e-4,1e-3,1e-2,1e-1,1,auto: "
                         "every solver at each, against one ground truth (a table row each and lds_damping.png)")
-    p.add_argument("--weight-decay", type=NONNEGATIVE, default=None, help="weight decay (unset: the recipe's)")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="training epochs (unset: the recipe's)")
-    p.add_argument("--lr", type=POSITIVE, default=None, help="learning rate (unset: the recipe's)")
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=None,
+                   help="weight decay (unset: the recipe's; your own model: 0)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None,
+                   help="training epochs (unset: the recipe's; your own model: required)")
+    p.add_argument("--lr", type=POSITIVE, default=None,
+                   help="learning rate (unset: the recipe's; your own model: required)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=None,
                    help="SGD mini-batch of the base and subset models (default: 32 for resnet20, else 128)")
     p.add_argument("--width", type=POSITIVE_INT, default=128, help="hidden width of --model mlp")

@@ -28,7 +28,7 @@ def test_the_scores_command_defaults_are_the_python_defaults():
     for name in ("damping", "weight_decay", "solver", "rank", "memory_gb", "query_chunk", "batch_size",
                  "curvature_batch_size", "top_k", "seed", "curvature"):
         assert getattr(args, name) == getattr(python, name), name
-    assert args.no_self_influence == (not python.self_influence)
+    assert args.self_influence == python.self_influence == "auto"
     assert args.curvature_samples == 0 and python.curvature_samples is None  # both: every training point
     # no solver option is set unless given: each solver's dataclass defaults apply, as in Python
     assert not any(key.startswith("solver_option_") for key in vars(args))

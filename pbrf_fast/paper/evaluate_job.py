@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,8 +120,53 @@ def _load(config: EvaluateConfig, row: Recipe):
     return load_cifar10(config.data_dir)
 
 
+def is_user_model(model: str) -> bool:
+    """``file.py:make_model`` / ``module:make_model``: the user's own model, not a built-in name."""
+    return ":" in model
+
+
+def _user_setting(config: EvaluateConfig) -> Setting:
+    """The user's model factory, data file and retraining recipe (given as flags)."""
+    from ..scale.loading import build_user_model, load_data_file
+
+    if config.data is None:
+        raise ConfigError(f"--model {config.model} is your own model: give its data with --data data.pt|data.npz "
+                          "(x_train, y_train, x_test, y_test)")
+    if config.epochs is None or config.lr is None:
+        raise ConfigError(f"--model {config.model}: evaluate retrains your model on every subset, so it needs the "
+                          "recipe you trained it with: give --epochs and --lr (and --optimizer, --batch-size, "
+                          "--weight-decay when they differ from sgd, 128 and 0)")
+    if config.loss not in ("cross_entropy", "mse", "bce"):
+        raise ConfigError(f"--loss must be cross_entropy, mse or bce, got {config.loss!r}")
+    data = load_data_file(config.data)
+    x, y, xt, yt = (data[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    rows = _seeded_rows(len(x), config.train_points, len(x), config.seed + 3)
+    cols = _seeded_rows(len(xt), config.test_points, len(xt), config.seed + 5)
+    x, y, xt, yt = x[rows], y[rows], xt[cols], yt[cols]
+    build_user_model(config.model)  # a factory that fails is named here, before any training
+
+    def make_model(s):
+        torch.manual_seed(s)  # each base model (seed, seed + 1, ...) starts from its own initialisation
+        model = build_user_model(config.model)
+        return model.to(x.dtype) if x.is_floating_point() else model
+
+    try:
+        train_config = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size or 128,
+                                   optimizer=config.optimizer or "sgd", seed=config.seed)
+    except ValueError as exc:
+        raise ConfigError(f"the retraining recipe: {exc}") from None
+    name = f"{config.model} on {Path(config.data).name} ({len(x)} train, {len(xt)} test)"
+    return Setting(name, make_model, config.loss, x, y, xt, yt, train_config, config.weight_decay or 0.0)
+
+
 def build_setting(config: EvaluateConfig) -> Setting:
-    """The data, model family and training recipe of ``config`` (its :mod:`.recipes` row)."""
+    """The data, model family and training recipe of ``config`` (its :mod:`.recipes` row, or
+    the user's own model, data and recipe)."""
+    if is_user_model(config.model):
+        return _user_setting(config)
+    if config.data is not None:
+        raise ConfigError(f"--data is your own data for your own --model file.py:make_model; the built-in --model "
+                          f"{config.model} uses --dataset {config.dataset}")
     key = (config.dataset, config.model)
     if key not in EVALUATE_SETTINGS:
         raise ConfigError(f"evaluate supports --dataset/--model {sorted(EVALUATE_SETTINGS)}, got {key}")

@@ -117,7 +117,7 @@ def show_scores(out_dir, *, test_points: int = 8, k: int = 5, data_dir=None, rel
     results = load_scores(out)
     if relative and results.self_influence is None:
         raise InputError(f"{out}: --relative divides by self-influence, which this run did not compute "
-                         "(it ran with --no-self-influence)")
+                         "(rerun scores with --self-influence, or with --curvature ekfac)")
     written = []
     if results.self_influence is not None:
         with plotting.styled() as plt:

@@ -74,15 +74,26 @@ def _label(index: int, y_train, value: float) -> str:
 
 
 def _histogram(results, out: Path, plt) -> Path:
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
     values = np.asarray(results.self_influence, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(values, bins=60, color=plotting.COLOURS[0])
-    ax.set_title(f"Self-influence of the {len(values)} training examples of run {out.name}\n"
+    counts, _, _ = ax.hist(values, bins=60, color=plotting.COLOURS[0])
+    ax.set_title(f"Self-influence of the {len(values)} training examples of the run in {out.name}/\n"
                  f"(high: an example the model fits only by memorising it; median {np.median(values):.2g}, "
                  f"max {values.max():.2g})")
-    ax.set_yscale("log")
+    # a long right tail (a few examples with large self-influence) needs a log count axis
+    # to show both the bulk and the tail; counts are whole numbers either way
+    log = counts.max() >= 100 * max(counts[counts > 0].min(), 1)
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     plotting.tidy_ticks(ax, x=6)
-    plotting.label_axes(ax, "self-influence (increase of its own loss when removed)", "training examples (log scale)")
+    if not log:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+    plotting.label_axes(ax, "self-influence (increase of its own loss when removed)",
+                        "training examples" + (" (log scale)" if log else ""))
     return plotting.save(fig, out / "self_influence.png")
 
 

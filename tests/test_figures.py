@@ -151,3 +151,11 @@ def test_the_checker_finds_overlapping_tick_labels():
         ax.set_xticks(np.linspace(0, 1, 12), [f"{v:.4f}" for v in np.linspace(-0.005, 0.005, 12)])
         assert overlapping_text(fig)
         plt.close(fig)
+
+
+def test_a_correlation_near_zero_is_written_without_a_sign():
+    with plotting.styled() as plt:
+        fig, ax = plt.subplots()
+        plotting.estimate_vs_truth(ax, [0, 1, 2], [0, 1, 2], xlabel="x", ylabel="y", title="t", correlation=-0.001)
+        assert "Pearson r = 0.00;" in ax.get_title()
+        plt.close(fig)

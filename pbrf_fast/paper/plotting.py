@@ -132,7 +132,8 @@ def estimate_vs_truth(ax, truth, estimate, *, xlabel: str, ylabel: str, title: s
     ax.set_xlim(xlim)
     ax.set_ylim(ylim)
     value = pearson(truth, estimate) if correlation is None else correlation
-    shown = "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"
+    # a correlation of -0.001 reads "0.00", not "-0.00"
+    shown = "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}".replace("-0.00", "0.00")
     # the correlation and the key to the dashed line go in the title, never over the points
     ax.set_title(f"{title}\n{correlation_name} = {shown}; dashed: y = x")
     tidy_ticks(ax, x=4, y=4)

@@ -103,6 +103,6 @@ def test_tables_show_small_numbers_as_the_text_writes_them():
     from pbrf_fast.paper.report import _gap_rows, format_number
 
     assert [format_number(x) for x in (1.1e-04, 0.0123, 1.8382, 0.0, float("nan"), -2.5e-7)] == \
-        ["1.1e-04", "0.012", "1.838", "0", "nan", "-2.5e-07"]
+        ["1.1e-04", "0.012", "1.838", "0.000", "nan", "-2.5e-07"]
     gaps = {g: {"mean": 1.1e-4, "std": 3e-5} for g, _, _ in GAPS}
     assert _gap_rows("LR / Cancer", gaps)[1] == "1.1e-04 ± 3.0e-05"  # not "0.0000 ± 0.0000"

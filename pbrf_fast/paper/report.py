@@ -47,12 +47,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def format_number(x: float) -> str:
     """A table's number as the text beside it writes it: three decimals from 1e-3 up,
-    scientific notation below (a gap of 1.1e-04 must not print as 0.0000)."""
+    scientific notation below (a gap of 1.1e-04 must not print as 0.0000), so 0.000 is
+    only ever an exact zero."""
     if x != x:
         return "nan"
-    if x == 0:
-        return "0"
-    return f"{x:.3f}" if abs(x) >= 1e-3 else f"{x:.1e}"
+    # an exact zero keeps three decimals: the paper's values beside ours are rounded to them
+    return f"{x:.3f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
 
 
 def _gap_rows(name: str, gaps: dict) -> list[str]:

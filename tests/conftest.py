@@ -92,7 +92,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """End the run with why tests were skipped (most are "needs a CUDA device" on a
     machine without a GPU), one line per reason, so a long run of skips reads as
     expected rather than as something broken."""
-    lines = skip_summary(terminalreporter.stats.get("skipped", []), width=terminalreporter._tw.fullwidth)
+    width = getattr(getattr(terminalreporter, "_tw", None), "fullwidth", 80)  # the terminal's, where known
+    lines = skip_summary(terminalreporter.stats.get("skipped", []), width=width)
     if lines:
         terminalreporter.write_sep("-", lines[0])
         for line in lines[1:]:

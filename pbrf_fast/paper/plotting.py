@@ -8,7 +8,7 @@
   legends from running into each other, and legends placed beside or below
   the axes, never over the data.
 - Scatters of an estimate against its ground truth: :func:`estimate_vs_truth`
-  draws the y = x line and writes the correlation on the panel.
+  draws the y = x line and writes the correlation in the panel's title.
 - Ticks: at most a handful per axis, and an axis of very small or large values
   divided by a power of ten that its label states (:func:`label_axes`), so tick
   labels never run together.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COLOURS", "MARKERS", "LINESTYLES", "REFERENCE", "line_style", "styled", "save", "estimate_vs_truth", "tidy_ticks", "label_axes",
-           "legend_beside", "legend_below", "pearson"]
+__all__ = ["COLOURS", "MARKERS", "LINESTYLES", "REFERENCE", "line_style", "styled", "save", "estimate_vs_truth",
+           "tidy_ticks", "label_axes", "legend_beside", "legend_below", "pearson"]
 
 # Okabe & Ito (2008), "Color Universal Design": blue, orange, bluish green, vermillion,
 # reddish purple, sky blue, yellow; black for references (y = x, random, baselines).
@@ -118,9 +118,9 @@ def estimate_vs_truth(ax, truth, estimate, *, xlabel: str, ylabel: str, title: s
 
     ``correlation`` is the value to write (e.g. the mean per-test-point Pearson a
     table reports, so figure and table agree) under ``correlation_name``; unset,
-    the pooled Pearson of the points. The axis limits are the data's: when the estimate's scale differs from
-    the truth's the y = x line crosses the panel at an angle instead of squeezing
-    the points into a corner.
+    the pooled Pearson of the points. The axis limits are the data's: when the
+    estimate's scale differs from the truth's, the y = x line crosses the panel
+    steeply or flatly instead of squeezing the points into a corner.
     """
     truth = np.asarray(truth, dtype=np.float64).ravel()
     estimate = np.asarray(estimate, dtype=np.float64).ravel()

@@ -97,10 +97,11 @@ def tidy_ticks(ax, x: int = 4, y: int = 5) -> None:
     """At most about ``x`` / ``y`` tick labels on a linear axis (a log axis keeps its decades)."""
     from matplotlib.ticker import MaxNLocator
 
+    steps = [1, 2, 2.5, 5, 10]  # round steps (0.1, 0.2, 0.25, 0.5), never 0.15 or 0.3
     if ax.get_xscale() == "linear":
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=x, min_n_ticks=2))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=x, steps=steps, min_n_ticks=2))
     if ax.get_yscale() == "linear":
-        ax.yaxis.set_major_locator(MaxNLocator(nbins=y, min_n_ticks=2))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=y, steps=steps, min_n_ticks=2))
 
 
 def pearson(x, y) -> float:

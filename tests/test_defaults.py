@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pbrf_fast
-from pbrf_fast.cli import build_parser
+from pbrf_fast.cli import build_parser, command_parser
 from pbrf_fast.inverses import INVERSES, choose_method
 from pbrf_fast.inverses.common import default_tol
 from pbrf_fast.scale import ScoreArguments
@@ -19,7 +19,7 @@ from factories import make_problem
 
 
 def _scores_parser():
-    return build_parser()._subparsers._group_actions[0].choices["scores"]
+    return command_parser("scores")
 
 
 def test_the_scores_command_defaults_are_the_python_defaults():

@@ -167,12 +167,12 @@ def test_margin_measurement_equals_the_explicit_formula(tmp_path):
 def test_every_scores_flag_in_the_readme_exists():
     import re
 
-    from pbrf_fast.cli import build_parser
+    from pbrf_fast.cli import command_parser
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     commands = re.findall(r"pbrf-fast scores ((?:\\\n|[^\n])*)", readme)  # with continued lines
     flags = {f for command in commands for f in re.findall(r"(--[a-z][a-z-]*)", command)}
-    scores = build_parser()._subparsers._group_actions[0].choices["scores"]
+    scores = command_parser("scores")
     known = {option for action in scores._actions for option in action.option_strings}
     assert flags and flags <= known, flags - known
 

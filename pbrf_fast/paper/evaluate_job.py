@@ -59,7 +59,8 @@ from .config import EVALUATE_SOLVERS, EvaluateConfig, RunOptions
 from .ground_truth import pbrf_ground_truth, retraining_ground_truth, train_on_subsets
 from .jobs import ConfigError
 from .recipes import RECIPES, Recipe, recipe
-from .report import _pyplot, _save, markdown_table
+from . import plotting
+from .report import markdown_table
 from .responses import ResponseSettings, ResponseSolver
 from .training import TrainConfig, TrainResult, train
 
@@ -609,51 +610,67 @@ def _table(name: str, config: EvaluateConfig, results: dict) -> str:
 
 
 def _figure(path, name: str, results: dict) -> None:
-    plt = _pyplot()
-    labels, values, colours = [], [], []
+    """LDS of each solver (x damping x ensemble size) against retraining and the PBRF, as
+    horizontal bar pairs: the long row labels read level, and each bar carries its value."""
+    groups = []  # (row label, {truth: LDS mean or None})
     for solver, by_damping in results["methods"].items():
         if "skipped" in by_damping:
             continue
         rows = [(label, count, row) for label, entry in by_damping.items() for count, row in entry.items()]
         for label, count, row in rows:
-            for truth, colour in (("retraining", "tab:blue"), ("pbrf", "tab:orange")):
+            means = {}
+            for truth in ("retraining", "pbrf"):
                 if f"lds_{truth}" in row:
-                    labels.append(f"{solver} x{count}\ndamping {label}\nvs {truth}")
                     mean = row[f"lds_{truth}"]["mean"]
-                    values.append(mean if mean is not None and np.isfinite(mean) else 0.0)
-                    colours.append(colour)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels)), 4))
-    ax.bar(range(len(values)), values, color=colours)
-    ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=7)
-    ax.set_ylabel("LDS (Spearman)")
-    ax.set_title(f"LDS, {name}")
-    ax.axhline(0, color="black", linewidth=0.5)
-    _save(fig, path)
-    plt.close(fig)
+                    means[truth] = mean if mean is not None and np.isfinite(mean) else None
+            if means:
+                groups.append((f"{solver}, damping {label}, {count} checkpoint{'s' if str(count) != '1' else ''}",
+                               means))
+    truths = [t for t in ("retraining", "pbrf") if any(t in m for _, m in groups)]
+    with plotting.styled() as plt:
+        fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.32 * max(1, len(groups)) * max(1, len(truths))))
+        height = 0.8 / max(1, len(truths))
+        for k, truth in enumerate(truths):
+            at = np.arange(len(groups)) + (k - (len(truths) - 1) / 2) * height
+            values = [m.get(truth) for _, m in groups]
+            ax.barh(at, [0.0 if v is None else v for v in values], height, color=plotting.COLOURS[k],
+                    label=f"vs {'the PBRF' if truth == 'pbrf' else truth}")
+            for y, v in zip(at, values):  # the value beside its bar; nan where LDS is undefined
+                ax.text(0 if v is None else v, y, " nan" if v is None else f" {v:.2f}", va="center",
+                        ha="left" if v is None or v >= 0 else "right", fontsize=7)
+        ax.set_yticks(np.arange(len(groups)), [g for g, _ in groups])
+        ax.set_ylim(len(groups) - 0.5, -0.5)  # the first solver on top, as in table.md
+        ax.axvline(0, color=plotting.REFERENCE, linewidth=0.6)
+        ax.set_xlim(min(0.0, *(v for _, m in groups for v in m.values() if v is not None)) - 0.1, 1.1)
+        ax.grid(axis="y", visible=False)
+        ax.set_xlabel("LDS (Spearman correlation with the ground truth; 1 is perfect)")
+        ax.set_title(f"Linear datamodeling score of each solver, {name}")
+        plotting.legend_below(fig, ncols=max(1, len(truths)))
+        plotting.save(fig, path)
 
 
 def _damping_figure(path, name: str, results: dict) -> None:
     """LDS against retraining as a function of the damping, one line per solver (one checkpoint);
     ``auto`` is a marker at the value it chose."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    colours = plt.get_cmap("tab10").colors
-    for i, (solver, by_damping) in enumerate(results["methods"].items()):
-        if "skipped" in by_damping:
-            continue
-        colour = colours[i % len(colours)]
-        points = sorted((float(label), entry["1"]["lds_retraining"]["mean"]) for label, entry in by_damping.items()
-                        if label != AUTO_DAMPING and "1" in entry)
-        if points:
-            ax.plot(*zip(*points), marker="o", color=colour, label=solver)
-        auto = by_damping.get(AUTO_DAMPING, {}).get("1")
-        if auto is not None and auto["damping"] and auto["damping"][0]:
-            ax.plot([auto["damping"][0]], [auto["lds_retraining"]["mean"]], marker="*", markersize=14,
-                    color=colour, linestyle="none", label=f"{solver} at auto")
-    ax.set_xscale("log")
-    ax.set_xlabel("damping lambda (added to the curvature's eigenvalues)")
-    ax.set_ylabel("LDS vs retraining (Spearman, 1 checkpoint)")
-    ax.set_title(f"LDS against damping, {name}")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _save(fig, path)
-    plt.close(fig)
+    with plotting.styled() as plt:
+        fig, ax = plt.subplots(figsize=(6.8, 4.0))
+        for i, (solver, by_damping) in enumerate(results["methods"].items()):
+            if "skipped" in by_damping:
+                continue
+            style = plotting.line_style(i)
+            colour = style["color"]
+            points = sorted((float(label), entry["1"]["lds_retraining"]["mean"]) for label, entry in by_damping.items()
+                            if label != AUTO_DAMPING and "1" in entry)
+            if points:
+                ax.plot(*zip(*points), label=solver, **style)
+            auto = by_damping.get(AUTO_DAMPING, {}).get("1")
+            if auto is not None and auto["damping"] and auto["damping"][0]:
+                ax.plot([auto["damping"][0]], [auto["lds_retraining"]["mean"]], marker="*", markersize=13,
+                        markeredgecolor=plotting.REFERENCE, markeredgewidth=0.6, color=colour, linestyle="none",
+                        label=f"{solver} at auto")
+        ax.set_xscale("log")
+        ax.set_xlabel("damping lambda (added to the curvature's eigenvalues)")
+        ax.set_ylabel("LDS vs retraining\n(Spearman, 1 checkpoint)")
+        ax.set_title(f"LDS against damping, {name}")
+        plotting.legend_beside(ax)
+        plotting.save(fig, path)

@@ -209,39 +209,52 @@ def confirm(record: dict, regressed: list[str], baseline: dict, args, storage: P
 
 
 # ------------------------------------------------------------------------------ history
+def _plotting():
+    """pbrf_fast's shared figure style, loaded from this source tree by its path: the
+    pbrf_fast this script imports is the installed one, which may predate the module
+    (plotting.py imports nothing from the package, so it loads on its own)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pbrf_fast_plotting", REPO / "pbrf_fast" / "paper" / "plotting.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def plot_history(records: list[dict], entry: dict | None, threshold: float, path: Path) -> Path:
     """One panel per benchmark: its ratio over the saved runs, with baseline and fail line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plotting = _plotting()
     names = sorted({name for r in records for name in r["ratios"]})
     cols = 2 if len(names) > 1 else 1
     rows = max(1, -(-len(names) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 2.6 * rows), squeeze=False)
     labels = [r["commit"][:7] + ("+" if r["dirty"] else "") for r in records]
-    for ax, name in zip(axes.flat, names):
-        points = [(i, r["ratios"][name]) for i, r in enumerate(records) if name in r["ratios"]]
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3)
-        base = (entry or {}).get("ratios", {}).get(name)
-        if base is not None:
-            ax.axhline(base, color="k", ls="--", lw=0.8, label="baseline")
-            ax.axhline(base * (1 - threshold), color="r", ls=":", lw=0.8, label=f"-{threshold:.0%}")
-        ax.set_title(name, fontsize=9)
-        ax.set_ylabel("speed-up (x)", fontsize=8)
-        ax.set_xticks(range(len(records)))
-        ax.set_xticklabels(labels, rotation=90, fontsize=6)
-        ax.set_ylim(bottom=0)
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
-    if axes.flat[0].get_legend_handles_labels()[0]:
-        axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{records[-1]['device'] if records else ''}: reference time / library time, per saved run",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    with plotting.styled() as plt:
+        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 1.0 + 2.6 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            points = [(i, r["ratios"][name]) for i, r in enumerate(records) if name in r["ratios"]]
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=plotting.COLOURS[0], marker="o",
+                    label="this run and the saved ones")
+            base = (entry or {}).get("ratios", {}).get(name)
+            if base is not None:
+                ax.axhline(base, color=plotting.REFERENCE, ls="--", lw=0.8, label="baseline")
+                ax.axhline(base * (1 - threshold), color=plotting.COLOURS[3], ls=":", lw=1.0,
+                           label=f"fail line: baseline -{threshold:.0%}")
+            ax.set_title(name)
+            ax.set_ylabel("speed-up (x)")
+            # a commit per tick would run together past a dozen runs: label every n-th one
+            step = max(1, -(-len(records) // 12))
+            ax.set_xticks(range(0, len(records), step))
+            ax.set_xticklabels(labels[::step], rotation=90, fontsize=6)
+            ax.set_ylim(bottom=0)
+        for ax in list(axes.flat)[len(names):]:
+            ax.set_visible(False)
+        handles, texts = axes.flat[0].get_legend_handles_labels()
+        if handles:
+            plotting.legend_below(fig, ncols=len(handles), handles=handles, labels=texts)
+        device = records[-1]["device"] if records else "no runs"
+        fig.suptitle(f"Tracked speed-ups on {device}: reference time / library time, per saved run "
+                     "(x axis: commit, + for uncommitted changes)")
+        return plotting.save(fig, path)
 
 
 def comparable_runs(storage: Path) -> list[dict]:

@@ -5,6 +5,12 @@ a results folder made with other arguments) exit with status 2 and one line on
 stderr; success exits 0.
 
 ``python -m pbrf_fast ...`` (and ``torchrun -m pbrf_fast scores ...``) runs the same.
+
+Nothing here imports torch (seconds to load) before the arguments are parsed:
+``pbrf-fast --help`` lists the commands from the table :data:`COMMANDS` alone, and
+a subcommand's options, which read the library's tables (solvers, curvatures,
+data sets), are added only when that subcommand is used (:class:`_Command`). The
+argparse ``type=`` helpers below are plain Python for the same reason.
 """
 from __future__ import annotations
 
@@ -12,15 +18,12 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 import warnings
 
-import torch
+from .errors import InputError, PBRFError  # errors.py imports nothing
 
-from .errors import InputError, PBRFError
-from .curvatures import CURVATURES, OWN_INVERSES
-from .inverses import AUTO, DEFAULT_PRECONDITIONER, INVERSES, PRECONDITIONERS
-
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "command_parser", "COMMANDS"]
 
 MODELS = ["auto", "logreg", "mlp", "autoencoder", "lenet", "alexnet", "vgg13", "resnet20", "transformer"]
 
@@ -158,9 +161,26 @@ def _cmd_scores(args) -> int:
     return 0
 
 
+def _evaluate_model(text: str) -> str:
+    """An argparse type: a built-in evaluate model or the user's file.py:make_model."""
+    if text in ("logreg", "mlp", "resnet20") or ":" in text:
+        return text
+    raise argparse.ArgumentTypeError(f"expected logreg, mlp, resnet20 or your own file.py:make_model, got {text!r}")
+
+
 def _cmd_evaluate(args) -> int:
     from .paper.config import EvaluateConfig
-    from .paper.evaluate_job import run_evaluate
+    from .paper.evaluate_job import is_user_model, run_evaluate
+
+    if is_user_model(args.model):
+        if args.dataset is not None:
+            raise InputError(f"--dataset picks a built-in setting; your own --model {args.model} takes --data")
+        args.dataset = "user"
+    else:
+        args.dataset = args.dataset or "digits"
+        if args.optimizer is not None or args.loss != "cross_entropy":
+            raise InputError("--optimizer and --loss describe your own --model file.py:make_model; the built-in "
+                             f"--model {args.model} has its recipe (pbrf_fast/paper/recipes.py)")
 
     run_evaluate(_fields(EvaluateConfig, args, pbrf=not args.no_pbrf), _run_options(args))
     return 0
@@ -182,9 +202,10 @@ def _cmd_show(args) -> int:
 
 def _cmd_backends(args) -> int:
     if not args.explain:
-        from .backends import backends
+        from .backends import backends, format_backends
 
-        print(json.dumps(backends(), indent=2))
+        report = backends()
+        print(json.dumps(report, indent=2) if args.json else format_backends(report))
         return 0
     from .explain import explain, format_plans
 
@@ -198,6 +219,8 @@ def _cmd_backends(args) -> int:
 def _explain_model(args):
     """The model and a random input batch that ``backends --explain`` plans for."""
     import math
+
+    import torch
 
     from .paper.models import build_model, mlp
 
@@ -214,14 +237,30 @@ DEVICE_HELP = ("where the experiment computes: cpu, cuda or cuda:N (networks and
                "then moved; results do not depend on it beyond rounding)")
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and appends each option's default to its
+    help, unless the help already says what an unset option means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default in ([], ())
+        shown = action.option_strings and not unset and "default" not in text and "unset" not in text
+        if shown:
+            value = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+            text += f" (default: {value.replace('%', '%%')})"
+        return text
+
+
 def _common(parser: argparse.ArgumentParser, dataset_default: str = "concrete") -> None:
     from .paper.experiments import DATASETS, PRESETS
 
-    parser.add_argument("--dataset", choices=DATASETS, default=dataset_default)
+    parser.add_argument("--dataset", choices=DATASETS, default=dataset_default, help="built-in data set")
     parser.add_argument("--model", choices=MODELS, default="auto",
                         help="auto: logistic regression for cancer/diabetes, ResNet-20 for cifar10, an MLP otherwise")
-    parser.add_argument("--preset", choices=PRESETS, default="quick")
-    parser.add_argument("--seed", type=COUNT, default=0)
+    parser.add_argument("--preset", choices=PRESETS, default="quick",
+                        help="quick: minutes on a laptop; paper: the paper's sizes (pbrf_fast/paper/recipes.py)")
+    parser.add_argument("--seed", type=COUNT, default=0, help="seed of training and of every random choice")
     parser.add_argument("--out", default="pbrf-fast-out", help="results folder")
     parser.add_argument("--data-dir", default=None, help="data sets folder (default: $PBRF_DATA)")
     parser.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished work")
@@ -231,37 +270,98 @@ def _common(parser: argparse.ArgumentParser, dataset_default: str = "concrete") 
 
 
 def _points_args(parser: argparse.ArgumentParser) -> None:
+    from .curvatures import CURVATURES, OWN_INVERSES
+    from .inverses import AUTO, INVERSES
+
     parser.add_argument("--removed", type=POSITIVE_INT, default=None, help="removed points (default: preset's)")
-    parser.add_argument("--test-points", type=POSITIVE_INT, default=None, help="test points for correlations")
+    parser.add_argument("--test-points", type=POSITIVE_INT, default=None,
+                        help="test points for correlations (default: preset's)")
     parser.add_argument("--chunk", type=POSITIVE_INT, default=10, help="removed points retrained together")
-    parser.add_argument("--damping", type=NONNEGATIVE, default=None)
-    parser.add_argument("--curvature", choices=[n for n, c in CURVATURES.items() if c.exact], default="gnh")
+    parser.add_argument("--damping", type=NONNEGATIVE, default=None, help="lambda of the damped curvature "
+                                                                          "(default: preset's)")
+    parser.add_argument("--curvature", choices=[n for n, c in CURVATURES.items() if c.exact], default="gnh",
+                        help="the exact curvature the influence estimate solves with")
     parser.add_argument("--solver", choices=[n for n in INVERSES if n not in OWN_INVERSES] + [AUTO], default=None,
                         help="influence estimate's solver (default: preset's)")
     parser.add_argument("--cold-start-order", choices=["replay", "fresh"], default="replay",
-                        help="cold-start retraining replays the base run's batch order (default) or draws a fresh one")
+                        help="cold-start retraining replays the base run's batch order or draws a fresh one")
 
 
-class _DescriptionAndDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's layout and shows every flag's default."""
+# ------------------------------------------------------------------ each command's options
+def _demo_options(p) -> None:
+    p.add_argument("--seed", type=COUNT, default=0, help="seed of training, removed points and test points")
+    p.add_argument("--out", default="pbrf-fast-out/demo", help="results folder (tables, JSON, figures)")
+    p.add_argument("--threads", type=COUNT, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(func=_cmd_demo)
 
 
-def _scores_parser(sub) -> None:
+def _decompose_options(p) -> None:
+    _common(p)
+    _points_args(p)
+    p.set_defaults(func=_cmd_decompose)
+
+
+def _train_options(p) -> None:
+    _common(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _mislabel_options(p) -> None:
+    _common(p, dataset_default="digits")
+    _points_args(p)
+    p.add_argument("--corrupt", type=NONNEGATIVE, default=0.1, help="fraction of labels corrupted")
+    p.add_argument("--candidates", type=POSITIVE_INT, default=None,
+                   help="training points scored by PBRF (default: all in paper, 300 in quick)")
+    p.set_defaults(func=_cmd_mislabel)
+
+
+def _sweep_options(p) -> None:
+    from .paper.config import SWEEP_PARAMETERS
+
+    _common(p)
+    _points_args(p)
+    p.add_argument("--parameter", required=True, choices=SWEEP_PARAMETERS, help="the setting varied")
+    p.add_argument("--values", required=True, type=float, nargs="+", help="its values, one run each")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _reproduce_options(p) -> None:
+    p.add_argument("target", nargs="?", default=None,
+                   help="table2, table4-8, figure1, figure4-6, all (every row), report (write the markdown from "
+                        "--out), or steps (measure each network's per-step cost into --out, for the expected "
+                        "times of rows not run)")
+    p.add_argument("--row", default=None, help="one row of the target, e.g. resnet20-cifar10 (default: every row; "
+                                               "see --list)")
+    p.add_argument("--preset", choices=["quick", "paper"], default="quick",
+                   help="quick: minutes per row; paper: the paper's sizes")
+    p.add_argument("--out", default="pbrf-fast-out/reproduce", help="results go to OUT/<target>/<row>/")
+    p.add_argument("--data-dir", default=None, help="data sets folder (default: $PBRF_DATA)")
+    p.add_argument("--list", action="store_true", help="print the rows and their settings; run nothing")
+    p.add_argument("--markdown", default=None, help="report file (default: OUT/REPRODUCTION.md)")
+    p.add_argument("--figures", default=None, help="report figures folder (default: beside the markdown)")
+    p.add_argument("--threads", type=COUNT, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress line per row")
+    p.set_defaults(func=_cmd_reproduce)
+
+
+def _scores_options(p) -> None:
     from .paper.recipes import SCORES_DATASETS, SCORES_MODELS
     from .inverses.flags import add_solver_flags
     from .scale.pipeline import SCORE_CURVATURES
     from .scale.scores_job import ScoresConfig, __doc__ as scores_doc
     from .scale.measurement import MEASUREMENTS
 
-    p = sub.add_parser("scores", help="train x test influence scores over a full training set",
-                       description=scores_doc, formatter_class=_DescriptionAndDefaults)
+    p.description = scores_doc
     p.add_argument("--model", default=SCORES_MODELS[0],  # a CLI default only: the library job needs a model named
                    help=f"your model, path/to/file.py:make_model or package.module:make_model (make_model() "
                         f"returns the nn.Module), or a built-in one trained here: {', '.join(SCORES_MODELS)}")
     p.add_argument("--checkpoint", action="append", default=[],
-                   help="a state dict to score (repeat it: the scores are the mean over checkpoints)")
+                   help="a state dict to score (repeat it: the scores are the mean over checkpoints; "
+                        "unset: the model as make_model returns it, or the built-in one trained here)")
     p.add_argument("--data", default=None,
-                   help="your data: data.pt or data.npz holding x_train, y_train, x_test, y_test")
+                   help="your data: data.pt or data.npz holding x_train, y_train, x_test, y_test "
+                        "(unset: --dataset)")
     p.add_argument("--loss", choices=["cross_entropy", "mse", "bce", "token_cross_entropy"],
                    help="the training loss in output space (token_cross_entropy: a sequence model's (b, T, vocab) "
                         "outputs against (b, T) token targets, -100 where not scored, mean over each sequence)")
@@ -289,80 +389,101 @@ def _scores_parser(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE_INT, help="training points per scoring pass")
     p.add_argument("--curvature-batch-size", type=POSITIVE_INT, help="training points per GNH product batch")
     p.add_argument("--top-k", type=COUNT, help="proponents and opponents kept per test point in topk.json")
-    p.add_argument("--no-self-influence", action="store_true")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--self-influence", dest="self_influence", action="store_const", const=True,
+                       help="compute self-influence (default auto: where it comes from the scores' own inverse -- "
+                            "ekfac/kfac, solver lowrank -- not with the exact GNH solved iteratively, where this flag "
+                            "gives its low-rank Lanczos approximation)")
+    group.add_argument("--no-self-influence", dest="self_influence", action="store_const", const=False,
+                       help="never compute self-influence")
     p.add_argument("--train-epochs", type=NONNEGATIVE, default=None,
                    help="a built-in model's training epochs (unset: its recipe's, pbrf_fast/paper/recipes.py)")
     p.add_argument("--lr", type=POSITIVE, default=None, help="a built-in model's learning rate (unset: its recipe's)")
     p.add_argument("--seed", type=COUNT, help="seed of every random choice (samples, sketches, training)")
-    p.add_argument("--threads", type=COUNT, default=None)
-    p.add_argument("--device", help="torch device for the model and data (e.g. cuda)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=COUNT, default=None, help="torch threads (unset: torch's default)")
+    p.add_argument("--device", help="torch device for the model and data, e.g. cuda (unset: cpu)")
+    p.add_argument("--out", required=True, help="results folder (required)")
+    p.add_argument("--overwrite", action="store_true", help="discard results in --out made with other arguments")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     # every default is ScoresConfig's (itself ScoreArguments' for the scoring settings): one set of
     # defaults for the CLI and Python, each shown by --help
     defaults = {f.name: f.default for f in dataclasses.fields(ScoresConfig) if f.default is not dataclasses.MISSING}
     p.set_defaults(func=_cmd_scores, **{**defaults, "checkpoint": []})  # --checkpoint appends to a list
 
 
-def _solver_list(text: str) -> tuple[str, ...]:
-    """An argparse type: comma-separated solver names of the evaluate job."""
-    from .paper.config import EVALUATE_SOLVERS
+def _name_list(allowed: tuple[str, ...], what: str):
+    """An argparse type: comma-separated names, each one of ``allowed``."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(s for s in text.split(",") if s)
+        if not names or any(s not in allowed for s in names):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} from {','.join(allowed)}, "
+                                             f"got {text!r}")
+        return names
+    parse.__name__ = what
+    return parse
 
-    names = tuple(s for s in text.split(",") if s)
-    unknown = [s for s in names if s not in EVALUATE_SOLVERS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"expected comma-separated solvers from {','.join(EVALUATE_SOLVERS)}, got {text!r}")
-    return names
 
-
-def _evaluate_parser(sub) -> None:
-    from .paper.config import DEFAULT_EVALUATE_SOLVERS
+def _evaluate_options(p) -> None:
+    from .inverses import DEFAULT_PRECONDITIONER, PRECONDITIONERS
+    from .paper.config import DEFAULT_EVALUATE_SOLVERS, EVALUATE_SOLVERS
     from .paper.evaluate_job import __doc__ as evaluate_doc
 
-    p = sub.add_parser("evaluate", help="attribution quality of each solver: LDS against retraining and the PBRF, "
-                                        "LOO correlation, time", description=evaluate_doc,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["digits", "mnist", "cifar10"], default="digits")
-    p.add_argument("--model", choices=["logreg", "mlp", "resnet20"], default="logreg")
-    p.add_argument("--solvers", type=_solver_list, default=DEFAULT_EVALUATE_SOLVERS,
-                   help="comma-separated: cg,pcg,lissa,lowrank,kernel,direct,kfac,ekfac,identity (pcg: CG "
-                        "preconditioned by --preconditioner, --cg-iters/--tol as cg; kfac/ekfac: the Kronecker "
-                        "approximations; identity: gradient dot product; default: all but pcg)")
+    p.description = evaluate_doc
+    p.add_argument("--dataset", choices=["digits", "mnist", "cifar10"], default=None,
+                   help="a built-in setting's data set (default digits)")
+    p.add_argument("--model", type=_evaluate_model, default="logreg",
+                   help="logreg, mlp or resnet20 (built-in settings), or your own: file.py:make_model with "
+                        "--data, --loss and the recipe you trained it with (--epochs, --lr, --optimizer, "
+                        "--batch-size, --weight-decay)")
+    p.add_argument("--data", default=None, help="your own model's data: data.pt / data.npz with x_train, "
+                                                "y_train, x_test, y_test")
+    p.add_argument("--loss", choices=["cross_entropy", "mse", "bce"], default="cross_entropy",
+                   help="your own model's training loss")
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default=None,
+                   help="your own model's optimizer (default sgd), for retraining on each subset")
+    p.add_argument("--solvers", type=_name_list(EVALUATE_SOLVERS, "solvers"), default=DEFAULT_EVALUATE_SOLVERS,
+                   help=f"comma-separated: {','.join(EVALUATE_SOLVERS)} (pcg: CG preconditioned by "
+                        "--preconditioner, --cg-iters/--tol as cg; kfac/ekfac: the Kronecker approximations; "
+                        "identity: gradient dot product; default: all but pcg)")
     p.add_argument("--subsets", type=POSITIVE_INT, default=100, help="random training subsets K")
     p.add_argument("--alpha", type=POSITIVE, default=0.5, help="fraction of the training set in each subset")
     p.add_argument("--repeats", type=POSITIVE_INT, default=1, help="retraining runs per subset (averaged)")
     p.add_argument("--checkpoints", type=_int_list, default=(1,),
                    help="ensemble sizes, e.g. 1,3,5: scores averaged over that many base models")
-    p.add_argument("--train-points", type=POSITIVE_INT, default=None)
-    p.add_argument("--test-points", type=POSITIVE_INT, default=None)
+    p.add_argument("--train-points", type=POSITIVE_INT, default=None, help="training points (unset: the data set's "
+                                                                           "recipe)")
+    p.add_argument("--test-points", type=POSITIVE_INT, default=None, help="test points (unset: the recipe's)")
     p.add_argument("--no-pbrf", action="store_true", help="skip the PBRF ground truth")
     p.add_argument("--loo", type=COUNT, default=0, help="training points retrained leave-one-out (LOO correlation)")
     p.add_argument("--brittleness", type=COUNT, default=0,
                    help="correctly classified test points checked for brittleness (retraining per k and solver)")
     p.add_argument("--brittleness-ks", type=_int_list, default=(10, 20, 40, 80),
-                   help="top-proponent counts removed, e.g. 10,20,40,80")
+                   help="top-proponent counts removed")
     p.add_argument("--damping", type=_damping_list, default=("auto",),
                    help="comma-separated dampings, each a number or auto, e.g. 1e-4,1e-3,1e-2,1e-1,1,auto: "
                         "every solver at each, against one ground truth (a table row each and lds_damping.png)")
-    p.add_argument("--weight-decay", type=NONNEGATIVE, default=None)
-    p.add_argument("--epochs", type=POSITIVE_INT, default=None)
-    p.add_argument("--lr", type=POSITIVE, default=None)
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=None,
+                   help="weight decay (unset: the recipe's; your own model: 0)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None,
+                   help="training epochs (unset: the recipe's; your own model: required)")
+    p.add_argument("--lr", type=POSITIVE, default=None,
+                   help="learning rate (unset: the recipe's; your own model: required)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=None,
                    help="SGD mini-batch of the base and subset models (default: 32 for resnet20, else 128)")
     p.add_argument("--width", type=POSITIVE_INT, default=128, help="hidden width of --model mlp")
-    p.add_argument("--cg-iters", type=POSITIVE_INT, default=200)
-    p.add_argument("--tol", type=POSITIVE, default=1e-4)
+    p.add_argument("--cg-iters", type=POSITIVE_INT, default=200, help="iterations of cg and pcg")
+    p.add_argument("--tol", type=POSITIVE, default=1e-4, help="relative residual at which cg and pcg stop")
     p.add_argument("--preconditioner", choices=sorted(PRECONDITIONERS), default=DEFAULT_PRECONDITIONER,
-                   help="pcg's preconditioner (default nystrom: EK-FAC alone slows CG down on ReLU nets)")
+                   help=f"pcg's preconditioner (default {DEFAULT_PRECONDITIONER}: EK-FAC alone slows CG down on "
+                        "ReLU nets)")
     p.add_argument("--preconditioner-rank", type=POSITIVE_INT, default=500, help="columns of pcg's Nystrom sketch")
-    p.add_argument("--lissa-depth", type=POSITIVE_INT, default=1000)
-    p.add_argument("--lissa-batch-size", type=POSITIVE_INT, default=128)
+    p.add_argument("--lissa-depth", type=POSITIVE_INT, default=1000, help="LiSSA recursion steps")
+    p.add_argument("--lissa-batch-size", type=POSITIVE_INT, default=128, help="training points per LiSSA step")
     p.add_argument("--rank", type=POSITIVE_INT, default=64, help="Lanczos eigenpairs of the lowrank solver")
     p.add_argument("--chunk", type=POSITIVE_INT, default=50, help="subset models trained together")
     p.add_argument("--lbfgs-iters", type=POSITIVE_INT, default=500,
                    help="L-BFGS iterations of each subset model and PBRF (logreg; warm-started at theta^s)")
-    p.add_argument("--seed", type=COUNT, default=0)
+    p.add_argument("--seed", type=COUNT, default=0, help="seed of training, subsets and every random choice")
     p.add_argument("--data-dir", default=None, help="data sets folder (default: $PBRF_DATA)")
     p.add_argument("--out", default="pbrf-fast-out/evaluate", help="results folder")
     p.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished work")
@@ -371,107 +492,149 @@ def _evaluate_parser(sub) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
-def _backends_parser(sub) -> None:
-    p = sub.add_parser("backends", help="which compute backends are usable here; with --explain, "
-                                        "which implementation each op runs for a model and why")
+def _backends_options(p) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: each backend's availability and full reason (with --explain: the plans)")
     p.add_argument("--explain", action="store_true",
                    help="plan every op for --model on a batch of --batch inputs (nothing is run)")
     p.add_argument("--model", default="mlp", help="mlp, logreg, lenet, resnet20, ... (the paper's models)")
     p.add_argument("--inputs", type=_int_list, default=(8,), help="input shape of one example, e.g. 8 or 3,32,32")
     p.add_argument("--outputs", type=POSITIVE_INT, default=1, help="network outputs (classes)")
     p.add_argument("--widths", type=_int_list, default=(128, 128), help="hidden widths of --model mlp")
-    p.add_argument("--loss", default="mse", choices=["mse", "cross_entropy", "bce"])
+    p.add_argument("--loss", default="mse", choices=["mse", "cross_entropy", "bce"], help="the training loss")
     p.add_argument("--batch", type=POSITIVE_INT, default=128, help="examples per product")
     p.add_argument("--columns", type=POSITIVE_INT, default=1, help="vectors per GNH product (test points solved together)")
-    p.add_argument("--lissa-batch-size", type=POSITIVE_INT, default=128)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--lissa-batch-size", type=POSITIVE_INT, default=128, help="training points per LiSSA step")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="the model's dtype")
+    p.add_argument("--device", default="cpu", help="the model's device")
     p.add_argument("--backend", default="auto", help="auto, torch, cpu, cuda or triton")
-    p.add_argument("--json", action="store_true", help="print the plans as JSON")
     p.set_defaults(func=_cmd_backends)
 
 
+def _show_options(p) -> None:
+    p.add_argument("out", help="the scores run's --out folder")
+    p.add_argument("--test-points", type=POSITIVE_INT, default=8, help="test images shown")
+    p.add_argument("-k", type=POSITIVE_INT, default=5, help="proponents and opponents per test image")
+    p.add_argument("--data-dir", default=None, help="built-in data sets folder (default: as recorded)")
+    p.add_argument("--relative", action="store_true",
+                   help="rank proponents by score / self-influence (relative influence) instead of the score")
+    p.set_defaults(func=_cmd_show)
+
+
+# ------------------------------------------------------------------------------------ parser
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, the group --help lists it under, one line, and the
+    function that adds its options (run only when the subcommand is used)."""
+
+    name: str
+    group: str
+    summary: str
+    options: object
+
+
+YOURS, PAPERS = "your model and data", "the paper's experiments"
+# --help lists them in this order: the user's own commands first
+COMMANDS = (
+    Command("scores", YOURS, "train x test influence scores over a full training set", _scores_options),
+    Command("show", YOURS, "figures of a finished scores run: self-influence histogram, test images beside "
+                           "their top proponents and opponents", _show_options),
+    Command("evaluate", YOURS, "attribution quality of each solver: LDS against retraining and the PBRF, "
+                               "LOO correlation, time", _evaluate_options),
+    Command("backends", YOURS, "which compute backends are usable here; with --explain, which implementation "
+                               "each op runs for a model and why", _backends_options),
+    Command("demo", PAPERS, "what influence scores answer: decomposition and correlations on built-in data "
+                            "(about 4 minutes on 2 cores)", _demo_options),
+    Command("decompose", PAPERS, "five-term decomposition of IF vs leave-one-out (Table 5, Figure 4)",
+            _decompose_options),
+    Command("correlate", PAPERS, "IF vs cold/warm/PBRF/two-stage test-loss changes (Tables 2, 6-8, Figure 1)",
+            _decompose_options),
+    Command("train", PAPERS, "train (or load) the base network and report its losses", _train_options),
+    Command("mislabel", PAPERS, "find corrupted labels by self-influence, IF vs PBRF (Figure 6)",
+            _mislabel_options),
+    Command("sweep", PAPERS, "each term against width/depth/epochs/weight decay/damping/removed (Figure 5)",
+            _sweep_options),
+    Command("reproduce", PAPERS, "run the paper's table rows and figure panels, and write REPRODUCTION.md "
+                                 "(ours beside the paper's)", _reproduce_options),
+)
+
+
+class _Command(argparse.ArgumentParser):
+    """A subcommand's parser whose options are added on first use (parsing its
+    arguments or printing its help), so that only the command that runs pays for
+    the imports its options need."""
+
+    def __init__(self, *args, add_options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_options = add_options
+
+    def with_options(self) -> "_Command":
+        if self._add_options is not None:
+            add, self._add_options = self._add_options, None
+            add(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super(_Command, self.with_options()).parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        return super(_Command, self.with_options()).format_help()
+
+    def format_usage(self) -> str:
+        return super(_Command, self.with_options()).format_usage()
+
+
+def _command_listing(width: int = 80) -> str:
+    """The commands by group, one wrapped line each: the top-level --help."""
+    pad = max(len(c.name) for c in COMMANDS) + 4
+    lines = []
+    for group in dict.fromkeys(c.group for c in COMMANDS):
+        lines += [""] if lines else []
+        lines.append(f"{group}:")
+        for c in (c for c in COMMANDS if c.group == group):
+            lines += textwrap.wrap(c.summary, width, initial_indent=f"  {c.name:<{pad - 2}}",
+                                   subsequent_indent=" " * pad)
+    lines.append("\n`pbrf-fast COMMAND --help` describes a command's options and their defaults.")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pbrf-fast", description="Influence functions and their ground truth (PBRF).")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="decomposition and correlations on built-in data (< 3 minutes)")
-    demo.add_argument("--seed", type=COUNT, default=0)
-    demo.add_argument("--out", default="pbrf-fast-out/demo")
-    demo.add_argument("--threads", type=COUNT, default=0)
-    demo.set_defaults(func=_cmd_demo)
-
-    for name, helptext in [
-        ("decompose", "five-term decomposition of IF vs leave-one-out (Table 5, Figure 4)"),
-        ("correlate", "IF vs cold/warm/PBRF/two-stage test-loss changes (Tables 2, 6-8, Figure 1)"),
-    ]:
-        p = sub.add_parser(name, help=helptext)
-        _common(p)
-        _points_args(p)
-        p.set_defaults(func=_cmd_decompose)
-
-    train = sub.add_parser("train", help="train (or load) the base network and report its losses")
-    _common(train)
-    train.set_defaults(func=_cmd_train)
-
-    mislabel = sub.add_parser("mislabel", help="find corrupted labels by self-influence, IF vs PBRF (Figure 6)")
-    _common(mislabel, dataset_default="digits")
-    _points_args(mislabel)
-    mislabel.add_argument("--corrupt", type=NONNEGATIVE, default=0.1, help="fraction of labels corrupted")
-    mislabel.add_argument("--candidates", type=POSITIVE_INT, default=None,
-                          help="training points scored by PBRF (default: all in paper, 300 in quick)")
-    mislabel.set_defaults(func=_cmd_mislabel)
-
-    from .paper.config import SWEEP_PARAMETERS
-
-    sweep = sub.add_parser("sweep", help="each term against width/depth/epochs/weight decay/damping/removed (Figure 5)")
-    _common(sweep)
-    _points_args(sweep)
-    sweep.add_argument("--parameter", required=True, choices=SWEEP_PARAMETERS)
-    sweep.add_argument("--values", required=True, type=float, nargs="+")
-    sweep.set_defaults(func=_cmd_sweep)
-
-    reproduce = sub.add_parser("reproduce", help="run the paper's table rows and figure panels, and write "
-                                                 "REPRODUCTION.md (ours beside the paper's)")
-    reproduce.add_argument("target", nargs="?", default=None, help="table2, table4-8, figure1, figure4-6, all (every row), report "
-                                          "(write the markdown from --out), or steps (measure each network's "
-                                          "per-step cost into --out, for the expected times of rows not run)")
-    reproduce.add_argument("--row", default=None, help="one row of the target, e.g. resnet20-cifar10 (see --list)")
-    reproduce.add_argument("--preset", choices=["quick", "paper"], default="quick")
-    reproduce.add_argument("--out", default="pbrf-fast-out/reproduce", help="results go to OUT/<target>/<row>/")
-    reproduce.add_argument("--data-dir", default=None, help="data sets folder (default: $PBRF_DATA)")
-    reproduce.add_argument("--list", action="store_true", help="print the rows and their settings; run nothing")
-    reproduce.add_argument("--markdown", default=None, help="report file (default OUT/REPRODUCTION.md)")
-    reproduce.add_argument("--figures", default=None, help="report figures folder (default: beside the markdown)")
-    reproduce.add_argument("--threads", type=COUNT, default=0, help="torch threads (0: torch's default)")
-    reproduce.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    reproduce.add_argument("--no-progress", action="store_true")
-    reproduce.set_defaults(func=_cmd_reproduce)
-
-    _backends_parser(sub)
-    _scores_parser(sub)
-    _evaluate_parser(sub)
-    show = sub.add_parser("show", help="figures of a finished scores run: self-influence histogram, "
-                                       "test images beside their top proponents and opponents")
-    show.add_argument("out", help="the scores run's --out folder")
-    show.add_argument("--test-points", type=POSITIVE_INT, default=8, help="test images shown")
-    show.add_argument("-k", type=POSITIVE_INT, default=5, help="proponents and opponents per test image")
-    show.add_argument("--data-dir", default=None, help="built-in data sets folder (default: as recorded)")
-    show.add_argument("--relative", action="store_true",
-                      help="rank proponents by score / self-influence (relative influence) instead of the score")
-    show.set_defaults(func=_cmd_show)
+    """The ``pbrf-fast`` parser. Its subcommands add their options when used (see
+    :class:`_Command`); :func:`command_parser` returns one with its options added."""
+    parser = argparse.ArgumentParser(prog="pbrf-fast", usage="pbrf-fast [-h] COMMAND [options]",
+                                     description="Influence functions and their ground truth (PBRF).",
+                                     epilog=_command_listing(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    # help=SUPPRESS: the epilog lists the commands in their groups instead of argparse's one flat list
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS,
+                                parser_class=_Command, prog="pbrf-fast")
+    for command in COMMANDS:
+        sub.add_parser(command.name, description=textwrap.fill(command.summary, 80), add_options=command.options,
+                       formatter_class=_Help)
     return parser
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` with every option added (what tests inspect)."""
+    return build_parser()._subparsers._group_actions[0].choices[name].with_options()
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", 0):
+        import torch
+
         torch.set_num_threads(args.threads)
+    formatwarning = warnings.formatwarning
+    # a warning on the terminal is one plain line, not Python's source location and code line
+    warnings.formatwarning = lambda message, category, *_, **__: (f"pbrf-fast {args.command}: "
+                                                                  f"{category.__name__}: {message}\n")
     try:
         return args.func(args)
     except PBRFError as exc:
         print(f"pbrf-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

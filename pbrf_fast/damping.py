@@ -15,9 +15,10 @@ parameters live, and ignores the near-null directions that make the plain mean e
 ``tr(C) / d`` tiny for over-parameterised nets (MNIST MLP: plain mean 5e-4, energy-weighted
 mean 2.6, top eigenvalue 6.7). Both traces come from one Hutchinson pass:
 ``z^T C z`` and ``||C z||^2`` for ``probes`` seeded Rademacher vectors ``z``, over
-``examples`` seeded training examples (an unbiased estimate of the full-data traces; its
-spread is recorded). Kronecker curvatures have their eigenvalues at hand, and use them
-exactly.
+``examples`` seeded training examples (an unbiased estimate of the full-data traces).
+Small problems (d <= :data:`AUTO_EXACT_DIM` and at most ``examples`` training points) use the
+d unit vectors instead, which gives both traces exactly; Kronecker curvatures have their
+eigenvalues at hand, and use them exactly.
 
 The factor is per curvature (:data:`AUTO_DAMPING_FACTORS`), chosen by the LDS grids of
 docs/damping.md.
@@ -31,7 +32,7 @@ import torch
 
 from .errors import InputError, InputTypeError
 
-__all__ = ["AUTO", "AUTO_DAMPING_FACTORS", "DampingChoice", "auto_damping", "check_damping", "spectrum_scale"]
+__all__ = ["AUTO", "AUTO_DAMPING_FACTORS", "AUTO_EXACT_DIM", "DampingChoice", "auto_damping", "check_damping", "spectrum_scale"]
 
 AUTO = "auto"
 
@@ -42,6 +43,9 @@ AUTO_DAMPING_FACTORS = {"gnh": 0.04, "hessian": 0.04, "kfac": 0.004, "ekfac": 0.
 # Hutchinson's sample: probe vectors and training examples (seeded; see spectrum_scale).
 AUTO_PROBES = 16
 AUTO_EXAMPLES = 1024
+# Up to this many parameters the traces are exact (d products in place of 16 probes: cheap
+# at this size, and the rule is then a deterministic function of the problem).
+AUTO_EXACT_DIM = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,17 +102,25 @@ def spectrum_scale(operator, *, probes: int = AUTO_PROBES, examples: int = AUTO_
         return float((values * values).sum()) / total, total / operator.dim, "its eigenvalues, exactly"
     problem = operator.problem
     generator = torch.Generator().manual_seed(seed)
-    n = operator.num_examples
+    n, d = operator.num_examples, operator.dim
     idx = None if n <= examples else torch.randperm(n, generator=generator)[:examples].to(problem.device)
-    Z = (torch.randint(0, 2, (operator.dim, probes), generator=generator) * 2 - 1).to(operator.dtype)
+    exact = idx is None and d <= AUTO_EXACT_DIM
+    if exact:  # unit vectors: Z^T C Z = C, so both traces are exact
+        Z = torch.eye(d, dtype=operator.dtype)
+    else:
+        Z = (torch.randint(0, 2, (d, probes), generator=generator) * 2 - 1).to(operator.dtype)
     CZ = operator.data_matvec(Z.to(operator.device), idx=idx).double().cpu()
-    trace = float((Z.double() * CZ).sum(0).mean())
-    trace_squared = float((CZ * CZ).sum(0).mean())
+    trace = float((Z.double() * CZ).sum())
+    trace_squared = float((CZ * CZ).sum())
+    if not exact:  # Hutchinson: the mean over probes
+        trace, trace_squared = trace / probes, trace_squared / probes
     if not trace > 0 or not math.isfinite(trace_squared):
         raise InputError(f"damping='auto': the {operator.kind} curvature's trace estimate is {trace:g} (an "
                          "untrained or constant model, or non-finite outputs?); give a damping")
-    sample = "all" if idx is None else f"{len(idx):,} of {n:,}"
-    return trace_squared / trace, trace / operator.dim, f"Hutchinson, {probes} probes over {sample} examples"
+    if exact:
+        return trace_squared / trace, trace / d, f"exact traces over all {n:,} examples"
+    sample = f"all {n:,}" if idx is None else f"{len(idx):,} of {n:,}"
+    return trace_squared / trace, trace / d, f"Hutchinson, {probes} probes over {sample} examples"
 
 
 def auto_damping(operator, curvature: str | None = None, *, seed: int = 0) -> DampingChoice:

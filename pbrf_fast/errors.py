@@ -77,3 +77,18 @@ class NotConvergedWarning(PBRFError, UserWarning):
 class SlowPathWarning(PBRFError, UserWarning):
     """A call will run far slower than it needs to (a memory budget too small for its
     method, say); the message says why and which argument to change."""
+
+
+class DataChangedError(PBRFError, ValueError):
+    """A resumed run read training or test examples that differ from the ones its results
+    folder was computed from; the message names the split, the example and how to start fresh."""
+
+
+class ResultsWriteError(PBRFError, OSError):
+    """A result file could not be written: its folder is read-only or not ours to write. The
+    message names the folder and what to change; nothing is left under the file's final name."""
+
+
+class NoSpaceError(ResultsWriteError):
+    """The disk under a results folder is (or would be) full: the message names the folder, the
+    space the file needs and the space free; rerunning after space is freed resumes."""

@@ -119,6 +119,12 @@ def _first_divergence(calls_a, calls_b, rows) -> str:
     return ""
 
 
+def _first_non_finite(v: torch.Tensor) -> str:
+    """Where the first NaN / Inf row of ``v`` is, for an error message."""
+    bad = ~torch.isfinite(v.reshape(len(v), -1)).all(1)
+    return f" (row {int(bad.nonzero()[0])} of shape {tuple(v.shape)})" if bool(bad.any()) else ""
+
+
 class Problem:
     """Model + loss + training data, as functions of a flat parameter vector.
 
@@ -277,7 +283,7 @@ class Problem:
         if torch.is_floating_point(x):
             x = x.to(device=self.device, dtype=self.dtype)
             if not torch.isfinite(x).all():
-                raise InputError(f"{what} contain NaN or Inf")
+                raise InputError(f"{what} contain NaN or Inf{_first_non_finite(x)}")
         else:
             x = x.to(self.device)
         return x
@@ -289,18 +295,19 @@ class Problem:
         if torch.is_floating_point(t):
             t = t.to(self.dtype)
             if not torch.isfinite(t).all():
-                raise InputError(f"{what} contain NaN or Inf")
+                raise InputError(f"{what} contain NaN or Inf{_first_non_finite(t)}")
         return self.loss.prepare_targets(t, self.num_outputs)
 
-    def check_data(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate held-out data (e.g. test points) against the training layout."""
-        x = self._check_inputs(inputs, "test inputs")
+    def check_data(self, inputs, targets, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate held-out data (e.g. test points; ``split`` names them in errors) against the
+        training layout."""
+        x = self._check_inputs(inputs, f"{split} inputs")
         if x.shape[1:] != self.inputs.shape[1:]:
             raise InputError(
-                f"test inputs have per-example shape {tuple(x.shape[1:])}, "
+                f"{split} inputs have per-example shape {tuple(x.shape[1:])} (shape {tuple(x.shape)}), "
                 f"training inputs {tuple(self.inputs.shape[1:])}"
             )
-        return x, self._check_targets(targets, len(x), "test targets")
+        return x, self._check_targets(targets, len(x), f"{split} targets")
 
     # ------------------------------------------------------------- parameters
     @property

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .atomic_io import atomic_write_json
-from .errors import PBRFError
+from .errors import PBRFError, ResultsWriteError
 
 __all__ = ["ArgumentMismatch", "ResultsFolder", "ResultsFolderError", "check_results_path"]
 
@@ -73,8 +73,12 @@ class ResultsFolder:
 
     def clear(self) -> None:
         """Remove everything in the folder."""
-        for child in self.path.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        try:
+            for child in self.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        except OSError as exc:  # a read-only folder: one named line, not a traceback
+            raise ResultsWriteError(f"cannot empty {self.path} to start again ({exc.strerror}: {exc.filename}); "
+                                    "make it writable or choose another --out") from exc
 
     def file(self, name: str) -> Path:
         return self.path / name

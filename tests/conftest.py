@@ -61,3 +61,40 @@ def _cuda_emulated_cases_run_under_the_emulator(request):
         except BackendUnavailable as exc:
             pytest.skip(str(exc))
         yield
+
+
+def _skip_reason(report) -> str:
+    """A skip's reason without pytest's "Skipped: " prefix."""
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ").strip() or "no reason given"
+
+
+def skip_summary(reports, width: int = 80) -> list[str]:
+    """The skips of a run grouped by reason, most frequent first: a heading
+    ("708 skipped, by reason") and one line per reason ("  700  needs a CUDA device"),
+    each cut to ``width`` columns."""
+    counts = {}
+    for report in reports:
+        reason = _skip_reason(report)
+        counts[reason] = counts.get(reason, 0) + 1
+    if not counts:
+        return []
+    groups = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    digits = len(str(groups[0][1]))
+    lines = [f"{sum(counts.values())} skipped, by reason"]
+    for reason, n in groups:
+        line = f"  {n:>{digits}}  {reason}"
+        lines.append(line if len(line) <= width else line[:width - 4] + " ...")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """End the run with why tests were skipped (most are "needs a CUDA device" on a
+    machine without a GPU), one line per reason, so a long run of skips reads as
+    expected rather than as something broken."""
+    width = getattr(getattr(terminalreporter, "_tw", None), "fullwidth", 80)  # the terminal's, where known
+    lines = skip_summary(terminalreporter.stats.get("skipped", []), width=width)
+    if lines:
+        terminalreporter.write_sep("-", lines[0])
+        for line in lines[1:]:
+            terminalreporter.write_line(line)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pbrf_fast
-from pbrf_fast.cli import build_parser
+from pbrf_fast.cli import build_parser, command_parser
 from pbrf_fast.inverses import INVERSES, choose_method
 from pbrf_fast.inverses.common import default_tol
 from pbrf_fast.scale import ScoreArguments
@@ -19,7 +19,7 @@ from factories import make_problem
 
 
 def _scores_parser():
-    return build_parser()._subparsers._group_actions[0].choices["scores"]
+    return command_parser("scores")
 
 
 def test_the_scores_command_defaults_are_the_python_defaults():
@@ -28,7 +28,7 @@ def test_the_scores_command_defaults_are_the_python_defaults():
     for name in ("damping", "weight_decay", "solver", "rank", "memory_gb", "query_chunk", "batch_size",
                  "curvature_batch_size", "top_k", "seed", "curvature"):
         assert getattr(args, name) == getattr(python, name), name
-    assert args.no_self_influence == (not python.self_influence)
+    assert args.self_influence == python.self_influence == "auto"
     assert args.curvature_samples == 0 and python.curvature_samples is None  # both: every training point
     # no solver option is set unless given: each solver's dataclass defaults apply, as in Python
     assert not any(key.startswith("solver_option_") for key in vars(args))

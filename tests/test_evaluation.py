@@ -377,3 +377,53 @@ def test_subset_training_of_the_whole_set_equals_the_base_recipe():
         torch.testing.assert_close(stacked[0], reference, rtol=0, atol=1e-12)
         torch.testing.assert_close(stacked[1], reference, rtol=0, atol=1e-12)
         assert not torch.allclose(reference, theta0)
+
+
+USER_MODEL = '''
+from torch import nn
+
+
+def make_model():
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+'''
+
+
+def _user_files(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(6, 3, generator=g)
+    x, xt = torch.randn(120, 6, generator=g), torch.randn(10, 6, generator=g)
+    (tmp_path / "net.py").write_text(USER_MODEL)
+    torch.save({"x_train": x, "y_train": (x @ teacher).argmax(1), "x_test": xt, "y_test": (xt @ teacher).argmax(1)},
+               tmp_path / "data.pt")
+    return ["evaluate", "--model", f"{tmp_path / 'net.py'}:make_model", "--data", str(tmp_path / "data.pt")]
+
+
+def test_evaluate_on_your_own_model_and_data(tmp_path):
+    """--model file.py:fn --data data.pt with the training recipe as flags: the same job, the
+    user's network retrained on every subset, every solver at every damping."""
+    args = _user_files(tmp_path) + ["--epochs", "30", "--lr", "0.2", "--batch-size", "32", "--subsets", "6",
+                                    "--solvers", "direct,identity", "--damping", "1e-2,auto", "--no-pbrf",
+                                    "--out", str(tmp_path / "run")]
+    assert cli.main(args) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    arguments = json.loads((tmp_path / "run" / "arguments.json").read_text())
+    assert arguments["setting"] == f"{tmp_path / 'net.py'}:make_model on data.pt (120 train, 10 test)"
+    assert set(results["methods"]["direct"]) == {"0.01", "auto"}
+    for label in ("0.01", "auto"):
+        lds = results["methods"]["direct"][label]["1"]["lds_retraining"]["mean"]
+        assert np.isfinite(lds) and lds > 0.2, (label, lds)  # influence predicts this model's retraining
+    # the base model is the user's network, trained by the recipe given
+    theta = torch.load(tmp_path / "run" / "base" / "0.pt")["theta"]
+    assert theta.numel() == 6 * 8 + 8 + 8 * 3 + 3
+
+
+@pytest.mark.parametrize("extra, words", [([], "--epochs and --lr"), (["--epochs", "2", "--lr", "0.1", "--dataset",
+                                                                        "mnist"], "--dataset"),
+                                          (["--epochs", "2", "--lr", "0.1", "--data", "/nonexistent.pt"],
+                                           "does not exist")])
+def test_evaluate_your_own_model_needs_its_data_and_recipe(tmp_path, capsys, extra, words):
+    args = _user_files(tmp_path)
+    if "--data" in extra:
+        args = args[:-2]
+    assert cli.main(args + extra + ["--out", str(tmp_path / "run")]) == 2
+    assert words in capsys.readouterr().err

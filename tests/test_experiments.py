@@ -7,6 +7,7 @@ import torch
 
 from pbrf_fast import cli
 from pbrf_fast.paper.experiments import build
+from pbrf_fast.paper.decomposition import GAPS
 from pbrf_fast.paper.report import correlation_table, gap_table
 from pbrf_fast.paper.runner import choose_removed_points, choose_test_points, run_points, train_base
 
@@ -96,3 +97,12 @@ def test_decompose_cli_writes_everything_and_resumes_after_a_crash(tmp_path, mon
 def test_missing_data_file_names_what_and_where(tmp_path):
     with pytest.raises(FileNotFoundError, match="concrete.csv"):
         build("concrete", data_dir=tmp_path)
+
+
+def test_tables_show_small_numbers_as_the_text_writes_them():
+    from pbrf_fast.paper.report import _gap_rows, format_number
+
+    assert [format_number(x) for x in (1.1e-04, 0.0123, 1.8382, 0.0, float("nan"), -2.5e-7)] == \
+        ["1.1e-04", "0.012", "1.838", "0.000", "nan", "-2.5e-07"]
+    gaps = {g: {"mean": 1.1e-4, "std": 3e-5} for g, _, _ in GAPS}
+    assert _gap_rows("LR / Cancer", gaps)[1] == "1.1e-04 ± 3.0e-05"  # not "0.0000 ± 0.0000"

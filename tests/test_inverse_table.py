@@ -90,10 +90,9 @@ def test_the_readme_solver_table_lists_exactly_the_inverses():
 
 
 def test_the_command_line_reads_its_solver_choices_and_flags_from_the_table():
-    from pbrf_fast.cli import build_parser
+    from pbrf_fast.cli import command_parser
 
-    parser = build_parser()
-    scores = parser._subparsers._group_actions[0].choices["scores"]
+    scores = command_parser("scores")
     solver = next(a for a in scores._actions if a.dest == "solver")
     assert list(solver.choices) == [*INVERSES, AUTO]
     flags = {s for a in scores._actions for s in a.option_strings}

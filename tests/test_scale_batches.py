@@ -283,7 +283,7 @@ def test_the_papers_transformer_lm_through_the_pipeline(tmp_path, curvature):
 def test_influence_on_dict_batches_matches_dense():
     """Influence (not the pipeline) on a Dataset of dicts, through problem_from_data."""
     from pbrf_fast.scale.data import DataSource
-    from pbrf_fast.scale.task import problem_from_data
+    from pbrf_fast.scale import problem_from_data
 
     ids, mask = sequences(6, 0)
     test_ids, test_mask = sequences(3, 1)

@@ -14,7 +14,7 @@ import pytest
 
 BASE = ["-m", "pbrf_fast", "scores", "--dataset", "synthetic", "--model", "mlp",
         "--solver", "cg", "--cg-iters", "300", "--tol", "1e-6", "--query-chunk", "1", "--rank", "8",
-        "--curvature-samples", "0", "--no-progress"]
+        "--curvature-samples", "0", "--no-progress", "--self-influence"]
 
 
 def _env():

@@ -19,7 +19,7 @@ def _run(out, solver, lanczos_seed=0):
     model = mlp(12, (6,), 4, seed=0, dtype=torch.float64)
     compute_scores(model, "cross_entropy", x_tr.double(), y_tr, x_te.double(), y_te, out, damping=1e-2,
                    solver=solver, solver_options=OPTIONS[solver], rank=8, query_chunk=2,
-                   batch_size=16, progress=False, seed=lanczos_seed)
+                   batch_size=16, progress=False, seed=lanczos_seed, self_influence=True)
 
 
 def _worker(rank, world, init_file, out, solver):

@@ -9,7 +9,7 @@ import torch
 
 import pbrf_fast
 from pbrf_fast.paper.models import mlp
-from pbrf_fast.scale import compute_scores
+from pbrf_fast.scale import ScoreArguments, compute_scores, load_scores
 from pbrf_fast.paper.builtin_scores import load_dataset
 from pbrf_fast.results_folder import ArgumentMismatch
 
@@ -26,7 +26,7 @@ def setup():
 def run(out, **kw):
     model, x_tr, y_tr, x_te, y_te = setup()
     options = dict(damping=DAMPING, weight_decay=1e-3, solver="cg", solver_options={"tol": 1e-12, "max_iter": 500},
-                   query_chunk=2, batch_size=32, rank=200, progress=False, seed=0)
+                   query_chunk=2, batch_size=32, rank=200, progress=False, seed=0, self_influence=True)
     options.update(kw)
     return compute_scores(model, "cross_entropy", x_tr, y_tr, x_te, y_te, out, **options)
 
@@ -80,3 +80,19 @@ def test_lowrank_solver_path(tmp_path):
     expected = pbrf_fast.Influence(problem, damping=DAMPING, solver="direct").scores(x_te, y_te).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), expected, rtol=1e-4,
                                atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("solver, curvature, computed", [("cg", "gnh", False), ("lowrank", "gnh", True),
+                                                         ("auto", "ekfac", True)])
+def test_self_influence_auto_only_where_it_is_the_scores_own_inverse(tmp_path, solver, curvature, computed):
+    """self_influence="auto" (the default): on where the scores' own inverse gives it (the
+    low-rank solver's eigenpairs, EK-FAC's quadratic form), off for the exact GNH solved
+    iteratively -- no hidden Lanczos -- and the summary says why."""
+    assert ScoreArguments().self_influence == "auto"
+    options = {"cg": {"tol": 1e-10, "max_iter": 300}, "lowrank": {}, "auto": {}}[solver]
+    summary = run(tmp_path, solver=solver, curvature=curvature, solver_options=options, self_influence="auto", rank=8)
+    assert (tmp_path / "self_influence.npy").exists() == computed
+    assert "eigenpairs" not in summary["stage_seconds"] or solver == "lowrank"
+    if not computed:
+        assert summary["self_influence_method"].startswith("off: with the exact GNH")
+        assert load_scores(tmp_path).self_influence is None

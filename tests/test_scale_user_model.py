@@ -76,7 +76,8 @@ def test_scores_command_on_a_users_own_cnn_equals_direct_influence(tmp_path):
                "--checkpoint", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data.pt"),
                "--loss", "cross_entropy", "--measurement", "loss", "--solver", "cg", "--cg-iters", "500",
                "--tol", "1e-12", "--damping", str(DAMPING), "--weight-decay", str(WEIGHT_DECAY),
-               "--curvature-samples", "0", "--rank", "8", "--query-chunk", "2", "--no-progress", "--out", str(out)]
+               "--curvature-samples", "0", "--rank", "8", "--query-chunk", "2", "--no-progress", "--self-influence",
+               "--out", str(out)]
     env = dict(**__import__("os").environ)
     env["PYTHONPATH"] = str(Path(pbrf_fast.__file__).resolve().parents[1])
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -166,12 +167,12 @@ def test_margin_measurement_equals_the_explicit_formula(tmp_path):
 def test_every_scores_flag_in_the_readme_exists():
     import re
 
-    from pbrf_fast.cli import build_parser
+    from pbrf_fast.cli import command_parser
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     commands = re.findall(r"pbrf-fast scores ((?:\\\n|[^\n])*)", readme)  # with continued lines
     flags = {f for command in commands for f in re.findall(r"(--[a-z][a-z-]*)", command)}
-    scores = build_parser()._subparsers._group_actions[0].choices["scores"]
+    scores = command_parser("scores")
     known = {option for action in scores._actions for option in action.option_strings}
     assert flags and flags <= known, flags - known
 

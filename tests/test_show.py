@@ -31,7 +31,7 @@ def image_run(tmp_path):
             "x_test": torch.randn(3, 1, 4, 4, generator=g), "y_test": torch.randint(3, (3,), generator=g)}
     torch.save(data, tmp_path / "data.pt")
     assert main(["scores", "--model", f"{tmp_path / 'net.py'}:make_model", "--data", str(tmp_path / "data.pt"),
-                 "--solver", "direct", "--rank", "4", "--top-k", "3", "--no-progress",
+                 "--solver", "direct", "--rank", "4", "--top-k", "3", "--no-progress", "--self-influence",
                  "--out", str(tmp_path / "run")]) == 0
     return tmp_path / "run"
 
@@ -59,7 +59,7 @@ def test_a_python_api_run_says_why_no_proponent_figure(tmp_path):
     model = torch.nn.Linear(3, 2)
     x, y = torch.randn(8, 3, generator=g), torch.randint(2, (8,), generator=g)
     compute_scores(model, "cross_entropy", x, y, x[:2], y[:2], tmp_path / "api", solver="direct", rank=2,
-                   progress=False)
+                   progress=False, self_influence=True)
     with pytest.warns(UserWarning, match="proponents.png not drawn: the run recorded no data file"):
         written = show_scores(tmp_path / "api")
     assert [p.name for p in written] == ["self_influence.png"]

@@ -137,17 +137,24 @@ class EvaluateConfig:
     lbfgs_iters: int = 500              # L-BFGS iterations of subset models (convex recipes)
     seed: int = 0
     data_dir: str | None = None
+    # Your own setting: model "file.py:make_model" (or "module:make_model"), its data file
+    # (x_train, y_train, x_test, y_test), its loss and the optimizer it was trained with;
+    # --epochs and --lr are then required (the retraining recipe), --batch-size and
+    # --weight-decay default to 128 and 0.
+    data: str | None = None
+    loss: str = "cross_entropy"
+    optimizer: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "solvers", tuple(self.solvers))
         object.__setattr__(self, "checkpoints", tuple(sorted(set(self.checkpoints))))
         object.__setattr__(self, "brittleness_ks", tuple(sorted(set(self.brittleness_ks))))
         from ..damping import check_damping
-        from .jobs import ConfigError
+        from ..errors import InputError
 
         dampings = self.damping if isinstance(self.damping, (tuple, list)) else (self.damping,)
         if not dampings:
-            raise ConfigError("damping: give at least one value (a number or 'auto')")
+            raise InputError("damping: give at least one value (a number or 'auto')")
         checked = []
         for value in dampings:
             value = check_damping(value, "--damping")

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,7 +59,8 @@ from .config import EVALUATE_SOLVERS, EvaluateConfig, RunOptions
 from .ground_truth import pbrf_ground_truth, retraining_ground_truth, train_on_subsets
 from .jobs import ConfigError
 from .recipes import RECIPES, Recipe, recipe
-from .report import _pyplot, _save, markdown_table
+from . import plotting
+from .report import markdown_table
 from .responses import ResponseSettings, ResponseSolver
 from .training import TrainConfig, TrainResult, train
 
@@ -118,8 +120,53 @@ def _load(config: EvaluateConfig, row: Recipe):
     return load_cifar10(config.data_dir)
 
 
+def is_user_model(model: str) -> bool:
+    """``file.py:make_model`` / ``module:make_model``: the user's own model, not a built-in name."""
+    return ":" in model
+
+
+def _user_setting(config: EvaluateConfig) -> Setting:
+    """The user's model factory, data file and retraining recipe (given as flags)."""
+    from ..scale.loading import build_user_model, load_data_file
+
+    if config.data is None:
+        raise ConfigError(f"--model {config.model} is your own model: give its data with --data data.pt|data.npz "
+                          "(x_train, y_train, x_test, y_test)")
+    if config.epochs is None or config.lr is None:
+        raise ConfigError(f"--model {config.model}: evaluate retrains your model on every subset, so it needs the "
+                          "recipe you trained it with: give --epochs and --lr (and --optimizer, --batch-size, "
+                          "--weight-decay when they differ from sgd, 128 and 0)")
+    if config.loss not in ("cross_entropy", "mse", "bce"):
+        raise ConfigError(f"--loss must be cross_entropy, mse or bce, got {config.loss!r}")
+    data = load_data_file(config.data)
+    x, y, xt, yt = (data[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    rows = _seeded_rows(len(x), config.train_points, len(x), config.seed + 3)
+    cols = _seeded_rows(len(xt), config.test_points, len(xt), config.seed + 5)
+    x, y, xt, yt = x[rows], y[rows], xt[cols], yt[cols]
+    build_user_model(config.model)  # a factory that fails is named here, before any training
+
+    def make_model(s):
+        torch.manual_seed(s)  # each base model (seed, seed + 1, ...) starts from its own initialisation
+        model = build_user_model(config.model)
+        return model.to(x.dtype) if x.is_floating_point() else model
+
+    try:
+        train_config = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size or 128,
+                                   optimizer=config.optimizer or "sgd", seed=config.seed)
+    except ValueError as exc:
+        raise ConfigError(f"the retraining recipe: {exc}") from None
+    name = f"{config.model} on {Path(config.data).name} ({len(x)} train, {len(xt)} test)"
+    return Setting(name, make_model, config.loss, x, y, xt, yt, train_config, config.weight_decay or 0.0)
+
+
 def build_setting(config: EvaluateConfig) -> Setting:
-    """The data, model family and training recipe of ``config`` (its :mod:`.recipes` row)."""
+    """The data, model family and training recipe of ``config`` (its :mod:`.recipes` row, or
+    the user's own model, data and recipe)."""
+    if is_user_model(config.model):
+        return _user_setting(config)
+    if config.data is not None:
+        raise ConfigError(f"--data is your own data for your own --model file.py:make_model; the built-in --model "
+                          f"{config.model} uses --dataset {config.dataset}")
     key = (config.dataset, config.model)
     if key not in EVALUATE_SETTINGS:
         raise ConfigError(f"evaluate supports --dataset/--model {sorted(EVALUATE_SETTINGS)}, got {key}")
@@ -563,51 +610,67 @@ def _table(name: str, config: EvaluateConfig, results: dict) -> str:
 
 
 def _figure(path, name: str, results: dict) -> None:
-    plt = _pyplot()
-    labels, values, colours = [], [], []
+    """LDS of each solver (x damping x ensemble size) against retraining and the PBRF, as
+    horizontal bar pairs: the long row labels read level, and each bar carries its value."""
+    groups = []  # (row label, {truth: LDS mean or None})
     for solver, by_damping in results["methods"].items():
         if "skipped" in by_damping:
             continue
         rows = [(label, count, row) for label, entry in by_damping.items() for count, row in entry.items()]
         for label, count, row in rows:
-            for truth, colour in (("retraining", "tab:blue"), ("pbrf", "tab:orange")):
+            means = {}
+            for truth in ("retraining", "pbrf"):
                 if f"lds_{truth}" in row:
-                    labels.append(f"{solver} x{count}\ndamping {label}\nvs {truth}")
                     mean = row[f"lds_{truth}"]["mean"]
-                    values.append(mean if mean is not None and np.isfinite(mean) else 0.0)
-                    colours.append(colour)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels)), 4))
-    ax.bar(range(len(values)), values, color=colours)
-    ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=7)
-    ax.set_ylabel("LDS (Spearman)")
-    ax.set_title(f"LDS, {name}")
-    ax.axhline(0, color="black", linewidth=0.5)
-    _save(fig, path)
-    plt.close(fig)
+                    means[truth] = mean if mean is not None and np.isfinite(mean) else None
+            if means:
+                groups.append((f"{solver}, damping {label}, {count} checkpoint{'s' if str(count) != '1' else ''}",
+                               means))
+    truths = [t for t in ("retraining", "pbrf") if any(t in m for _, m in groups)]
+    with plotting.styled() as plt:
+        fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.32 * max(1, len(groups)) * max(1, len(truths))))
+        height = 0.8 / max(1, len(truths))
+        for k, truth in enumerate(truths):
+            at = np.arange(len(groups)) + (k - (len(truths) - 1) / 2) * height
+            values = [m.get(truth) for _, m in groups]
+            ax.barh(at, [0.0 if v is None else v for v in values], height, color=plotting.COLOURS[k],
+                    label=f"vs {'the PBRF' if truth == 'pbrf' else truth}")
+            for y, v in zip(at, values):  # the value beside its bar; nan where LDS is undefined
+                ax.text(0 if v is None else v, y, " nan" if v is None else f" {v:.2f}", va="center",
+                        ha="left" if v is None or v >= 0 else "right", fontsize=7)
+        ax.set_yticks(np.arange(len(groups)), [g for g, _ in groups])
+        ax.set_ylim(len(groups) - 0.5, -0.5)  # the first solver on top, as in table.md
+        ax.axvline(0, color=plotting.REFERENCE, linewidth=0.6)
+        ax.set_xlim(min(0.0, *(v for _, m in groups for v in m.values() if v is not None)) - 0.1, 1.1)
+        ax.grid(axis="y", visible=False)
+        ax.set_xlabel("LDS (Spearman correlation with the ground truth; 1 is perfect)")
+        ax.set_title(f"Linear datamodeling score of each solver, {name}")
+        plotting.legend_below(fig, ncols=max(1, len(truths)))
+        plotting.save(fig, path)
 
 
 def _damping_figure(path, name: str, results: dict) -> None:
     """LDS against retraining as a function of the damping, one line per solver (one checkpoint);
     ``auto`` is a marker at the value it chose."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    colours = plt.get_cmap("tab10").colors
-    for i, (solver, by_damping) in enumerate(results["methods"].items()):
-        if "skipped" in by_damping:
-            continue
-        colour = colours[i % len(colours)]
-        points = sorted((float(label), entry["1"]["lds_retraining"]["mean"]) for label, entry in by_damping.items()
-                        if label != AUTO_DAMPING and "1" in entry)
-        if points:
-            ax.plot(*zip(*points), marker="o", color=colour, label=solver)
-        auto = by_damping.get(AUTO_DAMPING, {}).get("1")
-        if auto is not None and auto["damping"] and auto["damping"][0]:
-            ax.plot([auto["damping"][0]], [auto["lds_retraining"]["mean"]], marker="*", markersize=14,
-                    color=colour, linestyle="none", label=f"{solver} at auto")
-    ax.set_xscale("log")
-    ax.set_xlabel("damping lambda (added to the curvature's eigenvalues)")
-    ax.set_ylabel("LDS vs retraining (Spearman, 1 checkpoint)")
-    ax.set_title(f"LDS against damping, {name}")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _save(fig, path)
-    plt.close(fig)
+    with plotting.styled() as plt:
+        fig, ax = plt.subplots(figsize=(6.8, 4.0))
+        for i, (solver, by_damping) in enumerate(results["methods"].items()):
+            if "skipped" in by_damping:
+                continue
+            style = plotting.line_style(i)
+            colour = style["color"]
+            points = sorted((float(label), entry["1"]["lds_retraining"]["mean"]) for label, entry in by_damping.items()
+                            if label != AUTO_DAMPING and "1" in entry)
+            if points:
+                ax.plot(*zip(*points), label=solver, **style)
+            auto = by_damping.get(AUTO_DAMPING, {}).get("1")
+            if auto is not None and auto["damping"] and auto["damping"][0]:
+                ax.plot([auto["damping"][0]], [auto["lds_retraining"]["mean"]], marker="*", markersize=13,
+                        markeredgecolor=plotting.REFERENCE, markeredgewidth=0.6, color=colour, linestyle="none",
+                        label=f"{solver} at auto")
+        ax.set_xscale("log")
+        ax.set_xlabel("damping lambda (added to the curvature's eigenvalues)")
+        ax.set_ylabel("LDS vs retraining\n(Spearman, 1 checkpoint)")
+        ax.set_title(f"LDS against damping, {name}")
+        plotting.legend_beside(ax)
+        plotting.save(fig, path)

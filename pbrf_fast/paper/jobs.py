@@ -97,8 +97,10 @@ def run_decomposition(config: ExperimentConfig, run: RunOptions, exp: Experiment
                "base_objective": base.final_objective, "records": records}
     out = folder.path
     md = write_tables(out, exp.name, gaps, corr, payload)
-    figure_gap_bars(out / "decomposition.png", {exp.name: gaps})
-    figure_scatter(out / "correlation.png", records, exp.name)
+    run_name = f"{exp.name} (seed {config.seed}, {config.preset} preset)"  # which run each figure shows
+    figure_gap_bars(out / "decomposition.png", {exp.name: gaps},
+                    title=f"Five-term decomposition, {run_name}: {len(records)} removed points")
+    figure_scatter(out / "correlation.png", records, run_name)
     if not quiet:
         print(md)
         print(f"results in {out}/ (results.json, table.csv, table.md, decomposition.png, correlation.png)")

@@ -64,7 +64,8 @@ def run_mislabel(config: ExperimentConfig, run: RunOptions) -> dict:
     atomic_write_text(out / "table.md", md)
     atomic_write_json(out / "results.json", {"arguments": folder.arguments, "fractions": FRACTIONS, "curves": curves, "auc": aucs,
                                              "candidates": candidates, "corrupted": corrupted.tolist()})
-    figure_detection(out / "mislabel.png", FRACTIONS, curves, exp.name)
+    figure_detection(out / "mislabel.png", FRACTIONS, curves,
+                     f"{exp.name}: {int(corrupted.sum())} corrupted among {len(candidates)} scored")
     print(md)
     return curves
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import plotting
 from .decomposition import GAPS, correlation
 from ..atomic_io import atomic_write_json, atomic_write_text
 
 __all__ = ["gap_table", "correlation_table", "write_tables", "figure_gap_bars", "figure_scatter",
-           "figure_detection", "figure_sweep", "markdown_table"]
+           "figure_detection", "figure_sweep", "markdown_table", "format_number"]
 
 CORRELATED = ("cold_start", "warm_start", "pbrf", "two_stage")
 
@@ -44,8 +45,19 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_number(x: float) -> str:
+    """A table's number as the text beside it writes it: three decimals from 1e-3 up,
+    scientific notation below (a gap of 1.1e-04 must not print as 0.0000), so 0.000 is
+    only ever an exact zero."""
+    if x != x:
+        return "nan"
+    # an exact zero keeps three decimals: the paper's values beside ours are rounded to them
+    return f"{x:.3f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
+
+
 def _gap_rows(name: str, gaps: dict) -> list[str]:
-    return [name] + [f"{gaps[g]['mean']:.4f} ± {gaps[g]['std']:.4f}" if g in gaps else "-" for g, _, _ in GAPS]
+    return [name] + [f"{format_number(gaps[g]['mean'])} ± {format_number(gaps[g]['std'])}" if g in gaps else "-"
+                     for g, _, _ in GAPS]
 
 
 def _corr_rows(name: str, corr: dict) -> list[str]:
@@ -78,86 +90,87 @@ def write_tables(out: Path, name: str, gaps: dict, corr: dict, payload: dict) ->
     return md
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+GAP_FLOOR = 1e-8  # a term at or below it is drawn at it: a log axis has no zero
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
-    return path
+def _gap_label(gap: str) -> str:
+    return gap.replace("_", " ")
 
 
-def figure_gap_bars(path: Path, gaps_by_experiment: dict[str, dict]) -> Path:
-    """Figure 4: the five terms per experiment as grouped bars (log scale)."""
-    plt = _pyplot()
+def figure_gap_bars(path: Path, gaps_by_experiment: dict[str, dict], title: str = "") -> Path:
+    """Figure 4: the five terms per experiment as grouped bars (log scale); ``title``
+    says which run(s). The legend sits below the axes, never over a bar."""
     names = list(gaps_by_experiment)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 3.2))
-    width = 0.16
-    for k, (gap, _, _) in enumerate(GAPS):
-        values = [max(gaps_by_experiment[n].get(gap, {}).get("mean", 0.0), 1e-8) for n in names]
-        ax.bar(np.arange(len(names)) + (k - 2) * width, values, width, label=gap.replace("_", " "))
-    ax.set_xticks(np.arange(len(names)), names)
-    ax.set_yscale("log")
-    ax.set_ylabel("mean output distance")
-    ax.legend(fontsize=7)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    with plotting.styled() as plt:
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.8 + 0.9 * len(names)), 3.6))
+        width = 0.8 / len(GAPS)
+        for k, (gap, _, _) in enumerate(GAPS):
+            values = [max(gaps_by_experiment[n].get(gap, {}).get("mean", 0.0), GAP_FLOOR) for n in names]
+            ax.bar(np.arange(len(names)) + (k - (len(GAPS) - 1) / 2) * width, values, width, label=_gap_label(gap),
+                   color=plotting.COLOURS[k])
+        many = len(names) > 4  # long names side by side would run together: slant them
+        ax.set_xticks(np.arange(len(names)), names, rotation=35 if many else 0, ha="right" if many else "center",
+                      rotation_mode="anchor")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=GAP_FLOOR / 2)
+        ax.grid(axis="x", visible=False)
+        ax.set_ylabel(f"mean L2 output distance\n(log scale; <= {GAP_FLOOR:g} drawn at {GAP_FLOOR:g})")
+        ax.set_title(title or "Five-term decomposition: influence vs leave-one-out retraining")
+        plotting.legend_below(fig, ncols=min(len(GAPS), 3 if len(names) < 3 else 5))
+        return plotting.save(fig, path)
 
 
 def figure_scatter(path: Path, records: list[dict], title: str) -> Path:
-    """Figure 1: IF-predicted vs actual test-loss change, one panel per response."""
-    plt = _pyplot()
+    """Figure 1: IF-predicted against actual test-loss change, one panel per response,
+    each with the y = x line and the mean per-test-point Pearson that table.md reports."""
     predicted = np.array([r["predicted_test_loss_change"] for r in records]).ravel()
-    fig, axes = plt.subplots(1, len(CORRELATED), figsize=(3.2 * len(CORRELATED), 3.0))
-    for ax, name in zip(axes, CORRELATED):
-        if all(name in r["test_loss_change"] for r in records):
+    corr = correlation_table(records)
+    panels = [name for name in CORRELATED if name in corr]
+    with plotting.styled() as plt:
+        fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.1 * max(len(panels), 1), 3.3), squeeze=False)
+        for ax, name in zip(axes[0], panels):
             actual = np.array([r["test_loss_change"][name] for r in records]).ravel()
-            ax.scatter(actual, predicted, s=8)
-        ax.set_title(name.replace("_", " "))
-        ax.set_xlabel("actual change")
-    axes[0].set_ylabel("influence estimate")
-    fig.suptitle(title)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+            plotting.estimate_vs_truth(ax, actual, predicted, title=_gap_label(name), xlabel="actual change",
+                                       ylabel="influence estimate",
+                                       correlation=corr[name]["pearson"], correlation_name="Pearson")
+        fig.suptitle(f"{title}: test-loss change after removing a training point, influence estimate vs "
+                     f"retraining ({len(records)} removed points; Pearson: mean over test points)", wrap=True)
+        return plotting.save(fig, path)
 
 
 def figure_detection(path: Path, fractions, curves: dict[str, list[float]], title: str) -> Path:
     """Figure 6: share of corrupted labels found vs share of data inspected."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4, 3.2))
-    for name, curve in curves.items():
-        ax.plot(fractions, curve, marker="o", ms=3, label=name)
-    ax.plot(fractions, fractions, "k--", lw=1, label="random")
-    ax.set_xlabel("fraction of training data inspected")
-    ax.set_ylabel("fraction of corrupted labels found")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    with plotting.styled() as plt:
+        fig, ax = plt.subplots(figsize=(5.2, 3.4))
+        for k, (name, curve) in enumerate(curves.items()):
+            ax.plot(fractions, curve, label=name, **plotting.line_style(k))  # influence and PBRF often coincide
+        ax.plot(fractions, fractions, color=plotting.REFERENCE, linestyle=":", linewidth=1, marker="",
+                label="random order")
+        ax.set_xlabel("fraction of training data inspected\n(highest self-influence first)")
+        ax.set_ylabel("fraction of corrupted\nlabels found")
+        ax.set_title(f"Mislabel detection, {title}")
+        plotting.tidy_ticks(ax)
+        plotting.legend_beside(ax)
+        return plotting.save(fig, path)
 
 
-def figure_sweep(path: Path, parameter: str, values: list, gaps_per_value: list[dict]) -> Path:
+def figure_sweep(path: Path, parameter: str, values: list, gaps_per_value: list[dict], title: str = "") -> Path:
     """Figure 5: each term against the swept parameter."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for gap, _, _ in GAPS:
-        ax.plot(values, [max(g.get(gap, {}).get("mean", 0.0), 1e-8) for g in gaps_per_value], marker="o", ms=3,
-                label=gap.replace("_", " "))
-    ax.set_xscale("log" if all(v > 0 for v in values) and max(values) / min(values) > 20 else "linear")
-    ax.set_yscale("log")
-    ax.set_xlabel(parameter)
-    ax.legend(fontsize=7)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    from matplotlib.ticker import NullLocator
+
+    with plotting.styled() as plt:
+        fig, ax = plt.subplots(figsize=(5.6, 3.4))
+        for k, (gap, _, _) in enumerate(GAPS):
+            ax.plot(values, [max(g.get(gap, {}).get("mean", 0.0), GAP_FLOOR) for g in gaps_per_value],
+                    label=_gap_label(gap), **plotting.line_style(k))
+        ax.set_xscale("log" if all(v > 0 for v in values) and max(values) / min(values) > 20 else "linear")
+        ax.set_yscale("log")
+        ax.set_xlabel(_gap_label(parameter))
+        ax.set_ylabel("mean L2 output distance\n(log scale)")
+        ax.set_title(title or f"Each term of the decomposition against {_gap_label(parameter)}")
+        plotting.tidy_ticks(ax)
+        if len(values) <= 6:  # a few swept values: tick exactly those
+            ax.set_xticks(values, [f"{v:g}" for v in values])
+            ax.xaxis.set_minor_locator(NullLocator())
+        plotting.legend_beside(ax)
+        return plotting.save(fig, path)

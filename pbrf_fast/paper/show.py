@@ -18,8 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import plotting
 from ..errors import InputError
 from ..scale import load_scores
+
+# proponent and opponent panels' title colours: Okabe-Ito blue and vermillion
+PROPONENT, OPPONENT = plotting.COLOURS[0], plotting.COLOURS[3]
 
 __all__ = ["show_scores"]
 
@@ -70,60 +74,71 @@ def _label(index: int, y_train, value: float) -> str:
 
 
 def _histogram(results, out: Path, plt) -> Path:
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+    values = np.asarray(results.self_influence, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(results.self_influence, bins=60, color="#0072b2")
-    ax.set_title(f"self-influence of {len(results.self_influence)} training examples ({out.name})", fontsize=9)
-    ax.set_xlabel("self-influence (own-loss increase on removal)")
-    ax.set_ylabel("training examples")
-    ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(out / "self_influence.png", dpi=120)
-    plt.close(fig)
-    return out / "self_influence.png"
+    counts, _, _ = ax.hist(values, bins=60, color=plotting.COLOURS[0])
+    ax.set_title(f"Self-influence of the {len(values)} training examples of the run in {out.name}/\n"
+                 f"(high: an example the model fits only by memorising it; median {np.median(values):.2g}, "
+                 f"max {values.max():.2g})")
+    # a long right tail (a few examples with large self-influence) needs a log count axis
+    # to show both the bulk and the tail; counts are whole numbers either way
+    log = counts.max() >= 100 * max(counts[counts > 0].min(), 1)
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    plotting.tidy_ticks(ax, x=6)
+    if not log:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+    plotting.label_axes(ax, "self-influence (increase of its own loss when removed)",
+                        "training examples" + (" (log scale)" if log else ""))
+    return plotting.save(fig, out / "self_influence.png")
 
 
 def _proponents(results, images, out: Path, plt, test_points: int, k: int, relative: bool) -> Path:
     x_tr, y_tr, x_te = images
     rows = min(test_points, len(x_te), len(results.topk))
     k = min(k, len(results.topk["0"]["proponents"]))
-    fig, axes = plt.subplots(rows, 1 + 2 * k, figsize=(1.5 * (1 + 2 * k), 1.75 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 1 + 2 * k, figsize=(1.5 * (1 + 2 * k), 1.9 * rows + 0.6), squeeze=False)
     for j in range(rows):
         proponents, opponents = _ranked(results, j, k, relative)
-        panels = ([(x_te[j], f"test #{j}", "black")] + [(x_tr[i], _label(i, y_tr, v), "#009e73") for i, v in proponents]
-                  + [(x_tr[i], _label(i, y_tr, v), "#d55e00") for i, v in opponents])
+        # "+" and "-" as well as the colour: the figure must read without telling colours apart
+        panels = ([(x_te[j], f"test #{j}", plotting.REFERENCE)]
+                  + [(x_tr[i], "+ " + _label(i, y_tr, v), PROPONENT) for i, v in proponents]
+                  + [(x_tr[i], "- " + _label(i, y_tr, v), OPPONENT) for i, v in opponents])
         for ax, (image, title, colour) in zip(axes[j], panels):
+            ax.grid(False)
             ax.imshow(_to_image(image), cmap="gray")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(title, fontsize=6.5, color=colour)
     what = "relative influence (score / self-influence)" if relative else "influence score"
-    fig.suptitle(f"{out.name}: test points 0-{rows - 1} of {len(x_te)}; top {k} proponents (green) and opponents "
-                 f"(red) by {what}; each titled #index, class, value", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "proponents.png", dpi=120)
-    plt.close(fig)
-    return out / "proponents.png"
+    fig.suptitle(f"Run {out.name}: test points 0-{rows - 1} of {len(x_te)} (left), their top {k} proponents "
+                 f"(+, blue) and opponents (-, vermillion) by {what}; each titled #index, class, value",
+                 fontsize=8, wrap=True)
+    return plotting.save(fig, out / "proponents.png")
 
 
 def show_scores(out_dir, *, test_points: int = 8, k: int = 5, data_dir=None, relative: bool = False) -> list[Path]:
     """Write the figures into ``out_dir``; returns their paths. ``relative``: rank and label
     proponents by score / self-influence instead of the score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out_dir)
     results = load_scores(out)
     if relative and results.self_influence is None:
         raise InputError(f"{out}: --relative divides by self-influence, which this run did not compute "
-                         "(it ran with --no-self-influence)")
-    written = [] if results.self_influence is None else [_histogram(results, out, plt)]
+                         "(rerun scores with --self-influence, or with --curvature ekfac)")
+    written = []
+    if results.self_influence is not None:
+        with plotting.styled() as plt:
+            written.append(_histogram(results, out, plt))
     images = _images(results.arguments, data_dir)
     if isinstance(images, str):
         warnings.warn(f"{out}: proponents.png not drawn: {images}", stacklevel=2)
     else:
-        written.append(_proponents(results, images, out, plt, test_points, k, relative))
+        with plotting.styled() as plt:
+            written.append(_proponents(results, images, out, plt, test_points, k, relative))
     if not written:
         raise InputError(f"{out}: nothing to show (no self-influence, and {images})")
     return written

@@ -8,7 +8,7 @@ import numpy as np
 from ..atomic_io import atomic_write_json, atomic_write_text
 from .config import ExperimentConfig, RunOptions, SweepConfig
 from .jobs import build_experiment, open_results
-from .report import figure_sweep, gap_table, markdown_table
+from .report import figure_sweep, format_number, gap_table, markdown_table
 from .runner import choose_test_points, run_points, train_base
 
 __all__ = ["run_sweep"]
@@ -45,11 +45,12 @@ def run_sweep(config: ExperimentConfig, sweep: SweepConfig, run: RunOptions) -> 
         records = run_points(exp, base, removed, tests, folder, chunk=config.chunk, progress=run.progress)
         tables.append(gap_table(records))
     header = [sweep.parameter] + [g for g in tables[0]]
-    rows = [[f"{v:g}"] + [f"{t[g]['mean']:.4f}" for g in t] for v, t in zip(sweep.values, tables)]
+    rows = [[f"{v:g}"] + [format_number(t[g]['mean']) for g in t] for v, t in zip(sweep.values, tables)]
     md = f"**Sweep over {sweep.parameter}** (mean output distance)\n\n" + markdown_table(header, rows)
     atomic_write_text(run.out / "table.md", md)
     atomic_write_json(run.out / "results.json", {"parameter": sweep.parameter, "values": list(sweep.values),
                                                  "gaps": tables})
-    figure_sweep(run.out / "sweep.png", sweep.parameter, list(sweep.values), tables)
+    figure_sweep(run.out / "sweep.png", sweep.parameter, list(sweep.values), tables,
+                 title=f"{exp.name}: each term against {sweep.parameter.replace('_', ' ')} (seed {config.seed})")
     print(md)
     return tables

@@ -14,11 +14,11 @@ on-disk results and torch.distributed sharding. Each module has one job:
 - :mod:`.loading`      the user's model and data file from the command line
 - :mod:`.scores_job`   the ``pbrf-fast scores`` job: :class:`ScoresConfig` in, scores on disk
 """
-from .data import DataSource
+from .data import DataSource, problem_from_data
 from .distributed import DistributedGaussNewton
 from .layer_scores import LayerScorer
 from .measurement import MEASUREMENTS, margin
-from .task import BatchTask, TaskModel, problem_from_data
+from .task import BatchTask, TaskModel
 from .pipeline import ScoreArguments, ScorePipeline, ScoreResults, ScoreTask, compute_scores, load_scores
 
 __all__ = ["BatchTask", "TaskModel", "problem_from_data", "DataSource", "DistributedGaussNewton", "LayerScorer", "MEASUREMENTS", "ScoreArguments",

@@ -7,6 +7,10 @@ the output folder and is skipped when its result is already there:
 
 1. ``arguments.json``       every argument; a rerun with different result-affecting
                             arguments is refused unless ``overwrite=True``;
+   ``fingerprints/``        a 64-bit digest of every training and test example as first
+                            read; every later read compares (``errors.DataChangedError``);
+   ``train_indices.npy``    the dataset index of each row when a DataLoader's sampler
+                            selects a subset (``test_indices.npy`` likewise);
 2. ``eigenpairs.pt``        Lanczos top-k of the GNH (solver ``lowrank``, and for
                             self-influence), computed once, reused by every query;
    ``factors_ekfac.pt``     K-FAC / EK-FAC factors (``curvature="kfac"`` / ``"ekfac"``,
@@ -15,7 +19,7 @@ the output folder and is skipped when its result is already there:
 4. ``scores.npy``           (n_train, N) float32 memmap, filled chunk by chunk;
                             ``chunks/chunk_XXXX.rankR.done`` marks finished ones;
 5. ``self_influence.npy``   g_i^T (G + lambda I)^{-1} g_i / N (low-rank, see below);
-6. ``topk.json``            top-k proponents / opponents per test point;
+6. ``topk.json``            top-k proponents / opponents per test point (dataset indices);
    ``scores.safetensors``   the score matrix again, for tools that read safetensors;
    ``summary.json``         time per stage, peak memory, solver diagnostics.
 
@@ -29,6 +33,11 @@ z_i raises test loss j). The GNH is averaged over ``curvature_samples`` training
 points (all by default). Under torch.distributed, training points are sharded
 across ranks for scoring and self-influence and GNH products are all-reduced.
 :func:`load_scores` reads a finished folder back.
+
+Changed data is caught without a pass of its own: the test points are compared when the
+folder is opened, the training examples as the curvature sample and every score pass
+read them; a rerun of a finished folder whose curvature sample left rows unread reads
+those rows once (no gradients) to compare them.
 """
 from __future__ import annotations
 
@@ -45,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic_io import atomic_save_tensor, atomic_write_json, load_tensor, open_memmap
+from ..atomic_io import atomic_save_tensor, atomic_write, atomic_write_json, load_tensor, open_memmap
 from ..curvatures import GaussNewton
 from ..damping import AUTO as AUTO_DAMPING, auto_damping, check_damping
 from ..errors import InputError
@@ -56,7 +65,7 @@ from ..results_folder import ResultsFolder
 from ..inverses import (AUTO, DEFAULT_PRECONDITIONER, INVERSES, LowRankInverse, LowRankOptions, choose_method,
                         lanczos_eigenpairs, lowrank_eigenpairs, make_options, solve)
 from . import distributed as D
-from .data import as_data_source, tensor_digest
+from .data import RowFingerprints, as_data_source, tensor_digest
 from .layer_scores import LayerScorer
 from .measurement import measurement_gradients, resolve_measurement
 from .safetensors_io import save_safetensors
@@ -80,8 +89,14 @@ class ScoreArguments:
     ``solver``: a name in :data:`pbrf_fast.INVERSES` or ``auto``; ``solver_options``: a
     dict of the fields of its options dataclass (checked here, saved as given). ``lowrank``
     uses ``rank`` Lanczos eigenpairs, shared with self-influence. ``query_chunk`` test points are solved and scored together
-    (default: as many as ``memory_gb`` allows). Self-influence uses the rank-``rank``
-    eigenpairs plus the exact remainder ||g||^2 / (weight_decay + damping).
+    (default: as many as ``memory_gb`` allows).
+
+    ``self_influence``: ``"auto"`` (the default) computes it where it comes from the same
+    inverse as the scores -- K-FAC / EK-FAC (their exact quadratic form) and the ``lowrank``
+    solver (its eigenpairs) -- and leaves it off for the exact GNH solved iteratively, where
+    the exact value needs one solve per training point. ``True`` there computes the low-rank
+    approximation: the rank-``rank`` Lanczos eigenpairs plus the exact remainder
+    ||g||^2 / (weight_decay + damping) (``summary.json`` names the method); ``False``: never.
 
     ``curvature``: ``"gnh"`` (the exact damped GNH, solved by ``solver``) or ``"kfac"`` /
     ``"ekfac"`` (:class:`pbrf_fast.curvatures.kronecker.KroneckerCurvature`, ``curvature_options`` go
@@ -106,14 +121,23 @@ class ScoreArguments:
     batch_size: int = 256
     curvature_batch_size: int = 64
     top_k: int = 10
-    self_influence: bool = True
+    self_influence: bool | str = AUTO
     seed: int = 0
     backend: str = "auto"
     curvature: str = "gnh"
     curvature_options: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def computes_self_influence(self) -> bool:
+        """Whether the run computes self-influence (``"auto"`` resolved: see the class doc)."""
+        if self.self_influence != AUTO:
+            return self.self_influence
+        return curvature_kind(self.curvature).own_inverse or self.solver == "lowrank"
+
     def __post_init__(self):
         self.damping = check_damping(self.damping)
+        if self.self_influence != AUTO and not isinstance(self.self_influence, bool):
+            raise InputError(f"self_influence must be True, False or 'auto', got {self.self_influence!r}")
         if self.solver not in SCORE_SOLVERS:
             raise InputError(f"solver must be one of {SCORE_SOLVERS}, got {self.solver!r}")
         if self.curvature not in SCORE_CURVATURES:
@@ -214,6 +238,17 @@ def check_checkpoint(checkpoint, model: nn.Module, where: str) -> dict:
     return state
 
 
+def _output_size(model: nn.Module, x1: torch.Tensor) -> int | None:
+    """Outputs per example of ``model`` on one input, or None when it cannot run on it."""
+    try:
+        p = next(model.parameters())
+        x = x1.to(p.device, p.dtype) if torch.is_floating_point(x1) else x1.to(p.device)
+        with torch.no_grad():
+            return int(model(x).reshape(len(x), -1).shape[-1])
+    except Exception:  # the probe's own message says why
+        return None
+
+
 def _activation_numel(model, x1) -> int:
     """Numbers stored per example in a forward pass (sum of leaf-module outputs)."""
     total = [0]
@@ -285,15 +320,52 @@ class ScorePipeline:
                 check_checkpoint(checkpoint, task.model, f"checkpoint {name}")
         self.row_lo, self.row_hi = D.shard_range(self.n_train, self.rank_, self.world)
         self.log = {"solves": []}
+        self._rows_checked = False  # set once every training row of this rank was compared with its digest
         self.preconditioner = None  # solver "pcg": the K-FAC / EK-FAC operator of the current checkpoint
         task.model.eval()
-        x1, t1 = task.train.range(0, 1)
-        self.probe = Problem(task.network, task.loss, x1, t1, weight_decay=arguments.weight_decay)
+        self.probe = self._probe(arguments.weight_decay)
+        self._check_splits()
         self.curvature_samples = min(self.n_train, arguments.curvature_samples or self.n_train)
         self.query_chunk = arguments.query_chunk or query_chunk_size(
             self.probe.dim, _activation_numel(task.network, self.probe.inputs), arguments.curvature_batch_size,
             arguments.memory_gb, self.n_test, torch.finfo(self.probe.dtype).bits // 8)
         self.chunks = [(c0, min(self.n_test, c0 + self.query_chunk)) for c0 in range(0, self.n_test, self.query_chunk)]
+
+    def _probe(self, weight_decay: float) -> Problem:
+        """A one-example Problem (dimension, dtype, per-batch checks). What it refuses is said of
+        the user's training data, with the user's own shapes where they are in memory, never
+        the one-example batch's."""
+        task = self.task
+        x1, t1 = task.train.range(0, 1)
+        try:
+            return Problem(task.network, task.loss, x1, t1, weight_decay=weight_decay)
+        except InputError as exc:
+            outputs = _output_size(task.network, x1)
+            if outputs is not None:  # the model runs: the targets are wrong, say so of the whole array
+                self._check_targets(task.train, outputs)
+            raise InputError(f"training data ({task.train.describe()}): {exc}") from exc
+
+    def _check_targets(self, source, outputs: int) -> None:
+        if source.tensors is not None:
+            try:
+                self.task.loss.prepare_targets(source.tensors[1], outputs)
+            except InputError as exc:
+                raise InputError(f"{source.split} targets: {exc}") from exc
+
+    def _check_splits(self) -> None:
+        """Before any work: test inputs shaped as the training ones, and in-memory data whole
+        (targets as the loss needs them, no NaN), each error naming its split and the user's shapes."""
+        train, test = self.task.train, self.task.test
+        x_test = test.range(0, 1)[0]
+        if tuple(x_test.shape[1:]) != tuple(self.probe.inputs.shape[1:]):
+            raise InputError(f"test inputs have per-example shape {tuple(x_test.shape[1:])} but training inputs "
+                             f"{tuple(self.probe.inputs.shape[1:])}: test {test.describe()}; training "
+                             f"{train.describe()}")
+        for source in (train, test):
+            if source.tensors is not None:
+                x, t = source.tensors
+                source.check_finite(range(len(x)), x, t)
+                self._check_targets(source, self.probe.num_outputs)
 
     # ------------------------------------------------------------------ stages
     def folder(self, k: int) -> Path:
@@ -325,7 +397,9 @@ class ScorePipeline:
         arguments, error = self.arguments(), None
         if self.rank_ == 0:
             try:
-                ResultsFolder(self.out, arguments, result_keys=RESULT_KEYS, overwrite=self.overwrite)
+                # overwrite: results of the same arguments but other data are discarded too
+                resume = not (self.overwrite and self._stored_data_changed())
+                ResultsFolder(self.out, arguments, result_keys=RESULT_KEYS, overwrite=self.overwrite, resume=resume)
             except Exception as exc:  # tell the other ranks before raising
                 error = exc
         error_text = D.broadcast_object(None if error is None else repr(error))
@@ -333,6 +407,40 @@ class ScorePipeline:
             raise error
         if error_text is not None:
             raise RuntimeError(f"rank 0 refused the results folder: {error_text}")
+        self.fingerprints = {source.split: self._row_fingerprints(source) for source in (self.task.train, self.task.test)}
+        # The test points are few and every chunk's s_test reads them: check them all now, so a
+        # resume never pairs stored s_test vectors with changed test points.
+        for c0, x, t in self.task.test.batches(0, self.n_test, self.args.batch_size):
+            self.fingerprints["test"].check(range(c0, c0 + len(x)), x, t)
+        self.fingerprints["test"].flush()
+        if self.rank_ == 0:
+            for split, source in (("train", self.task.train), ("test", self.task.test)):
+                if source.indices is not None:  # which dataset index each row / column is
+                    atomic_write(self.out / f"{split}_indices.npy", lambda h, v=source.indices: np.save(h, v.numpy()))
+        D.barrier()
+
+    def _stored_data_changed(self) -> bool:
+        """Whether any example differs from the digest stored in the folder: a full read, made
+        only when the caller asked to overwrite, so a folder of other data is started afresh."""
+        for source in (self.task.train, self.task.test):
+            path = self._fingerprints_path(source)
+            if not path.exists():
+                continue
+            stored = RowFingerprints(open_memmap(path, (len(source),), np.uint64), source, self.out)
+            for b0, x, t in source.batches(0, len(source), self.args.batch_size):
+                if not stored.matches(range(b0, b0 + len(x)), x, t):
+                    return True
+        return False
+
+    def _fingerprints_path(self, source) -> Path:
+        return self.out / "fingerprints" / f"{source.split}_rows.npy"
+
+    def _row_fingerprints(self, source) -> RowFingerprints:
+        path = self._fingerprints_path(source)
+        if self.rank_ == 0:
+            open_memmap(path, (len(source),), np.uint64, create=True)
+        D.barrier()
+        return RowFingerprints(open_memmap(path, (len(source),), np.uint64), source, self.out)
 
     def curvature_operator(self, k: int = 0) -> GaussNewton | KroneckerCurvature:
         """The damped GNH (or its K-FAC / EK-FAC approximation, factors from
@@ -342,6 +450,11 @@ class ScorePipeline:
         sample = torch.randperm(self.n_train, generator=gen)[:self.curvature_samples].sort().values
         lo, hi = D.shard_range(len(sample), self.rank_, self.world)
         x, t = self.task.train.take(sample[lo:hi])
+        self.fingerprints["training"].check(sample[lo:hi], x, t)
+        self.task.train.check_finite(sample[lo:hi], x, t)
+        self.fingerprints["training"].flush()
+        if len(sample) == self.n_train:
+            self._rows_checked = True  # the curvature sample is every example (over all ranks)
         problem = Problem(self.task.network, self.task.loss, x, t, weight_decay=a.weight_decay,
                           batch_size=a.curvature_batch_size)
         if curvature_kind(a.curvature).own_inverse:
@@ -403,7 +516,7 @@ class ScorePipeline:
     def eigenpairs(self, k: int, op) -> LowRankInverse | None:
         """Stage 2: the top-``rank`` eigenpairs, when the solver or self-influence needs them."""
         a = self.args
-        if (a.solver != "lowrank" and not a.self_influence) or curvature_kind(a.curvature).own_inverse:
+        if (a.solver != "lowrank" and not a.computes_self_influence) or curvature_kind(a.curvature).own_inverse:
             return None
         path = self.folder(k) / "eigenpairs.pt"
 
@@ -431,6 +544,7 @@ class ScorePipeline:
                 return load_tensor(path)["s_test"].to(op.dtype)
             c0, c1 = self.chunks[c]
             x, t = self.task.test.range(c0, c1)
+            self.task.test.check_finite(range(c0, c1), x, t)  # compared with their digests in open_folder
             test_problem = Problem(self.task.network, self.task.loss, x, t, weight_decay=self.args.weight_decay)
             grads = measurement_gradients(test_problem, self.task.measurement_fn, test_problem.inputs,
                                           test_problem.targets)
@@ -455,7 +569,10 @@ class ScorePipeline:
         if a.solver == "lowrank":  # the eigenpairs stage cached them on op under these options
             return solve(op, grads, "lowrank", self.lowrank_options())
         options = dict(a.solver_options)
-        method = choose_method(op)[0] if a.solver == AUTO else a.solver  # which options it will take
+        method, reason = choose_method(op) if a.solver == AUTO else (a.solver, None)  # which options it will take
+        if reason and self.progress and self.rank_ == 0 and not getattr(self, "_plan_printed", False):
+            self._plan_printed = True  # the plan, once per run, before the longest step starts
+            print(f"solver auto: {method} ({reason})", file=sys.stderr)
         if "progress" in {f.name for f in dataclasses.fields(INVERSES[method].options)}:
             options.setdefault("progress", self.progress and self.rank_ == 0)  # a long solve shows itself
         if self.preconditioner is not None:  # pcg with stored Kronecker factors, not rebuilt
@@ -492,12 +609,32 @@ class ScorePipeline:
 
     def _over_rows(self, write, memmap, bar) -> None:
         """``write(b0, x, t)`` for every checked training batch of this rank's rows, then flush ``memmap``."""
+        fingerprints = self.fingerprints["training"]
         for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
-            x, t = self.probe.check_data(x, t)
+            fingerprints.check(range(b0, b0 + len(x)), x, t)  # a changed example stops the pass before its row
+            self.task.train.check_finite(range(b0, b0 + len(x)), x, t)
+            try:
+                x, t = self.probe.check_data(x, t, "training")
+            except InputError as exc:  # a Dataset's later example: name where it is
+                raise InputError(f"training examples {b0}..{b0 + len(x) - 1}: {exc}") from exc
             write(b0, x, t)
             if bar is not None:
                 bar.update(len(x))
         memmap.flush()
+        fingerprints.flush()
+        self._rows_checked = True
+
+    def check_training_rows(self) -> None:
+        """Read this rank's training rows only to compare them with their stored digests: what
+        a rerun of a finished folder does when no stage read every example (a curvature sample
+        smaller than the training set), so changed data is refused there too."""
+        if self._rows_checked:
+            return
+        fingerprints = self.fingerprints["training"]
+        for b0, x, t in self.task.train.batches(self.row_lo, self.row_hi, self.args.batch_size):
+            fingerprints.check(range(b0, b0 + len(x)), x, t)
+        fingerprints.flush()
+        self._rows_checked = True
 
     def self_influence(self, k: int, scorer: LayerScorer, lowrank: LowRankInverse | None, op=None) -> None:
         """Stage 5: g_i^T (G + lambda I)^{-1} g_i / N for this rank's rows (the Kronecker
@@ -546,7 +683,8 @@ class ScorePipeline:
     def topk(self) -> None:
         """Stage 6: proponents and opponents per test point, and the safetensors copy."""
         scores_mm = open_memmap(self.out / "scores.npy", (self.n_train, self.n_test), np.float32)
-        _write_topk(self.out, scores_mm, self.args.top_k)
+        _write_topk(self.out, scores_mm, self.args.top_k, self.task.train.dataset_index(np.arange(self.n_train)),
+                    self.task.test.dataset_index(np.arange(self.n_test)))
         save_safetensors(self.out / "scores.safetensors", {"scores": np.asarray(scores_mm)})
 
     # ------------------------------------------------------------------- driver
@@ -567,13 +705,14 @@ class ScorePipeline:
                     continue
                 self.score_chunk(k, c, self.s_test(k, c, op), scorer)
             D.barrier()
-            if self.args.self_influence:
+            if self.args.computes_self_influence:
                 self.self_influence(k, scorer, lowrank, op)
             D.barrier()
+        self.check_training_rows()
         if len(self.checkpoints) > 1:
             self.stages.run("combine", lambda: self.combine_checkpoints("scores.npy", (self.n_train, self.n_test),
                                                                          np.float32))
-            if self.args.self_influence:
+            if self.args.computes_self_influence:
                 self.combine_checkpoints("self_influence.npy", (self.n_train,), np.float64)
         D.barrier()
         return self._summary()
@@ -589,7 +728,7 @@ class ScorePipeline:
             "chunks": len(self.chunks), "checkpoints": len(self.checkpoints),
             "measurement": self.task.measurement_name,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-            "self_influence_method": (None if not a.self_influence else
+            "self_influence_method": (self._self_influence_off() if not a.computes_self_influence else
                                       f"{a.curvature}: exact quadratic form of its inverse" if a.curvature != "gnh"
                                       else f"low-rank: top-{a.rank} Lanczos eigenpairs + remainder ||g||^2/shift"),
             "curvature_samples": self.curvature_samples, "world_size": self.world,
@@ -598,6 +737,13 @@ class ScorePipeline:
         atomic_write_json(self.out / "summary.json", summary)
         D.barrier()
         return summary
+
+    def _self_influence_off(self) -> str:
+        if self.args.self_influence is False:
+            return "off (self_influence=False)"
+        return ("off: with the exact GNH solved iteratively it needs one solve per training point; "
+                "self_influence=True (--self-influence) gives its rank-"
+                f"{self.args.rank} low-rank approximation, curvature ekfac its EK-FAC value")
 
 
 def compute_scores(model, loss, x_train, y_train, x_test, y_test, out_dir, *, measurement="loss", checkpoints=None,
@@ -623,6 +769,9 @@ class ScoreResults:
     topk: dict                         # test index -> {"proponents": [[i, score]...], "opponents": ...}
     arguments: dict
     summary: dict
+    # the dataset index of each row / column when a DataLoader's sampler selected a subset, else None
+    train_indices: np.ndarray | None = None
+    test_indices: np.ndarray | None = None
 
 
 def load_scores(out_dir) -> ScoreResults:
@@ -633,12 +782,16 @@ def load_scores(out_dir) -> ScoreResults:
     arguments = json.loads((out / "arguments.json").read_text())
     scores = np.load(out / "scores.npy", mmap_mode="r")
     path = out / "self_influence.npy"
+    indices = [np.load(out / f"{split}_indices.npy") if (out / f"{split}_indices.npy").exists() else None
+               for split in ("train", "test")]
     return ScoreResults(scores, np.load(path) if path.exists() and arguments.get("self_influence") else None,
                         json.loads((out / "topk.json").read_text()), arguments,
-                        json.loads((out / "summary.json").read_text()))
+                        json.loads((out / "summary.json").read_text()), *indices)
 
 
-def _write_topk(out, scores_mm, k):
+def _write_topk(out, scores_mm, k, train_index, test_index):
+    """topk.json: per test point (by its dataset index), the ``k`` training points (by dataset
+    index: a sampler's subset names its own examples) with the largest and smallest scores."""
     n_train, n_test = scores_mm.shape
     k = min(k, n_train)
     result = {}
@@ -648,7 +801,7 @@ def _write_topk(out, scores_mm, k):
             col = block[:, jj]
             order = np.argsort(col, kind="stable")
             pro, opp = order[::-1][:k], order[:k]
-            result[str(j0 + jj)] = {"proponents": [[int(i), float(col[i])] for i in pro],
-                                    "opponents": [[int(i), float(col[i])] for i in opp]}
+            result[str(int(test_index[j0 + jj]))] = {"proponents": [[int(train_index[i]), float(col[i])] for i in pro],
+                                                     "opponents": [[int(train_index[i]), float(col[i])] for i in opp]}
     atomic_write_json(out / "topk.json", result)
     return result

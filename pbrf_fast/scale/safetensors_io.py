@@ -40,7 +40,7 @@ def save_safetensors(path, arrays: dict[str, np.ndarray], metadata: dict[str, st
                 block = array[start:start + rows] if array.ndim else array
                 handle.write(np.ascontiguousarray(block, dtype=array.dtype.newbyteorder("<")).tobytes())
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, size=8 + len(text) + offset)
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic_io import make_folder
 from ..errors import InputError
 from ..inverses import INVERSES
 from .pipeline import ScoreArguments
@@ -61,7 +62,7 @@ class ScoresConfig:
     batch_size: int = ScoreArguments.batch_size
     curvature_batch_size: int = ScoreArguments.curvature_batch_size
     top_k: int = ScoreArguments.top_k
-    no_self_influence: bool = not ScoreArguments.self_influence
+    self_influence: bool | str = ScoreArguments.self_influence   # True, False or "auto"
     seed: int = ScoreArguments.seed
     threads: int | None = None
     device: str = "cpu"
@@ -104,9 +105,7 @@ def start_run(config: ScoresConfig) -> Path:
     if config.threads:
         torch.set_num_threads(config.threads)
     _init_distributed(config.device)
-    out = check_results_path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return make_folder(check_results_path(config.out))  # a folder that cannot be made: one named line
 
 
 def _solver_options(config: ScoresConfig) -> dict:
@@ -149,7 +148,7 @@ def run_scores(config: ScoresConfig, inputs: ScoresInputs | None = None) -> dict
         solver_options=_solver_options(config), rank=config.rank, memory_gb=config.memory_gb,
         query_chunk=config.query_chunk, curvature_samples=config.curvature_samples or None,
         batch_size=config.batch_size, curvature_batch_size=config.curvature_batch_size, top_k=config.top_k,
-        self_influence=not config.no_self_influence, seed=config.seed, curvature=config.curvature)
+        self_influence=config.self_influence, seed=config.seed, curvature=config.curvature)
     summary = ScorePipeline(task, arguments, out, overwrite=config.overwrite, progress=not config.no_progress,
                             extra=inputs.extra).run()
     summary = dict(summary, setup_seconds=inputs.setup_seconds, train_log=inputs.train_log)

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["BatchTask", "TaskModel", "batch_task_for", "problem_from_data"]
+__all__ = ["BatchTask", "TaskModel", "batch_task_for"]
 
 
 @dataclasses.dataclass
@@ -179,19 +179,3 @@ def batch_task_for(sample) -> BatchTask | None:
         return BatchTask()
     return None
 
-
-def problem_from_data(model: nn.Module, loss, data, batch_task: BatchTask | None = None, **problem_options):
-    """(Problem, the data's reader) for ``Influence`` on data of any batch structure: tensors,
-    a Dataset of pairs, dicts or tuples, an IterableDataset, a DataLoader (all of it gathered: for
-    a whole training set use the scale pipeline). Test points go through the same reader:
-    ``x, t = reader.take(range(m))`` of a ``DataSource(test_data, "test", problem.batch_task)``,
-    or ``problem.batch_task.split(collated_batch)``."""
-    from ..problem import Problem
-    from .data import DataSource
-
-    source = DataSource(data, "data", batch_task)
-    x, t = source.range(0, len(source))
-    network = model if source.batch_task is None else TaskModel(model, source.batch_task)
-    problem = Problem(network, loss, x, t, **problem_options)
-    problem.batch_task = source.batch_task
-    return problem, source

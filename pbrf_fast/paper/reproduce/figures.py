@@ -13,27 +13,24 @@ from .verdicts import format_duration, not_run_note, paper_time_note, trend_verd
 __all__ = ["figure1_section", "figure4_section", "figure5_section", "figure6_section"]
 
 
-def figure_scatter(path: Path, panels: list[tuple[str, list, str]]) -> Path:
-    """Figure 1: one panel per (title, records, response), IF-predicted against actual change."""
+def figure_scatter(path: Path, panels: list[tuple[str, list, str, float]], title: str) -> Path:
+    """Figure 1: one panel per (title, records, response, Pearson), IF-predicted against actual
+    change, with the y = x line and the mean per-test-point Pearson the text beside it cites."""
     import numpy as np
 
-    from ..report import _pyplot, _save
+    from .. import plotting
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.1))
-    for ax, (title, records, response) in zip(np.atleast_1d(axes), panels):
-        predicted = np.array([r["predicted_test_loss_change"] for r in records]).ravel()
-        actual = np.array([r["test_loss_change"][response] for r in records]).ravel()
-        ax.scatter(actual, predicted, s=8)
-        r = np.corrcoef(actual, predicted)[0, 1] if actual.std() > 0 and predicted.std() > 0 else float("nan")
-        ax.set_title(f"{title}\n(pooled Pearson {r:.2f})", fontsize=9)
-        ax.set_xlabel(f"actual change ({response.replace('_', ' ')})", fontsize=8)
-        ax.locator_params(nbins=4)
-        ax.tick_params(labelsize=7)
-    np.atleast_1d(axes)[0].set_ylabel("influence estimate")
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    with plotting.styled() as plt:
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), squeeze=False)
+        for ax, (name, records, response, pearson) in zip(axes[0], panels):
+            predicted = np.array([r["predicted_test_loss_change"] for r in records]).ravel()
+            actual = np.array([r["test_loss_change"][response] for r in records]).ravel()
+            plotting.estimate_vs_truth(ax, actual, predicted, title=name, correlation=pearson,
+                                       correlation_name="Pearson",
+                                       xlabel=f"actual test-loss change ({response.replace('_', ' ')})",
+                                       ylabel="influence estimate")  # each panel its own run
+        fig.suptitle(title, wrap=True)
+        return plotting.save(fig, path)
 
 
 def figure_path(figures: Path, markdown: Path, name: str) -> tuple[Path, str]:
@@ -58,14 +55,15 @@ def figure1_section(rows, out, preset, figures, markdown) -> str:
         else:
             verdict = "reproduces" if p >= 0.8 else "differs"
         title = {"lr": "LR / Cancer vs LOO", "mlp": "MLP / Concrete vs LOO", "pbrf": "MLP / Concrete vs PBRF"}
-        panels.append((title[row.name], records, response))
+        panels.append((title[row.name], records, response, p))
         lines.append(f"- **{row.name}** — paper: {row.paper}. Ours: mean per-test-point Pearson {p:.2f} "
                      f"({response.replace('_', ' ')}; {measured['settings']}, `{measured['command']}`, "
                      f"{format_duration(measured['seconds'])}) — **{verdict}**.")
     text = "\n".join(lines) + "\n"
     if panels:
         path, rel = figure_path(figures, markdown, "figure1.png")
-        figure_scatter(path, panels)
+        figure_scatter(path, panels, f"Figure 1, ours ({preset} preset): influence estimate vs actual change "
+                                     "after removing each point; Pearson: mean over test points")
         text = f"![Figure 1, ours]({rel})\n\n" + text
     return text
 
@@ -87,7 +85,8 @@ def figure4_section(row: Row, out, preset, figures, markdown) -> str:
     if not gaps:
         return f"Paper: {row.paper}. Ours: none of Table 5's rows has run yet.\n"
     path, rel = figure_path(figures, markdown, "figure4.png")
-    figure_gap_bars(path, gaps)
+    figure_gap_bars(path, gaps, title=f"Figure 4, ours ({preset} preset): the five terms of Table 5's "
+                                      f"{len(gaps)} finished rows")
     return (f"![Figure 4, ours]({rel})\n\nPaper: {row.paper}. Ours: Table 5's {len(gaps)} finished rows "
             f"(of {len(row.sources)}); terms 1–3 dominate (≥ 10×, or every term ≈ 0) in {sum(dominated)} of them "
             f"— the rows above say which.\n")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..report import format_number
 from .costs import expected_paper_seconds, expected_seconds_from_step
 from .paper_values import FIGURE5, GAP_NAMES
 from .rows import Row, job_folder
@@ -28,12 +29,6 @@ def rounding_steps(results: dict) -> float | None:
         return None
     step = abs(results["base_objective"]) * 2.0 ** -23
     return float(changes.std(0).mean() / step) if step > 0 else None
-
-
-def format_number(x: float) -> str:
-    if x != x:
-        return "nan"
-    return f"{x:.3f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
 
 
 def format_duration(seconds: float | None) -> str:

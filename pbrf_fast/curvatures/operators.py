@@ -18,7 +18,6 @@ import warnings
 import torch
 
 from .. import autodiff
-
 from ..problem import Problem, as_index
 from ..products import GnhProducts
 from ..errors import InputError, InputTypeError, SlowPathWarning

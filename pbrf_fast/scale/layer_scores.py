@@ -7,9 +7,11 @@ delta; then each layer with an adapter (:mod:`pbrf_fast.layers`) contributes its
 conv2d_score_contraction, which on CPU never unfolds the whole batch's patches) plus
 the bias part (sum_t delta_t)^T s_bias; eval BatchNorm by its per-channel gradients.
 
-Any other trainable parameter falls back (with a warning) to the exact jvp
-identity g_i^T s = (dL_i/dy_i)^T (J_i s), pushing s restricted to those
-parameters through the network with torch.func.jvp.
+Any other trainable parameter -- and those of a layer hooks cannot read per example: one whose
+forward never runs (its weight used functionally) or whose input is not example-first -- falls
+back (with a warning) to the exact jvp identity g_i^T s = (dL_i/dy_i)^T (J_i s), pushing s
+restricted to those parameters through the network (torch.func, or reverse mode only where the
+model has no forward-mode rule: :mod:`pbrf_fast.autodiff`).
 
 Everything is in the flat parameter order of the :class:`~pbrf_fast.Problem`.
 """

@@ -38,7 +38,7 @@ AUTO = "auto"
 
 # lambda / (energy-weighted mean eigenvalue of C), per curvature: docs/damping.md has the LDS
 # grids (MNIST logistic regression, MNIST MLP, CIFAR-10 ResNet-20) that chose them.
-AUTO_DAMPING_FACTORS = {"gnh": 0.04, "hessian": 0.04, "kfac": 0.004, "ekfac": 0.004}
+AUTO_DAMPING_FACTORS = {"gnh": 0.05, "hessian": 0.05, "kfac": 0.004, "ekfac": 0.004}
 
 # Hutchinson's sample: probe vectors and training examples (seeded; see spectrum_scale).
 AUTO_PROBES = 16

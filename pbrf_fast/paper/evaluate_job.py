@@ -467,6 +467,9 @@ def run_evaluate(config: EvaluateConfig, run: RunOptions) -> dict:
                           f"{config.subsets} subsets, {config.repeats} repeats")
     setting = build_setting(config)
     arguments = config.arguments() | {"setting": setting.name}
+    if not is_user_model(config.model):  # only your own model has these; folders made before them still resume
+        for key in ("data", "loss", "optimizer"):
+            arguments.pop(key)
     # Which solvers and ensembles are reported changes no stored piece (each score matrix
     # is kept per solver and checkpoint): a rerun with others reuses everything on disk.
     folder = ResultsFolder(run.out, arguments, result_keys=[k for k in arguments if k not in REPORT_ONLY],

@@ -75,8 +75,8 @@ def run_scores(work: Path, out: str, extra: list[str]) -> float:
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if "damping" in line or "plan" in line
-             or "warning" in line.lower()]
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines()
+             if "damping" in line or "solver auto" in line or "warning" in line.lower()]
     print("\n".join(f"    {line.strip()}" for line in lines[:6]))
     return seconds
 
@@ -98,8 +98,12 @@ def main(argv=None) -> None:
         print(f"{name}:")
         times[name] = run_scores(work, str(out), extra)
         summary = json.loads((out / "summary.json").read_text())
-        print(f"    {times[name]:.1f} s end to end; solver {summary.get('solver')}, damping "
-              f"{json.dumps(summary.get('damping'))[:200]}")
+        solves = summary.get("solves") or [{}]
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary.get("stage_seconds", {}).items())
+        iterative = all(s.get("converged_columns") is not None for s in solves)
+        converged = (f"{sum(s['converged_columns'] for s in solves)}/{sum(s['columns'] for s in solves)} columns "
+                     "converged" if iterative else "exact inverse")
+        print(f"    {times[name]:.1f} s end to end; {solves[0].get('method')} ({converged}); stages: {stages}")
     scores = [np.load(work / "runs" / n / "scores.npy") for n in ("default_flags", "curvature_ekfac")]
     pearson = float(np.corrcoef(scores[0].ravel(), scores[1].ravel())[0, 1])
     ratio = times["default flags"] / times["--curvature ekfac"]

@@ -70,8 +70,10 @@ def run_scores(work: Path, out: str, extra: list[str]) -> float:
     command = [sys.executable, "-m", "pbrf_fast", "scores", "--model", "my_net.py:make_model",
                "--checkpoint", "model.pt", "--data", "data.pt", "--loss", "cross_entropy",
                "--measurement", "margin", "--out", out, *extra]
+    # this checkout's pbrf_fast (its compiled modules built in place or copied there by install.sh's build)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=work, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import pbrf_fast
+from pbrf_fast.inverses.preconditioners import DEFAULT_RANK, MIN_DEFAULT_RANK, SKETCH_PER_COLUMN
 from pbrf_fast.errors import IndefiniteOperatorError, InputError, NonFiniteError
 from pbrf_fast.inverses import PRECONDITIONERS
 
@@ -58,18 +59,33 @@ def test_pcg_needs_fewer_iterations_than_cg_on_an_ill_conditioned_problem():
 def test_the_default_preconditioner_is_a_nystrom_sketch_of_rank_min_100_d():
     """Nystrom by default (EK-FAC slows CG down on ReLU nets: bench/RESULTS.md); its rank
     never exceeds the operator's dimension, where the sketch is the whole curvature."""
-    from pbrf_fast.inverses.preconditioners import DEFAULT_RANK
-
-    problem = make_problem("cross_entropy", n=20, hidden=(5,), outputs=3, weight_decay=1e-3)
+    problem = make_problem("cross_entropy", n=20, d_in=2, hidden=(2,), outputs=3, weight_decay=1e-3)
+    assert problem.dim < MIN_DEFAULT_RANK
     op = pbrf_fast.GaussNewton(problem, 1e-3)
     B = torch.randn(problem.dim, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     result = pbrf_fast.solve(op, B, "pcg", tol=1e-10)
     assert result.info["preconditioner"] == "nystrom"
-    assert result.info["preconditioner_products"] == min(DEFAULT_RANK, problem.dim) == problem.dim
+    assert result.info["preconditioner_products"] == problem.dim
     assert int(result.iterations.max()) <= 2  # rank d: the sketch is G itself
     assert rel_err(result.solution, torch.linalg.solve(dense_gnh(problem, 1e-3), B)) < 1e-8
     with pytest.raises(InputError, match="rank must be between 1"):
         pbrf_fast.solve(op, B, "pcg", preconditioner_options={"rank": problem.dim + 1})
+
+
+def test_the_default_rank_follows_the_first_solves_columns_and_stays():
+    """No rank given: SKETCH_PER_COLUMN per right-hand side (MIN_DEFAULT_RANK to DEFAULT_RANK,
+    at most d), fixed by the operator's first solve so a later, smaller chunk reuses the sketch."""
+    problem = make_problem("cross_entropy", n=40, d_in=10, hidden=(20,), outputs=3, weight_decay=1e-3)
+    g = torch.Generator().manual_seed(6)
+    for columns, rank in ((1, MIN_DEFAULT_RANK), (12, 2 * 12), (80, DEFAULT_RANK)):
+        op = pbrf_fast.GaussNewton(problem, 1e-2)
+        B = torch.randn(problem.dim, columns, generator=g, dtype=torch.float64)
+        first = pbrf_fast.solve(op, B, "pcg", tol=1e-10)
+        assert first.info["preconditioner_products"] == rank == min(DEFAULT_RANK, max(MIN_DEFAULT_RANK,
+                                                                                     SKETCH_PER_COLUMN * columns))
+        assert rel_err(first.solution, torch.linalg.solve(dense_gnh(problem, 1e-2), B)) < 1e-8
+        later = pbrf_fast.solve(op, B[:, :1], "pcg", tol=1e-10)
+        assert later.info["preconditioner_products"] == 0  # the first solve's sketch, reused
 
 
 def test_pcg_with_an_exact_preconditioner_takes_one_iteration():

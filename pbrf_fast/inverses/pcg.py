@@ -13,7 +13,7 @@ from ..errors import InputError, InputTypeError
 from .cg import CGOptions, conjugate_gradient
 from .common import SolveResult
 from .options import option
-from .preconditioners import NYSTROM_KINDS, kronecker_preconditioner, make_nystrom
+from .preconditioners import NYSTROM_KINDS, default_rank, kronecker_preconditioner, make_nystrom
 
 # Preconditioners by name: name -> factory(op, **preconditioner_options) returning an object
 # with .inverse_matvec(V) (symmetric positive definite), built once per operator and cached.
@@ -44,7 +44,7 @@ class PCGOptions(CGOptions):
                                                        "power_iterations; kfac / ekfac: KroneckerCurvature's)",
                                                  cli=False)
     preconditioner_rank: int | None = option(None, "columns of the Nystrom sketch, that many GNH products to "
-                                                   "build it once (None: min(100, d)); nystrom "
+                                                   "build it once (None: 2 per right-hand side, 16 to 100, at most d); nystrom "
                                                    "preconditioners only; the same as preconditioner_options['rank']")
 
 
@@ -87,7 +87,10 @@ def pcg(op, B: torch.Tensor, options: PCGOptions) -> SolveResult:
     """
     start = time.perf_counter()
     preconditioner = DEFAULT_PRECONDITIONER if options.preconditioner is None else options.preconditioner
-    preconditioner, name = _build_preconditioner(op, preconditioner, _preconditioner_options(options))
+    built_options = _preconditioner_options(options)
+    if preconditioner in NYSTROM_KINDS and "rank" not in built_options and hasattr(op, "_cached"):
+        built_options["rank"] = default_rank(op, 1 if B.dim() == 1 else B.shape[1])
+    preconditioner, name = _build_preconditioner(op, preconditioner, built_options)
     if not callable(getattr(preconditioner, "inverse_matvec", None)):
         raise InputTypeError(f"preconditioner must be one of {sorted(PRECONDITIONERS)} or have inverse_matvec, "
                              f"got {preconditioner!r}")

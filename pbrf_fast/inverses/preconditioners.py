@@ -40,8 +40,20 @@ __all__ = ["NystromSketch", "nystrom_sketch", "NystromPreconditioner", "Deflated
            "NYSTROM_KINDS", "make_nystrom", "kronecker_preconditioner"]
 
 NYSTROM_KINDS = ("nystrom", "nystrom+ekfac", "nystrom+kfac")
-# Sketch columns when no rank is given (r products to build; see bench/RESULTS.md for r).
+# Sketch columns when no rank is given: at most DEFAULT_RANK, and for few right-hand sides
+# SKETCH_PER_COLUMN per column, at least MIN_DEFAULT_RANK. The sketch costs r column products
+# once and each PCG iteration costs m: with 10 test points on a 12k-parameter CNN at damping
+# auto, r = 25 / 50 / 100 took 27 / 33 / 47 s for 6 / 5 / 4 iterations (bench/RESULTS.md).
 DEFAULT_RANK = 100
+MIN_DEFAULT_RANK = 16
+SKETCH_PER_COLUMN = 2
+
+
+def default_rank(op, columns: int) -> int:
+    """The Nystrom rank when none is given, for a first solve of ``columns`` right-hand sides;
+    fixed on ``op`` by that first solve, so later solves (other chunks) reuse its sketch."""
+    return op._cached(("nystrom_default_rank",),
+                      lambda: min(DEFAULT_RANK, op.dim, max(MIN_DEFAULT_RANK, SKETCH_PER_COLUMN * int(columns))))
 # Columns per block product while sketching: bounds the product's transient memory.
 SKETCH_BLOCK = 256
 
@@ -167,7 +179,8 @@ def make_nystrom(op, kind: str = "nystrom", *, rank: int | None = None, seed: in
                  kronecker_options: dict | None = None):
     """The preconditioner ``kind`` for the exact operator ``op``. The sketch of op's data term
     is cached on op (it depends on neither damping nor weight decay); mu is op's.
-    ``rank`` defaults to :data:`DEFAULT_RANK`, or op's dimension if that is smaller."""
+    ``rank`` defaults to :data:`DEFAULT_RANK`, or op's dimension if that is smaller (``pcg``
+    passes :func:`default_rank` for its right-hand sides when no rank is given)."""
     if kind not in NYSTROM_KINDS:
         raise InputError(f"kind must be one of {NYSTROM_KINDS}, got {kind!r}")
     if kind == "nystrom" and kronecker_options:

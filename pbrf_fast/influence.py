@@ -20,6 +20,7 @@ matrix product with per-example training gradients.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Sequence
@@ -87,6 +88,21 @@ class Influence:
     @property
     def damping(self) -> float:
         return self.operator.damping
+
+    def with_damping(self, damping: float | str) -> "Influence":
+        """The same problem, curvature and solver at another damping (a number or ``"auto"``).
+        The operator's cached work is shared, not redone: ``direct``'s eigendecomposition, the
+        output-space Gram matrix, K-FAC / EK-FAC factors, a Nystrom sketch (each is built from
+        the damping-free curvature), so a sweep over dampings pays for it once."""
+        damping = check_damping(damping)
+        other = copy.copy(self)
+        other.damping_choice = None
+        if damping == AUTO_DAMPING:
+            other.damping_choice = auto_damping(self.operator, curvature_kind(self.operator.kind).name)
+            damping = other.damping_choice.value
+        other.operator = self.operator.with_damping(damping)
+        other.last_solve = None
+        return other
 
     @property
     def method(self) -> str:

@@ -117,3 +117,23 @@ def test_the_score_pipeline_records_and_reuses_its_choice(tmp_path):
     again = compute_scores(problem.model, "cross_entropy", x, t, x[:3], t[:3], tmp_path, solver="direct",
                            progress=False)
     assert again["damping"]["0"]["value"] == stored["value"]
+
+
+@pytest.mark.parametrize("curvature, solver", [("gnh", "direct"), ("gnh", "kernel"), ("ekfac", "auto")])
+def test_with_damping_equals_a_fresh_influence_and_shares_the_work(curvature, solver):
+    """Influence.with_damping: the same answer as an Influence built at that damping (float64,
+    1e-10), from the operator's cached factorisation / factors instead of new ones."""
+    problem = make_problem("cross_entropy", weight_decay=1e-3, n=30, hidden=(6,), outputs=3)
+    x, t = problem.inputs[:4], problem.targets[:4]
+    first = pbrf_fast.Influence(problem, 1e-3, curvature=curvature, solver=solver)
+    first.scores(x, t)
+    cached = dict(first.operator._cache)
+    for damping in (0.3, "auto"):
+        other = first.with_damping(damping)
+        fresh = pbrf_fast.Influence(problem, damping, curvature=curvature, solver=solver)
+        np.testing.assert_allclose(other.scores(x, t).numpy(), fresh.scores(x, t).numpy(), rtol=1e-10, atol=1e-14)
+        assert other.damping == pytest.approx(fresh.damping, rel=1e-12)
+        assert (other.damping_choice is None) == (damping != "auto")
+        for key, entry in cached.items():  # the first operator's work, reused rather than rebuilt
+            assert other.operator._cache.get(key) is entry, key
+    assert first.damping == pytest.approx(1e-3)  # the original is unchanged

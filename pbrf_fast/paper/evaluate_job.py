@@ -304,19 +304,26 @@ def _solver_options(solver: str, config: EvaluateConfig) -> dict:
 
 
 def solver_scores(problem: Problem, solver: str, config: EvaluateConfig, x_test, t_test,
-                  damping=None) -> tuple[np.ndarray, dict]:
+                  damping=None, reuse: dict | None = None) -> tuple[np.ndarray, dict]:
     """Scores (n_train, m) of one solver at the problem's parameters and ``damping`` (a number or
-    "auto"; default: the config's first), and what it did."""
+    "auto"; default: the config's first), and what it did. ``reuse``: a dict kept across calls,
+    so another damping of the same solver and problem shares the operator's cached work
+    (:meth:`Influence.with_damping`); the first call's time includes building it."""
     if solver not in EVALUATE_SOLVERS:
         raise ConfigError(f"unknown solver {solver!r}; choose from {EVALUATE_SOLVERS}")
     damping = config.damping[0] if damping is None else damping
     start = time.perf_counter()
-    if solver in CURVATURES:
+    key = (solver, id(problem), problem.version)
+    if reuse is not None and key in reuse:
+        influence = reuse[key].with_damping(damping)
+    elif solver in CURVATURES:
         # Exact pseudo-gradients up to 16 outputs (kronecker's "auto"), sampled ones seeded by the run.
         influence = Influence(problem, damping, curvature=solver, solver="auto",
                               curvature_options={"seed": config.seed})
     else:
         influence = Influence(problem, damping, solver=solver, solver_options=_solver_options(solver, config))
+    if reuse is not None:
+        reuse.setdefault(key, influence)
     scores = influence.scores(x_test, t_test)
     # the time includes what "auto" spent measuring the spectrum (and K-FAC's factors)
     info = {"seconds": time.perf_counter() - start, "damping": influence.damping}
@@ -335,7 +342,7 @@ def _all_scores(models, config: EvaluateConfig, setting: Setting, folder: Result
     """{solver: {damping label: {"scores": [per checkpoint (n, m)], "info": [...]}} or {"skipped": reason}}."""
     from tqdm.auto import tqdm
 
-    out = {}
+    out, reuse = {}, {}  # reuse: one operator per solver and model, shared by its dampings
     bar = tqdm(total=len(config.solvers) * len(config.damping) * len(models), desc="scores", leave=False,
                disable=not progress)
     for solver in config.solvers:
@@ -354,13 +361,15 @@ def _all_scores(models, config: EvaluateConfig, setting: Setting, folder: Result
                     scores, info = np.load(path), json.loads(meta.read_text())
                 else:
                     bar.set_postfix_str(f"{solver} at damping {_damping_label(damping)}")
-                    scores, info = solver_scores(problem, solver, config, setting.x_test, setting.y_test, damping)
+                    scores, info = solver_scores(problem, solver, config, setting.x_test, setting.y_test, damping,
+                                                 reuse)
                     atomic_write(path, lambda handle: np.save(handle, scores))
                     atomic_write_json(meta, info)
                 entry["scores"].append(scores)
                 entry["info"].append(info)
                 bar.update(1)
             out[solver][_damping_label(damping)] = entry
+        reuse.clear()  # the next solver's operators replace this one's (memory)
     bar.close()
     return out
 

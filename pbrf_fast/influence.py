@@ -70,14 +70,12 @@ class Influence:
                  solver: str = "auto", solver_options: dict | None = None, curvature_options: dict | None = None):
         self.problem = problem
         damping = check_damping(damping)
-        auto = damping == AUTO_DAMPING
-        operator = make_curvature(problem, curvature, 0.0 if auto else damping, **dict(curvature_options or {}))
+        self.operator = make_curvature(problem, curvature, 0.0 if damping == AUTO_DAMPING else damping,
+                                       **dict(curvature_options or {}))
         # What "auto" chose and from what (None for a damping given as a number).
         self.damping_choice: DampingChoice | None = None
-        if auto:
-            self.damping_choice = auto_damping(operator, curvature_kind(curvature).name)
-            operator = operator.with_damping(self.damping_choice.value)
-        self.operator = operator
+        if damping == AUTO_DAMPING:
+            self.damping_choice, self.operator = self._damped(damping)
         self.solver = solver
         if solver != AUTO:
             self.solver_options = make_options(solver, solver_options)
@@ -94,15 +92,17 @@ class Influence:
         The operator's cached work is shared, not redone: ``direct``'s eigendecomposition, the
         output-space Gram matrix, K-FAC / EK-FAC factors, a Nystrom sketch (each is built from
         the damping-free curvature), so a sweep over dampings pays for it once."""
-        damping = check_damping(damping)
         other = copy.copy(self)
-        other.damping_choice = None
-        if damping == AUTO_DAMPING:
-            other.damping_choice = auto_damping(self.operator, curvature_kind(self.operator.kind).name)
-            damping = other.damping_choice.value
-        other.operator = self.operator.with_damping(damping)
+        other.damping_choice, other.operator = self._damped(check_damping(damping))
         other.last_solve = None
         return other
+
+    def _damped(self, damping):
+        """(what "auto" chose or None, the operator at ``damping``): one place for the rule."""
+        if damping != AUTO_DAMPING:
+            return None, self.operator.with_damping(damping)
+        choice = auto_damping(self.operator, curvature_kind(self.operator.kind).name)
+        return choice, self.operator.with_damping(choice.value)
 
     @property
     def method(self) -> str:
